@@ -1,0 +1,1 @@
+"""The TerminAI guest agent."""

@@ -1,0 +1,116 @@
+"""A build cache keyed by the digest of each step's inputs.
+
+An entry is a directory ``<root>/<step>/<key>/`` that appears only when the
+step finished: the step writes into a temporary sibling directory which is
+fsynced and renamed into place. A per-key lock file serialises concurrent
+builds of the same key; the second builder finds the first one's result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+RECORD = "build-record.json"
+
+
+def default_cache_root() -> Path:
+    explicit = os.environ.get("TERMINAI_BUILD_CACHE")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "terminai-build"
+
+
+def fsync_tree(root: Path) -> None:
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            if os.path.islink(path):
+                continue
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fd = os.open(dirpath, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` so ``path`` is either the old file or the complete new one."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with tmp.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class StepCache:
+    root: Path
+
+    def entry(self, step: str, key: str) -> Path:
+        return self.root / step / key
+
+    def lookup(self, step: str, key: str) -> Path | None:
+        path = self.entry(step, key)
+        return path if (path / RECORD).is_file() else None
+
+    def record(self, step: str, key: str) -> dict[str, Any]:
+        path = self.entry(step, key) / RECORD
+        data: dict[str, Any] = json.loads(path.read_text())
+        return data
+
+    @contextlib.contextmanager
+    def lock(self, step: str, key: str) -> Iterator[None]:
+        (self.root / step).mkdir(parents=True, exist_ok=True)
+        with (self.root / step / f".{key}.lock").open("a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def staging(self, step: str, key: str) -> Iterator[Path]:
+        """Yield an empty directory; on success it becomes the cache entry.
+
+        The caller must hold :meth:`lock`. On failure the staging directory is
+        removed, so nothing half-built is ever visible under the key.
+        """
+        final = self.entry(step, key)
+        tmp = final.with_name(f".{key}.staging")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            yield tmp
+            if not (tmp / RECORD).is_file():
+                raise RuntimeError(f"step {step} finished without writing {RECORD}")
+            fsync_tree(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            dfd = os.open(final.parent, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def work_dir(self, step: str, key: str) -> Path:
+        """Scratch space for a build; kept after a failure so its log can be read."""
+        path = self.root / "work" / f"{step}-{key[:16]}"
+        return path

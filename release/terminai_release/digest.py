@@ -1,0 +1,48 @@
+"""Content digests: the only notion of identity the pipeline uses."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+CHUNK = 1 << 20
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def canonical_json(value: Any) -> bytes:
+    """Stable bytes for a JSON value, so equal inputs always give equal keys."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def digest_inputs(value: Any) -> str:
+    return sha256_bytes(canonical_json(value))
+
+
+def sha256_tree(root: Path) -> str:
+    """Digest of a directory's names, modes and contents (not timestamps)."""
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        if "__pycache__" in path.parts:
+            continue
+        rel = path.relative_to(root).as_posix()
+        if path.is_symlink():
+            h.update(f"L {rel} {path.readlink()}\n".encode())
+        elif path.is_file():
+            mode = "x" if path.stat().st_mode & 0o111 else "-"
+            h.update(f"F {rel} {mode} {sha256_file(path)}\n".encode())
+        elif path.is_dir():
+            h.update(f"D {rel}\n".encode())
+    return h.hexdigest()

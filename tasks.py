@@ -1,0 +1,49 @@
+"""Invoke tasks: the release engineer's entry points.
+
+Thin by design: each task parses its options and calls into the pipeline
+package (release/terminai_release), where the work and its tests live.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from invoke import Context, task
+
+from terminai_release.context import BuildContext
+from terminai_release.errors import BuildError
+from terminai_release.progress import Reporter
+
+
+def _ctx(json_events: bool) -> BuildContext:
+    return BuildContext(reporter=Reporter.auto(json_events))
+
+
+def _fail(exc: BuildError) -> None:
+    print(f"error: {exc}", file=sys.stderr)
+    sys.exit(1)
+
+
+@task(help={"json": "emit progress as JSON events on stderr", "arch": "target architecture"})
+def kernel(c: Context, json: bool = False, arch: str = "x86_64") -> None:
+    """Build the guest kernel (cached by the digest of its inputs)."""
+    from terminai_release.kernel import build_kernel
+
+    ctx = _ctx(json)
+    try:
+        art = build_kernel(ctx, arch)
+    except BuildError as exc:
+        _fail(exc)
+        return
+    link = ctx.publish_link("kernel", art.directory)
+    print(f"kernel: {link} -> {art.directory}")
+
+
+@task(name="kernel-config-bump")
+def kernel_config_bump(c: Context) -> None:
+    """Record a new kernel config version after a fragment changed."""
+    from terminai_release.kernel.versions import bump_version
+
+    ctx = BuildContext()
+    version = bump_version(ctx.repo / "kernel-config")
+    print(f"kernel config version is now {version}")
