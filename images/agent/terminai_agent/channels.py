@@ -1,0 +1,78 @@
+"""Transports the agent serves on, chosen by the host.
+
+``virtio-serial:NAME`` (a QEMU virtserialport; what works everywhere),
+``vsock:PORT`` (AF_VSOCK, for vhost-vsock and Firecracker), ``unix:PATH``
+(the container tier; a socket in a directory the host bind-mounts).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+TYPE_CHECKING = False  # not typing's: importing typing costs ~15 ms at boot
+if TYPE_CHECKING:
+    import socket
+
+
+class ChannelSpec:
+    __slots__ = ("address", "kind")
+
+    def __init__(self, kind: str, address: str) -> None:
+        self.kind = kind
+        self.address = address
+
+    @classmethod
+    def parse(cls, text: str) -> ChannelSpec:
+        kind, _, address = text.partition(":")
+        if kind not in ("virtio-serial", "vsock", "unix") or not address:
+            raise ValueError(f"bad channel {text!r}: use virtio-serial:NAME, vsock:PORT or unix:PATH")
+        if kind == "vsock" and not address.isdigit():
+            raise ValueError(f"bad vsock port {address!r}")
+        return cls(kind, address)
+
+
+def find_virtio_port(name: str, wait: float = 10.0) -> str:
+    """The /dev node of the virtio-serial port called ``name``.
+
+    Ports are announced by the host after the driver loads, which can be a
+    moment after init starts: poll briefly rather than fail.
+    """
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            for entry in sorted(os.listdir("/sys/class/virtio-ports")):
+                try:
+                    with open(f"/sys/class/virtio-ports/{entry}/name") as f:
+                        if f.read().strip() == name and os.path.exists(f"/dev/{entry}"):
+                            return f"/dev/{entry}"
+                except OSError:
+                    continue
+        except FileNotFoundError:
+            pass
+        if time.monotonic() > deadline:
+            raise FileNotFoundError(f"no virtio-serial port named {name!r}")
+        time.sleep(0.005)
+
+
+def open_virtio_port(name: str) -> int:
+    return os.open(find_virtio_port(name), os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+
+
+def listen(spec: ChannelSpec) -> socket.socket:
+    import socket  # only the socket transports pay for this import
+    if spec.kind == "vsock":
+        sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+        sock.bind((socket.VMADDR_CID_ANY, int(spec.address)))
+    elif spec.kind == "unix":
+        try:
+            os.unlink(spec.address)
+        except FileNotFoundError:
+            pass
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(spec.address)
+        os.chmod(spec.address, 0o600)
+    else:
+        raise ValueError(f"{spec.kind} is not a listening channel")
+    sock.listen(16)
+    sock.setblocking(False)
+    return sock

@@ -1,0 +1,112 @@
+"""PID 1 duties: the file systems a Linux userland expects, then serve.
+
+The root image is read-only (erofs or squashfs on virtio-blk). A tmpfs
+overlay on top makes it writable for the session without ever changing the
+image, and everything written is gone at shutdown.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import os
+import struct
+
+MS_RDONLY = 0x1
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_NOEXEC = 0x8
+MS_MOVE = 0x2000
+RB_AUTOBOOT = 0x01234567
+RB_POWER_OFF = 0x4321FEDC
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def mount(source: str, target: str, fstype: str, flags: int = 0, data: str = "") -> None:
+    if _libc.mount(source.encode(), target.encode(), fstype.encode(), flags, data.encode() or None) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mount {fstype} {source} on {target}: {os.strerror(err)}")
+
+
+def _mount_quiet(source: str, target: str, fstype: str, flags: int = 0, data: str = "") -> None:
+    os.makedirs(target, exist_ok=True)
+    try:
+        mount(source, target, fstype, flags, data)
+    except OSError as exc:
+        if exc.errno != 16:  # EBUSY: already mounted (devtmpfs by the kernel)
+            raise
+
+
+def _overlay_root() -> None:
+    """Switch to a tmpfs-backed overlay of the read-only root."""
+    _mount_quiet("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755")
+    for d in ("/run/ovl/upper", "/run/ovl/work", "/run/ovl/root"):
+        os.makedirs(d, exist_ok=True)
+    mount("overlay", "/run/ovl/root", "overlay", 0, "lowerdir=/,upperdir=/run/ovl/upper,workdir=/run/ovl/work")
+    # /run itself stays where it is, hidden below the new root: it holds the
+    # overlay's upper layer for the rest of the VM's life.
+    for sub in ("/proc", "/sys", "/dev"):
+        mount(sub, "/run/ovl/root" + sub, "", MS_MOVE)
+    os.chdir("/run/ovl/root")
+    mount(".", "/", "", MS_MOVE)
+    os.chroot(".")
+    os.chdir("/")
+    mount("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755")
+
+
+def setup_pid1(hostname: str) -> None:
+    _mount_quiet("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    _mount_quiet("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    _mount_quiet("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755")
+    if _root_is_readonly():
+        _overlay_root()
+    _mount_quiet("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "gid=5,mode=620,ptmxmode=666")
+    _mount_quiet("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+    _mount_quiet("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+    try:
+        _mount_quiet("cgroup2", "/sys/fs/cgroup", "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    except OSError:
+        pass  # a kernel without cgroup2 still serves commands
+    set_hostname(hostname)
+
+
+def _root_is_readonly() -> bool:
+    with open("/proc/mounts") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 4 and parts[1] == "/":
+                return "ro" in parts[3].split(",")
+    return False
+
+
+def set_hostname(name: str) -> None:
+    try:
+        with open("/proc/sys/kernel/hostname", "w") as f:
+            f.write(name)
+    except OSError:
+        pass
+
+
+def loopback_up() -> None:
+    """Bring ``lo`` up so commands can use 127.0.0.1 even with no network."""
+    import socket
+
+    SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        req = struct.pack("16sH14x", b"lo", 0)
+        flags = struct.unpack("16sH14x", fcntl.ioctl(s, SIOCGIFFLAGS, req))[1]
+        fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))
+
+
+def add_entropy(data: bytes) -> None:
+    """Credit host-provided randomness to the kernel pool (RNDADDENTROPY)."""
+    RNDADDENTROPY = 0x40085203
+    with open("/dev/random", "wb") as f:
+        fcntl.ioctl(f, RNDADDENTROPY, struct.pack("ii", len(data) * 8, len(data)) + data)
+
+
+def power_off() -> None:
+    """End the VM. A reboot request makes QEMU (run with -no-reboot) exit."""
+    os.sync()
+    _libc.reboot(RB_AUTOBOOT)
+    os._exit(0)

@@ -1,0 +1,86 @@
+"""Entry point: as the VM's init, or as a plain process (containers, tests).
+
+Configuration comes from the kernel command line when running as PID 1
+(``terminai_channel=``, ``terminai_workspace=``, ``terminai_hostname=``:
+plain ``key=value`` parameters, since dotted ones are taken for module
+options) and from ``TERMINAI_*`` environment variables or flags otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from .channels import ChannelSpec, listen, open_virtio_port
+from .server import AgentConfig, Server
+
+DEFAULT_CHANNEL = "virtio-serial:agent"
+
+
+def _cmdline() -> dict[str, str]:
+    try:
+        with open("/proc/cmdline") as f:
+            words = f.read().split()
+    except OSError:
+        return {}
+    return dict(w.split("=", 1) for w in words if "=" in w)
+
+
+def _settings(argv: list[str]) -> dict[str, str]:
+    settings = {k[len("TERMINAI_") :].lower(): v for k, v in os.environ.items() if k.startswith("TERMINAI_")}
+    for arg in argv:
+        if arg.startswith("--") and "=" in arg:
+            key, value = arg[2:].split("=", 1)
+            settings[key.replace("-", "_")] = value
+    return settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    pid1 = os.getpid() == 1
+    if pid1:
+        from .init import setup_pid1
+
+        params = _cmdline()  # readable only after /proc is mounted: read it twice
+        setup_pid1(params.get("terminai_hostname", "terminai"))
+        settings = {k[len("terminai_") :]: v for k, v in _cmdline().items() if k.startswith("terminai_")}
+    else:
+        settings = _settings(argv)
+    config = AgentConfig(pid1=pid1, workspace=settings.get("workspace"))
+    server = Server(config)
+    spec = ChannelSpec.parse(settings.get("channel", DEFAULT_CHANNEL))
+    if spec.kind == "virtio-serial":
+        server.add_conn(open_virtio_port(spec.address), reconnectable=True)
+    else:
+        server.add_listener(listen(spec))
+    if config.workspace and pid1:
+        _mount_workspace(config.workspace)
+    ready = settings.get("ready_fd")
+    if ready:  # tell a supervising process that the channel is open
+        os.write(int(ready), b"ready\n")
+        os.close(int(ready))
+    try:
+        server.run()
+    finally:
+        if pid1:
+            from .init import power_off
+
+            power_off()
+    return 0
+
+
+def _mount_workspace(spec: str) -> None:
+    """``TAG:PATH``: mount the host's 9p share TAG at PATH."""
+    from .init import mount
+
+    tag, _, path = spec.partition(":")
+    path = path or "/workspace"
+    os.makedirs(path, exist_ok=True)
+    try:
+        mount(tag, path, "9p", 0, "trans=virtio,version=9p2000.L,msize=512000")
+    except OSError as exc:
+        os.write(2, f"terminai-agent: workspace not mounted: {exc}\n".encode())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,586 @@
+"""The agent's event loop: one thread, one selector, many concurrent requests.
+
+Connections, child pipes and the SIGCHLD wake-up pipe all sit in a single
+selector. A request never blocks the loop for long and never ends it: any
+failure becomes an error reply. Output is read from a child only while its
+connection's send buffer is below a high-water mark, so a slow host slows
+the command instead of growing the agent's memory.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import selectors
+import signal
+import stat
+import sys
+import time
+TYPE_CHECKING = False  # not typing's: importing typing costs ~15 ms at boot
+if TYPE_CHECKING:
+    TYPE_CHECKING = False  # not typing's: importing typing costs ~15 ms at boot
+if TYPE_CHECKING:
+    from typing import Any
+
+    import socket
+
+from . import __version__
+from . import protocol as P
+from .procs import EXIT_GRACE, Process, base_env, parse_signal, spawn
+
+HIGH_WATER = 4 << 20
+READ_SIZE = 256 * 1024
+DEFAULT_OUTPUT_CAP = 256 << 20
+RECONNECT_POLL = 0.02
+
+
+class Conn:
+    """One host connection (a virtio-serial port, or an accepted socket)."""
+
+    def __init__(self, fd: int, reconnectable: bool, sock: socket.socket | None, max_frame: int) -> None:
+        self.fd = fd
+        # A virtio-serial port: EOF means "no host connected now", not "gone".
+        self.reconnectable = reconnectable
+        self.sock = sock
+        self.decoder = P.Decoder(max_frame)
+        self.out = bytearray()
+        self.greeted = False
+        self.peer_max = P.DEFAULT_MAX_FRAME
+        self.down_until = 0.0
+        self.closed = False
+
+    @property
+    def chunk(self) -> int:
+        return min(P.CHUNK, self.peer_max - 1024)
+
+
+class AgentConfig:
+    def __init__(self, pid1: bool = False, max_frame: int = P.DEFAULT_MAX_FRAME, workspace: str | None = None):
+        self.pid1 = pid1
+        self.max_frame = max_frame
+        self.session = new_session_id()
+        self.workspace = workspace
+
+
+def new_session_id() -> str:
+    return os.urandom(16).hex()
+
+
+class Server:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.sel = selectors.DefaultSelector()
+        self.conns: list[Conn] = []
+        self.listeners: list[socket.socket] = []
+        self.procs: dict[tuple[int, int], Process] = {}
+        self.registered: dict[int, int] = {}
+        self.running = True
+        self.shutdown_requested = False
+        self.started = time.monotonic()
+        # Bringing up lo needs the socket module: done before the first
+        # command rather than on the boot path.
+        self.lo_pending = config.pid1
+        rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.sigchld_fd = rfd
+        signal.set_wakeup_fd(wfd)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        self.sel.register(rfd, selectors.EVENT_READ, ("sigchld", None))
+        self.registered[rfd] = selectors.EVENT_READ
+
+    # -- registration -------------------------------------------------------
+    def _want(self, fd: int, events: int, data: Any) -> None:
+        current = self.registered.get(fd, 0)
+        if events == current:
+            return
+        if current == 0:
+            self.sel.register(fd, events, data)
+        elif events == 0:
+            self.sel.unregister(fd)
+        else:
+            self.sel.modify(fd, events, data)
+        if events:
+            self.registered[fd] = events
+        else:
+            self.registered.pop(fd, None)
+
+    def add_conn(self, fd: int, reconnectable: bool, sock: socket.socket | None = None) -> None:
+        self.conns.append(Conn(fd, reconnectable, sock, self.config.max_frame))
+
+    def add_listener(self, sock: socket.socket) -> None:
+        self.listeners.append(sock)
+        self._want(sock.fileno(), selectors.EVENT_READ, ("listen", sock))
+
+    # -- main loop ------------------------------------------------------------
+    def run(self) -> None:
+        while self.running:
+            now = time.monotonic()
+            self._update_interest(now)
+            timeout = self._next_timeout(now)
+            for key, mask in self.sel.select(timeout):
+                what, obj = key.data
+                try:
+                    if what == "conn":
+                        if mask & selectors.EVENT_WRITE:
+                            self._flush(obj)
+                        if mask & selectors.EVENT_READ and not obj.closed:
+                            self._read_conn(obj)
+                    elif what == "out":
+                        self._read_output(*obj)
+                    elif what == "stdin":
+                        self._write_stdin(obj)
+                    elif what == "listen":
+                        self._accept(obj)
+                    elif what == "sigchld":
+                        self._drain_sigchld()
+                except Exception as exc:  # the loop must survive anything
+                    self._log(f"internal error handling {what}: {exc!r}")
+            self._reap()
+            self._check_deadlines(time.monotonic())
+            if self.shutdown_requested and not any(c.out for c in self.conns if not c.closed):
+                self.running = False
+
+    def _update_interest(self, now: float) -> None:
+        for conn in list(self.conns):
+            if conn.closed:
+                self._want(conn.fd, 0, None)
+                self.conns.remove(conn)
+                continue
+            events = 0
+            if conn.down_until <= now:
+                events |= selectors.EVENT_READ
+                if conn.out:
+                    events |= selectors.EVENT_WRITE
+            self._want(conn.fd, events, ("conn", conn))
+        for proc in self.procs.values():
+            congested = len(proc.conn.out) >= HIGH_WATER or proc.conn.closed
+            for fd, name in proc.open_fds.items():
+                if name == "stdin":
+                    self._want(fd, selectors.EVENT_WRITE if proc.stdin_buf else 0, ("stdin", proc))
+                else:
+                    self._want(fd, 0 if congested else selectors.EVENT_READ, ("out", (proc, fd)))
+
+    def _next_timeout(self, now: float) -> float | None:
+        times = [c.down_until for c in self.conns if c.down_until > now]
+        for p in self.procs.values():
+            if p.deadline is not None and p.status is None:
+                times.append(p.deadline)
+            if p.exited_at is not None:
+                times.append(p.exited_at + EXIT_GRACE)
+        return max(0.0, min(times) - now) if times else None
+
+    # -- connections ------------------------------------------------------------
+    def _accept(self, sock: socket.socket) -> None:
+        try:
+            client, _ = sock.accept()
+        except BlockingIOError:
+            return
+        client.setblocking(False)
+        self.add_conn(client.fileno(), False, client)
+
+    def _read_conn(self, conn: Conn) -> None:
+        try:
+            data = os.read(conn.fd, READ_SIZE)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            data = b""
+            self._log(f"read error on channel: {exc}")
+        if not data:
+            self._disconnected(conn)
+            return
+        for item in conn.decoder.feed(data):
+            if isinstance(item, P.ProtocolError):
+                self._send(conn, P.error(0, item.code, item.message))
+            else:
+                self._handle(conn, item)
+
+    def _disconnected(self, conn: Conn) -> None:
+        """The host went away: its commands die with its connection."""
+        for key, proc in list(self.procs.items()):
+            if proc.conn is conn:
+                proc.kill_group()
+                self._close_proc_fds(proc)
+                del self.procs[key]
+        conn.decoder.reset()
+        conn.out.clear()
+        conn.greeted = False
+        if conn.reconnectable:
+            self._want(conn.fd, 0, None)
+            conn.down_until = time.monotonic() + RECONNECT_POLL
+        else:
+            conn.closed = True
+            self._want(conn.fd, 0, None)
+            if conn.sock is not None:
+                conn.sock.close()
+            else:
+                os.close(conn.fd)
+
+    def _send(self, conn: Conn, frame: bytes) -> None:
+        if conn.closed:
+            return
+        conn.out += frame
+        if len(conn.out) < HIGH_WATER:
+            self._flush(conn)
+
+    def _flush(self, conn: Conn) -> None:
+        while conn.out:
+            try:
+                n = os.write(conn.fd, conn.out[:READ_SIZE])
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EPIPE, errno.ECONNRESET, errno.ENODEV):
+                    self._disconnected(conn)
+                    return
+                raise
+            del conn.out[:n]
+
+    # -- requests -----------------------------------------------------------------
+    def _handle(self, conn: Conn, frame: P.Frame) -> None:
+        header = frame.header
+        rid = frame.id
+        if header.get("kind") != P.REQUEST or not isinstance(header.get("id"), int):
+            self._send(conn, P.error(rid, P.BAD_REQUEST, "expected a request with an integer id"))
+            return
+        op = header.get("op")
+        if op != "hello" and not conn.greeted:
+            self._send(conn, P.error(rid, P.HELLO_REQUIRED, "send hello first"))
+            return
+        handler = getattr(self, f"op_{op}", None) if isinstance(op, str) and op in P.OPS else None
+        if handler is None:
+            self._send(conn, P.error(rid, P.UNKNOWN_OP, f"unknown operation {op!r}"))
+            return
+        try:
+            handler(conn, rid, header, frame.body)
+        except P.ProtocolError as exc:
+            self._send(conn, P.error(rid, exc.code, exc.message))
+        except FileNotFoundError as exc:
+            self._send(conn, P.error(rid, P.NOT_FOUND, str(exc)))
+        except OSError as exc:
+            self._send(conn, P.error(rid, P.IO_ERROR, str(exc), errno=exc.errno))
+        except (KeyError, TypeError, ValueError) as exc:
+            self._send(conn, P.error(rid, P.BAD_REQUEST, f"bad {op} request: {exc!r}"))
+        except Exception as exc:
+            self._send(conn, P.error(rid, P.INTERNAL, f"{op} failed: {exc!r}"))
+
+    def op_hello(self, conn: Conn, rid: int, h: dict[str, Any], body: bytes) -> None:
+        versions = [v for v in h.get("versions", [P.PROTOCOL_VERSION]) if v in P.SUPPORTED_VERSIONS]
+        if not versions:
+            raise P.ProtocolError(P.VERSION_MISMATCH, f"agent speaks versions {list(P.SUPPORTED_VERSIONS)}")
+        if conn.greeted:  # a new host session on the same channel: forget the old one
+            for key, proc in list(self.procs.items()):
+                if proc.conn is conn:
+                    proc.kill_group()
+                    self._close_proc_fds(proc)
+                    del self.procs[key]
+        peer_max = int(h.get("max_frame", P.DEFAULT_MAX_FRAME))
+        conn.peer_max = max(P.MIN_MAX_FRAME, peer_max)
+        conn.greeted = True
+        self._send(
+            conn,
+            P.result(
+                rid,
+                version=max(versions),
+                agent=__version__,
+                session=self.config.session,
+                max_frame=self.config.max_frame,
+                python=sys.executable,
+                pid1=self.config.pid1,
+                uptime=round(time.monotonic() - self.started, 3),
+            ),
+        )
+
+    def op_ping(self, conn: Conn, rid: int, h: dict[str, Any], body: bytes) -> None:
+        self._send(conn, P.result(rid, pong=True, time=time.time(), session=self.config.session), )
+
+    def op_exec(self, conn: Conn, rid: int, h: dict[str, Any], body: bytes) -> None:
+        if (conn.fd, rid) in self.procs:
+            raise P.ProtocolError(P.BAD_REQUEST, f"request id {rid} is already a running process")
+        argv = h.get("argv")
+        command = h.get("command")
+        if h.get("shell"):
+            if not isinstance(command, str):
+                raise P.ProtocolError(P.BAD_REQUEST, "shell=true needs a 'command' string")
+            argv = ["/bin/sh", "-c", command]
+        elif command is not None:
+            raise P.ProtocolError(P.BAD_REQUEST, "a command string runs only with shell=true; send argv instead")
+        if not (isinstance(argv, list) and argv and all(isinstance(a, str) for a in argv)):
+            raise P.ProtocolError(P.BAD_REQUEST, "argv must be a non-empty list of strings")
+        env = base_env()
+        extra = h.get("env") or {}
+        if not isinstance(extra, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in extra.items()):
+            raise P.ProtocolError(P.BAD_REQUEST, "env must map strings to strings")
+        env.update(extra)
+        cwd = h.get("cwd") or None
+        timeout = h.get("timeout")
+        cap = h.get("output_cap")
+        if self.lo_pending:
+            self.lo_pending = False
+            from .init import loopback_up
+
+            try:
+                loopback_up()
+            except OSError as exc:
+                self._log(f"cannot bring up lo: {exc}")
+        try:
+            popen = spawn(argv, cwd, env)
+        except OSError as exc:
+            self._send(conn, P.error(rid, P.SPAWN_FAILED, f"cannot run {argv[0]!r}: {exc.strerror or exc}", ran=False))
+            return
+        proc = Process(
+            id=rid,
+            conn=conn,
+            popen=popen,
+            output_cap=int(cap) if cap is not None else DEFAULT_OUTPUT_CAP,
+            deadline=(time.monotonic() + float(timeout)) if timeout else None,
+        )
+        assert popen.stdin and popen.stdout and popen.stderr
+        proc.open_fds = {popen.stdout.fileno(): "stdout", popen.stderr.fileno(): "stderr", popen.stdin.fileno(): "stdin"}
+        proc.stdin_buf += body
+        proc.stdin_close = not h.get("stdin_open", False)
+        self.procs[(conn.fd, rid)] = proc
+        self._send(conn, P.result(rid, pid=popen.pid))
+        self._write_stdin(proc)
+
+    def _target(self, conn: Conn, h: dict[str, Any]) -> Process:
+        proc = self.procs.get((conn.fd, h.get("target")))  # type: ignore[arg-type]
+        if proc is None:
+            raise P.ProtocolError(P.NO_SUCH_PROCESS, f"no running process with id {h.get('target')!r}")
+        return proc
+
+    def op_write_stdin(self, conn: Conn, rid: int, h: dict[str, Any], body: bytes) -> None:
+        proc = self._target(conn, h)
+        if proc.stdin_close or "stdin" not in proc.open_fds.values():
+            raise P.ProtocolError(P.BAD_REQUEST, "stdin is closed")
+        proc.stdin_buf += body
+        self._write_stdin(proc)
+        self._send(conn, P.result(rid, queued=len(proc.stdin_buf)))
+
+    def op_close_stdin(self, conn: Conn, rid: int, h: dict[str, Any], body: bytes) -> None:
+        proc = self._target(conn, h)
+        proc.stdin_close = True
+        self._write_stdin(proc)
+        self._send(conn, P.result(rid))
+
+    def op_signal(self, conn: Conn, rid: int, h: dict[str, Any], body: bytes) -> None:
+        proc = self._target(conn, h)
+        sig = parse_signal(h.get("signal", "SIGTERM"))
+        if h.get("group", True):
+            proc.kill_group(sig)
+        elif proc.status is None:
+            os.kill(proc.pid, sig)
+        self._send(conn, P.result(rid))
+
+    # -- files -------------------------------------------------------------------------
+    def op_read(self, conn: Conn, rid: int, h: dict[str, Any], body: bytes) -> None:
+        path = h["path"]
+        offset = int(h.get("offset", 0))
+        limit = conn.peer_max - 4096
+        length = min(int(h.get("length", limit)), limit)
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            f.seek(offset)
+            data = f.read(length)
+        self._send(conn, P.result(rid, data, size=size, offset=offset, eof=offset + len(data) >= size))
+
+    def op_write(self, conn: Conn, rid: int, h: dict[str, Any], body: bytes) -> None:
+        path = h["path"]
+        if h.get("create_dirs"):
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC
+        if h.get("truncate"):
+            flags |= os.O_TRUNC
+        if h.get("append"):
+            flags |= os.O_APPEND
+        fd = os.open(path, flags, int(h.get("mode", 0o644)))
+        try:
+            if not h.get("append"):
+                os.lseek(fd, int(h.get("offset", 0)), os.SEEK_SET)
+            view = memoryview(body)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+            if h.get("fsync"):
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        self._send(conn, P.result(rid, written=len(body)))
+
+    def op_stat(self, conn: Conn, rid: int, h: dict[str, Any], body: bytes) -> None:
+        st = os.stat(h["path"], follow_symlinks=bool(h.get("follow", True)))
+        self._send(conn, P.result(rid, **_stat_fields(st)))
+
+    def op_list(self, conn: Conn, rid: int, h: dict[str, Any], body: bytes) -> None:
+        path = h["path"]
+        entries = []
+        with os.scandir(path) as it:
+            for entry in it:
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                    entries.append({"name": entry.name, **_stat_fields(st)})
+                except OSError:
+                    entries.append({"name": entry.name, "type": "unknown"})
+        entries.sort(key=lambda e: e["name"])
+        frame = P.result(rid, entries=entries)
+        if len(frame) > conn.peer_max:
+            raise P.ProtocolError(P.FRAME_TOO_LARGE, f"{path} has too many entries for one reply")
+        self._send(conn, frame)
+
+    def op_remove(self, conn: Conn, rid: int, h: dict[str, Any], body: bytes) -> None:
+        path = h["path"]
+        if stat.S_ISDIR(os.lstat(path).st_mode):
+            if h.get("recursive"):
+                import shutil
+
+                shutil.rmtree(path)
+            else:
+                os.rmdir(path)
+        else:
+            os.unlink(path)
+        self._send(conn, P.result(rid))
+
+    def op_mkdir(self, conn: Conn, rid: int, h: dict[str, Any], body: bytes) -> None:
+        mode = int(h.get("mode", 0o755))
+        if h.get("parents"):
+            os.makedirs(h["path"], mode, exist_ok=True)
+        else:
+            os.mkdir(h["path"], mode)
+        self._send(conn, P.result(rid))
+
+    def op_rename(self, conn: Conn, rid: int, h: dict[str, Any], body: bytes) -> None:
+        os.replace(h["src"], h["dst"])
+        self._send(conn, P.result(rid))
+
+    # -- system ------------------------------------------------------------------------
+    def op_mount(self, conn: Conn, rid: int, h: dict[str, Any], body: bytes) -> None:
+        fstype = h.get("fstype", "9p")
+        if fstype not in ("9p", "virtiofs", "tmpfs"):
+            raise P.ProtocolError(P.BAD_REQUEST, f"fstype {fstype!r} is not allowed")
+        from .init import mount
+
+        target = h["target"]
+        os.makedirs(target, exist_ok=True)
+        options = h.get("options", "trans=virtio,version=9p2000.L,msize=512000" if fstype == "9p" else "")
+        mount(h["source"], target, fstype, 0, options)
+        self._send(conn, P.result(rid, target=target))
+
+    def op_freshen(self, conn: Conn, rid: int, h: dict[str, Any], body: bytes) -> None:
+        """New randomness, clock and identity for a VM restored from a snapshot."""
+        from .init import add_entropy, set_hostname
+
+        if body:
+            add_entropy(body)
+        if h.get("time"):
+            time.clock_settime(time.CLOCK_REALTIME, float(h["time"]))
+        if h.get("hostname"):
+            set_hostname(str(h["hostname"]))
+        self.config.session = str(h.get("session") or new_session_id())
+        self._send(conn, P.result(rid, session=self.config.session))
+
+    def op_shutdown(self, conn: Conn, rid: int, h: dict[str, Any], body: bytes) -> None:
+        for proc in list(self.procs.values()):
+            proc.kill_group()
+        self._send(conn, P.result(rid))
+        self.shutdown_requested = True
+
+    # -- processes ------------------------------------------------------------------------
+    def _write_stdin(self, proc: Process) -> None:
+        fd = next((fd for fd, name in proc.open_fds.items() if name == "stdin"), None)
+        if fd is None:
+            proc.stdin_buf.clear()
+            return
+        while proc.stdin_buf:
+            try:
+                n = os.write(fd, proc.stdin_buf[:READ_SIZE])
+            except BlockingIOError:
+                return
+            except OSError:  # the child closed its stdin: nothing more to deliver
+                proc.stdin_buf.clear()
+                break
+            del proc.stdin_buf[:n]
+        if proc.stdin_close:
+            self._close_fd(proc, fd)
+
+    def _read_output(self, proc: Process, fd: int) -> None:
+        name = proc.open_fds.get(fd)
+        if name is None:
+            return
+        try:
+            data = os.read(fd, proc.conn.chunk)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._close_fd(proc, fd)
+            return
+        room = proc.output_cap - proc.sent[name]
+        if room <= 0:
+            proc.truncated[name] = True
+            return
+        if len(data) > room:
+            data = data[:room]
+            proc.truncated[name] = True
+        proc.sent[name] += len(data)
+        self._send(proc.conn, P.event(proc.id, name, data))
+
+    def _close_fd(self, proc: Process, fd: int) -> None:
+        if proc.open_fds.pop(fd, None) is not None:
+            self._want(fd, 0, None)
+            os.close(fd)
+
+    def _close_proc_fds(self, proc: Process) -> None:
+        for fd in list(proc.open_fds):
+            self._close_fd(proc, fd)
+
+    def _drain_sigchld(self) -> None:
+        try:
+            while os.read(self.sigchld_fd, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _reap(self) -> None:
+        by_pid = {p.pid: p for p in self.procs.values()}
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            proc = by_pid.get(pid)
+            if proc is not None:  # else an orphan re-parented to PID 1: just reaped
+                proc.status = status
+                proc.popen.returncode = os.waitstatus_to_exitcode(status)
+                proc.exited_at = time.monotonic()
+
+    def _check_deadlines(self, now: float) -> None:
+        for key, proc in list(self.procs.items()):
+            if proc.status is None and proc.deadline is not None and now >= proc.deadline:
+                proc.timed_out = True
+                proc.kill_group()
+                proc.deadline = None
+            if proc.status is None:
+                continue
+            outputs_open = any(name != "stdin" for name in proc.open_fds.values())
+            if outputs_open and now < (proc.exited_at or now) + EXIT_GRACE:
+                continue
+            proc.kill_group()
+            self._close_proc_fds(proc)
+            del self.procs[key]
+            self._send(proc.conn, P.event(proc.id, "exit", **proc.exit_fields()))
+
+    def _log(self, message: str) -> None:
+        try:
+            os.write(2, f"terminai-agent: {message}\n".encode())
+        except OSError:
+            pass
+
+
+def _stat_fields(st: os.stat_result) -> dict[str, Any]:
+    mode = st.st_mode
+    kind = (
+        "directory" if stat.S_ISDIR(mode) else "file" if stat.S_ISREG(mode) else "symlink" if stat.S_ISLNK(mode) else "other"
+    )
+    return {"type": kind, "size": st.st_size, "mode": stat.S_IMODE(mode), "mtime": st.st_mtime, "uid": st.st_uid, "gid": st.st_gid}

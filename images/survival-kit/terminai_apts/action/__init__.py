@@ -1,0 +1,1 @@
+"""Actions: each returns a JSON-serialisable dict, with ``error`` on failure."""
