@@ -47,3 +47,17 @@ def kernel_config_bump(c: Context) -> None:
     ctx = BuildContext()
     version = bump_version(ctx.repo / "kernel-config")
     print(f"kernel config version is now {version}")
+
+
+@task(help={"json": "emit progress as JSON events on stderr"})
+def base(c: Context, json: bool = False) -> None:
+    """Build the Debian base layer of the root filesystem (cached)."""
+    from terminai_release.rootfs.base import build_base
+
+    ctx = _ctx(json)
+    try:
+        layer = build_base(ctx)
+    except BuildError as exc:
+        _fail(exc)
+        return
+    print(f"rootfs-base: {layer.directory}")
