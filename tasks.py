@@ -61,3 +61,31 @@ def base(c: Context, json: bool = False) -> None:
         _fail(exc)
         return
     print(f"rootfs-base: {layer.directory}")
+
+
+@task(
+    help={
+        "json": "emit progress as JSON events on stderr",
+        "format": "root image format: squashfs (default) or erofs",
+        "kit": "use this terminai_apts wheel or source tree instead of images/survival-kit",
+        "kit_sha256": "the sha256 pinning --kit (file digest, or tree digest for a directory)",
+    }
+)
+def rootfs(c: Context, json: bool = False, format: str = "squashfs", kit: str = "", kit_sha256: str = "") -> None:
+    """Build the guest root image: Debian base + agent + survival kit (cached per layer)."""
+    from pathlib import Path
+
+    from terminai_release.rootfs.kit import KitOverride
+    from terminai_release.rootfs.project import build_rootfs
+
+    ctx = _ctx(json)
+    if bool(kit) != bool(kit_sha256):
+        _fail(BuildError("--kit and --kit-sha256 go together", hint="pin the kit you pass by its sha256"))
+    override = KitOverride(Path(kit).resolve(), kit_sha256) if kit else None
+    try:
+        art = build_rootfs(ctx, fmt=format, kit=override)
+    except BuildError as exc:
+        _fail(exc)
+        return
+    link = ctx.publish_link("rootfs", art.directory)
+    print(f"rootfs: {link} -> {art.directory}")

@@ -1,0 +1,172 @@
+"""The project layer and the root image: base tree + agent + survival kit +
+init, byte-compiled for the guest's Python, packed into a read-only image.
+
+Changing only the agent rebuilds this layer alone (the base comes from the
+cache) and never touches the network.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..cache import RECORD, StepCache, write_atomic
+from ..context import BuildContext
+from ..digest import canonical_json, digest_inputs, sha256_file, sha256_tree
+from ..errors import BuildError
+from ..proc import run_logged, tool_version
+from ..sde import source_date_epoch
+from ..version import release_version
+from .base import BaseLayer, build_base
+from .kit import KitOverride, build_kit_wheel
+from .sbom import write_sbom
+
+RECIPE = 1
+FORMATS = ("squashfs", "erofs")
+EROFS_UUID = "5e1f0c3a-7a2b-4d3c-9e4f-1a2b3c4d5e6f"
+PY_DIRS = ("/usr/lib/python3.11", "/usr/lib/python3/dist-packages", "/usr/lib/terminai")
+
+
+@dataclass(frozen=True)
+class RootfsArtifacts:
+    directory: Path
+    record: dict[str, Any]
+    cached: bool
+
+    @property
+    def image(self) -> Path:
+        return self.directory / self.record["outputs"]["image"]["file"]
+
+    @property
+    def sbom(self) -> Path:
+        return self.directory / self.record["outputs"]["sbom"]["file"]
+
+
+def build_rootfs(
+    ctx: BuildContext,
+    *,
+    fmt: str = "squashfs",
+    kit: KitOverride | None = None,
+    cache: StepCache | None = None,
+) -> RootfsArtifacts:
+    if fmt not in FORMATS:
+        raise BuildError(f"unknown image format {fmt!r}", hint=f"choose one of {FORMATS}")
+    cache = cache or ctx.cache
+    base = build_base(ctx, cache=cache)
+    wheel = build_kit_wheel(ctx, kit, cache=cache)
+    project = ctx.repo / "images/rootfs/project"
+    agent = ctx.repo / "images/agent/terminai_agent"
+    version = release_version(ctx.repo)
+    sde = source_date_epoch(ctx.repo, "images", "pyproject.toml")
+    tool = tool_version(["mksquashfs", "-version"] if fmt == "squashfs" else ["mkfs.erofs", "--version"])
+    inputs = {
+        "recipe": RECIPE,
+        "base": base.record["key"],
+        "kit": sha256_file(wheel),
+        "agent": sha256_tree(agent),
+        "project": sha256_tree(project),
+        "version": version,
+        "format": fmt,
+        "tool": tool,
+        "source_date_epoch": sde,
+    }
+    key = digest_inputs(inputs)
+    with cache.lock("rootfs", key):
+        hit = cache.lookup("rootfs", key)
+        if hit is not None:
+            ctx.reporter.done("rootfs", f"root image from cache ({key[:12]})")
+            return RootfsArtifacts(hit, cache.record("rootfs", key), cached=True)
+        with cache.staging("rootfs", key) as staging:
+            _build_into(ctx, cache, key, inputs, base, wheel, staging)
+    return RootfsArtifacts(cache.entry("rootfs", key), cache.record("rootfs", key), cached=False)
+
+
+def _build_into(
+    ctx: BuildContext,
+    cache: StepCache,
+    key: str,
+    inputs: dict[str, Any],
+    base: BaseLayer,
+    wheel: Path,
+    staging: Path,
+) -> None:
+    rep = ctx.reporter
+    work = cache.work_dir("rootfs", key)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    log = work / "build.log"
+    tree = work / "tree"
+    sde = int(inputs["source_date_epoch"])
+    version = str(inputs["version"])
+
+    rep.info("rootfs", "assembling the project layer on the base tree")
+    run_logged(["cp", "-a", "--reflink=auto", str(base.tree), str(tree)], log=log, reporter=rep, step="rootfs")
+    run_logged(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--no-compile", "--disable-pip-version-check",
+         "--target", str(tree / "usr/lib/python3/dist-packages"), str(wheel)],
+        log=log, reporter=rep, step="rootfs",
+    )  # fmt: skip
+    lib = tree / "usr/lib/terminai"
+    shutil.copytree(
+        ctx.repo / "images/agent/terminai_agent", lib / "terminai_agent", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    project = ctx.repo / "images/rootfs/project"
+    shutil.copy2(project / "init", lib / "init")
+    os.chmod(lib / "init", 0o755)
+    shutil.copytree(project / "files", tree, dirs_exist_ok=True)
+    (tree / "workspace").mkdir(exist_ok=True)
+    (tree / "etc/terminai-release").write_text(f"TERMINAI_VERSION={version}\n")
+
+    rep.info("rootfs", "byte-compiling Python for the guest (unchecked-hash .pyc)")
+    run_logged(
+        ["chroot", str(tree), "/usr/bin/python3", "-m", "compileall", "-q", "-f",
+         "--invalidation-mode", "unchecked-hash", *PY_DIRS],
+        log=log, reporter=rep, step="rootfs",
+        env={"PATH": "/usr/bin:/bin", "SOURCE_DATE_EPOCH": str(sde)},
+    )  # fmt: skip
+    _clamp_times(tree, sde)
+
+    fmt = str(inputs["format"])
+    image = staging / f"rootfs-{version}.{fmt}"
+    rep.info("rootfs", f"packing the {fmt} image")
+    run_logged(_mkfs_argv(fmt, tree, image, sde), log=log, reporter=rep, step="rootfs", env=_mkfs_env(fmt))
+    sbom = staging / f"rootfs-{version}.spdx.json"
+    write_sbom(sbom, name=f"terminai-rootfs-{version}", version=version, sde=sde, debian=base.packages, tree=tree)
+    outputs = {
+        "image": {"file": image.name, "sha256": sha256_file(image), "size": image.stat().st_size, "format": fmt},
+        "sbom": {"file": sbom.name, "sha256": sha256_file(sbom), "size": sbom.stat().st_size},
+    }
+    tree_size = sum(f.stat().st_size for f in tree.rglob("*") if f.is_file() and not f.is_symlink())
+    record = {"artifact": "rootfs", "key": key, "inputs": inputs, "outputs": outputs, "tree_bytes": tree_size}
+    write_atomic(staging / RECORD, canonical_json(record))
+    shutil.rmtree(work, ignore_errors=True)
+    rep.done("rootfs", f"built {image.name}: {outputs['image']['size']} bytes (tree {tree_size} bytes)")
+
+
+def _clamp_times(tree: Path, sde: int) -> None:
+    """Every file gets the source date: the image must not record build time."""
+    for dirpath, dirs, files in os.walk(tree):
+        for name in dirs + files:
+            os.utime(os.path.join(dirpath, name), (sde, sde), follow_symlinks=False)
+    os.utime(tree, (sde, sde))
+
+
+def _mkfs_argv(fmt: str, tree: Path, image: Path, sde: int) -> list[str]:
+    if fmt == "squashfs":
+        return [
+            "mksquashfs", str(tree), str(image), "-noappend", "-no-progress", "-comp", "zstd",
+            "-Xcompression-level", "19", "-b", "256K", "-all-root", "-no-xattrs",
+            "-mkfs-time", str(sde), "-all-time", str(sde),
+        ]  # fmt: skip
+    return ["mkfs.erofs", "-zlz4hc,12", "-T", str(sde), "-U", EROFS_UUID, "--all-root", "-x", "-1", str(image), str(tree)]
+
+
+def _mkfs_env(fmt: str) -> dict[str, str]:
+    env = dict(os.environ)
+    if fmt == "squashfs":
+        env.pop("SOURCE_DATE_EPOCH", None)  # mksquashfs refuses it together with explicit times
+    return env
