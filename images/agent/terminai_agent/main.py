@@ -35,7 +35,8 @@ def _settings(argv: list[str]) -> dict[str, str]:
     return settings
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, marks: dict[str, float] | None = None) -> int:
+    """``marks``: boot-time stamps (CLOCK_BOOTTIME) the launcher took, reported in hello."""
     argv = sys.argv[1:] if argv is None else argv
     pid1 = os.getpid() == 1
     if pid1:
@@ -47,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         settings = _settings(argv)
     config = AgentConfig(pid1=pid1, workspace=settings.get("workspace"))
+    config.marks = dict(marks or {})
+    config.marks["mounted"] = _boottime()
     server = Server(config)
     spec = ChannelSpec.parse(settings.get("channel", DEFAULT_CHANNEL))
     if spec.kind == "virtio-serial":
@@ -59,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     if ready:  # tell a supervising process that the channel is open
         os.write(int(ready), b"ready\n")
         os.close(int(ready))
+    config.marks["serving"] = _boottime()
     try:
         server.run()
     finally:
@@ -67,6 +71,12 @@ def main(argv: list[str] | None = None) -> int:
 
             power_off()
     return 0
+
+
+def _boottime() -> float:
+    import time
+
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
 
 
 def _mount_workspace(spec: str) -> None:

@@ -94,8 +94,8 @@ def encode(header: dict[str, Any], body: bytes = b"", max_frame: int = DEFAULT_M
     return _PREFIX.pack(MAGIC, total, len(head)) + head + body
 
 
-def request(id: int, op: str, body: bytes = b"", max_frame: int = DEFAULT_MAX_FRAME, **fields: Any) -> bytes:
-    return encode({"kind": REQUEST, "id": id, "op": op, **fields}, body, max_frame)
+def request(id: int, op: str, body: bytes = b"", limit: int = DEFAULT_MAX_FRAME, **fields: Any) -> bytes:
+    return encode({"kind": REQUEST, "id": id, "op": op, **fields}, body, limit)
 
 
 def result(id: int, body: bytes = b"", **fields: Any) -> bytes:

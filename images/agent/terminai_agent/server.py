@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
-import selectors
+import select
 import signal
 import stat
 import sys
@@ -60,16 +60,24 @@ class AgentConfig:
         self.max_frame = max_frame
         self.session = new_session_id()
         self.workspace = workspace
+        self.marks: dict[str, float] = {}
 
 
 def new_session_id() -> str:
     return os.urandom(16).hex()
 
 
+READ = select.EPOLLIN
+WRITE = select.EPOLLOUT
+_HANGUP = select.EPOLLHUP | select.EPOLLERR
+
+
 class Server:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
-        self.sel = selectors.DefaultSelector()
+        # epoll directly rather than selectors: one import less on the boot path.
+        self.epoll = select.epoll()
+        self.fd_data: dict[int, Any] = {}
         self.conns: list[Conn] = []
         self.listeners: list[socket.socket] = []
         self.procs: dict[tuple[int, int], Process] = {}
@@ -84,20 +92,23 @@ class Server:
         self.sigchld_fd = rfd
         signal.set_wakeup_fd(wfd)
         signal.signal(signal.SIGCHLD, lambda *_: None)
-        self.sel.register(rfd, selectors.EVENT_READ, ("sigchld", None))
-        self.registered[rfd] = selectors.EVENT_READ
+        self._want(rfd, READ, ("sigchld", None))
 
     # -- registration -------------------------------------------------------
     def _want(self, fd: int, events: int, data: Any) -> None:
         current = self.registered.get(fd, 0)
+        if events:
+            self.fd_data[fd] = data
+        else:
+            self.fd_data.pop(fd, None)
         if events == current:
             return
         if current == 0:
-            self.sel.register(fd, events, data)
+            self.epoll.register(fd, events)
         elif events == 0:
-            self.sel.unregister(fd)
+            self.epoll.unregister(fd)
         else:
-            self.sel.modify(fd, events, data)
+            self.epoll.modify(fd, events)
         if events:
             self.registered[fd] = events
         else:
@@ -108,7 +119,7 @@ class Server:
 
     def add_listener(self, sock: socket.socket) -> None:
         self.listeners.append(sock)
-        self._want(sock.fileno(), selectors.EVENT_READ, ("listen", sock))
+        self._want(sock.fileno(), READ, ("listen", sock))
 
     # -- main loop ------------------------------------------------------------
     def run(self) -> None:
@@ -116,13 +127,18 @@ class Server:
             now = time.monotonic()
             self._update_interest(now)
             timeout = self._next_timeout(now)
-            for key, mask in self.sel.select(timeout):
-                what, obj = key.data
+            for fd, mask in self.epoll.poll(-1 if timeout is None else timeout):
+                data = self.fd_data.get(fd)
+                if data is None:
+                    continue
+                what, obj = data
+                if mask & _HANGUP:
+                    mask |= self.registered.get(fd, 0)  # let the read or write see the hang-up
                 try:
                     if what == "conn":
-                        if mask & selectors.EVENT_WRITE:
+                        if mask & WRITE:
                             self._flush(obj)
-                        if mask & selectors.EVENT_READ and not obj.closed:
+                        if mask & READ and not obj.closed:
                             self._read_conn(obj)
                     elif what == "out":
                         self._read_output(*obj)
@@ -147,17 +163,17 @@ class Server:
                 continue
             events = 0
             if conn.down_until <= now:
-                events |= selectors.EVENT_READ
+                events |= READ
                 if conn.out:
-                    events |= selectors.EVENT_WRITE
+                    events |= WRITE
             self._want(conn.fd, events, ("conn", conn))
         for proc in self.procs.values():
             congested = len(proc.conn.out) >= HIGH_WATER or proc.conn.closed
             for fd, name in proc.open_fds.items():
                 if name == "stdin":
-                    self._want(fd, selectors.EVENT_WRITE if proc.stdin_buf else 0, ("stdin", proc))
+                    self._want(fd, WRITE if proc.stdin_buf else 0, ("stdin", proc))
                 else:
-                    self._want(fd, 0 if congested else selectors.EVENT_READ, ("out", (proc, fd)))
+                    self._want(fd, 0 if congested else READ, ("out", (proc, fd)))
 
     def _next_timeout(self, now: float) -> float | None:
         times = [c.down_until for c in self.conns if c.down_until > now]
@@ -287,6 +303,8 @@ class Server:
                 python=sys.executable,
                 pid1=self.config.pid1,
                 uptime=round(time.monotonic() - self.started, 3),
+                kernel_uptime=_kernel_uptime(),
+                marks={k: round(v, 3) for k, v in self.config.marks.items()},
             ),
         )
 
@@ -323,23 +341,22 @@ class Server:
             except OSError as exc:
                 self._log(f"cannot bring up lo: {exc}")
         try:
-            popen = spawn(argv, cwd, env)
+            pid, fds = spawn(argv, cwd, env)
         except OSError as exc:
             self._send(conn, P.error(rid, P.SPAWN_FAILED, f"cannot run {argv[0]!r}: {exc.strerror or exc}", ran=False))
             return
         proc = Process(
             id=rid,
             conn=conn,
-            popen=popen,
+            pid=pid,
+            fds=fds,
             output_cap=int(cap) if cap is not None else DEFAULT_OUTPUT_CAP,
             deadline=(time.monotonic() + float(timeout)) if timeout else None,
         )
-        assert popen.stdin and popen.stdout and popen.stderr
-        proc.open_fds = {popen.stdout.fileno(): "stdout", popen.stderr.fileno(): "stderr", popen.stdin.fileno(): "stdin"}
         proc.stdin_buf += body
         proc.stdin_close = not h.get("stdin_open", False)
         self.procs[(conn.fd, rid)] = proc
-        self._send(conn, P.result(rid, pid=popen.pid))
+        self._send(conn, P.result(rid, pid=pid))
         self._write_stdin(proc)
 
     def _target(self, conn: Conn, h: dict[str, Any]) -> Process:
@@ -552,7 +569,6 @@ class Server:
             proc = by_pid.get(pid)
             if proc is not None:  # else an orphan re-parented to PID 1: just reaped
                 proc.status = status
-                proc.popen.returncode = os.waitstatus_to_exitcode(status)
                 proc.exited_at = time.monotonic()
 
     def _check_deadlines(self, now: float) -> None:
@@ -576,6 +592,14 @@ class Server:
             os.write(2, f"terminai-agent: {message}\n".encode())
         except OSError:
             pass
+
+
+def _kernel_uptime() -> float | None:
+    try:
+        with open("/proc/uptime") as f:
+            return float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _stat_fields(st: os.stat_result) -> dict[str, Any]:

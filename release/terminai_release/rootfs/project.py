@@ -123,7 +123,7 @@ def _build_into(
 
     rep.info("rootfs", "byte-compiling Python for the guest (unchecked-hash .pyc)")
     run_logged(
-        ["chroot", str(tree), "/usr/bin/python3", "-m", "compileall", "-q", "-f",
+        ["/usr/sbin/chroot", str(tree), "/usr/bin/python3", "-m", "compileall", "-q", "-f",
          "--invalidation-mode", "unchecked-hash", *PY_DIRS],
         log=log, reporter=rep, step="rootfs",
         env={"PATH": "/usr/bin:/bin", "SOURCE_DATE_EPOCH": str(sde)},

@@ -1,0 +1,1 @@
+"""Implementation detail of the shim; not a public interface."""

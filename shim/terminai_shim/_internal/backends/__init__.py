@@ -1,0 +1,1 @@
+"""VM backends: one interface (``base.Backend``), one file per VMM."""

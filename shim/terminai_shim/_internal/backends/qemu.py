@@ -1,0 +1,154 @@
+"""QEMU ``microvm``: the backend that runs everywhere (KVM or TCG).
+
+The whole QEMU command line is built in ``command_line`` and nowhere else.
+The guest gets: the PVH ``vmlinux``; the read-only root image on
+virtio-blk; the agent channel on a virtio-serial port backed by a Unix
+socket; virtio-rng; the workspace on virtio-9p when one is given; no
+network device. ``acpi=off`` makes QEMU append the virtio-mmio device list
+to the kernel command line, so every init parameter is a ``key=value``
+kernel parameter rather than something after ``--``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from ...errors import BootError
+from ...models import AccelChoice, BootConfig
+from ..accel import host_tsc_khz
+from ..process import die_with_parent
+from .base import Backend, Machine, RuntimeDir
+
+QEMU = "qemu-system-x86_64"
+WORKSPACE_TAG = "workspace"
+
+
+def kernel_cmdline(config: BootConfig, accel: AccelChoice) -> str:
+    args = [
+        "console=ttyS0",
+        "reboot=t",
+        "panic=-1",
+        "quiet",
+        "root=/dev/vda",
+        "ro",
+        f"rootfstype={config.rootfs_format}",
+        "init=/usr/lib/terminai/init",
+        "terminai_channel=virtio-serial:agent",
+    ]
+    if accel.accel == "tcg":
+        khz = host_tsc_khz()
+        if khz:  # TSC calibration against the PIT fails at random under TCG
+            args.append(f"tsc_early_khz={khz}")
+    if config.workspace is not None:
+        args.append(f"terminai_workspace={WORKSPACE_TAG}:{config.workspace_mount}")
+    args.extend(config.kernel_args)
+    return " ".join(args)
+
+
+def command_line(config: BootConfig, accel: AccelChoice, runtime: RuntimeDir, qemu: str = QEMU) -> list[str]:
+    argv = [
+        qemu,
+        "-accel", accel.accel,
+        "-cpu", "host" if accel.accel == "kvm" else "max",
+        "-M", "microvm,acpi=off,pit=on,pic=on,rtc=on",
+        "-m", str(config.memory_mib),
+        "-smp", str(config.cpus),
+        "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+        "-serial", f"file:{runtime.console_log}",
+        "-kernel", str(config.kernel),
+        "-append", kernel_cmdline(config, accel),
+        "-drive", f"id=root,file={config.rootfs},format=raw,if=none,readonly=on",
+        "-device", "virtio-blk-device,drive=root",
+        "-object", "rng-random,id=rng,filename=/dev/urandom",
+        "-device", "virtio-rng-device,rng=rng",
+        "-device", "virtio-serial-device",
+        "-chardev", f"socket,id=agent,path={runtime.agent_socket},server=on,wait=off",
+        "-device", "virtserialport,chardev=agent,name=agent",
+        "-qmp", f"unix:{runtime.control_socket},server=on,wait=off",
+    ]  # fmt: skip
+    if config.workspace is not None:
+        argv += [
+            "-fsdev", f"local,id=ws,path={config.workspace},security_model=none",
+            "-device", f"virtio-9p-device,fsdev=ws,mount_tag={WORKSPACE_TAG}",
+        ]  # fmt: skip
+    return argv
+
+
+class QemuMachine(Machine):
+    def __init__(self, proc: subprocess.Popen[bytes], runtime: RuntimeDir) -> None:
+        self.proc = proc
+        self.runtime = runtime
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def connect_agent(self, deadline: float) -> socket.socket:
+        path = str(self.runtime.agent_socket)
+        while True:
+            if not self.alive():
+                raise BootError(f"QEMU exited with code {self.proc.returncode} before the agent channel opened: "
+                                + console_tail(self.runtime.console_log))  # fmt: skip
+            try:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.connect(path)
+                return sock
+            except (FileNotFoundError, ConnectionRefusedError):
+                sock.close()
+            if time.monotonic() > deadline:
+                raise BootError("QEMU did not open the agent socket in time", hint="run `terminai-shim doctor`")
+            time.sleep(0.005)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def wait(self, timeout: float) -> int | None:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+
+class QemuBackend(Backend):
+    name = "qemu"
+
+    def __init__(self, qemu: str | None = None) -> None:
+        self.qemu = qemu or os.environ.get("TERMINAI_QEMU") or QEMU
+
+    def available(self) -> bool:
+        return shutil.which(self.qemu) is not None
+
+    def start(self, config: BootConfig, accel: AccelChoice, runtime: RuntimeDir) -> Machine:
+        if not self.available():
+            raise BootError(f"{self.qemu} is not installed", hint="apt-get install qemu-system-x86")
+        argv = command_line(config, accel, runtime, self.qemu)
+        log = (runtime.path / "qemu.log").open("wb")
+        try:
+            proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent(), close_fds=True
+            )
+        finally:
+            log.close()
+        return QemuMachine(proc, runtime)
+
+
+def console_tail(path: Path, lines: int = 12) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return "(no console output)"
+    tail = [line for line in text.splitlines() if line.strip()][-lines:]
+    return "guest console:\n  " + "\n  ".join(tail) if tail else "(no console output)"

@@ -1,0 +1,312 @@
+"""The host side of the agent wire protocol (terminai_agent.protocol).
+
+One reader thread decodes frames from the channel and routes them: results
+and errors complete the waiting call with the same id, events feed the
+process handle with that id. Calls from many threads share one stream.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from terminai_agent import protocol as P
+
+from ..errors import AgentError, ChannelClosed, TimeoutExpired
+
+
+@dataclass
+class ExitStatus:
+    code: int | None
+    signal: int | None
+    timed_out: bool
+    truncated: list[str]
+    duration: float
+
+    @property
+    def exit_code(self) -> int:
+        """A shell-style code: the exit code, or 128 + the signal number."""
+        if self.code is not None:
+            return self.code
+        return 128 + (self.signal or 0)
+
+
+@dataclass
+class _Pending:
+    done: threading.Event = field(default_factory=threading.Event)
+    frame: P.Frame | None = None
+
+
+class RemoteProcess:
+    """A command running in the guest. Output arrives as (stream, bytes) events."""
+
+    def __init__(self, client: AgentClient, rid: int, pid: int) -> None:
+        self.client = client
+        self.id = rid
+        self.pid = pid
+        self.events: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self.status: ExitStatus | None = None
+        self._exited = threading.Event()
+        self.on_event: Callable[[str, Any], None] | None = None
+
+    def _deliver(self, name: str, value: Any) -> None:
+        if name == "exit":
+            self.status = value
+            self._exited.set()
+        if self.on_event is not None:
+            self.on_event(name, value)
+        else:
+            self.events.put((name, value))
+
+    def output(self) -> Iterator[tuple[str, bytes]]:
+        """Yield ("stdout"|"stderr", chunk) until the process exits."""
+        while True:
+            name, value = self.events.get()
+            if name == "exit":
+                return
+            if name == "gone":
+                raise ChannelClosed("the agent channel closed while the command ran", ran=True)
+            yield name, value
+
+    def wait(self, timeout: float | None = None) -> ExitStatus:
+        if not self._exited.wait(timeout):
+            raise TimeoutExpired(f"process {self.id} still running after {timeout}s", ran=True)
+        assert self.status is not None
+        return self.status
+
+    def write_stdin(self, data: bytes) -> None:
+        for start in range(0, len(data), P.CHUNK):
+            self.client.call("write_stdin", data[start : start + P.CHUNK], target=self.id)
+
+    def close_stdin(self) -> None:
+        self.client.call("close_stdin", target=self.id)
+
+    def signal(self, sig: str | int = "SIGTERM", group: bool = True) -> None:
+        self.client.call("signal", target=self.id, signal=sig, group=group)
+
+
+class AgentClient:
+    def __init__(self, sock: socket.socket, max_frame: int = P.DEFAULT_MAX_FRAME) -> None:
+        self.sock = sock
+        self.max_frame = max_frame
+        self.peer_max = P.DEFAULT_MAX_FRAME
+        self._ids = itertools.count(1)
+        self._pending: dict[int, _Pending] = {}
+        self._procs: dict[int, RemoteProcess] = {}
+        self._lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        self._closed = False
+        self.protocol_errors: list[str] = []
+        self.hello_info: dict[str, Any] = {}
+        self._reader = threading.Thread(target=self._read_loop, name="agent-reader", daemon=True)
+        self._reader.start()
+
+    # -- plumbing -----------------------------------------------------------
+    def _read_loop(self) -> None:
+        decoder = P.Decoder(self.max_frame)
+        try:
+            while True:
+                data = self.sock.recv(256 * 1024)
+                if not data:
+                    break
+                for item in decoder.feed(data):
+                    if isinstance(item, P.ProtocolError):
+                        self.protocol_errors.append(item.message)
+                    else:
+                        self._route(item)
+        except OSError:
+            pass
+        finally:
+            self._fail_all()
+
+    def _route(self, frame: P.Frame) -> None:
+        kind, rid = frame.kind, frame.id
+        if kind == P.EVENT:
+            with self._lock:
+                proc = self._procs.get(rid)
+            if proc is None:
+                return
+            name = frame.header.get("event", "")
+            if name == "exit":
+                with self._lock:
+                    self._procs.pop(rid, None)
+                h = frame.header
+                proc._deliver(
+                    "exit",
+                    ExitStatus(h.get("code"), h.get("signal"), bool(h.get("timed_out")), list(h.get("truncated", [])), float(h.get("duration", 0))),
+                )
+            else:
+                proc._deliver(name, frame.body)
+            return
+        if kind == P.ERROR and rid == 0:
+            self.protocol_errors.append(str(frame.header.get("message")))
+            return
+        with self._lock:
+            pending = self._pending.pop(rid, None)
+        if pending is not None:
+            pending.frame = frame
+            pending.done.set()
+
+    def _fail_all(self) -> None:
+        with self._lock:
+            self._closed = True
+            pending, self._pending = self._pending, {}
+            procs, self._procs = self._procs, {}
+        for p in pending.values():
+            p.done.set()
+        for proc in procs.values():
+            proc._deliver("gone", None)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def send_raw(self, data: bytes) -> None:
+        with self._send_lock:
+            self.sock.sendall(data)
+
+    def call(self, op: str, body: bytes = b"", *, timeout: float | None = 60.0, **fields: Any) -> P.Frame:
+        rid = next(self._ids)
+        pending = _Pending()
+        with self._lock:
+            if self._closed:
+                raise ChannelClosed("the agent channel is closed", hint="the VM has stopped; start a new session")
+            self._pending[rid] = pending
+        try:
+            self.send_raw(P.request(rid, op, body, self.peer_max, **fields))
+        except OSError as exc:
+            with self._lock:
+                self._pending.pop(rid, None)
+            raise ChannelClosed(f"cannot send to the agent: {exc}") from None
+        if not pending.done.wait(timeout):
+            with self._lock:
+                self._pending.pop(rid, None)
+            raise TimeoutExpired(f"agent did not answer {op} within {timeout}s", ran=op == "exec")
+        frame = pending.frame
+        if frame is None:
+            raise ChannelClosed(f"the agent channel closed during {op}", ran=op == "exec")
+        if frame.kind == P.ERROR:
+            h = frame.header
+            raise AgentError(str(h.get("code")), str(h.get("message")), ran=bool(h.get("ran")))
+        return frame
+
+    # -- operations -------------------------------------------------------------
+    def hello(self, timeout: float | None = 60.0) -> dict[str, Any]:
+        frame = self.call("hello", timeout=timeout, versions=list(P.SUPPORTED_VERSIONS), max_frame=self.max_frame)
+        self.peer_max = int(frame.header.get("max_frame", P.DEFAULT_MAX_FRAME))
+        self.hello_info = frame.header
+        return frame.header
+
+    def ping(self, timeout: float | None = 10.0) -> dict[str, Any]:
+        return self.call("ping", timeout=timeout).header
+
+    def exec(
+        self,
+        argv: list[str] | None = None,
+        *,
+        command: str | None = None,
+        shell: bool = False,
+        cwd: str | None = None,
+        env: dict[str, str] | None = None,
+        timeout: float | None = None,
+        stdin: bytes = b"",
+        stdin_open: bool = False,
+        output_cap: int | None = None,
+        on_event: Callable[[str, Any], None] | None = None,
+    ) -> RemoteProcess:
+        rid = next(self._ids)
+        fields: dict[str, Any] = {"cwd": cwd, "env": env or {}, "timeout": timeout, "stdin_open": stdin_open}
+        if shell:
+            fields.update(shell=True, command=command)
+        else:
+            fields["argv"] = argv
+        if output_cap is not None:
+            fields["output_cap"] = output_cap
+        first, rest = stdin[: P.CHUNK], stdin[P.CHUNK :]
+        if rest:
+            fields["stdin_open"] = True
+        pending = _Pending()
+        proc = RemoteProcess(self, rid, 0)
+        proc.on_event = on_event
+        with self._lock:
+            if self._closed:
+                raise ChannelClosed("the agent channel is closed", hint="the VM has stopped; start a new session")
+            self._pending[rid] = pending
+            self._procs[rid] = proc
+        self.send_raw(P.request(rid, "exec", first, self.peer_max, **fields))
+        pending.done.wait()
+        frame = pending.frame
+        if frame is None:
+            raise ChannelClosed("the agent channel closed before the command started")
+        if frame.kind == P.ERROR:
+            with self._lock:
+                self._procs.pop(rid, None)
+            h = frame.header
+            raise AgentError(str(h.get("code")), str(h.get("message")), ran=bool(h.get("ran")))
+        proc.pid = int(frame.header.get("pid", 0))
+        if rest:
+            proc.write_stdin(rest)
+            if not stdin_open:
+                proc.close_stdin()
+        return proc
+
+    def run(self, argv: list[str] | None = None, **kwargs: Any) -> tuple[ExitStatus, bytes, bytes]:
+        """Run to completion and collect the output."""
+        proc = self.exec(argv, **kwargs)
+        out: list[bytes] = []
+        err: list[bytes] = []
+        for name, chunk in proc.output():
+            (out if name == "stdout" else err).append(chunk)
+        return proc.wait(), b"".join(out), b"".join(err)
+
+    def read_file(self, path: str) -> bytes:
+        chunks: list[bytes] = []
+        offset = 0
+        while True:
+            frame = self.call("read", path=path, offset=offset)
+            chunks.append(frame.body)
+            offset += len(frame.body)
+            if frame.header.get("eof") or not frame.body:
+                return b"".join(chunks)
+
+    def write_file(self, path: str, data: bytes, mode: int = 0o644, create_dirs: bool = False) -> None:
+        """Write through a temporary name and rename: readers never see half a file."""
+        tmp = f"{path}.terminai-tmp"
+        step = max(P.MIN_MAX_FRAME, self.peer_max - 4096)
+        offset = 0
+        first = True
+        while first or offset < len(data):
+            chunk = data[offset : offset + step]
+            self.call("write", chunk, path=tmp, offset=offset, truncate=first, mode=mode, create_dirs=create_dirs and first,
+                      fsync=offset + len(chunk) >= len(data))  # fmt: skip
+            offset += len(chunk)
+            first = False
+        self.call("rename", src=tmp, dst=path)
+
+    def stat(self, path: str) -> dict[str, Any]:
+        return self.call("stat", path=path).header
+
+    def listdir(self, path: str) -> list[dict[str, Any]]:
+        return list(self.call("list", path=path).header.get("entries", []))
+
+    def remove(self, path: str, recursive: bool = False) -> None:
+        self.call("remove", path=path, recursive=recursive)
+
+    def mkdir(self, path: str, parents: bool = True) -> None:
+        self.call("mkdir", path=path, parents=parents)
+
+    def shutdown(self) -> None:
+        self.call("shutdown", timeout=10)
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+        self._reader.join(timeout=5)

@@ -1,0 +1,38 @@
+"""Configuration and results exchanged with the shim's callers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class BootConfig:
+    """Everything needed to boot one VM from verified local artifacts."""
+
+    kernel: Path
+    rootfs: Path
+    rootfs_format: str = "squashfs"
+    memory_mib: int = 512
+    cpus: int = 1
+    workspace: Path | None = None
+    workspace_mount: str = "/workspace"
+    accel: str = "auto"  # auto | kvm | tcg
+    kernel_args: tuple[str, ...] = ()
+    boot_timeout: float = 60.0
+
+
+@dataclass(frozen=True)
+class AccelChoice:
+    accel: str  # kvm | tcg
+    reason: str
+
+
+@dataclass
+class ExecResult:
+    stdout: str
+    stderr: str
+    exit_code: int
+    timed_out: bool = False
+    truncated: list[str] = field(default_factory=list)
+    signal: int | None = None

@@ -1,0 +1,112 @@
+"""A running VM and its agent: boot, use, close.
+
+``Session.boot`` returns only when the guest agent has answered ``hello``;
+``close`` asks the agent to power off, waits briefly, then kills the VMM
+and removes the per-VM runtime directory whatever happened before.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from ._internal.accel import choose_accel
+from ._internal.backends.base import Backend, Machine, RuntimeDir
+from ._internal.backends.qemu import QemuBackend, console_tail
+from ._internal.client import AgentClient
+from .errors import BootError, ChannelClosed, ConfigError, ShimError, TimeoutExpired
+from .models import AccelChoice, BootConfig
+
+
+def runtime_base() -> Path:
+    base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+    path = Path(base) / f"terminai-{os.getuid()}"
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return path
+
+
+class Session:
+    def __init__(self, config: BootConfig, accel: AccelChoice, machine: Machine, runtime: RuntimeDir, client: AgentClient) -> None:
+        self.config = config
+        self.accel = accel
+        self.machine = machine
+        self.runtime = runtime
+        self.client = client
+        self.boot_seconds = 0.0
+        self._closed = False
+
+    @classmethod
+    def boot(cls, config: BootConfig, backend: Backend | None = None) -> Session:
+        for path, what in ((config.kernel, "kernel"), (config.rootfs, "root image")):
+            if not Path(path).is_file():
+                raise ConfigError(f"{what} {path} does not exist", hint="build it with `inv kernel rootfs` or fetch a release")
+        if config.workspace is not None and not Path(config.workspace).is_dir():
+            raise ConfigError(f"workspace {config.workspace} is not a directory", hint="create it or pass an existing one")
+        accel = choose_accel(config.accel)
+        backend = backend or QemuBackend()
+        runtime = RuntimeDir(Path(tempfile.mkdtemp(prefix="vm-", dir=runtime_base())))
+        started = time.monotonic()
+        deadline = started + config.boot_timeout
+        machine: Machine | None = None
+        try:
+            machine = backend.start(config, accel, runtime)
+            sock = machine.connect_agent(deadline)
+            client = AgentClient(sock)
+            try:
+                client.hello(timeout=max(0.1, deadline - time.monotonic()))
+            except (ChannelClosed, TimeoutExpired) as exc:
+                client.close()
+                state = "exited" if not machine.alive() else "is still running"
+                raise BootError(
+                    f"the guest agent did not answer ({exc.message}); the VM {state}. "
+                    + console_tail(runtime.console_log),
+                    hint="check the kernel and root image; `terminai-shim doctor` shows the host's state",
+                ) from None
+        except BaseException:
+            if machine is not None:
+                machine.kill()
+            shutil.rmtree(runtime.path, ignore_errors=True)
+            raise
+        session = cls(config, accel, machine, runtime, client)
+        session.boot_seconds = time.monotonic() - started
+        return session
+
+    def health(self) -> dict[str, Any]:
+        """A real round trip: ping, then import the survival kit in the guest."""
+        self.client.ping()
+        status, out, err = self.client.run(
+            ["python3", "-c", "import sys, terminai_apts; terminai_apts.model.ObjectTableLabels.TRANSIT; "
+             "print(sys.executable); print(terminai_apts.__version__)"],
+            timeout=60,
+        )  # fmt: skip
+        if status.exit_code != 0:
+            raise ShimError(f"survival kit import failed in the guest: {err.decode(errors='replace').strip()}")
+        python, version = out.decode().split()
+        return {"ok": True, "pythonPath": python, "taptsVersion": version, "session": self.client.hello_info.get("session")}
+
+    def close(self, timeout: float = 5.0) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self.machine.alive() and not self.client.closed:
+                try:
+                    self.client.shutdown()
+                except ShimError:
+                    pass
+                self.machine.wait(timeout)
+        finally:
+            self.machine.kill()
+            self.client.close()
+            shutil.rmtree(self.runtime.path, ignore_errors=True)
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
