@@ -89,3 +89,50 @@ def rootfs(c: Context, json: bool = False, format: str = "squashfs", kit: str = 
         return
     link = ctx.publish_link("rootfs", art.directory)
     print(f"rootfs: {link} -> {art.directory}")
+
+
+@task(
+    help={
+        "command": "the command to run in the VM (default: a survival-kit check)",
+        "json": "emit progress as JSON events on stderr",
+    }
+)
+def demo(c: Context, command: str = "", json: bool = False) -> None:
+    """The main job: build the kernel and root image, boot a VM, run a command in it."""
+    import shlex
+
+    from terminai_release.kernel import build_kernel
+    from terminai_release.rootfs.project import build_rootfs
+
+    ctx = _ctx(json)
+    try:
+        kern = build_kernel(ctx)
+        root = build_rootfs(ctx)
+    except BuildError as exc:
+        _fail(exc)
+        return
+    ctx.publish_link("kernel", kern.directory)
+    ctx.publish_link("rootfs", root.directory)
+    argv = shlex.split(command) if command else [
+        "python3", "-c",
+        "import platform, terminai_apts; "
+        "print('Hello from MicroVM:', platform.release(), 'terminai_apts', terminai_apts.__version__, "
+        "terminai_apts.model.ObjectTableLabels.TRANSIT)",
+    ]  # fmt: skip
+    shim = [sys.executable, "-m", "terminai_shim.cli", "run", "-v",
+            "--kernel", str(kern.vmlinux), "--rootfs", str(root.image), "--", *argv]  # fmt: skip
+    c.run(shlex.join(shim), pty=False)
+
+
+@task(help={"markers": "pytest -m expression (default: everything)", "args": "extra pytest arguments"})
+def test(c: Context, markers: str = "", args: str = "") -> None:
+    """Run the test suite (unit, build, vm and repro tests)."""
+    m = f"-m {markers!r}" if markers else ""
+    c.run(f"{sys.executable} -m pytest {m} {args}", pty=False)
+
+
+@task
+def lint(c: Context) -> None:
+    """ruff on everything; mypy --strict on the shim."""
+    c.run(f"{sys.executable} -m ruff check .", pty=False)
+    c.run(f"{sys.executable} -m mypy", pty=False)

@@ -20,6 +20,8 @@ class BootConfig:
     accel: str = "auto"  # auto | kvm | tcg
     kernel_args: tuple[str, ...] = ()
     boot_timeout: float = 60.0
+    # An initramfs instead of the agent image's init (kernel bring-up tests).
+    initrd: Path | None = None
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,10 @@ def build_kit_wheel(ctx: BuildContext, override: KitOverride | None = None, *, c
     sde = source_date_epoch(ctx.repo, "images/survival-kit") if override is None else int(
         os.environ.get("SOURCE_DATE_EPOCH", "0") or 0
     )
-    key = digest_inputs({"recipe": RECIPE, "tree": sha256_tree(source), "sde": sde, "python": sys.version})
+    from importlib.metadata import version as dist_version
+
+    backend = {name: dist_version(name) for name in ("setuptools", "wheel")}
+    key = digest_inputs({"recipe": RECIPE, "tree": sha256_tree(source), "sde": sde, "python": sys.version, "backend": backend})
     with cache.lock("kit-wheel", key):
         hit = cache.lookup("kit-wheel", key)
         if hit is None:

@@ -55,7 +55,7 @@ class RemoteProcess:
         self.on_event: Callable[[str, Any], None] | None = None
 
     def _deliver(self, name: str, value: Any) -> None:
-        if name == "exit":
+        if name in ("exit", "gone"):
             self.status = value
             self._exited.set()
         if self.on_event is not None:
@@ -76,7 +76,8 @@ class RemoteProcess:
     def wait(self, timeout: float | None = None) -> ExitStatus:
         if not self._exited.wait(timeout):
             raise TimeoutExpired(f"process {self.id} still running after {timeout}s", ran=True)
-        assert self.status is not None
+        if self.status is None:
+            raise ChannelClosed("the VM went away while the command ran; its outcome is unknown", ran=True)
         return self.status
 
     def write_stdin(self, data: bytes) -> None:

@@ -62,6 +62,7 @@ def command_line(config: BootConfig, accel: AccelChoice, runtime: RuntimeDir, qe
         "-serial", f"file:{runtime.console_log}",
         "-kernel", str(config.kernel),
         "-append", kernel_cmdline(config, accel),
+        *(["-initrd", str(config.initrd)] if config.initrd else []),
         "-drive", f"id=root,file={config.rootfs},format=raw,if=none,readonly=on",
         "-device", "virtio-blk-device,drive=root",
         "-object", "rng-random,id=rng,filename=/dev/urandom",

@@ -1,0 +1,118 @@
+"""``terminai-shim``: the command the TerminAI CLI and people run.
+
+Imports stay inside the subcommands so ``terminai-shim --version`` (run
+often by the CLI to probe for the shim) starts in milliseconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from . import __version__
+
+
+def _artifact_defaults() -> tuple[Path | None, Path | None, str]:
+    """Local build outputs (``build/`` of a checkout), if present.
+
+    Released artifacts come from a verified manifest; this is the
+    developer's path through ``inv kernel rootfs``.
+    """
+    root = Path(os.environ.get("TERMINAI_BUILD_DIR", Path.cwd() / "build"))
+    kernel = next(iter(sorted((root / "kernel").glob("vmlinux-*"))), None)
+    rootfs = next(iter(sorted((root / "rootfs").glob("rootfs-*.squashfs")) + sorted((root / "rootfs").glob("rootfs-*.erofs"))), None)
+    fmt = rootfs.suffix.lstrip(".") if rootfs else "squashfs"
+    return kernel, rootfs, fmt
+
+
+def _boot_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kernel", type=Path, help="guest kernel (vmlinux)")
+    p.add_argument("--rootfs", type=Path, help="guest root image (.squashfs or .erofs)")
+    p.add_argument("--workspace", type=Path, help="host directory shared with the guest at /workspace")
+    p.add_argument("--memory", type=int, default=512, help="guest memory in MiB (default 512)")
+    p.add_argument("--cpus", type=int, default=1, help="guest vCPUs (default 1)")
+    p.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto", help="accelerator (default auto)")
+
+
+def _boot_config(args: argparse.Namespace) -> object:
+    from .errors import ConfigError
+    from .models import BootConfig
+
+    kernel, rootfs, fmt = _artifact_defaults()
+    kernel = args.kernel or kernel
+    rootfs = args.rootfs or rootfs
+    if kernel is None or rootfs is None:
+        raise ConfigError("no kernel or root image given", hint="pass --kernel and --rootfs, or run `inv kernel rootfs` first")
+    if args.rootfs:
+        fmt = args.rootfs.suffix.lstrip(".") or "squashfs"
+    return BootConfig(
+        kernel=kernel.resolve(),
+        rootfs=rootfs.resolve(),
+        rootfs_format=fmt,
+        memory_mib=args.memory,
+        cpus=args.cpus,
+        workspace=args.workspace.resolve() if args.workspace else None,
+        accel=args.accel,
+    )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .run import run_command
+
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        print("terminai-shim run: give a command after --", file=sys.stderr)
+        return 2
+    return run_command(_boot_config(args), command, shell=args.shell, timeout=args.timeout, verbose=args.verbose)  # type: ignore[arg-type]
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import doctor
+
+    return doctor(json_output=args.json)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import serve
+
+    return serve()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="terminai-shim", description="Run commands in TerminAI's isolated runtime.")
+    parser.add_argument("--version", action="version", version=f"terminai-shim {__version__}")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    run = sub.add_parser("run", help="boot a VM, run one command, shut down")
+    _boot_args(run)
+    run.add_argument("--timeout", type=float, help="kill the command after this many seconds (exit 124)")
+    run.add_argument("--shell", action="store_true", help="run COMMAND with /bin/sh -c (explicit: no shell otherwise)")
+    run.add_argument("-v", "--verbose", action="store_true", help="report boot progress on stderr")
+    run.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
+    run.set_defaults(fn=cmd_run)
+
+    doc = sub.add_parser("doctor", help="what this host offers and what the shim will use")
+    doc.add_argument("--json", action="store_true", help="machine-readable output")
+    doc.set_defaults(fn=cmd_doctor)
+
+    srv = sub.add_parser("serve", help="JSON-lines protocol on stdin/stdout for the TerminAI CLI")
+    srv.set_defaults(fn=cmd_serve)
+
+    args = parser.parse_args(argv)
+    from .errors import ShimError
+
+    try:
+        return int(args.fn(args))
+    except ShimError as exc:
+        print(f"terminai-shim: {exc}", file=sys.stderr)
+        return 125
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""``terminai-shim doctor``: what this host can run, and why.
+
+Exit code 0 when a VM can boot here (QEMU present, artifacts present and
+readable), 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from typing import Any
+
+from ._internal.accel import kvm_status
+from ._internal.backends.qemu import QemuBackend
+
+
+def _qemu_version(binary: str) -> str | None:
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.splitlines()[0] if out else None
+
+
+def report() -> dict[str, Any]:
+    from .cli import _artifact_defaults
+
+    qemu = QemuBackend()
+    kvm = kvm_status()
+    firecracker = os.environ.get("TERMINAI_FIRECRACKER") or shutil.which("firecracker")
+    kernel, rootfs, fmt = _artifact_defaults()
+    vhost_vsock = os.path.exists("/dev/vhost-vsock")
+    backend = "firecracker" if firecracker and kvm.accel == "kvm" else "qemu"
+    return {
+        "accelerator": {"choice": kvm.accel, "reason": kvm.reason},
+        "qemu": {"binary": qemu.qemu, "version": _qemu_version(qemu.qemu) if qemu.available() else None},
+        "vhost_vsock": vhost_vsock,
+        "firecracker": firecracker,
+        "backend": backend,
+        "agent_channel": "vsock" if backend == "firecracker" else "virtio-serial",
+        "artifacts": {
+            "kernel": str(kernel) if kernel else None,
+            "rootfs": str(rootfs) if rootfs else None,
+            "rootfs_format": fmt if rootfs else None,
+        },
+    }
+
+
+def doctor(json_output: bool = False) -> int:
+    info = report()
+    can_run = bool(info["qemu"]["version"]) and all(info["artifacts"][k] for k in ("kernel", "rootfs"))
+    info["can_run"] = can_run
+    if json_output:
+        print(json.dumps(info, indent=2))
+        return 0 if can_run else 1
+    acc = info["accelerator"]
+    print(f"accelerator:   {acc['choice']} ({acc['reason']})")
+    print(f"qemu:          {info['qemu']['version'] or 'missing: apt-get install qemu-system-x86'}")
+    print(f"vhost-vsock:   {'yes' if info['vhost_vsock'] else 'no (the agent channel uses virtio-serial)'}")
+    print(f"firecracker:   {info['firecracker'] or 'not configured'}")
+    print(f"backend:       {info['backend']} over {info['agent_channel']}")
+    arts = info["artifacts"]
+    print(f"kernel:        {arts['kernel'] or 'missing: run `inv kernel`'}")
+    print(f"root image:    {arts['rootfs'] or 'missing: run `inv rootfs`'}")
+    print(f"can run a VM:  {'yes' if can_run else 'no'}", file=sys.stdout)
+    return 0 if can_run else 1

@@ -1,0 +1,106 @@
+"""Shared fixtures. Artifacts come from the same cached pipeline tasks a user
+runs (`inv kernel`, `inv rootfs`): a missing artifact is built, never skipped."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from terminai_release.context import BuildContext
+from terminai_release.progress import Reporter
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+
+@pytest.fixture(scope="session")
+def ctx() -> BuildContext:
+    return BuildContext(reporter=Reporter("plain"))
+
+
+@pytest.fixture(scope="session")
+def kernel(ctx):
+    from terminai_release.kernel import build_kernel
+
+    return build_kernel(ctx)
+
+
+@pytest.fixture(scope="session")
+def rootfs(ctx):
+    from terminai_release.rootfs.project import build_rootfs
+
+    return build_rootfs(ctx)
+
+
+@pytest.fixture(scope="session")
+def boot_config(kernel, rootfs):
+    from terminai_shim.models import BootConfig
+
+    return BootConfig(kernel=kernel.vmlinux, rootfs=rootfs.image, rootfs_format=rootfs.record["outputs"]["image"]["format"])
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("workspace")
+
+
+@pytest.fixture(scope="module")
+def vm(boot_config, workspace):
+    from terminai_shim.session import Session
+
+    session = Session.boot(dataclasses.replace(boot_config, workspace=workspace))
+    yield session
+    session.close()
+
+
+class HostAgent:
+    """The real agent, run on the host as a plain process on a Unix socket.
+
+    Same code as in the guest; only the transport differs (the container
+    tier's transport). Used for fast protocol tests without a VM.
+    """
+
+    def __init__(self, tmp: Path) -> None:
+        self.path = tmp / "agent.sock"
+        env = dict(os.environ, PYTHONPATH=str(REPO / "images/agent"))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "terminai_agent", f"--channel=unix:{self.path}"],
+            env=env,
+            stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + 10
+        while not self.path.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"agent did not start: {self.proc.stderr.read().decode() if self.proc.stderr else ''}")
+            time.sleep(0.01)
+
+    def connect(self) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(str(self.path))
+        return sock
+
+    def client(self):
+        from terminai_shim._internal.client import AgentClient
+
+        c = AgentClient(self.connect())
+        c.hello()
+        return c
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture
+def host_agent(tmp_path) -> Iterator[HostAgent]:
+    agent = HostAgent(tmp_path)
+    yield agent
+    agent.stop()
