@@ -136,3 +136,23 @@ def lint(c: Context) -> None:
     """ruff on everything; mypy --strict on the shim."""
     c.run(f"{sys.executable} -m ruff check .", pty=False)
     c.run(f"{sys.executable} -m mypy", pty=False)
+
+
+@task(help={"artifact": "kernel, rootfs or all (default)"})
+def repro(c: Context, artifact: str = "all") -> None:
+    """Prove reproducibility: a second clean build must give identical bytes."""
+    from terminai_release.repro import check
+
+    ctx = _ctx(False)
+    names = ["kernel", "rootfs"] if artifact == "all" else [artifact]
+    failed = False
+    for name in names:
+        try:
+            result = check(ctx, name)
+        except BuildError as exc:
+            _fail(exc)
+            return
+        print(result.describe())
+        failed |= not result.identical
+    if failed:
+        sys.exit(1)

@@ -25,7 +25,7 @@ from .base import BaseLayer, build_base
 from .kit import KitOverride, build_kit_wheel
 from .sbom import write_sbom
 
-RECIPE = 1
+RECIPE = 2
 FORMATS = ("squashfs", "erofs")
 EROFS_UUID = "5e1f0c3a-7a2b-4d3c-9e4f-1a2b3c4d5e6f"
 PY_DIRS = ("/usr/lib/python3.11", "/usr/lib/python3/dist-packages", "/usr/lib/terminai")
@@ -110,6 +110,7 @@ def _build_into(
          "--target", str(tree / "usr/lib/python3/dist-packages"), str(wheel)],
         log=log, reporter=rep, step="rootfs",
     )  # fmt: skip
+    _drop_direct_url(tree / "usr/lib/python3/dist-packages")
     lib = tree / "usr/lib/terminai"
     shutil.copytree(
         ctx.repo / "images/agent/terminai_agent", lib / "terminai_agent", ignore=shutil.ignore_patterns("__pycache__")
@@ -145,6 +146,18 @@ def _build_into(
     write_atomic(staging / RECORD, canonical_json(record))
     shutil.rmtree(work, ignore_errors=True)
     rep.done("rootfs", f"built {image.name}: {outputs['image']['size']} bytes (tree {tree_size} bytes)")
+
+
+def _drop_direct_url(site: Path) -> None:
+    """pip records the wheel's build-cache path (PEP 610 direct_url.json):
+    meaningless in the image and different on every machine, so remove it."""
+    for info in site.glob("*.dist-info"):
+        direct = info / "direct_url.json"
+        if direct.exists():
+            direct.unlink()
+            record = info / "RECORD"
+            lines = [ln for ln in record.read_text().splitlines() if not ln.startswith(f"{info.name}/direct_url.json,")]
+            record.write_text("\n".join(lines) + "\n")
 
 
 def _clamp_times(tree: Path, sde: int) -> None:

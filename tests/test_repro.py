@@ -1,0 +1,19 @@
+"""Two clean builds of the same commit give identical bytes (`inv repro`)."""
+
+from __future__ import annotations
+
+import pytest
+
+from terminai_release.repro import check
+
+pytestmark = pytest.mark.repro
+
+
+def test_rootfs_is_reproducible(ctx, rootfs, tmp_path):
+    result = check(ctx, "rootfs", scratch=tmp_path)
+    assert result.identical, result.describe()
+
+
+def test_kernel_is_reproducible(ctx, kernel, tmp_path):
+    result = check(ctx, "kernel", scratch=tmp_path)
+    assert result.identical, result.describe()
