@@ -1,0 +1,339 @@
+"""``terminai-shim serve``: the JSON-lines protocol the TerminAI CLI speaks.
+
+One JSON object per line on stdin (requests) and stdout (responses and
+notifications); see docs/shim-protocol.md and docs/shim-protocol.schema.json.
+Each request runs on its own thread, so a long ``execute`` never blocks a
+``healthCheck``; stdout writes are serialised. When stdin closes, or on
+SIGTERM, the VM is shut down and the shim exits 0.
+"""
+
+from __future__ import annotations
+
+import base64
+import codecs
+import itertools
+import json
+import shlex
+import signal
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from . import __version__
+from ._internal.client import RemoteProcess
+from .errors import AgentError, ConfigError, ShimError
+from .models import BootConfig
+from .session import Session
+
+PROTOCOL_VERSION = 1
+DEFAULT_EXEC_OUTPUT_CAP = 16 << 20
+
+
+class RequestError(ShimError):
+    def __init__(self, code: str, message: str, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.code = code
+
+
+@dataclass
+class _Spawned:
+    proc: RemoteProcess
+    decoders: dict[str, codecs.IncrementalDecoder] = field(default_factory=dict)
+    binary: bool = False
+
+
+class Server:
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.out_lock = threading.Lock()
+        self.session: Session | None = None
+        self.session_lock = threading.Lock()
+        self.procs: dict[str, _Spawned] = {}
+        self.proc_ids = itertools.count(1)
+        self.pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="req")
+        self.stopping = threading.Event()
+
+    # -- output --------------------------------------------------------------
+    def send(self, message: dict[str, Any]) -> None:
+        line = json.dumps(message, separators=(",", ":"), ensure_ascii=False)
+        with self.out_lock:
+            self.out.write(line + "\n")
+            self.out.flush()
+
+    def notify(self, method: str, params: dict[str, Any]) -> None:
+        self.send({"method": method, "params": params})
+
+    # -- input -----------------------------------------------------------------
+    def handle_line(self, line: str) -> None:
+        line = line.strip()
+        if not line:
+            return
+        try:
+            msg = json.loads(line)
+        except ValueError as exc:
+            self.send({"id": None, "error": {"code": "PARSE_ERROR", "message": f"not JSON: {exc}", "ran": False}})
+            return
+        if not isinstance(msg, dict) or not isinstance(msg.get("method"), str):
+            rid = msg.get("id") if isinstance(msg, dict) else None
+            self.send({"id": rid, "error": {"code": "INVALID_REQUEST", "message": "expected {id, method, params}", "ran": False}})
+            return
+        self.pool.submit(self._dispatch, msg)
+
+    def _dispatch(self, msg: dict[str, Any]) -> None:
+        rid = msg.get("id")
+        method = msg["method"]
+        params = msg.get("params") or {}
+        handler = getattr(self, "m_" + method.replace(".", "_"), None)
+        try:
+            if handler is None:
+                raise RequestError("METHOD_NOT_FOUND", f"unknown method {method!r}")
+            if not isinstance(params, dict):
+                raise RequestError("INVALID_PARAMS", "params must be an object")
+            result = handler(params)
+            self.send({"id": rid, "result": result})
+            if method == "dispose":
+                self.stopping.set()
+        except ShimError as exc:
+            self.send({"id": rid, "error": exc.to_dict()})
+        except (KeyError, TypeError, ValueError) as exc:
+            self.send({"id": rid, "error": {"code": "INVALID_PARAMS", "message": f"{method}: {exc!r}", "ran": False}})
+        except Exception as exc:  # the server keeps serving whatever happens
+            self.send({"id": rid, "error": {"code": "INTERNAL", "message": f"{method}: {exc!r}", "ran": False}})
+
+    # -- helpers -----------------------------------------------------------------
+    def _session(self) -> Session:
+        if self.session is None:
+            raise RequestError("NOT_INITIALIZED", "call initialize first")
+        return self.session
+
+    @staticmethod
+    def _argv(params: dict[str, Any]) -> tuple[list[str] | None, str | None]:
+        """argv, or a shell command line when the caller asked for a shell.
+
+        A command line without ``args`` is split with POSIX quoting rules
+        but never handed to a shell: pipes and ``$(...)`` need ``shell: true``.
+        """
+        command = params["command"]
+        if not isinstance(command, str) or not command:
+            raise RequestError("INVALID_PARAMS", "command must be a non-empty string")
+        args = params.get("args")
+        if params.get("shell"):
+            if args:
+                command = shlex.join([command, *args])
+            return None, command
+        if args is not None:
+            if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+                raise RequestError("INVALID_PARAMS", "args must be a list of strings")
+            return [command, *args], None
+        try:
+            argv = shlex.split(command)
+        except ValueError as exc:
+            raise RequestError("INVALID_PARAMS", f"cannot split command line: {exc}") from None
+        return argv, None
+
+    @staticmethod
+    def _timeout(params: dict[str, Any]) -> float | None:
+        ms = params.get("timeout")
+        return float(ms) / 1000 if ms else None
+
+    # -- methods -------------------------------------------------------------------
+    def m_initialize(self, p: dict[str, Any]) -> dict[str, Any]:
+        from .cli import _artifact_defaults
+
+        with self.session_lock:
+            if self.session is not None:
+                raise RequestError("ALREADY_INITIALIZED", "this shim already runs a VM; dispose it first")
+            kernel, rootfs, fmt = _artifact_defaults()
+            kernel = Path(p["kernel"]) if p.get("kernel") else kernel
+            rootfs = Path(p["rootfs"]) if p.get("rootfs") else rootfs
+            if kernel is None or rootfs is None:
+                raise ConfigError("no kernel or root image", hint="pass kernel and rootfs, or build them with inv kernel rootfs")
+            config = BootConfig(
+                kernel=kernel,
+                rootfs=rootfs,
+                rootfs_format=p.get("rootfsFormat") or (rootfs.suffix.lstrip(".") if p.get("rootfs") else fmt),
+                workspace=Path(p["workspace"]) if p.get("workspace") else None,
+                memory_mib=int(p.get("memoryMib", 512)),
+                cpus=int(p.get("cpus", 1)),
+                accel=str(p.get("accel", "auto")),
+            )
+            self.session = Session.boot(config)
+            s = self.session
+            return {
+                "protocolVersion": PROTOCOL_VERSION,
+                "shimVersion": __version__,
+                "type": "microvm",
+                "isIsolated": True,
+                "displayName": f"MicroVM (QEMU {s.accel.accel.upper()})",
+                "pythonPath": s.client.hello_info.get("python"),
+                "accel": s.accel.accel,
+                "accelReason": s.accel.reason,
+                "bootSeconds": round(s.boot_seconds, 3),
+                "session": s.client.hello_info.get("session"),
+                "workspace": config.workspace_mount if config.workspace else None,
+            }
+
+    def m_healthCheck(self, p: dict[str, Any]) -> dict[str, Any]:
+        try:
+            session = self._session()
+            if not session.machine.alive():
+                return {"ok": False, "error": "the VM is not running"}
+            return session.health()
+        except ShimError as exc:
+            return {"ok": False, "error": exc.message}
+
+    def m_execute(self, p: dict[str, Any]) -> dict[str, Any]:
+        session = self._session()
+        argv, command = self._argv(p)
+        env = p.get("env") or {}
+        try:
+            status, out, err = session.client.run(
+                argv, command=command, shell=command is not None, cwd=p.get("cwd"), env=env,
+                timeout=self._timeout(p), stdin=str(p.get("stdin", "")).encode(),
+                output_cap=int(p.get("outputCap", DEFAULT_EXEC_OUTPUT_CAP)),
+            )  # fmt: skip
+        except AgentError as exc:
+            if exc.agent_code == "SPAWN_FAILED":
+                return {"stdout": "", "stderr": "", "exitCode": 127, "runtimeError": exc.to_dict()}
+            raise
+        result: dict[str, Any] = {
+            "stdout": out.decode("utf-8", "replace"),
+            "stderr": err.decode("utf-8", "replace"),
+            "exitCode": status.exit_code,
+            "timedOut": status.timed_out,
+        }
+        if status.truncated:
+            result["truncated"] = status.truncated
+        if status.signal is not None:
+            result["signal"] = status.signal
+        return result
+
+    def m_spawn(self, p: dict[str, Any]) -> dict[str, Any]:
+        session = self._session()
+        argv, command = self._argv(p)
+        pid_name = f"p{next(self.proc_ids)}"
+        spawned: _Spawned | None = None
+        binary = bool(p.get("binary"))
+        early: list[tuple[str, Any]] = []
+
+        def on_event(name: str, value: Any) -> None:
+            if spawned is None:
+                early.append((name, value))
+                return
+            self._forward(pid_name, spawned, name, value)
+
+        proc = session.client.exec(
+            argv, command=command, shell=command is not None, cwd=p.get("cwd"), env=p.get("env") or {},
+            timeout=self._timeout(p), stdin_open=True, on_event=on_event,
+        )  # fmt: skip
+        spawned = _Spawned(proc, binary=binary)
+        self.procs[pid_name] = spawned
+        for name, value in early:
+            self._forward(pid_name, spawned, name, value)
+        return {"processId": pid_name, "pid": proc.pid}
+
+    def _forward(self, pid_name: str, spawned: _Spawned, name: str, value: Any) -> None:
+        if name in ("stdout", "stderr"):
+            if spawned.binary:
+                data = base64.b64encode(value).decode()
+            else:
+                dec = spawned.decoders.setdefault(name, codecs.getincrementaldecoder("utf-8")("replace"))
+                data = dec.decode(value)
+                if not data:
+                    return
+            self.notify("process.output", {"processId": pid_name, "stream": name, "data": data,
+                                           "encoding": "base64" if spawned.binary else "utf8"})  # fmt: skip
+        elif name == "exit":
+            for stream, dec in spawned.decoders.items():
+                tail = dec.decode(b"", final=True)
+                if tail:
+                    self.notify("process.output", {"processId": pid_name, "stream": stream, "data": tail, "encoding": "utf8"})
+            self.procs.pop(pid_name, None)
+            self.notify("process.exit", {"processId": pid_name, "exitCode": value.exit_code, "signal": value.signal,
+                                         "timedOut": value.timed_out})  # fmt: skip
+        elif name == "gone":
+            self.procs.pop(pid_name, None)
+            self.notify("process.exit", {"processId": pid_name, "exitCode": None, "signal": None, "timedOut": False,
+                                         "error": {"code": "VM_GONE", "message": "the VM stopped; outcome unknown", "ran": True}})  # fmt: skip
+
+    def _proc(self, p: dict[str, Any]) -> _Spawned:
+        spawned = self.procs.get(str(p.get("processId")))
+        if spawned is None:
+            raise RequestError("NO_SUCH_PROCESS", f"no running process {p.get('processId')!r}")
+        return spawned
+
+    def m_process_write(self, p: dict[str, Any]) -> dict[str, Any]:
+        spawned = self._proc(p)
+        data = base64.b64decode(p["data"]) if p.get("encoding") == "base64" else str(p["data"]).encode()
+        spawned.proc.write_stdin(data)
+        return {}
+
+    def m_process_closeStdin(self, p: dict[str, Any]) -> dict[str, Any]:
+        self._proc(p).proc.close_stdin()
+        return {}
+
+    def m_process_kill(self, p: dict[str, Any]) -> dict[str, Any]:
+        self._proc(p).proc.signal(p.get("signal", "SIGTERM"))
+        return {}
+
+    def m_fs_readFile(self, p: dict[str, Any]) -> dict[str, Any]:
+        data = self._session().client.read_file(p["path"])
+        if p.get("encoding") == "base64":
+            return {"content": base64.b64encode(data).decode(), "encoding": "base64"}
+        return {"content": data.decode("utf-8", "replace"), "encoding": "utf8"}
+
+    def m_fs_writeFile(self, p: dict[str, Any]) -> dict[str, Any]:
+        content = p["content"]
+        data = base64.b64decode(content) if p.get("encoding") == "base64" else str(content).encode()
+        self._session().client.write_file(p["path"], data, create_dirs=bool(p.get("createDirs")))
+        return {"bytesWritten": len(data)}
+
+    def m_fs_stat(self, p: dict[str, Any]) -> dict[str, Any]:
+        st = self._session().client.stat(p["path"])
+        return {k: st[k] for k in ("type", "size", "mode", "mtime")}
+
+    def m_fs_list(self, p: dict[str, Any]) -> dict[str, Any]:
+        return {"entries": self._session().client.listdir(p["path"])}
+
+    def m_fs_remove(self, p: dict[str, Any]) -> dict[str, Any]:
+        self._session().client.remove(p["path"], recursive=bool(p.get("recursive")))
+        return {}
+
+    def m_fs_mkdir(self, p: dict[str, Any]) -> dict[str, Any]:
+        self._session().client.mkdir(p["path"])
+        return {}
+
+    def m_dispose(self, p: dict[str, Any]) -> dict[str, Any]:
+        self.close()
+        return {}
+
+    def close(self) -> None:
+        with self.session_lock:
+            session, self.session = self.session, None
+        if session is not None:
+            session.close()
+
+
+def serve(stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
+    source = stdin or sys.stdin
+    server = Server(stdout or sys.stdout)
+    signal.signal(signal.SIGTERM, lambda signum, frame: server.stopping.set())
+
+    def read_requests() -> None:
+        for line in source:
+            server.handle_line(line)
+            if server.stopping.is_set():
+                return
+
+    reader = threading.Thread(target=read_requests, name="stdin", daemon=True)
+    reader.start()
+    try:
+        while reader.is_alive() and not server.stopping.is_set():
+            reader.join(0.2)
+    finally:
+        server.close()  # requests still waiting on the VM now fail fast
+        server.pool.shutdown(wait=True, cancel_futures=True)
+    return 0

@@ -1,0 +1,58 @@
+// The CLI's own acceptance sequence against the real shim and a real VM:
+// healthCheck -> execute -> spawn (streamed) -> write/read a file -> dispose.
+// Run by tests/test_node_client.py with SHIM, KERNEL, ROOTFS and WORKSPACE set.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { ShimClient } from './shim-client.mjs';
+
+const { SHIM, KERNEL, ROOTFS, WORKSPACE } = process.env;
+
+test('CLI acceptance sequence', { timeout: 240_000 }, async () => {
+  const shim = new ShimClient(SHIM);
+  try {
+    const init = await shim.request('initialize', { kernel: KERNEL, rootfs: ROOTFS, workspace: WORKSPACE });
+    assert.equal(init.type, 'microvm');
+    assert.equal(init.isIsolated, true);
+    assert.match(init.displayName, /MicroVM/);
+
+    const health = await shim.request('healthCheck');
+    assert.equal(health.ok, true);
+    assert.equal(health.pythonPath, '/usr/bin/python3');
+    assert.match(health.taptsVersion, /^\d+\.\d+\.\d+/);
+
+    const echo = await shim.request('execute', { command: 'echo "Hello from MicroVM"' });
+    assert.deepEqual([echo.stdout, echo.stderr, echo.exitCode], ['Hello from MicroVM\n', '', 0]);
+
+    const withArgs = await shim.request('execute', { command: 'printf', args: ['%s|', 'a b', '$HOME'] });
+    assert.equal(withArgs.stdout, 'a b|$HOME|');
+
+    const chunks = [];
+    const proc = await shim.spawn('python3', {
+      args: ['-u', '-c', 'import sys, time; print("line one"); time.sleep(0.3); print("line two"); print(sys.stdin.read().upper())'],
+    });
+    proc.on('stdout', (data) => chunks.push(data));
+    await proc.write('from stdin');
+    await proc.end();
+    const code = await proc.done;
+    assert.equal(code, 0);
+    assert.equal(proc.stdout, 'line one\nline two\nFROM STDIN\n');
+    assert.ok(chunks.length >= 2, `output should stream in pieces, got ${JSON.stringify(chunks)}`);
+
+    await shim.request('fs.writeFile', { path: '/workspace/note.txt', content: 'written through the shim ✓' });
+    const read = await shim.request('fs.readFile', { path: '/workspace/note.txt' });
+    assert.equal(read.content, 'written through the shim ✓');
+    assert.equal(readFileSync(join(WORKSPACE, 'note.txt'), 'utf8'), 'written through the shim ✓');
+    writeFileSync(join(WORKSPACE, 'from-host.txt'), 'host side');
+    const cat = await shim.request('execute', { command: 'cat', args: ['/workspace/from-host.txt'] });
+    assert.equal(cat.stdout, 'host side');
+
+    await assert.rejects(shim.request('no.such.method'), (err) => err.code === 'METHOD_NOT_FOUND');
+    await shim.request('dispose');
+    const exit = await shim.exited;
+    assert.equal(exit.code, 0, shim.stderr);
+  } finally {
+    shim.child.kill('SIGKILL');
+  }
+});
