@@ -23,11 +23,49 @@ from .errors import BootError, ChannelClosed, ConfigError, ShimError, TimeoutExp
 from .models import AccelChoice, BootConfig
 
 
+OWNER_FILE = "owner.pid"
+
+
 def runtime_base() -> Path:
     base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
     path = Path(base) / f"terminai-{os.getuid()}"
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     return path
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_runtime_dirs(base: Path) -> list[Path]:
+    """Remove runtime directories whose shim died without cleaning up (SIGKILL).
+
+    Its VMM died with it (PR_SET_PDEATHSIG); only the directory is left.
+    """
+    removed = []
+    for entry in base.glob("vm-*"):
+        try:
+            owner = int((entry / OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        if not _pid_alive(owner):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
+def new_runtime_dir() -> RuntimeDir:
+    base = runtime_base()
+    clean_stale_runtime_dirs(base)
+    path = Path(tempfile.mkdtemp(prefix="vm-", dir=base))
+    (path / OWNER_FILE).write_text(str(os.getpid()))
+    return RuntimeDir(path)
 
 
 class Session:
@@ -49,7 +87,7 @@ class Session:
             raise ConfigError(f"workspace {config.workspace} is not a directory", hint="create it or pass an existing one")
         accel = choose_accel(config.accel)
         backend = backend or QemuBackend()
-        runtime = RuntimeDir(Path(tempfile.mkdtemp(prefix="vm-", dir=runtime_base())))
+        runtime = new_runtime_dir()
         started = time.monotonic()
         deadline = started + config.boot_timeout
         machine: Machine | None = None
@@ -61,6 +99,7 @@ class Session:
                 client.hello(timeout=max(0.1, deadline - time.monotonic()))
             except (ChannelClosed, TimeoutExpired) as exc:
                 client.close()
+                machine.wait(2.0)  # a panicking guest is about to take QEMU down
                 state = "exited" if not machine.alive() else "is still running"
                 raise BootError(
                     f"the guest agent did not answer ({exc.message}); the VM {state}. "

@@ -151,5 +151,8 @@ def console_tail(path: Path, lines: int = 12) -> str:
         text = path.read_text(errors="replace")
     except OSError:
         return "(no console output)"
-    tail = [line for line in text.splitlines() if line.strip()][-lines:]
-    return "guest console:\n  " + "\n  ".join(tail) if tail else "(no console output)"
+    all_lines = [line for line in text.splitlines() if line.strip()]
+    tail = all_lines[-lines:]
+    panic = next((line.strip() for line in all_lines if "Kernel panic" in line), None)
+    head = f"the guest kernel panicked: {panic}\n" if panic else ""
+    return head + ("guest console:\n  " + "\n  ".join(tail) if tail else "(no console output)")

@@ -1,0 +1,63 @@
+"""Drive `terminai-shim serve` over its JSON-lines stdio, as the CLI does."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import queue
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+SHIM = str(Path(sys.executable).with_name("terminai-shim"))
+
+
+class ShimProc:
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen([SHIM, "serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, bufsize=1)  # fmt: skip
+        self.ids = itertools.count(1)
+        self.responses: dict[Any, queue.Queue[dict[str, Any]]] = {}
+        self.notifications: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.unmatched: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.lock = threading.Lock()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            msg = json.loads(line)
+            if "method" in msg:
+                self.notifications.put(msg)
+                continue
+            with self.lock:
+                q = self.responses.get(msg.get("id"))
+            (q or self.unmatched).put(msg)
+
+    def send_line(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def start(self, method: str, params: dict[str, Any] | None = None) -> queue.Queue[dict[str, Any]]:
+        rid = next(self.ids)
+        q: queue.Queue[dict[str, Any]] = queue.Queue()
+        with self.lock:
+            self.responses[rid] = q
+        self.send_line(json.dumps({"id": rid, "method": method, "params": params or {}}))
+        return q
+
+    def call(self, method: str, params: dict[str, Any] | None = None, timeout: float = 300) -> dict[str, Any]:
+        return self.start(method, params).get(timeout=timeout)
+
+    def result(self, method: str, params: dict[str, Any] | None = None, timeout: float = 300) -> Any:
+        msg = self.call(method, params, timeout)
+        assert "result" in msg, msg
+        return msg["result"]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()

@@ -1,0 +1,162 @@
+"""`terminai-shim serve`: faults, bad input and lifecycle, with real VMs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from shimproc import ShimProc
+
+pytestmark = pytest.mark.vm
+
+
+def children(pid: int) -> list[int]:
+    kids: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            kids += [int(x) for x in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return kids
+
+
+def qemu_of(shim: ShimProc) -> int:
+    for kid in children(shim.proc.pid):
+        if b"qemu-system" in Path(f"/proc/{kid}/cmdline").read_bytes():
+            return kid
+    raise AssertionError("no QEMU child")
+
+
+def gone(pid: int, seconds: float = 10) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            if state in ("Z", "X"):
+                return True
+        except OSError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def runtime_dir_of(qemu_pid: int) -> Path:
+    cmd = Path(f"/proc/{qemu_pid}/cmdline").read_bytes().split(b"\0")
+    sock = next(a for a in cmd if a.startswith(b"socket,id=agent,path="))
+    return Path(sock.split(b"path=")[1].split(b",")[0].decode()).parent
+
+
+@pytest.fixture
+def shim():
+    s = ShimProc()
+    yield s
+    s.close()
+
+
+def init_params(boot_config, **extra):
+    return {"kernel": str(boot_config.kernel), "rootfs": str(boot_config.rootfs), **extra}
+
+
+def test_errors_faults_and_clean_exit_on_stdin_close(shim, boot_config, tmp_path):
+    assert shim.result("healthCheck")["ok"] is False
+    assert shim.call("execute", {"command": "true"})["error"]["code"] == "NOT_INITIALIZED"
+    bad = shim.call("initialize", init_params(boot_config, workspace=str(tmp_path / "missing")))
+    assert bad["error"]["code"] == "INVALID_CONFIG" and "missing" in bad["error"]["message"]
+    info = shim.result("initialize", init_params(boot_config, workspace=str(tmp_path)))
+    assert info["type"] == "microvm" and info["isIsolated"] is True
+    again = shim.call("initialize", init_params(boot_config))
+    assert again["error"]["code"] == "ALREADY_INITIALIZED"
+
+    shim.send_line("{not json")
+    assert shim.unmatched.get(timeout=10)["error"]["code"] == "PARSE_ERROR"
+    shim.send_line("[1, 2]")
+    assert shim.unmatched.get(timeout=10)["error"]["code"] == "INVALID_REQUEST"
+    assert shim.call("no.such")["error"]["code"] == "METHOD_NOT_FOUND"
+
+    slow = shim.result("execute", {"command": "sleep", "args": ["1000"], "timeout": 1000})
+    assert slow["timedOut"] is True and slow["exitCode"] == 137
+    missing = shim.result("execute", {"command": "/no/such/tool"})
+    assert missing["exitCode"] == 127 and missing["runtimeError"]["agentCode"] == "SPAWN_FAILED"
+    assert missing["runtimeError"]["ran"] is False
+    piped = shim.result("execute", {"command": "echo a | tr a b"})
+    assert piped["stdout"] == "a | tr a b\n", "no implicit shell"
+    shelled = shim.result("execute", {"command": "echo a | tr a b", "shell": True})
+    assert shelled["stdout"] == "b\n"
+
+    spawned = shim.result("spawn", {"command": "sleep", "args": ["1000"]})
+    shim.result("process.kill", {"processId": spawned["processId"], "signal": "SIGTERM"})
+    exit_note = shim.notifications.get(timeout=30)
+    assert exit_note["method"] == "process.exit" and exit_note["params"]["signal"] == 15
+
+    pending = [shim.start("execute", {"command": "sh", "args": ["-c", f"sleep 0.3; echo {i}"]}) for i in range(8)]
+    assert [q.get(timeout=120)["result"]["stdout"] for q in pending] == [f"{i}\n" for i in range(8)]
+
+    qemu = qemu_of(shim)
+    runtime = runtime_dir_of(qemu)
+    assert runtime.is_dir()
+    assert shim.proc.stdin is not None
+    shim.proc.stdin.close()
+    assert shim.proc.wait(30) == 0
+    assert gone(qemu), "QEMU outlived the shim"
+    assert not runtime.exists(), "runtime directory left behind"
+
+
+def test_vmm_killed_mid_command_then_sigterm(boot_config):
+    first, second = ShimProc(), ShimProc()
+    try:
+        # Two VMs side by side, no clashes.
+        qa = first.start("initialize", init_params(boot_config))
+        qb = second.start("initialize", init_params(boot_config))
+        a, b = qa.get(timeout=300)["result"], qb.get(timeout=300)["result"]
+        assert a["session"] != b["session"]
+        pending = first.start("execute", {"command": "sleep", "args": ["60"]})
+        time.sleep(1)
+        qemu = qemu_of(first)
+        os.kill(qemu, signal.SIGKILL)
+        err = pending.get(timeout=60)["error"]
+        assert err["code"] == "VM_GONE" and err["ran"] is True
+        health = first.result("healthCheck")
+        assert health["ok"] is False
+        assert first.result("dispose") == {}
+        assert first.proc.wait(30) == 0
+
+        assert second.result("execute", {"command": "echo", "args": ["still fine"]})["stdout"] == "still fine\n"
+        qemu_b = qemu_of(second)
+        runtime_b = runtime_dir_of(qemu_b)
+        second.proc.send_signal(signal.SIGTERM)
+        assert second.proc.wait(30) == 0
+        assert gone(qemu_b) and not runtime_b.exists()
+    finally:
+        first.close()
+        second.close()
+
+
+def test_shim_sigkill_takes_the_vm_with_it(shim, boot_config):
+    from terminai_shim.session import clean_stale_runtime_dirs, runtime_base
+
+    shim.result("initialize", init_params(boot_config))
+    qemu = qemu_of(shim)
+    runtime = runtime_dir_of(qemu)
+    shim.proc.send_signal(signal.SIGKILL)
+    shim.proc.wait(10)
+    assert gone(qemu), "QEMU outlived a SIGKILLed shim"
+    assert runtime in clean_stale_runtime_dirs(runtime_base())
+    assert not runtime.exists()
+
+
+def test_kernel_panic_at_boot_is_a_clear_error(shim, boot_config, tmp_path):
+    junk = tmp_path / "junk.squashfs"
+    junk.write_bytes(os.urandom(4 << 20))
+    err = shim.call("initialize", {"kernel": str(boot_config.kernel), "rootfs": str(junk)})["error"]
+    assert err["code"] == "BOOT_FAILED" and err["ran"] is False
+    assert "Kernel panic" in err["message"] or "VFS" in err["message"], err["message"]
+    assert not children(shim.proc.pid), "a failed boot left a process behind"
+    info = shim.result("initialize", init_params(boot_config))
+    assert info["type"] == "microvm"
+    assert shim.result("dispose") == {}
+    assert shim.proc.wait(30) == 0
