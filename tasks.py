@@ -9,7 +9,6 @@ from __future__ import annotations
 import sys
 
 from invoke import Context, task
-
 from terminai_release.context import BuildContext
 from terminai_release.errors import BuildError
 from terminai_release.progress import Reporter

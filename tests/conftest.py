@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from terminai_release.context import BuildContext
 from terminai_release.progress import Reporter
 
@@ -44,7 +43,9 @@ def rootfs(ctx):
 def boot_config(kernel, rootfs):
     from terminai_shim.models import BootConfig
 
-    return BootConfig(kernel=kernel.vmlinux, rootfs=rootfs.image, rootfs_format=rootfs.record["outputs"]["image"]["format"])
+    return BootConfig(
+        kernel=kernel.vmlinux, rootfs=rootfs.image, rootfs_format=rootfs.record["outputs"]["image"]["format"]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +80,9 @@ class HostAgent:
         deadline = time.monotonic() + 10
         while not self.path.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"agent did not start: {self.proc.stderr.read().decode() if self.proc.stderr else ''}")
+                raise RuntimeError(
+                    f"agent did not start: {self.proc.stderr.read().decode() if self.proc.stderr else ''}"
+                )
             time.sleep(0.01)
 
     def connect(self) -> socket.socket:

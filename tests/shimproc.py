@@ -16,7 +16,8 @@ SHIM = str(Path(sys.executable).with_name("terminai-shim"))
 
 class ShimProc:
     def __init__(self) -> None:
-        self.proc = subprocess.Popen([SHIM, "serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        self.proc = subprocess.Popen([SHIM, "serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE,
                                      text=True, bufsize=1)  # fmt: skip
         self.ids = itertools.count(1)
         self.responses: dict[Any, queue.Queue[dict[str, Any]]] = {}

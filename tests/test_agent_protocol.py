@@ -10,7 +10,6 @@ import threading
 import time
 
 import pytest
-
 from terminai_agent import protocol as P
 from terminai_shim._internal.client import AgentClient
 from terminai_shim.errors import AgentError
@@ -130,7 +129,7 @@ def test_never_ran_is_distinguished(host_agent):
     with pytest.raises(AgentError) as e:
         c.exec(["true"], cwd="/no/such/dir")
     assert e.value.agent_code == P.SPAWN_FAILED
-    status, _, err = c.run([PY, "-c", "import sys; sys.exit(7)"])
+    status, _, _err = c.run([PY, "-c", "import sys; sys.exit(7)"])
     assert status.exit_code == 7 and status.code == 7
 
 
@@ -154,7 +153,7 @@ def test_background_children_die_with_the_command(host_agent):
 
 def test_stdin_body_and_streamed(host_agent):
     c = host_agent.client()
-    status, out, _ = c.run(["cat"], stdin=b"fed once\n")
+    _, out, _ = c.run(["cat"], stdin=b"fed once\n")
     assert out == b"fed once\n"
     proc = c.exec(["cat"], stdin_open=True)
     proc.write_stdin(b"one ")
@@ -163,13 +162,15 @@ def test_stdin_body_and_streamed(host_agent):
     chunks = b"".join(chunk for _, chunk in proc.output())
     assert chunks == b"one two" and proc.wait().exit_code == 0
     big = os.urandom(3 << 20)
-    status, out, _ = c.run(["cat"], stdin=big)
+    _status, out, _ = c.run(["cat"], stdin=big)
     assert out == big
 
 
 def test_output_cap_truncates(host_agent):
     c = host_agent.client()
-    status, out, err = c.run([PY, "-c", "import sys; sys.stdout.write('x'*100000); sys.stderr.write('e'*10)"], output_cap=1000)
+    status, out, err = c.run(
+        [PY, "-c", "import sys; sys.stdout.write('x'*100000); sys.stderr.write('e'*10)"], output_cap=1000
+    )
     assert len(out) == 1000 and err == b"e" * 10
     assert status.truncated == ["stdout"] and status.exit_code == 0
 

@@ -9,7 +9,6 @@ import threading
 import time
 
 import pytest
-
 from terminai_agent import protocol as P
 
 pytestmark = pytest.mark.vm
@@ -40,12 +39,7 @@ def test_arguments_are_not_shell_interpreted(vm):
 
 
 def test_stream_50_mb_byte_exact(vm):
-    script = (
-        "import sys\n"
-        "w = sys.stdout.buffer.write\n"
-        "for i in range(800):\n"
-        "    w(i.to_bytes(4, 'big') * 16384)\n"
-    )
+    script = "import sys\nw = sys.stdout.buffer.write\nfor i in range(800):\n    w(i.to_bytes(4, 'big') * 16384)\n"
     proc = vm.client.exec(["python3", "-c", script])
     received = bytearray()
     for name, chunk in proc.output():
@@ -59,7 +53,7 @@ def test_stream_50_mb_byte_exact(vm):
 
 
 def test_stdin_is_fed(vm):
-    status, out, _ = vm.client.run(["sha256sum"], stdin=b"terminai" * 100000)
+    _status, out, _ = vm.client.run(["sha256sum"], stdin=b"terminai" * 100000)
     import hashlib
 
     assert out.split()[0].decode() == hashlib.sha256(b"terminai" * 100000).hexdigest()
@@ -111,5 +105,5 @@ def test_garbage_frames_then_ping(vm):
     vm.client.send_raw(b"\xde\xad\xbe\xef not a frame at all " * 50)
     vm.client.send_raw(struct.pack("!4sII", P.MAGIC, 1 << 31, 3) + b"bad")
     assert vm.client.ping()["pong"] is True
-    status, out, _ = vm.client.run(["echo", "still serving"])
+    _status, out, _ = vm.client.run(["echo", "still serving"])
     assert out == b"still serving\n"

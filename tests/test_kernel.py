@@ -9,12 +9,10 @@ import time
 from pathlib import Path
 
 import pytest
-
+from conftest import REPO
 from terminai_release.digest import sha256_file
 from terminai_release.kernel import build_kernel
 from terminai_release.kernel.fragments import load_fragments, read_config
-
-from conftest import REPO
 
 BUSYBOX = "/bin/busybox"
 
@@ -51,11 +49,11 @@ def _initramfs(tmp: Path) -> Path:
         "#!/bin/busybox sh\n"
         "/bin/busybox --install -s /bin\n"
         "mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev\n"
-        "mount -t erofs -o ro /dev/vda /mnt/ro && echo \"blk: $(cat /mnt/ro/marker.txt)\"\n"
+        'mount -t erofs -o ro /dev/vda /mnt/ro && echo "blk: $(cat /mnt/ro/marker.txt)"\n'
         "mount -t 9p -o trans=virtio,version=9p2000.L workspace /mnt/ws && cat /mnt/ws/from-host.txt "
         "&& echo from-guest > /mnt/ws/from-guest.txt && umount /mnt/ws\n"
         "port=$(grep -l '^agent$' /sys/class/virtio-ports/*/name | cut -d/ -f5)\n"
-        "echo \"serial-ok $(uname -r)\" > /dev/$port\n"
+        'echo "serial-ok $(uname -r)" > /dev/$port\n'
         "echo TERMINAI-KERNEL-MARKER\n"
         "reboot -f\n"
     )

@@ -7,14 +7,12 @@ import shutil
 import tarfile
 
 import pytest
-
+from conftest import REPO
 from terminai_release.cache import StepCache
 from terminai_release.errors import BuildError
 from terminai_release.kernel import fragments as F
 from terminai_release.kernel import versions as V
 from terminai_release.kernel.source import KernelSource, fetch_source, load_source
-
-from conftest import REPO
 
 pytestmark = pytest.mark.unit
 
@@ -46,7 +44,7 @@ def test_changed_fragment_needs_a_bump(tmp_path):
     before = V.current_version(d)
     with (d / "fragments/40-security.conf").open("a") as f:
         f.write("CONFIG_HARDENED_USERCOPY=y\n")
-    with pytest.raises(BuildError, match="40-security.conf.*changed|changed.*40-security.conf"):
+    with pytest.raises(BuildError, match=r"40-security.conf.*changed|changed.*40-security.conf"):
         V.current_version(d)
     assert V.bump_version(d) == before + 1
     assert V.current_version(d) == before + 1
@@ -78,18 +76,24 @@ def test_values_parse():
         p = pathlib.Path(t) / "v.conf"
         p.write_text('CONFIG_A=y\nCONFIG_B=64\nCONFIG_C="x y"\nCONFIG_D=0x10\n# CONFIG_E is not set\n')
         f = F.parse_fragment(p, "v.conf")
-    assert [(s.symbol, s.value) for s in f.settings] == [("A", "y"), ("B", "64"), ("C", '"x y"'), ("D", "0x10"), ("E", "n")]
+    assert [(s.symbol, s.value) for s in f.settings] == [
+        ("A", "y"),
+        ("B", "64"),
+        ("C", '"x y"'),
+        ("D", "0x10"),
+        ("E", "n"),
+    ]
 
 
 def test_duplicate_symbols_are_refused(tmp_path):
     d = _config_dir(tmp_path)
     with (d / "fragments/30-net-vsock.conf").open("a") as f:
         f.write("CONFIG_PVH=y\n")
-    with pytest.raises(BuildError, match="arch/x86_64.conf:6: CONFIG_PVH is also set in fragments/30-net-vsock.conf"):
+    with pytest.raises(BuildError, match=r"arch/x86_64.conf:6: CONFIG_PVH is also set in fragments/30-net-vsock.conf"):
         F.load_fragments(d, "x86_64")
     p = tmp_path / "dup.conf"
     p.write_text("CONFIG_A=y\nCONFIG_A=y\n")
-    with pytest.raises(BuildError, match="dup.conf:2"):
+    with pytest.raises(BuildError, match=r"dup.conf:2"):
         F.parse_fragment(p, "dup.conf")
 
 
@@ -142,11 +146,11 @@ def test_tarball_source_verified_before_use(tmp_path):
     good = KernelSource(kind="tarball", kernel_version="9.9", sha256=digest, url=tarball.as_uri())
     assert fetch_source(good, cache).read_bytes() == tarball.read_bytes()
     wrong = KernelSource(kind="tarball", kernel_version="9.9", sha256="1" * 64, url=tarball.as_uri())
-    with pytest.raises(BuildError, match="has sha256 .* pins 1111"):
+    with pytest.raises(BuildError, match=r"has sha256 .* pins 1111"):
         fetch_source(wrong, cache)
     leftovers = [p.name for p in (cache.root / "sources").iterdir()]
     assert leftovers == [digest], "a rejected download must leave nothing behind"
     missing = KernelSource(kind="debian-package", kernel_version="9.9", sha256="2" * 64, package="linux-source-9.9",
                            version="9.9-1", path=str(tmp_path / "nope.tar.xz"))  # fmt: skip
-    with pytest.raises(BuildError, match="apt-get install linux-source-9.9=9.9-1"):
+    with pytest.raises(BuildError, match=r"apt-get install linux-source-9.9=9.9-1"):
         fetch_source(missing, cache)

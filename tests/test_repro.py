@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from terminai_release.repro import check
 
 pytestmark = pytest.mark.repro

@@ -6,7 +6,7 @@ import json
 import subprocess
 
 import pytest
-
+from conftest import REPO
 from terminai_release.context import BuildContext
 from terminai_release.digest import sha256_file
 from terminai_release.errors import BuildError
@@ -14,8 +14,6 @@ from terminai_release.progress import Reporter
 from terminai_release.rootfs import aptsources
 from terminai_release.rootfs.base import plan_base
 from terminai_release.rootfs.kit import KitOverride, build_kit_wheel
-
-from conftest import REPO
 
 
 @pytest.mark.build
@@ -32,13 +30,22 @@ def test_image_record_size_and_sbom(rootfs):
 
 @pytest.mark.build
 def test_image_contents(rootfs, tmp_path):
-    listing = subprocess.run(["unsquashfs", "-l", "-d", "", str(rootfs.image)], capture_output=True, text=True, check=True).stdout
+    listing = subprocess.run(
+        ["unsquashfs", "-l", "-d", "", str(rootfs.image)], capture_output=True, text=True, check=True
+    ).stdout
     paths = set(listing.split())
     for needed in ("/usr/bin/python3.11", "/usr/lib/terminai/init", "/usr/lib/terminai/terminai_agent/server.py",
                    "/usr/lib/python3/dist-packages/terminai_apts/__init__.py", "/workspace"):  # fmt: skip
         assert needed in paths, needed
     assert any(p.startswith("/usr/lib/terminai/terminai_agent/__pycache__/server.cpython-311") for p in paths)
-    for gone in ("/usr/bin/apt-get", "/usr/bin/dpkg", "/usr/share/doc", "/usr/share/locale", "/usr/bin/perl", "/var/lib/dpkg"):
+    for gone in (
+        "/usr/bin/apt-get",
+        "/usr/bin/dpkg",
+        "/usr/share/doc",
+        "/usr/share/locale",
+        "/usr/bin/perl",
+        "/var/lib/dpkg",
+    ):
         assert gone not in paths, f"{gone} should not be in the image"
 
 

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 from pathlib import Path
 
 import pytest
-
 from shimproc import ShimProc
 
 pytestmark = pytest.mark.vm

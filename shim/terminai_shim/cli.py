@@ -22,7 +22,10 @@ def _artifact_defaults() -> tuple[Path | None, Path | None, str]:
     """
     root = Path(os.environ.get("TERMINAI_BUILD_DIR", Path.cwd() / "build"))
     kernel = next(iter(sorted((root / "kernel").glob("vmlinux-*"))), None)
-    rootfs = next(iter(sorted((root / "rootfs").glob("rootfs-*.squashfs")) + sorted((root / "rootfs").glob("rootfs-*.erofs"))), None)
+    rootfs = next(
+        iter(sorted((root / "rootfs").glob("rootfs-*.squashfs")) + sorted((root / "rootfs").glob("rootfs-*.erofs"))),
+        None,
+    )
     fmt = rootfs.suffix.lstrip(".") if rootfs else "squashfs"
     return kernel, rootfs, fmt
 
@@ -44,7 +47,9 @@ def _boot_config(args: argparse.Namespace) -> object:
     kernel = args.kernel or kernel
     rootfs = args.rootfs or rootfs
     if kernel is None or rootfs is None:
-        raise ConfigError("no kernel or root image given", hint="pass --kernel and --rootfs, or run `inv kernel rootfs` first")
+        raise ConfigError(
+            "no kernel or root image given", hint="pass --kernel and --rootfs, or run `inv kernel rootfs` first"
+        )
     if args.rootfs:
         fmt = args.rootfs.suffix.lstrip(".") or "squashfs"
     return BootConfig(

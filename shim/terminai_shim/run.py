@@ -38,7 +38,10 @@ def run_command(config: BootConfig, command: list[str], *, shell: bool, timeout:
         print("terminai-shim: booting the VM ...", file=sys.stderr)
     with Session.boot(config) as session:
         if verbose:
-            print(f"terminai-shim: ready in {session.boot_seconds:.2f}s ({session.accel.accel}: {session.accel.reason})", file=sys.stderr)
+            print(
+                f"terminai-shim: ready in {session.boot_seconds:.2f}s ({session.accel.accel}: {session.accel.reason})",
+                file=sys.stderr,
+            )
         out = sys.stdout.buffer
         err = sys.stderr.buffer
 

@@ -78,7 +78,12 @@ class Server:
             return
         if not isinstance(msg, dict) or not isinstance(msg.get("method"), str):
             rid = msg.get("id") if isinstance(msg, dict) else None
-            self.send({"id": rid, "error": {"code": "INVALID_REQUEST", "message": "expected {id, method, params}", "ran": False}})
+            self.send(
+                {
+                    "id": rid,
+                    "error": {"code": "INVALID_REQUEST", "message": "expected {id, method, params}", "ran": False},
+                }
+            )
             return
         self.pool.submit(self._dispatch, msg)
 
@@ -150,7 +155,9 @@ class Server:
             kernel = Path(p["kernel"]) if p.get("kernel") else kernel
             rootfs = Path(p["rootfs"]) if p.get("rootfs") else rootfs
             if kernel is None or rootfs is None:
-                raise ConfigError("no kernel or root image", hint="pass kernel and rootfs, or build them with inv kernel rootfs")
+                raise ConfigError(
+                    "no kernel or root image", hint="pass kernel and rootfs, or build them with inv kernel rootfs"
+                )
             config = BootConfig(
                 kernel=kernel,
                 rootfs=rootfs,
@@ -250,14 +257,17 @@ class Server:
             for stream, dec in spawned.decoders.items():
                 tail = dec.decode(b"", final=True)
                 if tail:
-                    self.notify("process.output", {"processId": pid_name, "stream": stream, "data": tail, "encoding": "utf8"})
+                    self.notify(
+                        "process.output", {"processId": pid_name, "stream": stream, "data": tail, "encoding": "utf8"}
+                    )
             self.procs.pop(pid_name, None)
             self.notify("process.exit", {"processId": pid_name, "exitCode": value.exit_code, "signal": value.signal,
                                          "timedOut": value.timed_out})  # fmt: skip
         elif name == "gone":
             self.procs.pop(pid_name, None)
             self.notify("process.exit", {"processId": pid_name, "exitCode": None, "signal": None, "timedOut": False,
-                                         "error": {"code": "VM_GONE", "message": "the VM stopped; outcome unknown", "ran": True}})  # fmt: skip
+                                         "error": {"code": "VM_GONE", "message": "the VM stopped; outcome unknown",
+                                                   "ran": True}})  # fmt: skip
 
     def _proc(self, p: dict[str, Any]) -> _Spawned:
         spawned = self.procs.get(str(p.get("processId")))

@@ -22,7 +22,6 @@ from ._internal.client import AgentClient
 from .errors import BootError, ChannelClosed, ConfigError, ShimError, TimeoutExpired
 from .models import AccelChoice, BootConfig
 
-
 OWNER_FILE = "owner.pid"
 
 
@@ -69,7 +68,9 @@ def new_runtime_dir() -> RuntimeDir:
 
 
 class Session:
-    def __init__(self, config: BootConfig, accel: AccelChoice, machine: Machine, runtime: RuntimeDir, client: AgentClient) -> None:
+    def __init__(
+        self, config: BootConfig, accel: AccelChoice, machine: Machine, runtime: RuntimeDir, client: AgentClient
+    ) -> None:
         self.config = config
         self.accel = accel
         self.machine = machine
@@ -82,9 +83,13 @@ class Session:
     def boot(cls, config: BootConfig, backend: Backend | None = None) -> Session:
         for path, what in ((config.kernel, "kernel"), (config.rootfs, "root image")):
             if not Path(path).is_file():
-                raise ConfigError(f"{what} {path} does not exist", hint="build it with `inv kernel rootfs` or fetch a release")
+                raise ConfigError(
+                    f"{what} {path} does not exist", hint="build it with `inv kernel rootfs` or fetch a release"
+                )
         if config.workspace is not None and not Path(config.workspace).is_dir():
-            raise ConfigError(f"workspace {config.workspace} is not a directory", hint="create it or pass an existing one")
+            raise ConfigError(
+                f"workspace {config.workspace} is not a directory", hint="create it or pass an existing one"
+            )
         accel = choose_accel(config.accel)
         backend = backend or QemuBackend()
         runtime = new_runtime_dir()
@@ -126,7 +131,12 @@ class Session:
         if status.exit_code != 0:
             raise ShimError(f"survival kit import failed in the guest: {err.decode(errors='replace').strip()}")
         python, version = out.decode().split()
-        return {"ok": True, "pythonPath": python, "taptsVersion": version, "session": self.client.hello_info.get("session")}
+        return {
+            "ok": True,
+            "pythonPath": python,
+            "taptsVersion": version,
+            "session": self.client.hello_info.get("session"),
+        }
 
     def close(self, timeout: float = 5.0) -> None:
         if self._closed:
@@ -147,5 +157,7 @@ class Session:
     def __enter__(self) -> Session:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+
 TYPE_CHECKING = False  # not typing's: importing typing costs ~15 ms at boot
 if TYPE_CHECKING:
     import socket
@@ -60,6 +61,7 @@ def open_virtio_port(name: str) -> int:
 
 def listen(spec: ChannelSpec) -> socket.socket:
     import socket  # only the socket transports pay for this import
+
     if spec.kind == "vsock":
         sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
         sock.bind((socket.VMADDR_CID_ANY, int(spec.address)))

@@ -28,7 +28,9 @@ EXIT_GRACE = 0.5
 class Process:
     """A running command and everything the loop tracks about it."""
 
-    def __init__(self, id: int, conn: Any, pid: int, fds: tuple[int, int, int], output_cap: int, deadline: float | None):
+    def __init__(
+        self, id: int, conn: Any, pid: int, fds: tuple[int, int, int], output_cap: int, deadline: float | None
+    ):
         self.id = id
         self.conn = conn  # the connection that owns it (server.Conn)
         self.pid = pid

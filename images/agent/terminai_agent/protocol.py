@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import struct
+
 TYPE_CHECKING = False  # not typing's: importing typing costs ~15 ms at boot
 if TYPE_CHECKING:
     from typing import Any

@@ -16,17 +16,15 @@ import signal
 import stat
 import sys
 import time
-TYPE_CHECKING = False  # not typing's: importing typing costs ~15 ms at boot
-if TYPE_CHECKING:
-    TYPE_CHECKING = False  # not typing's: importing typing costs ~15 ms at boot
-if TYPE_CHECKING:
-    from typing import Any
-
-    import socket
 
 from . import __version__
 from . import protocol as P
 from .procs import EXIT_GRACE, Process, base_env, parse_signal, spawn
+
+TYPE_CHECKING = False  # not typing's: importing typing costs ~15 ms at boot
+if TYPE_CHECKING:
+    import socket
+    from typing import Any
 
 HIGH_WATER = 4 << 20
 READ_SIZE = 256 * 1024
@@ -309,7 +307,10 @@ class Server:
         )
 
     def op_ping(self, conn: Conn, rid: int, h: dict[str, Any], body: bytes) -> None:
-        self._send(conn, P.result(rid, pong=True, time=time.time(), session=self.config.session), )
+        self._send(
+            conn,
+            P.result(rid, pong=True, time=time.time(), session=self.config.session),
+        )
 
     def op_exec(self, conn: Conn, rid: int, h: dict[str, Any], body: bytes) -> None:
         if (conn.fd, rid) in self.procs:
@@ -605,6 +606,19 @@ def _kernel_uptime() -> float | None:
 def _stat_fields(st: os.stat_result) -> dict[str, Any]:
     mode = st.st_mode
     kind = (
-        "directory" if stat.S_ISDIR(mode) else "file" if stat.S_ISREG(mode) else "symlink" if stat.S_ISLNK(mode) else "other"
+        "directory"
+        if stat.S_ISDIR(mode)
+        else "file"
+        if stat.S_ISREG(mode)
+        else "symlink"
+        if stat.S_ISLNK(mode)
+        else "other"
     )
-    return {"type": kind, "size": st.st_size, "mode": stat.S_IMODE(mode), "mtime": st.st_mtime, "uid": st.st_uid, "gid": st.st_gid}
+    return {
+        "type": kind,
+        "size": st.st_size,
+        "mode": stat.S_IMODE(mode),
+        "mtime": st.st_mtime,
+        "uid": st.st_uid,
+        "gid": st.st_gid,
+    }

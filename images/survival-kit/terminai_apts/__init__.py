@@ -6,6 +6,6 @@ pipeline refuses to build an image where they differ.
 
 __version__ = "0.1.0"
 
-from . import model  # noqa: E402  (health checks reach model through the package)
+from . import model
 
 __all__ = ["__version__", "model"]

@@ -8,7 +8,6 @@ import tomllib
 from pathlib import Path
 
 import pytest
-
 import terminai_apts
 from terminai_apts.action import cleanup, files
 from terminai_apts.model import ObjectTableLabels

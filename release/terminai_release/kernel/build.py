@@ -199,7 +199,10 @@ def _build_into(ctx: BuildContext, cache: StepCache, plan: KernelPlan, staging: 
     }
     write_atomic(staging / RECORD, canonical_json(record))
     shutil.rmtree(work, ignore_errors=True)
-    rep.done("kernel", f"built linux {release}: vmlinux {outputs['vmlinux']['size']} B, bzImage {outputs['bzImage']['size']} B")
+    rep.done(
+        "kernel",
+        f"built linux {release}: vmlinux {outputs['vmlinux']['size']} B, bzImage {outputs['bzImage']['size']} B",
+    )
 
 
 def _build_env(plan: KernelPlan) -> dict[str, str]:

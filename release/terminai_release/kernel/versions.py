@@ -8,13 +8,14 @@ bumping the version (``inv kernel-config-bump``) stops the build, and a test.
 
 from __future__ import annotations
 
+import itertools
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..digest import sha256_file
 from ..errors import BuildError
 from .fragments import fragment_paths
-from ..digest import sha256_file
 
 HEADER = """\
 # Kernel config versions, oldest first. Append-only: each entry records the
@@ -38,7 +39,7 @@ def load_versions(path: Path) -> list[ConfigVersion]:
     except tomllib.TOMLDecodeError as exc:
         raise BuildError(f"{path}: not valid TOML: {exc}") from None
     entries = [ConfigVersion(int(e["version"]), dict(e["fragments"])) for e in data.get("versions", [])]
-    for prev, cur in zip(entries, entries[1:], strict=False):
+    for prev, cur in itertools.pairwise(entries):
         if cur.version <= prev.version:
             raise BuildError(f"{path}: version {cur.version} does not increase after {prev.version}")
     return entries
@@ -63,9 +64,7 @@ def current_version(config_dir: Path) -> int:
     newest = entries[-1]
     if newest.fragments != digests:
         changed = sorted(
-            name
-            for name in set(digests) | set(newest.fragments)
-            if digests.get(name) != newest.fragments.get(name)
+            name for name in set(digests) | set(newest.fragments) if digests.get(name) != newest.fragments.get(name)
         )
         raise BuildError(
             f"kernel fragments changed since config version {newest.version}: {', '.join(changed)}",

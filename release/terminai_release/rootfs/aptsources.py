@@ -49,7 +49,12 @@ def _parse_deb822(text: str) -> list[AptEntry]:
             continue
         for uri in fields.get("uris", "").split():
             entries.append(
-                AptEntry(uri, tuple(fields.get("suites", "").split()), tuple(fields.get("components", "").split()), fields.get("signed-by"))
+                AptEntry(
+                    uri,
+                    tuple(fields.get("suites", "").split()),
+                    tuple(fields.get("components", "").split()),
+                    fields.get("signed-by"),
+                )
             )
     return entries
 
@@ -103,7 +108,10 @@ class Mirrors:
             f"Components: main\nSigned-By: {keyring}\n"
         )
         if with_security:
-            text += f"\nTypes: deb\nURIs: {self.security}\nSuites: {release}-security\nComponents: main\nSigned-By: {keyring}\n"
+            text += (
+                f"\nTypes: deb\nURIs: {self.security}\nSuites: {release}-security\n"
+                f"Components: main\nSigned-By: {keyring}\n"
+            )
         return text
 
 

@@ -46,30 +46,52 @@ def build_kit_wheel(ctx: BuildContext, override: KitOverride | None = None, *, c
             return _check_wheel(source, version)
     else:
         source = ctx.repo / "images/survival-kit"
-    sde = source_date_epoch(ctx.repo, "images/survival-kit") if override is None else int(
-        os.environ.get("SOURCE_DATE_EPOCH", "0") or 0
+    sde = (
+        source_date_epoch(ctx.repo, "images/survival-kit")
+        if override is None
+        else int(os.environ.get("SOURCE_DATE_EPOCH", "0") or 0)
     )
     from importlib.metadata import version as dist_version
 
     backend = {name: dist_version(name) for name in ("setuptools", "wheel")}
-    key = digest_inputs({"recipe": RECIPE, "tree": sha256_tree(source), "sde": sde, "python": sys.version, "backend": backend})
+    key = digest_inputs(
+        {"recipe": RECIPE, "tree": sha256_tree(source), "sde": sde, "python": sys.version, "backend": backend}
+    )
     with cache.lock("kit-wheel", key):
         hit = cache.lookup("kit-wheel", key)
         if hit is None:
             with cache.staging("kit-wheel", key) as staging:
                 work = cache.work_dir("kit-wheel", key)
                 shutil.rmtree(work, ignore_errors=True)
-                shutil.copytree(source, work / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "build", "tests"))
+                shutil.copytree(
+                    source, work / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "build", "tests")
+                )
                 env = dict(os.environ, SOURCE_DATE_EPOCH=str(sde))
                 run_logged(
-                    [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", str(staging), str(work / "src")],
+                    [
+                        sys.executable,
+                        "-m",
+                        "pip",
+                        "wheel",
+                        "--no-deps",
+                        "--no-build-isolation",
+                        "--no-index",
+                        "-w",
+                        str(staging),
+                        str(work / "src"),
+                    ],
                     log=work / "build.log",
                     reporter=ctx.reporter,
                     step="kit",
                     env=env,
                 )
                 wheels = list(staging.glob("*.whl"))
-                write_atomic(staging / RECORD, canonical_json({"artifact": "kit-wheel", "key": key, "wheel": wheels[0].name, "sha256": sha256_file(wheels[0])}))
+                write_atomic(
+                    staging / RECORD,
+                    canonical_json(
+                        {"artifact": "kit-wheel", "key": key, "wheel": wheels[0].name, "sha256": sha256_file(wheels[0])}
+                    ),
+                )
                 shutil.rmtree(work, ignore_errors=True)
             hit = cache.entry("kit-wheel", key)
     wheel = hit / cache.record("kit-wheel", key)["wheel"]

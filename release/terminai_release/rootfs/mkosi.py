@@ -85,11 +85,14 @@ def _download(cache: StepCache, pin: MkosiPin) -> Path:
     for d in ("lists/partial", "archives/partial", "etc/sources.list.d", "etc/apt.conf.d"):
         (apt / d).mkdir(parents=True, exist_ok=True)
     mirrors = host_mirrors()
-    (apt / "etc/sources.list.d/tools.sources").write_text(mirrors.sources(pin.suite, with_security=False).replace(
-        f"Suites: {pin.suite} {pin.suite}-updates", f"Suites: {pin.suite}"))
+    (apt / "etc/sources.list.d/tools.sources").write_text(
+        mirrors.sources(pin.suite, with_security=False).replace(
+            f"Suites: {pin.suite} {pin.suite}-updates", f"Suites: {pin.suite}"
+        )
+    )
     (apt / "etc/apt.conf.d/host.conf").write_text(host_acquire_options())
     opts = [
-        f"-oDir::Etc::SourceList=/dev/null",
+        "-oDir::Etc::SourceList=/dev/null",
         f"-oDir::Etc::SourceParts={apt}/etc/sources.list.d",
         f"-oDir::Etc::Parts={apt}/etc/apt.conf.d",
         f"-oDir::State::Lists={apt}/lists",

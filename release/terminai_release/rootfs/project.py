@@ -106,7 +106,8 @@ def _build_into(
     rep.info("rootfs", "assembling the project layer on the base tree")
     run_logged(["cp", "-a", "--reflink=auto", str(base.tree), str(tree)], log=log, reporter=rep, step="rootfs")
     run_logged(
-        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--no-compile", "--disable-pip-version-check",
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--no-compile",
+         "--disable-pip-version-check",
          "--target", str(tree / "usr/lib/python3/dist-packages"), str(wheel)],
         log=log, reporter=rep, step="rootfs",
     )  # fmt: skip
@@ -175,7 +176,19 @@ def _mkfs_argv(fmt: str, tree: Path, image: Path, sde: int) -> list[str]:
             "-Xcompression-level", "19", "-b", "256K", "-all-root", "-no-xattrs",
             "-mkfs-time", str(sde), "-all-time", str(sde),
         ]  # fmt: skip
-    return ["mkfs.erofs", "-zlz4hc,12", "-T", str(sde), "-U", EROFS_UUID, "--all-root", "-x", "-1", str(image), str(tree)]
+    return [
+        "mkfs.erofs",
+        "-zlz4hc,12",
+        "-T",
+        str(sde),
+        "-U",
+        EROFS_UUID,
+        "--all-root",
+        "-x",
+        "-1",
+        str(image),
+        str(tree),
+    ]
 
 
 def _mkfs_env(fmt: str) -> dict[str, str]:

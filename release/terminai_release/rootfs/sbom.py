@@ -53,7 +53,11 @@ def write_sbom(path: Path, *, name: str, version: str, sde: int, debian: list[di
                 "versionInfo": d["version"],
                 "downloadLocation": "NOASSERTION",
                 "externalRefs": [
-                    {"referenceCategory": "PACKAGE-MANAGER", "referenceType": "purl", "referenceLocator": f"pkg:pypi/{d['name'].lower()}@{d['version']}"}
+                    {
+                        "referenceCategory": "PACKAGE-MANAGER",
+                        "referenceType": "purl",
+                        "referenceLocator": f"pkg:pypi/{d['name'].lower()}@{d['version']}",
+                    }
                 ],
             }
         )

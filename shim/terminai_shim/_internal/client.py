@@ -139,7 +139,13 @@ class AgentClient:
                 h = frame.header
                 proc._deliver(
                     "exit",
-                    ExitStatus(h.get("code"), h.get("signal"), bool(h.get("timed_out")), list(h.get("truncated", [])), float(h.get("duration", 0))),
+                    ExitStatus(
+                        h.get("code"),
+                        h.get("signal"),
+                        bool(h.get("timed_out")),
+                        list(h.get("truncated", [])),
+                        float(h.get("duration", 0)),
+                    ),
                 )
             else:
                 proc._deliver(name, frame.body)
@@ -283,7 +289,8 @@ class AgentClient:
         first = True
         while first or offset < len(data):
             chunk = data[offset : offset + step]
-            self.call("write", chunk, path=tmp, offset=offset, truncate=first, mode=mode, create_dirs=create_dirs and first,
+            self.call("write", chunk, path=tmp, offset=offset, truncate=first, mode=mode,
+                      create_dirs=create_dirs and first,
                       fsync=offset + len(chunk) >= len(data))  # fmt: skip
             offset += len(chunk)
             first = False

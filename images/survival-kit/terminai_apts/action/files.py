@@ -88,7 +88,9 @@ def list_directory(path: str, offset: int = 0, limit: int = 100) -> dict[str, ob
         full = os.path.join(path, name)
         try:
             st = os.lstat(full)
-            entries.append({"name": show(name), "type": _kind(st.st_mode), "size": st.st_size, "mtime": int(st.st_mtime)})
+            entries.append(
+                {"name": show(name), "type": _kind(st.st_mode), "size": st.st_size, "mtime": int(st.st_mtime)}
+            )
         except OSError as exc:
             entries.append({"name": show(name), "type": "unknown", "error": describe(exc)})
     return {"path": show(path), "entries": entries, "total": len(names), "offset": offset, "limit": limit}
@@ -162,7 +164,9 @@ def search_files(query: str, path: str, recursive: bool = False, file_pattern: s
 
     def walk() -> Iterable[tuple[str, list[str]]]:
         if recursive:
-            for root, _dirs, files in os.walk(path, followlinks=False, onerror=lambda e: skipped.append(show(e.filename))):
+            for root, _dirs, files in os.walk(
+                path, followlinks=False, onerror=lambda e: skipped.append(show(e.filename))
+            ):
                 yield root, files
         else:
             try:

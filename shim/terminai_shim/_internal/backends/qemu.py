@@ -139,7 +139,12 @@ class QemuBackend(Backend):
         log = (runtime.path / "qemu.log").open("wb")
         try:
             proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent(), close_fds=True
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=die_with_parent(),
+                close_fds=True,
             )
         finally:
             log.close()
