@@ -155,3 +155,22 @@ def repro(c: Context, artifact: str = "all") -> None:
         failed |= not result.identical
     if failed:
         sys.exit(1)
+
+
+@task(
+    help={
+        "parts": "comma-separated: kernel,guest,shim (default: all)",
+        "runs": "repetitions per boot measurement (median reported)",
+        "clean": "also time a clean kernel build (about 10 minutes)",
+    }
+)
+def bench(c: Context, parts: str = "kernel,guest,shim", runs: int = 5, clean: bool = False) -> None:
+    """Benchmarks against same-run baselines; writes build/bench/results.json and .png."""
+    import json
+
+    from terminai_release.bench.run import run
+
+    ctx = _ctx(False)
+    results = run(ctx, [p.strip() for p in parts.split(",") if p.strip()], runs, clean)
+    print(json.dumps(results, indent=2))
+    print(f"written: {ctx.out / 'bench' / 'results.json'} and results.png")

@@ -22,6 +22,9 @@ class BootConfig:
     boot_timeout: float = 60.0
     # An initramfs instead of the agent image's init (kernel bring-up tests).
     initrd: Path | None = None
+    # ACPI describes the devices instead of the kernel command line: for
+    # kernels without VIRTIO_MMIO_CMDLINE_DEVICES (Debian's stock kernels).
+    acpi: bool = False
 
 
 @dataclass(frozen=True)

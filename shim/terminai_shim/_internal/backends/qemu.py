@@ -55,7 +55,7 @@ def command_line(config: BootConfig, accel: AccelChoice, runtime: RuntimeDir, qe
         qemu,
         "-accel", accel.accel,
         "-cpu", "host" if accel.accel == "kvm" else "max",
-        "-M", "microvm,acpi=off,pit=on,pic=on,rtc=on",
+        "-M", f"microvm,acpi={'on' if config.acpi else 'off'},pit=on,pic=on,rtc=on",
         "-m", str(config.memory_mib),
         "-smp", str(config.cpus),
         "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",

@@ -1,0 +1,122 @@
+"""Timing primitives shared by the benchmarks."""
+
+from __future__ import annotations
+
+import socket
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from terminai_agent import protocol as P
+from terminai_shim._internal.accel import choose_accel
+from terminai_shim._internal.backends.base import RuntimeDir
+from terminai_shim._internal.backends.qemu import QemuBackend, command_line
+from terminai_shim.models import BootConfig
+from terminai_shim.session import new_runtime_dir
+
+
+def summary(samples: list[float]) -> dict[str, Any]:
+    ordered = sorted(samples)
+    p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
+    return {"median": statistics.median(ordered), "p99": p99, "min": ordered[0], "max": ordered[-1], "n": len(ordered)}
+
+
+def repeat(runs: int, fn: Callable[[], float]) -> dict[str, Any]:
+    return summary([fn() for _ in range(runs)])
+
+
+def boot_to_marker(config: BootConfig, marker: bytes = b"TERMINAI-KERNEL-MARKER", timeout: float = 120) -> float:
+    """QEMU start to the marker on the serial console."""
+    runtime = new_runtime_dir()
+    start = time.monotonic()
+    machine = QemuBackend().start(config, choose_accel(config.accel), runtime)
+    try:
+        while time.monotonic() - start < timeout:
+            try:
+                if marker in runtime.console_log.read_bytes():
+                    return time.monotonic() - start
+            except FileNotFoundError:
+                pass
+            if not machine.alive():
+                raise RuntimeError(
+                    "guest stopped before the marker: " + runtime.console_log.read_text(errors="replace")[-500:]
+                )
+            time.sleep(0.002)
+        raise TimeoutError("no marker")
+    finally:
+        machine.kill()
+        subprocess.run(["rm", "-rf", str(runtime.path)], check=False)
+
+
+class RawAgent:
+    """The bare protocol over a hand-made QEMU: the baseline the shim is compared with."""
+
+    def __init__(self, config: BootConfig) -> None:
+        self.runtime = new_runtime_dir()
+        argv = command_line(config, choose_accel(config.accel), self.runtime)
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        while True:
+            try:
+                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self.sock.connect(str(self.runtime.agent_socket))
+                break
+            except OSError:
+                self.sock.close()
+                time.sleep(0.002)
+        self.decoder = P.Decoder()
+        self.pending: list[P.Frame] = []
+        self.ids = 0
+        self.request("hello", versions=[1])
+
+    def _next(self) -> P.Frame:
+        while not self.pending:
+            data = self.sock.recv(1 << 20)
+            if not data:
+                raise ConnectionError("agent closed")
+            self.pending += [f for f in self.decoder.feed(data) if isinstance(f, P.Frame)]
+        return self.pending.pop(0)
+
+    def request(self, op: str, **fields: Any) -> P.Frame:
+        self.ids += 1
+        self.sock.sendall(P.request(self.ids, op, **fields))
+        while True:
+            frame = self._next()
+            if frame.id == self.ids and frame.kind in (P.RESULT, P.ERROR):
+                return frame
+
+    def run(self, argv: list[str]) -> tuple[int, int]:
+        """Run to exit; returns (exit code, stdout bytes)."""
+        self.ids += 1
+        rid = self.ids
+        self.sock.sendall(P.request(rid, "exec", argv=argv))
+        received = 0
+        while True:
+            frame = self._next()
+            if frame.id != rid:
+                continue
+            if frame.kind == P.EVENT and frame.header.get("event") == "stdout":
+                received += len(frame.body)
+            elif frame.kind == P.EVENT and frame.header.get("event") == "exit":
+                return int(frame.header.get("code") or 0), received
+
+    def close(self) -> None:
+        self.sock.close()
+        self.proc.kill()
+        self.proc.wait()
+        subprocess.run(["rm", "-rf", str(self.runtime.path)], check=False)
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+__all__ = ["RawAgent", "RuntimeDir", "boot_to_marker", "repeat", "rss_kib", "summary"]

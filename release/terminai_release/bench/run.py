@@ -1,0 +1,308 @@
+"""`inv bench`: kernel, guest and shim benchmarks, each against a baseline
+measured in the same run. Writes build/bench/results.json and results.png."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from ..context import BuildContext
+from ..kernel import build_kernel
+from ..rootfs.project import build_rootfs
+from . import stock
+from .measure import RawAgent, boot_to_marker, repeat, rss_kib, summary
+
+SHIM = str(Path(sys.executable).with_name("terminai-shim"))
+
+
+def _timed(fn: Any) -> float:
+    start = time.monotonic()
+    fn()
+    return time.monotonic() - start
+
+
+class _Serve:
+    """The shim's JSON-lines protocol, driven synchronously."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            [SHIM, "serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
+        )
+        self.n = 0
+
+    def call(self, method: str, **params: Any) -> Any:
+        assert self.proc.stdin and self.proc.stdout
+        self.n += 1
+        self.proc.stdin.write(json.dumps({"id": self.n, "method": method, "params": params}) + "\n")
+        self.proc.stdin.flush()
+        while True:
+            msg = json.loads(self.proc.stdout.readline())
+            if msg.get("id") == self.n:
+                if "error" in msg:
+                    raise RuntimeError(msg["error"])
+                return msg["result"]
+
+    def close(self) -> None:
+        try:
+            self.call("dispose")
+        finally:
+            self.proc.wait(30)
+
+
+def bench_kernel(ctx: BuildContext, runs: int, work: Path, clean: bool) -> dict[str, Any]:
+    from terminai_shim.models import BootConfig
+
+    kern = build_kernel(ctx)
+    root = build_rootfs(ctx)
+    stk = stock.fetch_stock_kernel(ctx.cache)
+    plain = stock.marker_initramfs(work)
+
+    def noop() -> float:
+        return _timed(lambda: subprocess.run([sys.executable, "-m", "invoke", "kernel"], cwd=ctx.repo,
+                                             capture_output=True, check=True))  # fmt: skip
+
+    def marker(kernel: Path) -> float:
+        cfg = BootConfig(kernel=kernel, rootfs=root.image, initrd=plain, memory_mib=256, accel="tcg")
+        return boot_to_marker(cfg)
+
+    ours = repeat(runs, lambda: marker(kern.vmlinux))
+    ours_bz = repeat(runs, lambda: marker(kern.bzimage))
+    theirs = repeat(runs, lambda: marker(stk.vmlinuz))
+    result: dict[str, Any] = {
+        "sizes": {
+            "bzImage": kern.bzimage.stat().st_size,
+            "vmlinux": kern.vmlinux.stat().st_size,
+            "stock_vmlinuz": stk.vmlinuz.stat().st_size,
+            "target_bzImage_max": 4 * 1024 * 1024,
+        },
+        "noop_seconds": repeat(3, noop),
+        "noop_target_seconds": 2.0,
+        "boot_to_marker": {
+            "vmlinux_pvh": ours,
+            "bzImage": ours_bz,
+            "stock_cloud": theirs,
+            "stock_version": stk.version,
+        },
+        "boot_ratio_vs_stock": ours["median"] / theirs["median"],
+        "boot_ratio_target": 0.45,
+    }
+    if clean:
+        from ..cache import StepCache
+
+        with tempfile.TemporaryDirectory(dir=work) as tmp:
+            result["clean_build_seconds"] = _timed(lambda: build_kernel(ctx, cache=StepCache(Path(tmp))))
+    return result
+
+
+def bench_guest(ctx: BuildContext, runs: int, work: Path) -> dict[str, Any]:
+    from terminai_shim.models import BootConfig
+    from terminai_shim.session import Session
+
+    kern = build_kernel(ctx)
+    root = build_rootfs(ctx)
+    fmt = root.record["outputs"]["image"]["format"]
+    ours_cfg = BootConfig(kernel=kern.vmlinux, rootfs=root.image, rootfs_format=fmt, accel="tcg")
+    stk = stock.fetch_stock_kernel(ctx.cache)
+    stock_cfg = dataclasses.replace(
+        ours_cfg, kernel=stk.vmlinuz, initrd=stock.stock_initramfs(stk, work, then="agent"), acpi=True
+    )
+
+    def ready(cfg: BootConfig) -> float:
+        start = time.monotonic()
+        with Session.boot(cfg) as s:
+            s.client.ping()
+            return time.monotonic() - start
+
+    ours = repeat(runs, lambda: ready(ours_cfg))
+    theirs = repeat(runs, lambda: ready(stock_cfg))
+    size = 50 << 20
+    gen = ["head", "-c", str(size), "/dev/zero"]
+    with Session.boot(ours_cfg) as s:
+        ping = summary([_timed(s.client.ping) for _ in range(200)])
+        exec_true = summary([_timed(lambda: s.client.run(["true"])) for _ in range(30)])
+        guest_tp = size / _timed(lambda: s.client.run(gen))
+    # Baseline for throughput: the same agent code on the host over a Unix socket.
+    host_tp = _host_agent_throughput(gen, size, work)
+    return {
+        "boot_to_ready": {"ours": ours, "stock_cloud": theirs, "image_format": fmt},
+        "ready_ratio_vs_stock": ours["median"] / theirs["median"],
+        "ready_target_seconds": 2.5,
+        "ready_ratio_target": 0.5,
+        "ping_rtt": ping,
+        "exec_true_rtt": exec_true,
+        "stdout_mb_s": guest_tp / 1e6,
+        "host_agent_stdout_mb_s": host_tp / 1e6,
+        "stdout_ratio_vs_host_agent": guest_tp / host_tp,
+    }
+
+
+def _host_agent_throughput(gen: list[str], size: int, work: Path) -> float:
+    import socket
+
+    from terminai_shim._internal.client import AgentClient
+
+    path = work / "host-agent.sock"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[3] / "images/agent"))
+    agent = subprocess.Popen([sys.executable, "-m", "terminai_agent", f"--channel=unix:{path}"], env=env)
+    try:
+        while not path.exists():
+            time.sleep(0.01)
+        sock = socket.socket(socket.AF_UNIX)
+        sock.connect(str(path))
+        client = AgentClient(sock)
+        client.hello()
+        rate = size / _timed(lambda: client.run(gen))
+        client.close()
+        return rate
+    finally:
+        agent.kill()
+        agent.wait()
+
+
+def bench_shim(ctx: BuildContext, runs: int) -> dict[str, Any]:
+    from terminai_shim.models import BootConfig
+
+    kern = build_kernel(ctx)
+    root = build_rootfs(ctx)
+    fmt = root.record["outputs"]["image"]["format"]
+    cfg = BootConfig(kernel=kern.vmlinux, rootfs=root.image, rootfs_format=fmt, accel="tcg")
+
+    def shim_cold() -> float:
+        return _timed(lambda: subprocess.run([SHIM, "run", "--kernel", str(kern.vmlinux), "--rootfs", str(root.image),
+                                              "--accel", "tcg", "--", "true"], check=True))  # fmt: skip
+
+    def raw_cold() -> float:
+        def go() -> None:
+            raw = RawAgent(cfg)
+            raw.run(["true"])
+            raw.close()
+
+        return _timed(go)
+
+    cold_shim, cold_raw = [], []
+    for _ in range(runs):  # interleaved, so drift hits both alike
+        cold_shim.append(shim_cold())
+        cold_raw.append(raw_cold())
+    size = 20 << 20
+    serve = _Serve()
+    serve.call("initialize", kernel=str(kern.vmlinux), rootfs=str(root.image), accel="tcg")
+    qemu_pid = _child_qemu(serve.proc.pid)
+    time.sleep(1.0)
+    rss = rss_kib(qemu_pid)
+    serve_rtt = summary([_timed(lambda: serve.call("execute", command="true")) for _ in range(50)])
+    serve_tp = size / _timed(lambda: serve.call("execute", command="head", args=["-c", str(size), "/dev/zero"],
+                                                outputCap=size + 1))  # fmt: skip
+    serve.close()
+    raw = RawAgent(cfg)
+    raw_rtt = summary([_timed(lambda: raw.run(["true"])) for _ in range(50)])
+    raw_tp = size / _timed(lambda: raw.run(["head", "-c", str(size), "/dev/zero"]))
+    raw.close()
+    single = summary(cold_raw)["median"]
+    concurrent = _concurrent_boots(cfg, 4)
+    out = {
+        "cold_run_true": {"shim": summary(cold_shim), "bare": summary(cold_raw)},
+        "cold_overhead": summary(cold_shim)["median"] / summary(cold_raw)["median"] - 1,
+        "warm_execute_true": {"shim": serve_rtt, "bare": raw_rtt},
+        "warm_overhead_p50": serve_rtt["median"] / raw_rtt["median"] - 1,
+        "stdout_mb_s": {"shim": serve_tp / 1e6, "bare": raw_tp / 1e6},
+        "throughput_overhead": raw_tp / serve_tp - 1,
+        "qemu_rss_idle_kib": rss,
+        "four_vms_concurrent_seconds": concurrent,
+        "four_vms_vs_one_ratio": concurrent / single,
+        "overhead_target": 0.10,
+    }
+    return out
+
+
+def _child_qemu(pid: int) -> int:
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for kid in (task / "children").read_text().split():
+            if b"qemu" in Path(f"/proc/{kid}/cmdline").read_bytes():
+                return int(kid)
+    raise RuntimeError("no qemu child")
+
+
+def _concurrent_boots(cfg: Any, count: int) -> float:
+    from terminai_shim.session import Session
+
+    sessions: list[Any] = []
+    errors: list[BaseException] = []
+
+    def boot() -> None:
+        try:
+            s = Session.boot(cfg)
+            s.client.ping()
+            sessions.append(s)
+        except BaseException as exc:
+            errors.append(exc)
+
+    start = time.monotonic()
+    threads = [threading.Thread(target=boot) for _ in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.monotonic() - start
+    for s in sessions:
+        s.close()
+    if errors:
+        raise errors[0]
+    return elapsed
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    if "kernel" in results:
+        k = results["kernel"]["boot_to_marker"]
+        axes[0].bar(["ours (PVH)", "ours (bzImage)", "stock cloud"],
+                    [k["vmlinux_pvh"]["median"], k["bzImage"]["median"], k["stock_cloud"]["median"]])  # fmt: skip
+        axes[0].set_title("kernel: QEMU start to marker (s, TCG)")
+    if "guest" in results:
+        g = results["guest"]["boot_to_ready"]
+        axes[1].bar(["ours", "stock cloud"], [g["ours"]["median"], g["stock_cloud"]["median"]])
+        axes[1].axhline(2.5, color="red", linestyle="--", label="target 2.5 s")
+        axes[1].legend()
+        axes[1].set_title("boot to agent ready (s, TCG)")
+    if "shim" in results:
+        s = results["shim"]
+        names = ["cold run", "warm exec p50", "stdout"]
+        values = [s["cold_overhead"] * 100, s["warm_overhead_p50"] * 100, s["throughput_overhead"] * 100]
+        axes[2].bar(names, values)
+        axes[2].axhline(10, color="red", linestyle="--", label="target 10 %")
+        axes[2].legend()
+        axes[2].set_title("shim overhead vs bare QEMU + protocol (%)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def run(ctx: BuildContext, parts: list[str], runs: int, clean: bool) -> dict[str, Any]:
+    out_dir = ctx.out / "bench"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {"time": time.time(), "runs": runs}
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        work = Path(tmp)
+        if "kernel" in parts:
+            ctx.reporter.info("bench", "kernel: sizes, no-op build, boot to marker vs the stock cloud kernel")
+            results["kernel"] = bench_kernel(ctx, runs, work, clean)
+        if "guest" in parts:
+            ctx.reporter.info("bench", "guest: boot to agent ready vs the stock kernel, RTTs, throughput")
+            results["guest"] = bench_guest(ctx, runs, work)
+        if "shim" in parts:
+            ctx.reporter.info("bench", "shim: overhead against a bare QEMU and the bare protocol")
+            results["shim"] = bench_shim(ctx, runs)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    plot(results, out_dir / "results.png")
+    return results
