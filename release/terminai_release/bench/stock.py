@@ -92,7 +92,8 @@ def stock_initramfs(kernel: StockKernel, dest: Path, *, then: str) -> Path:
     tail = (
         "echo TERMINAI-KERNEL-MARKER\nreboot -f\n"
         if then == "marker"
-        else "while [ ! -b /dev/vda ]; do sleep 0.01; done\nmount -t squashfs -o ro /dev/vda /newroot\nmount --move /dev /newroot/dev\numount /proc /sys\n"
+        else "while [ ! -b /dev/vda ]; do sleep 0.01; done\n"
+        "mount -t squashfs -o ro /dev/vda /newroot\nmount --move /dev /newroot/dev\numount /proc /sys\n"
         "exec switch_root /newroot /usr/lib/terminai/init\n"
     )
     (root / "init").write_text(
