@@ -18,6 +18,8 @@ class BootConfig:
     workspace: Path | None = None
     workspace_mount: str = "/workspace"
     accel: str = "auto"  # auto | kvm | tcg
+    backend: str = "auto"  # auto | qemu | firecracker
+    channel: str = "auto"  # auto | virtio-serial | vsock
     kernel_args: tuple[str, ...] = ()
     boot_timeout: float = 60.0
     # An initramfs instead of the agent image's init (kernel bring-up tests).

@@ -16,8 +16,9 @@ from types import TracebackType
 from typing import Any
 
 from ._internal.accel import choose_accel
+from ._internal.backends import select_backend
 from ._internal.backends.base import Backend, Machine, RuntimeDir
-from ._internal.backends.qemu import QemuBackend, console_tail
+from ._internal.backends.qemu import console_tail
 from ._internal.client import AgentClient
 from .errors import BootError, ChannelClosed, ConfigError, ShimError, TimeoutExpired
 from .models import AccelChoice, BootConfig
@@ -91,7 +92,7 @@ class Session:
                 f"workspace {config.workspace} is not a directory", hint="create it or pass an existing one"
             )
         accel = choose_accel(config.accel)
-        backend = backend or QemuBackend()
+        backend = backend or select_backend(accel, config.backend)
         runtime = new_runtime_dir()
         started = time.monotonic()
         deadline = started + config.boot_timeout

@@ -12,10 +12,12 @@ kernel parameter rather than something after ``--``.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from ...errors import BootError
@@ -28,7 +30,33 @@ QEMU = "qemu-system-x86_64"
 WORKSPACE_TAG = "workspace"
 
 
-def kernel_cmdline(config: BootConfig, accel: AccelChoice) -> str:
+AGENT_VSOCK_PORT = 1024
+
+
+@dataclass(frozen=True)
+class Channel:
+    """How the host reaches the agent: a virtio-serial port backed by a Unix
+    socket, or vhost-vsock (CID, port) where the host has /dev/vhost-vsock."""
+
+    kind: str = "virtio-serial"
+    cid: int = 0
+
+    @classmethod
+    def choose(cls, requested: str = "auto") -> Channel:
+        if requested == "vsock" or (requested == "auto" and os.path.exists("/dev/vhost-vsock")):
+            return cls("vsock", random.randrange(3, 0xFFFF_FFF0))
+        return cls("virtio-serial")
+
+    @property
+    def kernel_arg(self) -> str:
+        return (
+            f"terminai_channel=vsock:{AGENT_VSOCK_PORT}"
+            if self.kind == "vsock"
+            else "terminai_channel=virtio-serial:agent"
+        )
+
+
+def kernel_cmdline(config: BootConfig, accel: AccelChoice, channel: Channel = Channel()) -> str:
     args = [
         "console=ttyS0",
         "reboot=t",
@@ -38,7 +66,7 @@ def kernel_cmdline(config: BootConfig, accel: AccelChoice) -> str:
         "ro",
         f"rootfstype={config.rootfs_format}",
         "init=/usr/lib/terminai/init",
-        "terminai_channel=virtio-serial:agent",
+        channel.kernel_arg,
     ]
     if accel.accel == "tcg":
         khz = host_tsc_khz()
@@ -50,7 +78,9 @@ def kernel_cmdline(config: BootConfig, accel: AccelChoice) -> str:
     return " ".join(args)
 
 
-def command_line(config: BootConfig, accel: AccelChoice, runtime: RuntimeDir, qemu: str = QEMU) -> list[str]:
+def command_line(
+    config: BootConfig, accel: AccelChoice, runtime: RuntimeDir, qemu: str = QEMU, channel: Channel = Channel()
+) -> list[str]:
     argv = [
         qemu,
         "-accel", accel.accel,
@@ -61,17 +91,22 @@ def command_line(config: BootConfig, accel: AccelChoice, runtime: RuntimeDir, qe
         "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
         "-serial", f"file:{runtime.console_log}",
         "-kernel", str(config.kernel),
-        "-append", kernel_cmdline(config, accel),
+        "-append", kernel_cmdline(config, accel, channel),
         *(["-initrd", str(config.initrd)] if config.initrd else []),
         "-drive", f"id=root,file={config.rootfs},format=raw,if=none,readonly=on",
         "-device", "virtio-blk-device,drive=root",
         "-object", "rng-random,id=rng,filename=/dev/urandom",
         "-device", "virtio-rng-device,rng=rng",
-        "-device", "virtio-serial-device",
-        "-chardev", f"socket,id=agent,path={runtime.agent_socket},server=on,wait=off",
-        "-device", "virtserialport,chardev=agent,name=agent",
         "-qmp", f"unix:{runtime.control_socket},server=on,wait=off",
     ]  # fmt: skip
+    if channel.kind == "vsock":
+        argv += ["-device", f"vhost-vsock-device,guest-cid={channel.cid}"]
+    else:
+        argv += [
+            "-device", "virtio-serial-device",
+            "-chardev", f"socket,id=agent,path={runtime.agent_socket},server=on,wait=off",
+            "-device", "virtserialport,chardev=agent,name=agent",
+        ]  # fmt: skip
     if config.workspace is not None:
         argv += [
             "-fsdev", f"local,id=ws,path={config.workspace},security_model=none",
@@ -81,9 +116,10 @@ def command_line(config: BootConfig, accel: AccelChoice, runtime: RuntimeDir, qe
 
 
 class QemuMachine(Machine):
-    def __init__(self, proc: subprocess.Popen[bytes], runtime: RuntimeDir) -> None:
+    def __init__(self, proc: subprocess.Popen[bytes], runtime: RuntimeDir, channel: Channel = Channel()) -> None:
         self.proc = proc
         self.runtime = runtime
+        self.channel = channel
 
     @property
     def pid(self) -> int:
@@ -93,6 +129,8 @@ class QemuMachine(Machine):
         return self.proc.poll() is None
 
     def connect_agent(self, deadline: float) -> socket.socket:
+        if self.channel.kind == "vsock":
+            return self._connect_vsock(deadline)
         path = str(self.runtime.agent_socket)
         while True:
             if not self.alive():
@@ -107,6 +145,21 @@ class QemuMachine(Machine):
             if time.monotonic() > deadline:
                 raise BootError("QEMU did not open the agent socket in time", hint="run `terminai-shim doctor`")
             time.sleep(0.005)
+
+    def _connect_vsock(self, deadline: float) -> socket.socket:
+        """The guest listens only once the agent runs: retry until then."""
+        while True:
+            if not self.alive():
+                raise BootError("QEMU exited before the agent listened: " + console_tail(self.runtime.console_log))
+            sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+            try:
+                sock.connect((self.channel.cid, AGENT_VSOCK_PORT))
+                return sock
+            except OSError:
+                sock.close()
+            if time.monotonic() > deadline:
+                raise BootError("the guest agent did not accept a vsock connection in time")
+            time.sleep(0.01)
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -135,7 +188,8 @@ class QemuBackend(Backend):
     def start(self, config: BootConfig, accel: AccelChoice, runtime: RuntimeDir) -> Machine:
         if not self.available():
             raise BootError(f"{self.qemu} is not installed", hint="apt-get install qemu-system-x86")
-        argv = command_line(config, accel, runtime, self.qemu)
+        channel = Channel.choose(config.channel)
+        argv = command_line(config, accel, runtime, self.qemu, channel)
         log = (runtime.path / "qemu.log").open("wb")
         try:
             proc = subprocess.Popen(
@@ -148,7 +202,7 @@ class QemuBackend(Backend):
             )
         finally:
             log.close()
-        return QemuMachine(proc, runtime)
+        return QemuMachine(proc, runtime, channel)
 
 
 def console_tail(path: Path, lines: int = 12) -> str:

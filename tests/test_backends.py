@@ -1,0 +1,161 @@
+"""VM backends as configuration: the QEMU command line, accelerator choice,
+and Firecracker's config and hybrid-vsock handshake (Firecracker itself is
+not booted here: there is no usable KVM and no Firecracker package)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from terminai_shim._internal.accel import choose_accel, kvm_status
+from terminai_shim._internal.backends import select_backend
+from terminai_shim._internal.backends.base import RuntimeDir
+from terminai_shim._internal.backends.firecracker import (
+    FirecrackerBackend,
+    hybrid_vsock_connect,
+    vm_config,
+)
+from terminai_shim._internal.backends.qemu import Channel, command_line
+from terminai_shim.errors import BootError, ConfigError
+from terminai_shim.models import AccelChoice, BootConfig
+
+pytestmark = pytest.mark.unit
+TCG = AccelChoice("tcg", "test")
+KVM = AccelChoice("kvm", "test")
+
+
+def _cfg(**kw):
+    return BootConfig(kernel=Path("/k/vmlinux"), rootfs=Path("/r/root.squashfs"), **kw)
+
+
+def test_qemu_command_line(tmp_path):
+    rt = RuntimeDir(tmp_path)
+    argv = command_line(_cfg(memory_mib=256, cpus=2), TCG, rt)
+    joined = " ".join(argv)
+    assert argv[argv.index("-M") + 1] == "microvm,acpi=off,pit=on,pic=on,rtc=on"
+    assert argv[argv.index("-accel") + 1] == "tcg" and argv[argv.index("-cpu") + 1] == "max"
+    assert argv[argv.index("-m") + 1] == "256" and argv[argv.index("-smp") + 1] == "2"
+    assert "-no-reboot" in argv and "-nodefaults" in argv
+    assert "file=/r/root.squashfs,format=raw,if=none,readonly=on" in joined
+    assert f"socket,id=agent,path={rt.agent_socket},server=on,wait=off" in joined
+    append = argv[argv.index("-append") + 1]
+    assert "rootfstype=squashfs" in append and "terminai_channel=virtio-serial:agent" in append
+    assert "tsc_early_khz=" in append and " -- " not in append
+    for net in ("-netdev", "-nic", "-net"):
+        assert net not in argv, "no network device unless asked"
+    assert "-fsdev" not in argv
+
+
+def test_qemu_workspace_kvm_and_vsock(tmp_path):
+    rt = RuntimeDir(tmp_path)
+    argv = command_line(_cfg(workspace=tmp_path), KVM, rt, channel=Channel("vsock", 1234))
+    joined = " ".join(argv)
+    assert argv[argv.index("-cpu") + 1] == "host"
+    assert f"local,id=ws,path={tmp_path},security_model=none" in joined
+    assert "virtio-9p-device,fsdev=ws,mount_tag=workspace" in joined
+    append = argv[argv.index("-append") + 1]
+    assert "terminai_workspace=workspace:/workspace" in append
+    assert "tsc_early_khz" not in append
+    assert "vhost-vsock-device,guest-cid=1234" in joined and "virtserialport" not in joined
+    assert "terminai_channel=vsock:1024" in append
+    assert Channel.choose("virtio-serial").kind == "virtio-serial"
+    expected = "vsock" if os.path.exists("/dev/vhost-vsock") else "virtio-serial"
+    assert Channel.choose("auto").kind == expected
+
+
+def test_accelerator_choice_matches_the_host():
+    with open("/proc/cpuinfo") as f:
+        flags = next(line for line in f if line.startswith("flags")).split()
+    status = kvm_status()
+    if not os.path.exists("/dev/kvm"):
+        assert status.accel == "tcg" and "no /dev/kvm" in status.reason
+    elif "vmx" not in flags and "svm" not in flags:
+        assert status.accel == "tcg" and "vmx" in status.reason
+        with pytest.raises(ConfigError, match="KVM was requested but is not usable"):
+            choose_accel("kvm")
+    else:
+        assert status.accel == "kvm"
+    assert choose_accel("tcg").accel == "tcg"
+    with pytest.raises(ConfigError):
+        choose_accel("hvf")
+
+
+def test_firecracker_config(tmp_path):
+    rt = RuntimeDir(tmp_path)
+    doc = vm_config(_cfg(memory_mib=300, cpus=2), rt)
+    assert doc["boot-source"]["kernel_image_path"] == "/k/vmlinux"
+    assert "terminai_channel=vsock:1024" in doc["boot-source"]["boot_args"]
+    assert doc["drives"] == [
+        {"drive_id": "rootfs", "path_on_host": "/r/root.squashfs", "is_root_device": True, "is_read_only": True}
+    ]
+    assert doc["machine-config"] == {"vcpu_count": 2, "mem_size_mib": 300, "smt": False}
+    assert doc["vsock"] == {"guest_cid": 3, "uds_path": str(tmp_path / "vsock.sock")}
+    assert doc["network-interfaces"] == []
+    with pytest.raises(ConfigError, match="no shared folders"):
+        vm_config(_cfg(workspace=tmp_path), rt)
+    with pytest.raises(ConfigError, match="needs KVM"):
+        FirecrackerBackend("/bin/true").start(_cfg(), TCG, rt)
+
+
+def _peer(path: Path, script: list[bytes | None]) -> threading.Thread:
+    """A stand-in for Firecracker's vsock Unix socket: for each connection,
+    read CONNECT and answer with the next scripted reply (None: just close)."""
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(8)
+
+    def serve() -> None:
+        for reply in script:
+            conn, _ = server.accept()
+            request = b""
+            while not request.endswith(b"\n"):
+                request += conn.recv(1)
+            assert request == b"CONNECT 1024\n"
+            if reply is None:
+                conn.close()
+                continue
+            conn.sendall(reply)
+            if reply.startswith(b"OK"):
+                conn.sendall(conn.recv(100).upper())  # echo, to show the stream is live
+            conn.close()
+        server.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    return t
+
+
+def test_hybrid_vsock_handshake_retries_until_the_guest_listens(tmp_path):
+    path = tmp_path / "v.sock"
+    _peer(path, [None, None, b"OK 1073741824\n"])
+    sock = hybrid_vsock_connect(str(path), 1024, time.monotonic() + 10)
+    sock.sendall(b"ping")
+    assert sock.recv(100) == b"PING"
+    sock.close()
+
+
+def test_hybrid_vsock_handshake_failures(tmp_path):
+    path = tmp_path / "bad.sock"
+    _peer(path, [b"ERR no\n"])
+    with pytest.raises(BootError, match="handshake failed"):
+        hybrid_vsock_connect(str(path), 1024, time.monotonic() + 10)
+    with pytest.raises(BootError, match="did not accept"):
+        hybrid_vsock_connect(str(tmp_path / "nobody.sock"), 1024, time.monotonic() + 0.3)
+
+
+def test_backend_selection(tmp_path, monkeypatch):
+    fake = tmp_path / "firecracker"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("TERMINAI_FIRECRACKER", str(fake))
+    assert select_backend(TCG).name == "qemu"
+    assert select_backend(KVM).name == "firecracker"
+    assert select_backend(KVM, "qemu").name == "qemu"
+    monkeypatch.delenv("TERMINAI_FIRECRACKER")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert select_backend(KVM).name == "qemu"
