@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from terminai_shim._internal.accel import choose_accel, kvm_status
 from terminai_shim._internal.backends import select_backend
 from terminai_shim._internal.backends.base import RuntimeDir
