@@ -6,11 +6,13 @@ readable), 1 otherwise.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 from ._internal.accel import kvm_status
@@ -23,6 +25,27 @@ def _qemu_version(binary: str) -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.splitlines()[0] if out else None
+
+
+def _validate(path: Path | None) -> str:
+    """Compare an artifact with the build record beside it (sha256 and size)."""
+    if path is None:
+        return "missing"
+    record = path.parent / "build-record.json"
+    try:
+        outputs = json.loads(record.read_text())["outputs"].values()
+    except (OSError, ValueError, KeyError, AttributeError):
+        return "present (no build record to check it against)"
+    expected = next((o for o in outputs if isinstance(o, dict) and o.get("file") == path.name), None)
+    if expected is None:
+        return "present (not listed in its build record)"
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    if h.hexdigest() != expected["sha256"] or path.stat().st_size != expected["size"]:
+        return "INVALID: differs from its build record (rebuild it)"
+    return "valid (sha256 matches its build record)"
 
 
 def report() -> dict[str, Any]:
@@ -43,7 +66,9 @@ def report() -> dict[str, Any]:
         "agent_channel": "vsock" if backend == "firecracker" else "virtio-serial",
         "artifacts": {
             "kernel": str(kernel) if kernel else None,
+            "kernel_status": _validate(kernel),
             "rootfs": str(rootfs) if rootfs else None,
+            "rootfs_status": _validate(rootfs),
             "rootfs_format": fmt if rootfs else None,
         },
     }
@@ -51,7 +76,9 @@ def report() -> dict[str, Any]:
 
 def doctor(json_output: bool = False) -> int:
     info = report()
-    can_run = bool(info["qemu"]["version"]) and all(info["artifacts"][k] for k in ("kernel", "rootfs"))
+    arts = info["artifacts"]
+    valid = all(arts[k] and not arts[f"{k}_status"].startswith("INVALID") for k in ("kernel", "rootfs"))
+    can_run = bool(info["qemu"]["version"]) and valid
     info["can_run"] = can_run
     if json_output:
         print(json.dumps(info, indent=2))
@@ -62,8 +89,7 @@ def doctor(json_output: bool = False) -> int:
     print(f"vhost-vsock:   {'yes' if info['vhost_vsock'] else 'no (the agent channel uses virtio-serial)'}")
     print(f"firecracker:   {info['firecracker'] or 'not configured'}")
     print(f"backend:       {info['backend']} over {info['agent_channel']}")
-    arts = info["artifacts"]
-    print(f"kernel:        {arts['kernel'] or 'missing: run `inv kernel`'}")
-    print(f"root image:    {arts['rootfs'] or 'missing: run `inv rootfs`'}")
+    print(f"kernel:        {arts['kernel'] or 'missing: run `inv kernel`'} [{arts['kernel_status']}]")
+    print(f"root image:    {arts['rootfs'] or 'missing: run `inv rootfs`'} [{arts['rootfs_status']}]")
     print(f"can run a VM:  {'yes' if can_run else 'no'}", file=sys.stdout)
     return 0 if can_run else 1
