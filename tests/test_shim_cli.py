@@ -19,7 +19,8 @@ def test_version_imports_nothing_heavy():
     code = (
         "import sys\nfrom terminai_shim.cli import main\n"
         "try:\n    main(['--version'])\nexcept SystemExit:\n    pass\n"
-        "heavy = [m for m in ('terminai_shim.session', 'threading', 'socket', 'json', 'subprocess') if m in sys.modules]\n"
+        "names = ('terminai_shim.session', 'threading', 'socket', 'json', 'subprocess')\n"
+        "heavy = [m for m in names if m in sys.modules]\n"
         "print(','.join(heavy))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
