@@ -24,6 +24,12 @@ from .measure import RawAgent, boot_to_marker, repeat, rss_kib, summary
 SHIM = str(Path(sys.executable).with_name("terminai-shim"))
 
 
+def text_stream(size: int) -> list[str]:
+    """A command printing ``size`` bytes of text: what a CLI's commands print
+    (binary zeros would measure JSON escaping, not the runtime)."""
+    return ["sh", "-c", f"yes 'terminai benchmark output line' | head -c {size}"]
+
+
 def _timed(fn: Any) -> float:
     start = time.monotonic()
     fn()
@@ -125,7 +131,7 @@ def bench_guest(ctx: BuildContext, runs: int, work: Path) -> dict[str, Any]:
     ours = repeat(runs, lambda: ready(ours_cfg))
     theirs = repeat(runs, lambda: ready(stock_cfg))
     size = 50 << 20
-    gen = ["head", "-c", str(size), "/dev/zero"]
+    gen = text_stream(size)
     with Session.boot(ours_cfg) as s:
         ping = summary([_timed(s.client.ping) for _ in range(200)])
         exec_true = summary([_timed(lambda: s.client.run(["true"])) for _ in range(30)])
@@ -207,8 +213,8 @@ def bench_shim(ctx: BuildContext, runs: int) -> dict[str, Any]:
         raw_samples.append(_timed(lambda: raw.run(["true"])))
         if i % 20 == 0:
             serve_rates.append(size / _timed(lambda: serve.call(
-                "execute", command="head", args=["-c", str(size), "/dev/zero"], outputCap=size + 1)))  # fmt: skip
-            raw_rates.append(size / _timed(lambda: raw.run(["head", "-c", str(size), "/dev/zero"])))
+                "execute", command="sh", args=text_stream(size)[1:], outputCap=size + 1)))  # fmt: skip
+            raw_rates.append(size / _timed(lambda: raw.run(text_stream(size))))
     serve.close()
     raw.close()
     serve_rtt, raw_rtt = summary(serve_samples), summary(raw_samples)
