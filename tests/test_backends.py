@@ -17,6 +17,8 @@ from terminai_shim._internal.backends.base import RuntimeDir
 from terminai_shim._internal.backends.firecracker import (
     FirecrackerBackend,
     hybrid_vsock_connect,
+    snapshot_create_requests,
+    snapshot_load_request,
     vm_config,
 )
 from terminai_shim._internal.backends.qemu import Channel, command_line
@@ -99,6 +101,22 @@ def test_firecracker_config(tmp_path):
         vm_config(_cfg(workspace=tmp_path), rt)
     with pytest.raises(ConfigError, match="needs KVM"):
         FirecrackerBackend("/bin/true").start(_cfg(), TCG, rt)
+
+
+def test_firecracker_snapshot_requests(tmp_path):
+    rt = RuntimeDir(tmp_path)
+    calls = snapshot_create_requests(rt)
+    assert [(m, p) for m, p, _ in calls] == [("PATCH", "/vm"), ("PUT", "/snapshot/create"), ("PATCH", "/vm")]
+    assert calls[0][2] == {"state": "Paused"} and calls[2][2] == {"state": "Resumed"}
+    assert calls[1][2] == {
+        "snapshot_type": "Full",
+        "snapshot_path": str(tmp_path / "vm.snap"),
+        "mem_file_path": str(tmp_path / "vm.mem"),
+    }
+    method, path, body = snapshot_load_request(tmp_path / "vm.snap", tmp_path / "vm.mem")
+    assert (method, path) == ("PUT", "/snapshot/load")
+    assert body["mem_backend"] == {"backend_type": "File", "backend_path": str(tmp_path / "vm.mem")}
+    assert body["resume_vm"] is True and body["enable_diff_snapshots"] is False
 
 
 def _peer(path: Path, script: list[bytes | None]) -> threading.Thread:

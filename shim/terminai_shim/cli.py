@@ -13,6 +13,10 @@ from pathlib import Path
 
 from . import __version__
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from .models import BootConfig
+
 
 def _artifact_defaults() -> tuple[Path | None, Path | None, str]:
     """Local build outputs (``build/`` of a checkout), if present.
@@ -37,9 +41,10 @@ def _boot_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory", type=int, default=512, help="guest memory in MiB (default 512)")
     p.add_argument("--cpus", type=int, default=1, help="guest vCPUs (default 1)")
     p.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto", help="accelerator (default auto)")
+    p.add_argument("--cold", action="store_true", help="boot cold: neither restore nor save a snapshot")
 
 
-def _boot_config(args: argparse.Namespace) -> object:
+def _boot_config(args: argparse.Namespace) -> BootConfig:
     from .errors import ConfigError
     from .models import BootConfig
 
@@ -60,6 +65,7 @@ def _boot_config(args: argparse.Namespace) -> object:
         cpus=args.cpus,
         workspace=args.workspace.resolve() if args.workspace else None,
         accel=args.accel,
+        snapshots="off" if getattr(args, "cold", False) else "auto",
     )
 
 
@@ -72,7 +78,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not command:
         print("terminai-shim run: give a command after --", file=sys.stderr)
         return 2
-    return run_command(_boot_config(args), command, shell=args.shell, timeout=args.timeout, verbose=args.verbose)  # type: ignore[arg-type]
+    return run_command(_boot_config(args), command, shell=args.shell, timeout=args.timeout, verbose=args.verbose)
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -85,6 +91,41 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .serve import serve
 
     return serve()
+
+
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    from ._internal.snapshot import SnapshotStore
+
+    store = SnapshotStore()
+    if args.action == "create":
+        import dataclasses
+
+        from .session import Session
+
+        config = _boot_config(args)
+        with Session.boot(dataclasses.replace(config, snapshots="auto", workspace=None)) as session:
+            snap = session.snapshot
+            key = snap.key if snap is not None else session.restored_from
+            print(f"{'saved' if snap is not None else 'already saved'}: {key}")
+        return 0
+    if args.action == "list":
+        for snap in store.all():
+            d = snap.meta["description"]
+            print(f"{snap.key[:16]}  {snap.meta['size'] / 1e6:7.1f} MB  kernel {d['kernel_sha256'][:12]}  "
+                  f"rootfs {d['rootfs_sha256'][:12]}  {d['memory_mib']} MiB x{d['cpus']} {d['accel']}")  # fmt: skip
+        return 0
+    if args.action == "gc":
+        for key in store.gc(args.keep):
+            print(f"removed {key}")
+        return 0
+    targets = [s.key for s in store.all()] if args.all else [k for k in args.keys]
+    missing = [k for k in targets if not any(s.key.startswith(k) for s in store.all())]
+    for prefix in targets:
+        for snap in store.all():
+            if snap.key.startswith(prefix):
+                store.remove(snap.key)
+                print(f"removed {snap.key}")
+    return 1 if missing else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,6 +147,18 @@ def main(argv: list[str] | None = None) -> int:
 
     srv = sub.add_parser("serve", help="JSON-lines protocol on stdin/stdout for the TerminAI CLI")
     srv.set_defaults(fn=cmd_serve)
+
+    snap = sub.add_parser("snapshot", help="saved VMs for warm starts: create, list, rm, gc")
+    snap_sub = snap.add_subparsers(dest="action", required=True)
+    create = snap_sub.add_parser("create", help="boot cold and save the VM right after its agent answers")
+    _boot_args(create)
+    snap_sub.add_parser("list", help="saved VMs, newest first")
+    rm = snap_sub.add_parser("rm", help="remove saved VMs by key (prefix)")
+    rm.add_argument("keys", nargs="*")
+    rm.add_argument("--all", action="store_true")
+    gc = snap_sub.add_parser("gc", help="keep only the newest N saved VMs")
+    gc.add_argument("--keep", type=int, default=2)
+    snap.set_defaults(fn=cmd_snapshot)
 
     args = parser.parse_args(argv)
     from .errors import ShimError

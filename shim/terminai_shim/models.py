@@ -20,6 +20,8 @@ class BootConfig:
     accel: str = "auto"  # auto | kvm | tcg
     backend: str = "auto"  # auto | qemu | firecracker
     channel: str = "auto"  # auto | virtio-serial | vsock
+    # auto: restore a matching saved VM, or boot cold and save one; off: always cold.
+    snapshots: str = "auto"
     kernel_args: tuple[str, ...] = ()
     boot_timeout: float = 60.0
     # An initramfs instead of the agent image's init (kernel bring-up tests).

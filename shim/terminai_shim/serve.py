@@ -166,6 +166,7 @@ class Server:
                 memory_mib=int(p.get("memoryMib", 512)),
                 cpus=int(p.get("cpus", 1)),
                 accel=str(p.get("accel", "auto")),
+                snapshots="off" if p.get("cold") else "auto",
             )
             self.session = Session.boot(config)
             s = self.session
@@ -179,6 +180,7 @@ class Server:
                 "accel": s.accel.accel,
                 "accelReason": s.accel.reason,
                 "bootSeconds": round(s.boot_seconds, 3),
+                "restoredFromSnapshot": s.restored_from is not None,
                 "session": s.client.hello_info.get("session"),
                 "workspace": config.workspace_mount if config.workspace else None,
             }

@@ -10,7 +10,9 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
 import time
+import warnings
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -18,7 +20,7 @@ from typing import Any
 from ._internal.accel import choose_accel
 from ._internal.backends import select_backend
 from ._internal.backends.base import Backend, Machine, RuntimeDir
-from ._internal.backends.qemu import console_tail
+from ._internal.backends.qemu import WORKSPACE_TAG, Channel, QemuBackend, console_tail, device_layout
 from ._internal.client import AgentClient
 from .errors import BootError, ChannelClosed, ConfigError, ShimError, TimeoutExpired
 from .models import AccelChoice, BootConfig
@@ -78,10 +80,20 @@ class Session:
         self.runtime = runtime
         self.client = client
         self.boot_seconds = 0.0
+        self.restored_from: str | None = None
+        self.snapshot: Any = None  # the snapshot saved by this cold boot, if any
+        self._mount_error: ShimError | None = None
         self._closed = False
 
     @classmethod
     def boot(cls, config: BootConfig, backend: Backend | None = None) -> Session:
+        """Boot (or restore) a VM and return once its agent answers.
+
+        With ``snapshots="auto"`` on the QEMU backend, a saved VM matching
+        every input is restored; if there is none, or it is damaged, the VM
+        boots cold and is saved right after its agent answers, before any
+        workspace is mounted or any command runs.
+        """
         for path, what in ((config.kernel, "kernel"), (config.rootfs, "root image")):
             if not Path(path).is_file():
                 raise ConfigError(
@@ -93,12 +105,62 @@ class Session:
             )
         accel = choose_accel(config.accel)
         backend = backend or select_backend(accel, config.backend)
-        runtime = new_runtime_dir()
         started = time.monotonic()
+        snap_key, description, store = None, None, None
+        if (
+            config.snapshots == "auto"
+            and isinstance(backend, QemuBackend)
+            and Channel.choose(config.channel).kind == ("virtio-serial")
+        ):
+            from ._internal.snapshot import SnapshotStore, describe, key_of
+
+            description = describe(config, accel, backend.qemu, device_layout(config, accel))
+            snap_key = key_of(description)
+            store = SnapshotStore()
+            snap = store.find(snap_key)
+            if snap is not None:
+                problem = snap.verify()
+                if problem is None:
+                    try:
+                        session = cls._start(config, accel, backend, started, incoming=snap.state)
+                        session.restored_from = snap_key
+                        # Both go out at once: the agent runs them in order, the
+                        # host waits for one round trip instead of two.
+                        mount = threading.Thread(target=session._mount_workspace_quietly)
+                        mount.start()
+                        session._freshen()
+                        mount.join()
+                        if session._mount_error is not None:
+                            raise session._mount_error
+                        session.boot_seconds = time.monotonic() - started
+                        return session
+                    except ShimError as exc:
+                        problem = f"restore failed: {exc.message}"
+                warnings.warn(f"snapshot {snap_key[:12]} not used ({problem}); booting cold", stacklevel=2)
+                store.remove(snap_key)
+        session = cls._start(config, accel, backend, started)
+        if store is not None and snap_key is not None and description is not None:
+            try:
+                session.snapshot = store.save(session.runtime.control_socket, snap_key, description)
+            except ShimError as exc:
+                warnings.warn(f"could not save a snapshot: {exc.message}", stacklevel=2)
+        try:
+            session._mount_workspace()
+        except BaseException:
+            session.close()
+            raise
+        session.boot_seconds = time.monotonic() - started
+        return session
+
+    @classmethod
+    def _start(
+        cls, config: BootConfig, accel: AccelChoice, backend: Backend, started: float, incoming: Path | None = None
+    ) -> Session:
+        runtime = new_runtime_dir()
         deadline = started + config.boot_timeout
         machine: Machine | None = None
         try:
-            machine = backend.start(config, accel, runtime)
+            machine = backend.start(config, accel, runtime, incoming)
             sock = machine.connect_agent(deadline)
             client = AgentClient(sock)
             try:
@@ -117,9 +179,25 @@ class Session:
                 machine.kill()
             shutil.rmtree(runtime.path, ignore_errors=True)
             raise
-        session = cls(config, accel, machine, runtime, client)
-        session.boot_seconds = time.monotonic() - started
-        return session
+        return cls(config, accel, machine, runtime, client)
+
+    def _freshen(self) -> None:
+        """Every restored VM starts from the same memory: give it new
+        randomness, the current time and its own identity before anything runs."""
+        session_id = os.urandom(16).hex()
+        self.client.call("freshen", os.urandom(64), time=time.time(), hostname=f"terminai-{session_id[:8]}",
+                         session=session_id)  # fmt: skip
+        self.client.hello_info["session"] = session_id
+
+    def _mount_workspace_quietly(self) -> None:
+        try:
+            self._mount_workspace()
+        except ShimError as exc:
+            self._mount_error = exc
+
+    def _mount_workspace(self) -> None:
+        if self.config.workspace is not None:
+            self.client.call("mount", source=WORKSPACE_TAG, target=self.config.workspace_mount, fstype="9p")
 
     def health(self) -> dict[str, Any]:
         """A real round trip: ping, then import the survival kit in the guest."""

@@ -99,10 +99,14 @@ def loopback_up() -> None:
 
 
 def add_entropy(data: bytes) -> None:
-    """Credit host-provided randomness to the kernel pool (RNDADDENTROPY)."""
+    """Credit host-provided randomness to the kernel pool (RNDADDENTROPY) and
+    reseed the CRNG at once (RNDRESEEDCRNG): a restored VM must not hand out
+    the random stream every other copy of the same snapshot also produces."""
     RNDADDENTROPY = 0x40085203
+    RNDRESEEDCRNG = 0x5207
     with open("/dev/random", "wb") as f:
         fcntl.ioctl(f, RNDADDENTROPY, struct.pack("ii", len(data) * 8, len(data)) + data)
+        fcntl.ioctl(f, RNDRESEEDCRNG)
 
 
 def power_off() -> None:

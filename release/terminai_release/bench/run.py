@@ -116,7 +116,7 @@ def bench_guest(ctx: BuildContext, runs: int, work: Path) -> dict[str, Any]:
     kern = build_kernel(ctx)
     root = build_rootfs(ctx)
     fmt = root.record["outputs"]["image"]["format"]
-    ours_cfg = BootConfig(kernel=kern.vmlinux, rootfs=root.image, rootfs_format=fmt, accel="tcg")
+    ours_cfg = BootConfig(kernel=kern.vmlinux, rootfs=root.image, rootfs_format=fmt, accel="tcg", snapshots="off")
     stk = stock.fetch_stock_kernel(ctx.cache)
     stock_cfg = dataclasses.replace(
         ours_cfg, kernel=stk.vmlinuz, initrd=stock.stock_initramfs(stk, work, then="agent"), acpi=True
@@ -180,11 +180,11 @@ def bench_shim(ctx: BuildContext, runs: int) -> dict[str, Any]:
     kern = build_kernel(ctx)
     root = build_rootfs(ctx)
     fmt = root.record["outputs"]["image"]["format"]
-    cfg = BootConfig(kernel=kern.vmlinux, rootfs=root.image, rootfs_format=fmt, accel="tcg")
+    cfg = BootConfig(kernel=kern.vmlinux, rootfs=root.image, rootfs_format=fmt, accel="tcg", snapshots="off")
 
     def shim_cold() -> float:
         return _timed(lambda: subprocess.run([SHIM, "run", "--kernel", str(kern.vmlinux), "--rootfs", str(root.image),
-                                              "--accel", "tcg", "--", "true"], check=True))  # fmt: skip
+                                              "--accel", "tcg", "--cold", "--", "true"], check=True))  # fmt: skip
 
     def raw_cold() -> float:
         def go() -> None:
@@ -202,7 +202,7 @@ def bench_shim(ctx: BuildContext, runs: int) -> dict[str, Any]:
     # (and the other VM, idle while one is measured) hits both alike.
     size = 20 << 20
     serve = _Serve()
-    serve.call("initialize", kernel=str(kern.vmlinux), rootfs=str(root.image), accel="tcg")
+    serve.call("initialize", kernel=str(kern.vmlinux), rootfs=str(root.image), accel="tcg", cold=True)
     raw = RawAgent(cfg)
     qemu_pid = _child_qemu(serve.proc.pid)
     time.sleep(1.0)
@@ -234,6 +234,48 @@ def bench_shim(ctx: BuildContext, runs: int) -> dict[str, Any]:
         "overhead_target": 0.10,
     }
     return out
+
+
+def bench_snapshot(ctx: BuildContext, runs: int, work: Path) -> dict[str, Any]:
+    """Restore-to-ready against cold-boot-to-ready, same artifacts, same run."""
+    from terminai_shim._internal.snapshot import SnapshotStore
+    from terminai_shim.models import BootConfig
+    from terminai_shim.session import Session
+
+    kern = build_kernel(ctx)
+    root = build_rootfs(ctx)
+    fmt = root.record["outputs"]["image"]["format"]
+    os.environ["TERMINAI_CACHE"] = str(work / "shim-cache")  # a private store: the first boot is cold
+    try:
+        cfg = BootConfig(kernel=kern.vmlinux, rootfs=root.image, rootfs_format=fmt, accel="tcg")
+        with Session.boot(cfg) as first:
+            snap = first.snapshot
+        assert snap is not None
+
+        def ready(config: BootConfig, restored: bool) -> float:
+            start = time.monotonic()
+            with Session.boot(config) as s:
+                s.client.ping()
+                elapsed = time.monotonic() - start
+                assert (s.restored_from is not None) == restored
+            return elapsed
+
+        cold, warm = [], []
+        for _ in range(runs):
+            cold.append(ready(dataclasses.replace(cfg, snapshots="off"), False))
+            warm.append(ready(cfg, True))
+        return {
+            "cold_to_ready": summary(cold),
+            "restore_to_ready": summary(warm),
+            "restore_ratio_vs_cold": summary(warm)["median"] / summary(cold)["median"],
+            "restore_target_seconds": 0.3,
+            "restore_ratio_target": 0.15,
+            "snapshot_bytes": snap.meta["size"],
+            "snapshot_create_seconds": snap.meta["create_seconds"],
+            "stores": len(SnapshotStore().all()),
+        }
+    finally:
+        os.environ.pop("TERMINAI_CACHE", None)
 
 
 def _child_qemu(pid: int) -> int:
@@ -278,7 +320,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.5))
     if "kernel" in results:
         k = results["kernel"]["boot_to_marker"]
         axes[0].bar(["ours (PVH)", "ours (bzImage)", "stock cloud"],
@@ -298,6 +340,12 @@ def plot(results: dict[str, Any], path: Path) -> None:
         axes[2].axhline(10, color="red", linestyle="--", label="target 10 %")
         axes[2].legend()
         axes[2].set_title("shim overhead vs bare QEMU + protocol (%)")
+    if "snapshot" in results:
+        w = results["snapshot"]
+        axes[3].bar(["cold boot", "restore"], [w["cold_to_ready"]["median"], w["restore_to_ready"]["median"]])
+        axes[3].axhline(0.3, color="red", linestyle="--", label="restore target 0.3 s")
+        axes[3].legend()
+        axes[3].set_title("warm start: to ready (s, TCG)")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
 
@@ -314,6 +362,9 @@ def run(ctx: BuildContext, parts: list[str], runs: int, clean: bool) -> dict[str
         if "guest" in parts:
             ctx.reporter.info("bench", "guest: boot to agent ready vs the stock kernel, RTTs, throughput")
             results["guest"] = bench_guest(ctx, runs, work)
+        if "snapshot" in parts:
+            ctx.reporter.info("bench", "snapshot: restore to ready vs cold boot to ready")
+            results["snapshot"] = bench_snapshot(ctx, runs, work)
         if "shim" in parts:
             ctx.reporter.info("bench", "shim: overhead against a bare QEMU and the bare protocol")
             results["shim"] = bench_shim(ctx, runs)

@@ -28,6 +28,11 @@ class RuntimeDir:
     def console_log(self) -> Path:
         return self.path / "console.log"
 
+    @property
+    def empty_share(self) -> Path:
+        """What the 9p device exports when the session has no workspace."""
+        return self.path / "no-workspace"
+
 
 class Machine(abc.ABC):
     """A started VM."""
@@ -55,4 +60,7 @@ class Backend(abc.ABC):
     name: str
 
     @abc.abstractmethod
-    def start(self, config: BootConfig, accel: AccelChoice, runtime: RuntimeDir) -> Machine: ...
+    def start(
+        self, config: BootConfig, accel: AccelChoice, runtime: RuntimeDir, incoming: Path | None = None
+    ) -> Machine:
+        """Start a VM; with ``incoming``, resume the saved state in that file instead of booting."""

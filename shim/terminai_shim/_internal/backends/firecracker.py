@@ -16,6 +16,7 @@ import shutil
 import socket
 import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 from ...errors import BootError, ConfigError
@@ -95,6 +96,37 @@ def hybrid_vsock_connect(uds_path: str, port: int, deadline: float) -> socket.so
     raise BootError(f"the guest agent did not accept a vsock connection on port {port}: {last}")
 
 
+def snapshot_create_requests(runtime: RuntimeDir) -> list[tuple[str, str, dict[str, Any]]]:
+    """API calls that save a running VM (Firecracker must pause it first)."""
+    return [
+        ("PATCH", "/vm", {"state": "Paused"}),
+        (
+            "PUT",
+            "/snapshot/create",
+            {
+                "snapshot_type": "Full",
+                "snapshot_path": str(runtime.path / "vm.snap"),
+                "mem_file_path": str(runtime.path / "vm.mem"),
+            },
+        ),
+        ("PATCH", "/vm", {"state": "Resumed"}),
+    ]
+
+
+def snapshot_load_request(snapshot: Path, memory: Path) -> tuple[str, str, dict[str, Any]]:
+    """The API call that restores a saved VM and resumes it at once."""
+    return (
+        "PUT",
+        "/snapshot/load",
+        {
+            "snapshot_path": str(snapshot),
+            "mem_backend": {"backend_type": "File", "backend_path": str(memory)},
+            "enable_diff_snapshots": False,
+            "resume_vm": True,
+        },
+    )
+
+
 class FirecrackerMachine(Machine):
     def __init__(self, proc: subprocess.Popen[bytes], runtime: RuntimeDir) -> None:
         self.proc = proc
@@ -133,7 +165,11 @@ class FirecrackerBackend(Backend):
     def available(self) -> bool:
         return bool(self.binary) and os.access(str(self.binary), os.X_OK)
 
-    def start(self, config: BootConfig, accel: AccelChoice, runtime: RuntimeDir) -> Machine:
+    def start(
+        self, config: BootConfig, accel: AccelChoice, runtime: RuntimeDir, incoming: Path | None = None
+    ) -> Machine:
+        if incoming is not None:
+            raise ConfigError("restoring Firecracker snapshots goes through its API (snapshot_load_params)")
         if accel.accel != "kvm":
             raise ConfigError(f"Firecracker needs KVM: {accel.reason}", hint="use the QEMU backend (TCG)")
         if not self.available():

@@ -11,8 +11,10 @@ kernel parameter rather than something after ``--``.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
+import shlex
 import shutil
 import socket
 import subprocess
@@ -72,15 +74,25 @@ def kernel_cmdline(config: BootConfig, accel: AccelChoice, channel: Channel = Ch
         khz = host_tsc_khz()
         if khz:  # TSC calibration against the PIT fails at random under TCG
             args.append(f"tsc_early_khz={khz}")
-    if config.workspace is not None:
-        args.append(f"terminai_workspace={WORKSPACE_TAG}:{config.workspace_mount}")
     args.extend(config.kernel_args)
     return " ".join(args)
 
 
 def command_line(
-    config: BootConfig, accel: AccelChoice, runtime: RuntimeDir, qemu: str = QEMU, channel: Channel = Channel()
+    config: BootConfig,
+    accel: AccelChoice,
+    runtime: RuntimeDir,
+    qemu: str = QEMU,
+    channel: Channel = Channel(),
+    incoming: Path | None = None,
 ) -> list[str]:
+    """The whole QEMU command line.
+
+    The 9p device is always there (backed by an empty directory when there
+    is no workspace) and is mounted by the agent on request, after boot: so
+    the device layout is the same with or without a workspace, and a VM
+    saved before any mount can be restored for any workspace.
+    """
     argv = [
         qemu,
         "-accel", accel.accel,
@@ -107,12 +119,21 @@ def command_line(
             "-chardev", f"socket,id=agent,path={runtime.agent_socket},server=on,wait=off",
             "-device", "virtserialport,chardev=agent,name=agent",
         ]  # fmt: skip
-    if config.workspace is not None:
-        argv += [
-            "-fsdev", f"local,id=ws,path={config.workspace},security_model=none",
-            "-device", f"virtio-9p-device,fsdev=ws,mount_tag={WORKSPACE_TAG}",
-        ]  # fmt: skip
+    share = config.workspace if config.workspace is not None else runtime.empty_share
+    argv += [
+        "-fsdev", f"local,id=ws,path={share},security_model=none",
+        "-device", f"virtio-9p-device,fsdev=ws,mount_tag={WORKSPACE_TAG}",
+    ]  # fmt: skip
+    if incoming is not None:
+        argv += ["-incoming", "exec:cat " + shlex.quote(str(incoming))]
     return argv
+
+
+def device_layout(config: BootConfig, accel: AccelChoice, channel: Channel = Channel()) -> list[str]:
+    """The command line with every host path replaced: what a saved VM state
+    depends on, independent of where this session keeps its files."""
+    neutral = dataclasses.replace(config, kernel=Path("KERNEL"), rootfs=Path("ROOTFS"), workspace=None)
+    return command_line(neutral, accel, RuntimeDir(Path("RUNTIME")), "qemu", channel)
 
 
 class QemuMachine(Machine):
@@ -185,11 +206,14 @@ class QemuBackend(Backend):
     def available(self) -> bool:
         return shutil.which(self.qemu) is not None
 
-    def start(self, config: BootConfig, accel: AccelChoice, runtime: RuntimeDir) -> Machine:
+    def start(
+        self, config: BootConfig, accel: AccelChoice, runtime: RuntimeDir, incoming: Path | None = None
+    ) -> Machine:
         if not self.available():
             raise BootError(f"{self.qemu} is not installed", hint="apt-get install qemu-system-x86")
         channel = Channel.choose(config.channel)
-        argv = command_line(config, accel, runtime, self.qemu, channel)
+        runtime.empty_share.mkdir(exist_ok=True)
+        argv = command_line(config, accel, runtime, self.qemu, channel, incoming)
         log = (runtime.path / "qemu.log").open("wb")
         try:
             proc = subprocess.Popen(
