@@ -49,7 +49,12 @@ def test_qemu_command_line(tmp_path):
     assert "tsc_early_khz=" in append and " -- " not in append
     for net in ("-netdev", "-nic", "-net"):
         assert net not in argv, "no network device unless asked"
-    assert "-fsdev" not in argv
+    # Without a workspace the 9p device exports an empty directory: the
+    # device layout stays the same, so one saved VM serves every session.
+    assert f"local,id=ws,path={rt.empty_share},security_model=none" in joined
+    assert "-incoming" not in argv
+    restore = command_line(_cfg(), TCG, rt, incoming=tmp_path / "my state")
+    assert restore[-2:] == ["-incoming", f"exec:cat '{tmp_path}/my state'"]
 
 
 def test_qemu_workspace_kvm_and_vsock(tmp_path):
@@ -60,7 +65,7 @@ def test_qemu_workspace_kvm_and_vsock(tmp_path):
     assert f"local,id=ws,path={tmp_path},security_model=none" in joined
     assert "virtio-9p-device,fsdev=ws,mount_tag=workspace" in joined
     append = argv[argv.index("-append") + 1]
-    assert "terminai_workspace=workspace:/workspace" in append
+    assert "terminai_workspace" not in append, "the agent mounts the workspace on request, after boot"
     assert "tsc_early_khz" not in append
     assert "vhost-vsock-device,guest-cid=1234" in joined and "virtserialport" not in joined
     assert "terminai_channel=vsock:1024" in append

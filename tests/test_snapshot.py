@@ -45,7 +45,7 @@ def test_restore_then_the_acceptance_sequence(saved, boot_config, tmp_path):
     with Session.boot(dataclasses.replace(boot_config, workspace=ws)) as s:
         assert s.restored_from == saved
         assert s.health()["ok"] is True
-        status, out, _ = s.client.run(["echo", "Hello from MicroVM"])
+        _, out, _ = s.client.run(["echo", "Hello from MicroVM"])
         assert out == b"Hello from MicroVM\n"
         proc = s.client.exec(["python3", "-c", "import sys; print(sys.stdin.read().upper())"], stdin_open=True)
         proc.write_stdin(b"restored")
