@@ -11,7 +11,10 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import jsonschema
+
 SHIM = str(Path(sys.executable).with_name("terminai-shim"))
+SCHEMA = json.loads((Path(__file__).resolve().parents[1] / "docs/shim-protocol.schema.json").read_text())
 
 
 class ShimProc:
@@ -24,18 +27,25 @@ class ShimProc:
         self.notifications: queue.Queue[dict[str, Any]] = queue.Queue()
         self.unmatched: queue.Queue[dict[str, Any]] = queue.Queue()
         self.lock = threading.Lock()
+        self.schema_errors: list[str] = []
+        self.validator = jsonschema.Draft202012Validator(SCHEMA)
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
             msg = json.loads(line)
+            # Every message the shim writes must match the documented schema.
+            self.schema_errors += [f"{e.message} in {line.strip()}" for e in self.validator.iter_errors(msg)]
             if "method" in msg:
                 self.notifications.put(msg)
                 continue
             with self.lock:
                 q = self.responses.get(msg.get("id"))
             (q or self.unmatched).put(msg)
+
+    def check_schema(self) -> None:
+        assert not self.schema_errors, self.schema_errors[:3]
 
     def send_line(self, line: str) -> None:
         assert self.proc.stdin is not None
@@ -59,6 +69,7 @@ class ShimProc:
         return msg["result"]
 
     def close(self) -> None:
+        self.check_schema()
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
