@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import socket
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,25 +36,37 @@ class RuntimeDir:
 
 
 class Machine(abc.ABC):
-    """A started VM."""
+    """A started VM: a VMM child process plus the way to reach its agent."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], runtime: RuntimeDir) -> None:
+        self.proc = proc
+        self.runtime = runtime
 
     @abc.abstractmethod
     def connect_agent(self, deadline: float) -> socket.socket:
         """A stream connected to the guest agent's channel."""
 
-    @abc.abstractmethod
-    def alive(self) -> bool: ...
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
 
-    @abc.abstractmethod
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
     def kill(self) -> None:
         """Stop the VM now; safe to call twice."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
 
-    @abc.abstractmethod
-    def wait(self, timeout: float) -> int | None: ...
-
-    @property
-    @abc.abstractmethod
-    def pid(self) -> int: ...
+    def wait(self, timeout: float) -> int | None:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
 
 
 class Backend(abc.ABC):

@@ -128,32 +128,10 @@ def snapshot_load_request(snapshot: Path, memory: Path) -> tuple[str, str, dict[
 
 
 class FirecrackerMachine(Machine):
-    def __init__(self, proc: subprocess.Popen[bytes], runtime: RuntimeDir) -> None:
-        self.proc = proc
-        self.runtime = runtime
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
     def connect_agent(self, deadline: float) -> socket.socket:
         if not self.alive():
             raise BootError("Firecracker exited before the agent answered: " + console_tail(self.runtime.console_log))
         return hybrid_vsock_connect(str(self.runtime.path / "vsock.sock"), AGENT_PORT, deadline)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-
-    def wait(self, timeout: float) -> int | None:
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return None
 
 
 class FirecrackerBackend(Backend):

@@ -138,16 +138,8 @@ def device_layout(config: BootConfig, accel: AccelChoice, channel: Channel = Cha
 
 class QemuMachine(Machine):
     def __init__(self, proc: subprocess.Popen[bytes], runtime: RuntimeDir, channel: Channel = Channel()) -> None:
-        self.proc = proc
-        self.runtime = runtime
+        super().__init__(proc, runtime)
         self.channel = channel
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
 
     def connect_agent(self, deadline: float) -> socket.socket:
         if self.channel.kind == "vsock":
@@ -181,20 +173,6 @@ class QemuMachine(Machine):
             if time.monotonic() > deadline:
                 raise BootError("the guest agent did not accept a vsock connection in time")
             time.sleep(0.01)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
-
-    def wait(self, timeout: float) -> int | None:
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return None
 
 
 class QemuBackend(Backend):
