@@ -53,8 +53,8 @@ def test_qemu_command_line(tmp_path):
     # device layout stays the same, so one saved VM serves every session.
     assert f"local,id=ws,path={rt.empty_share},security_model=none" in joined
     assert "-incoming" not in argv
-    restore = command_line(_cfg(), TCG, rt, incoming=tmp_path / "my state")
-    assert restore[-2:] == ["-incoming", f"exec:cat '{tmp_path}/my state'"]
+    restore = command_line(_cfg(), TCG, rt, incoming_fd=7)
+    assert restore[-2:] == ["-incoming", "fd:7"]
 
 
 def test_qemu_workspace_kvm_and_vsock(tmp_path):

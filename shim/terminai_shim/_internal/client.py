@@ -248,8 +248,8 @@ class AgentClient:
         self.send_raw(P.request(rid, "exec", first, self.peer_max, **fields))
         pending.done.wait()
         frame = pending.frame
-        if frame is None:
-            raise ChannelClosed("the agent channel closed before the command started")
+        if frame is None:  # the request went out: the command may have started
+            raise ChannelClosed("the agent channel closed before the command was confirmed started", ran=True)
         if frame.kind == P.ERROR:
             with self._lock:
                 self._procs.pop(rid, None)

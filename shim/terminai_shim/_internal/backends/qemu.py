@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
-import shlex
 import shutil
 import socket
 import subprocess
@@ -84,7 +83,7 @@ def command_line(
     runtime: RuntimeDir,
     qemu: str = QEMU,
     channel: Channel = Channel(),
-    incoming: Path | None = None,
+    incoming_fd: int | None = None,
 ) -> list[str]:
     """The whole QEMU command line.
 
@@ -124,8 +123,8 @@ def command_line(
         "-fsdev", f"local,id=ws,path={share},security_model=none",
         "-device", f"virtio-9p-device,fsdev=ws,mount_tag={WORKSPACE_TAG}",
     ]  # fmt: skip
-    if incoming is not None:
-        argv += ["-incoming", "exec:cat " + shlex.quote(str(incoming))]
+    if incoming_fd is not None:  # QEMU reads the saved state straight from the open file
+        argv += ["-incoming", f"fd:{incoming_fd}"]
     return argv
 
 
@@ -191,7 +190,8 @@ class QemuBackend(Backend):
             raise BootError(f"{self.qemu} is not installed", hint="apt-get install qemu-system-x86")
         channel = Channel.choose(config.channel)
         runtime.empty_share.mkdir(exist_ok=True)
-        argv = command_line(config, accel, runtime, self.qemu, channel, incoming)
+        state = os.open(incoming, os.O_RDONLY) if incoming is not None else None
+        argv = command_line(config, accel, runtime, self.qemu, channel, state)
         log = (runtime.path / "qemu.log").open("wb")
         try:
             proc = subprocess.Popen(
@@ -201,9 +201,12 @@ class QemuBackend(Backend):
                 stderr=subprocess.STDOUT,
                 preexec_fn=die_with_parent(),
                 close_fds=True,
+                pass_fds=(state,) if state is not None else (),
             )
         finally:
             log.close()
+            if state is not None:
+                os.close(state)
         return QemuMachine(proc, runtime, channel)
 
 
