@@ -174,3 +174,23 @@ def bench(c: Context, parts: str = "kernel,guest,snapshot,shim", runs: int = 5, 
     results = run(ctx, [p.strip() for p in parts.split(",") if p.strip()], runs, clean)
     print(json.dumps(results, indent=2))
     print(f"written: {ctx.out / 'bench' / 'results.json'} and results.png")
+
+
+@task(
+    help={
+        "channel": "release channel (dev, beta, stable)",
+        "serial": "manifest serial (default: the commit's source date, monotonic)",
+        "valid_days": "days until the manifest expires",
+    }
+)
+def release(c: Context, channel: str = "dev", serial: int = -1, valid_days: int = 90) -> None:
+    """Build every artifact and write dist/<version>/: content-addressed blobs, manifest, release notes."""
+    from terminai_release.release import build_release
+
+    ctx = _ctx(False)
+    try:
+        rel = build_release(ctx, channel=channel, serial=None if serial < 0 else serial, valid_days=valid_days)
+    except BuildError as exc:
+        _fail(exc)
+        return
+    print(f"release: {rel.manifest_path}")

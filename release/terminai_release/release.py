@@ -1,0 +1,117 @@
+"""`inv release`: every artifact, content-addressed, under one manifest.
+
+Output: ``dist/<version>/`` with ``blobs/sha256/<digest>`` (each artifact
+under its digest), ``manifest.json`` (terminai_shim.manifest) and
+``RELEASE-NOTES.md``. Everything derives from the pinned inputs and the
+source date, so two runs of the same commit write identical bytes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from terminai_agent import protocol as agent_protocol
+from terminai_shim import __version__ as shim_version
+from terminai_shim.manifest import Artifact, BootDefaults, Manifest
+
+from .cache import write_atomic
+from .context import BuildContext
+from .digest import sha256_file
+from .errors import BuildError
+from .kernel import build_kernel
+from .rootfs.kit import build_kit_wheel
+from .rootfs.project import build_rootfs
+from .sde import source_date_epoch
+from .version import release_version
+
+DAY = 86400
+MEDIA = {
+    "kernel": "application/vnd.terminai.kernel.vmlinux",
+    "rootfs": "application/vnd.terminai.rootfs.{fmt}",
+    "sbom": "application/spdx+json",
+    "survival-kit-wheel": "application/vnd.python.wheel",
+}
+
+
+@dataclass(frozen=True)
+class Release:
+    directory: Path
+    manifest: Manifest
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.directory / "manifest.json"
+
+
+def _git_commit(repo: Path) -> str:
+    try:
+        return subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        raise BuildError("cannot read the git commit", hint="build releases from a git checkout") from None
+
+
+def _blob(release_dir: Path, source: Path) -> tuple[str, int]:
+    digest = sha256_file(source)
+    target = release_dir / "blobs" / "sha256" / digest
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not target.exists():
+        tmp = target.with_name(f".{digest}.tmp{os.getpid()}")
+        shutil.copyfile(source, tmp)
+        with tmp.open("rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    return digest, target.stat().st_size
+
+
+def build_release(
+    ctx: BuildContext, *, channel: str = "dev", serial: int | None = None, valid_days: int = 90, out: Path | None = None
+) -> Release:
+    version = release_version(ctx.repo)
+    kern = build_kernel(ctx)
+    root = build_rootfs(ctx)
+    wheel = build_kit_wheel(ctx)
+    created = source_date_epoch(ctx.repo, ".")
+    directory = (out or ctx.repo / "dist") / version
+    directory.mkdir(parents=True, exist_ok=True)
+    fmt = root.record["outputs"]["image"]["format"]
+    sources: list[tuple[str, str, Path, dict[str, Any]]] = [
+        ("kernel", "linux/amd64", kern.vmlinux, kern.record["inputs"]),
+        ("rootfs", "linux/amd64", root.image, root.record["inputs"]),
+        ("sbom", "linux/amd64", root.sbom, {"describes": root.image.name}),
+        ("survival-kit-wheel", "any", wheel, {"version": version}),
+    ]
+    artifacts = []
+    for kind, platform, path, build in sources:
+        digest, size = _blob(directory, path)
+        artifacts.append(Artifact(name=path.name, kind=kind, platform=platform, size=size, sha256=digest,
+                                  media_type=MEDIA[kind].format(fmt=fmt), location=f"blobs/sha256/{digest}",
+                                  build=build))  # fmt: skip
+    manifest = Manifest(
+        release=version,
+        channel=channel,
+        serial=serial if serial is not None else created,
+        created=created,
+        expires=created + valid_days * DAY,
+        git_commit=_git_commit(ctx.repo),
+        min_shim_version=shim_version,
+        agent_protocol=agent_protocol.PROTOCOL_VERSION,
+        boot=BootDefaults(kernel_args=(f"rootfstype={fmt}",), memory_mib=512, cpus=1),
+        artifacts=tuple(artifacts),
+    )
+    write_atomic(directory / "manifest.json", manifest.to_json())
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(ctx.repo / "release/templates"), autoescape=False, keep_trailing_newline=True
+    )
+    notes = env.get_template("release-notes.md.j2").render(
+        m=manifest, created=manifest.to_dict()["created"], expires=manifest.to_dict()["expires"]
+    )
+    write_atomic(directory / "RELEASE-NOTES.md", notes.encode())
+    ctx.reporter.done("release", f"release {version} ({channel}, serial {manifest.serial}) in {directory}")
+    return Release(directory, manifest)

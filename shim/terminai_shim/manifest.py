@@ -1,0 +1,254 @@
+"""The release manifest: what a release contains and how to boot it.
+
+One module reads and writes it (the pipeline writes, the shim reads); its
+JSON Schema is ``manifests/manifest.schema.json`` and the format is
+described in docs/manifest.md. A manifest is only ever trusted after its
+sigstore signature was verified; this module checks structure, versions,
+compatibility and expiry, and names exactly what is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from .errors import ShimError
+
+SCHEMA_VERSION = 1
+MEDIA_TYPE = "application/vnd.terminai.manifest.v1+json"
+KINDS = (
+    "kernel", "rootfs", "sbom", "survival-kit-wheel", "agent", "brain-bundle", "container-image", "provenance",
+)  # fmt: skip
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_VERSION = re.compile(r"^\d+\.\d+\.\d+([.+-][0-9A-Za-z.+-]+)?$")
+
+
+class ManifestError(ShimError):
+    code = "MANIFEST_INVALID"
+
+
+class UnsupportedSchema(ManifestError):
+    code = "MANIFEST_UNSUPPORTED"
+
+
+class NeedsNewerShim(ManifestError):
+    code = "SHIM_TOO_OLD"
+
+
+class ManifestExpired(ManifestError):
+    code = "MANIFEST_EXPIRED"
+
+
+def _version_tuple(v: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.split(r"[.+-]", v)[:3])
+
+
+@dataclass(frozen=True)
+class Artifact:
+    name: str
+    kind: str
+    platform: str
+    size: int
+    sha256: str
+    media_type: str
+    location: str  # relative to the release store's root: blobs/sha256/<digest>
+    build: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "kind": self.kind, "platform": self.platform, "size": self.size,
+            "sha256": self.sha256, "mediaType": self.media_type, "location": self.location, "build": self.build,
+        }  # fmt: skip
+
+
+@dataclass(frozen=True)
+class BootDefaults:
+    kernel_args: tuple[str, ...] = ()
+    memory_mib: int = 512
+    cpus: int = 1
+    agent_channel: str = "virtio-serial"
+    agent_port: int = 1024
+
+
+@dataclass(frozen=True)
+class Manifest:
+    release: str
+    channel: str
+    serial: int
+    created: int  # seconds since 1970, from SOURCE_DATE_EPOCH
+    expires: int
+    git_commit: str
+    min_shim_version: str
+    agent_protocol: int
+    boot: BootDefaults
+    artifacts: tuple[Artifact, ...]
+    schema_version: int = SCHEMA_VERSION
+
+    # -- writing ------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "mediaType": MEDIA_TYPE,
+            "schemaVersion": self.schema_version,
+            "release": self.release,
+            "channel": self.channel,
+            "serial": self.serial,
+            "created": _iso(self.created),
+            "expires": _iso(self.expires),
+            "gitCommit": self.git_commit,
+            "compatibility": {"minShimVersion": self.min_shim_version, "agentProtocol": self.agent_protocol},
+            "boot": {
+                "kernelArgs": list(self.boot.kernel_args),
+                "memoryMib": self.boot.memory_mib,
+                "cpus": self.boot.cpus,
+                "agentChannel": self.boot.agent_channel,
+                "agentPort": self.boot.agent_port,
+            },
+            "artifacts": [a.to_dict() for a in self.artifacts],
+        }
+
+    def to_json(self) -> bytes:
+        """Stable bytes (sorted keys): what gets signed."""
+        return (json.dumps(self.to_dict(), sort_keys=True, indent=2) + "\n").encode()
+
+    # -- reading --------------------------------------------------------------
+    @classmethod
+    def from_json(cls, data: bytes) -> Manifest:
+        try:
+            doc = json.loads(data)
+        except ValueError as exc:
+            raise ManifestError(f"manifest is not JSON: {exc}") from None
+        if not isinstance(doc, dict):
+            raise ManifestError("manifest is not a JSON object")
+        version = doc.get("schemaVersion")
+        if version != SCHEMA_VERSION:
+            raise UnsupportedSchema(
+                f"manifest schema version {version!r} is not supported (this shim reads {SCHEMA_VERSION})",
+                hint="upgrade terminai-shim",
+            )
+        try:
+            compat = _obj(doc, "compatibility")
+            boot = _obj(doc, "boot")
+            artifacts = tuple(_artifact(a, i) for i, a in enumerate(_list(doc, "artifacts")))
+            manifest = cls(
+                release=_str(doc, "release", _VERSION),
+                channel=_str(doc, "channel", re.compile(r"^[a-z][a-z0-9-]*$")),
+                serial=_int(doc, "serial"),
+                created=_time(doc, "created"),
+                expires=_time(doc, "expires"),
+                git_commit=_str(doc, "gitCommit", re.compile(r"^[0-9a-f]{7,40}$")),
+                min_shim_version=_str(compat, "minShimVersion", _VERSION),
+                agent_protocol=_int(compat, "agentProtocol"),
+                boot=BootDefaults(
+                    kernel_args=tuple(str(x) for x in _list(boot, "kernelArgs")),
+                    memory_mib=_int(boot, "memoryMib"),
+                    cpus=_int(boot, "cpus"),
+                    agent_channel=_str(boot, "agentChannel"),
+                    agent_port=_int(boot, "agentPort"),
+                ),
+                artifacts=artifacts,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ManifestError(f"manifest field {exc}") from None
+        if doc.get("mediaType") != MEDIA_TYPE:
+            raise ManifestError(f"manifest mediaType {doc.get('mediaType')!r} is not {MEDIA_TYPE}")
+        if manifest.expires <= manifest.created:
+            raise ManifestError("manifest expires before it was created")
+        names = [a.name for a in artifacts]
+        if len(set(names)) != len(names):
+            raise ManifestError("manifest lists an artifact name twice")
+        return manifest
+
+    # -- checks -------------------------------------------------------------------
+    def check_usable(self, shim_version: str, agent_protocol: int, now: float) -> None:
+        if _version_tuple(self.min_shim_version) > _version_tuple(shim_version):
+            raise NeedsNewerShim(
+                f"release {self.release} needs terminai-shim >= {self.min_shim_version}; this is {shim_version}",
+                hint="upgrade terminai-shim",
+            )
+        if self.agent_protocol != agent_protocol:
+            raise NeedsNewerShim(
+                f"release {self.release} speaks agent protocol {self.agent_protocol}; this shim speaks {agent_protocol}",
+                hint="upgrade terminai-shim",
+            )
+        if now >= self.expires:
+            raise ManifestExpired(
+                f"manifest of release {self.release} expired at {_iso(self.expires)}",
+                hint="fetch the channel again; a current release replaces it",
+            )
+
+    def artifact(self, kind: str) -> Artifact:
+        found = [a for a in self.artifacts if a.kind == kind]
+        if len(found) != 1:
+            raise ManifestError(f"manifest has {len(found)} artifacts of kind {kind!r}, expected one")
+        return found[0]
+
+
+def _iso(epoch: int) -> str:
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _time(doc: dict[str, Any], key: str) -> int:
+    value = _str(doc, key)
+    try:
+        return int(datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp())
+    except ValueError:
+        raise ValueError(f"{key!r} is not a UTC time like 2026-01-31T12:00:00Z: {value!r}") from None
+
+
+def _obj(doc: dict[str, Any], key: str) -> dict[str, Any]:
+    value = doc[key]
+    if not isinstance(value, dict):
+        raise TypeError(f"{key!r} must be an object")
+    return value
+
+
+def _list(doc: dict[str, Any], key: str) -> list[Any]:
+    value = doc[key]
+    if not isinstance(value, list):
+        raise TypeError(f"{key!r} must be a list")
+    return value
+
+
+def _int(doc: dict[str, Any], key: str) -> int:
+    value = doc[key]
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise TypeError(f"{key!r} must be a non-negative integer")
+    return value
+
+
+def _str(doc: dict[str, Any], key: str, pattern: re.Pattern[str] | None = None) -> str:
+    value = doc[key]
+    if not isinstance(value, str) or (pattern is not None and not pattern.match(value)):
+        raise ValueError(f"{key!r} is not valid: {value!r}")
+    return value
+
+
+def _artifact(doc: Any, index: int) -> Artifact:
+    if not isinstance(doc, dict):
+        raise TypeError(f"artifacts[{index}] must be an object")
+    kind = _str(doc, "kind")
+    if kind not in KINDS:
+        raise ValueError(f"artifacts[{index}].kind {kind!r} is not one of {KINDS}")
+    sha = _str(doc, "sha256", _SHA256)
+    location = _str(doc, "location")
+    if location != f"blobs/sha256/{sha}":
+        raise ValueError(f"artifacts[{index}].location must be blobs/sha256/<its sha256>, not {location!r}")
+    build = doc.get("build", {})
+    if not isinstance(build, dict):
+        raise TypeError(f"artifacts[{index}].build must be an object")
+    return Artifact(
+        name=_str(doc, "name", re.compile(r"^[A-Za-z0-9._+-]+$")),
+        kind=kind,
+        platform=_str(doc, "platform"),
+        size=_int(doc, "size"),
+        sha256=sha,
+        media_type=_str(doc, "mediaType"),
+        location=location,
+        build=build,
+    )
+
+
+__all__ = ["Artifact", "BootDefaults", "Manifest", "ManifestError"]
