@@ -86,7 +86,7 @@ def test_bad_manifests_are_named(changes, error, message):
 @pytest.mark.unit
 def test_compatibility_and_expiry():
     m = _manifest(min_shim_version="9.0.0")
-    with pytest.raises(NeedsNewerShim, match="needs terminai-shim >= 9.0.0"):
+    with pytest.raises(NeedsNewerShim, match=r"needs terminai-shim >= 9\.0\.0"):
         m.check_usable("0.1.0", 1, now=1_700_000_001)
     with pytest.raises(NeedsNewerShim, match="agent protocol 2"):
         _manifest(agent_protocol=2).check_usable("0.1.0", 1, now=1_700_000_001)

@@ -170,7 +170,8 @@ class Manifest:
             )
         if self.agent_protocol != agent_protocol:
             raise NeedsNewerShim(
-                f"release {self.release} speaks agent protocol {self.agent_protocol}; this shim speaks {agent_protocol}",
+                f"release {self.release} speaks agent protocol {self.agent_protocol}; "
+                f"this shim speaks {agent_protocol}",
                 hint="upgrade terminai-shim",
             )
         if now >= self.expires:
