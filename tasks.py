@@ -97,16 +97,19 @@ def rootfs(c: Context, json: bool = False, format: str = "squashfs", kit: str = 
     }
 )
 def demo(c: Context, command: str = "", json: bool = False) -> None:
-    """The main job: build the kernel and root image, boot a VM, run a command in it."""
+    """The main job: build the kernel and root image, sign a release, verify it, boot it, run a command."""
     import shlex
 
     from terminai_release.kernel import build_kernel
+    from terminai_release.release import build_release, sign_release
     from terminai_release.rootfs.project import build_rootfs
 
     ctx = _ctx(json)
     try:
         kern = build_kernel(ctx)
         root = build_rootfs(ctx)
+        rel = build_release(ctx)
+        sign_release(ctx, rel)
     except BuildError as exc:
         _fail(exc)
         return
@@ -118,8 +121,10 @@ def demo(c: Context, command: str = "", json: bool = False) -> None:
         "print('Hello from MicroVM:', platform.release(), 'terminai_apts', terminai_apts.__version__, "
         "terminai_apts.model.ObjectTableLabels.TRANSIT)",
     ]  # fmt: skip
-    shim = [sys.executable, "-m", "terminai_shim.cli", "run", "-v",
-            "--kernel", str(kern.vmlinux), "--rootfs", str(root.image), "--", *argv]  # fmt: skip
+    # The shim verifies the signed release (signature, signer, expiry, serial,
+    # digests) before it boots anything; --dev accepts the local identity.
+    shim = [sys.executable, "-m", "terminai_shim.cli", "run", "-v", "--manifest", str(rel.directory), "--dev",
+            "--", *argv]  # fmt: skip
     c.run(shlex.join(shim), pty=False)
 
 
@@ -181,16 +186,28 @@ def bench(c: Context, parts: str = "kernel,guest,snapshot,shim", runs: int = 5, 
         "channel": "release channel (dev, beta, stable)",
         "serial": "manifest serial (default: the commit's source date, monotonic)",
         "valid_days": "days until the manifest expires",
+        "keyless": "sign keylessly with CI's ambient OIDC identity (default: the local development stack)",
+        "trust_config": "sigstore ClientTrustConfig JSON for --keyless (default: Sigstore's public-good instance)",
     }
 )
-def release(c: Context, channel: str = "dev", serial: int = -1, valid_days: int = 90) -> None:
-    """Build every artifact and write dist/<version>/: content-addressed blobs, manifest, release notes."""
-    from terminai_release.release import build_release
+def release(
+    c: Context,
+    channel: str = "dev",
+    serial: int = -1,
+    valid_days: int = 90,
+    keyless: bool = False,
+    trust_config: str = "",
+) -> None:
+    """Build every artifact, write dist/<version>/ (blobs, manifest, notes) and sign the manifest."""
+    from pathlib import Path
+
+    from terminai_release.release import build_release, sign_release
 
     ctx = _ctx(False)
     try:
         rel = build_release(ctx, channel=channel, serial=None if serial < 0 else serial, valid_days=valid_days)
+        bundle = sign_release(ctx, rel, keyless=keyless, trust_config=Path(trust_config) if trust_config else None)
     except BuildError as exc:
         _fail(exc)
         return
-    print(f"release: {rel.manifest_path}")
+    print(f"release: {rel.manifest_path}\nbundle:  {bundle}")

@@ -25,4 +25,4 @@ def test_shim_runtime_dependencies_stay_light():
     import tomllib
 
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    assert project["dependencies"] == [], "the shim is started often: no runtime dependencies"
+    assert project["dependencies"] == ["sigstore==4.5.1"], "the shim is started often: one lazy dependency"

@@ -19,7 +19,7 @@ def test_version_imports_nothing_heavy():
     code = (
         "import sys\nfrom terminai_shim.cli import main\n"
         "try:\n    main(['--version'])\nexcept SystemExit:\n    pass\n"
-        "names = ('terminai_shim.session', 'threading', 'socket', 'json', 'subprocess')\n"
+        "names = ('terminai_shim.session', 'threading', 'socket', 'json', 'subprocess', 'sigstore')\n"
         "heavy = [m for m in names if m in sys.modules]\n"
         "print(','.join(heavy))\n"
     )

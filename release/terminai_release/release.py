@@ -8,6 +8,7 @@ source date, so two runs of the same commit write identical bytes.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -51,8 +52,9 @@ class Release:
 
 def _git_commit(repo: Path) -> str:
     try:
-        return subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()  # fmt: skip
+        return subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         raise BuildError("cannot read the git commit", hint="build releases from a git checkout") from None
 
@@ -90,9 +92,18 @@ def build_release(
     artifacts = []
     for kind, platform, path, build in sources:
         digest, size = _blob(directory, path)
-        artifacts.append(Artifact(name=path.name, kind=kind, platform=platform, size=size, sha256=digest,
-                                  media_type=MEDIA[kind].format(fmt=fmt), location=f"blobs/sha256/{digest}",
-                                  build=build))  # fmt: skip
+        artifacts.append(
+            Artifact(
+                name=path.name,
+                kind=kind,
+                platform=platform,
+                size=size,
+                sha256=digest,
+                media_type=MEDIA[kind].format(fmt=fmt),
+                location=f"blobs/sha256/{digest}",
+                build=build,
+            )
+        )
     manifest = Manifest(
         release=version,
         channel=channel,
@@ -115,3 +126,46 @@ def build_release(
     write_atomic(directory / "RELEASE-NOTES.md", notes.encode())
     ctx.reporter.done("release", f"release {version} ({channel}, serial {manifest.serial}) in {directory}")
     return Release(directory, manifest)
+
+
+BUNDLE = "manifest.json.sigstore.json"
+DEV_TRUSTED_ROOT = "dev-trusted-root.json"
+
+
+def sign_release(ctx: BuildContext, rel: Release, *, keyless: bool = False, trust_config: Path | None = None) -> Path:
+    """Sign manifest.json; verify the bundle before returning.
+
+    Keyless (CI): the ambient OIDC identity against ``trust_config``
+    (Sigstore's public-good instance when not given). Otherwise the local
+    development stack, whose trust root is written beside the manifest as
+    ``dev-trusted-root.json``: never trusted unless a verifier is told to.
+    """
+    from .signing.devstack import DevSigstore
+    from .signing.sign import ambient_token, sign_bytes, verify_bytes
+
+    data = rel.manifest_path.read_bytes()
+    if keyless:
+        from sigstore.models import ClientTrustConfig
+
+        config = (
+            ClientTrustConfig.from_json(trust_config.read_text()) if trust_config else ClientTrustConfig.production()
+        )
+        bundle = sign_bytes(data, config, ambient_token())
+        root_path = None
+    else:
+        with DevSigstore(ctx.cache.root / "dev-sigstore") as stack:
+            token = stack.identity_token()
+            bundle = sign_bytes(data, stack.trust_config(), token)
+            root_path = rel.directory / DEV_TRUSTED_ROOT
+            write_atomic(root_path, json.dumps(stack.trusted_root(), indent=2).encode())
+            from .signing.devstack import DEFAULT_IDENTITY, ISSUER
+
+            verify_bytes(data, bundle, root_path, DEFAULT_IDENTITY, ISSUER)
+    out = rel.directory / BUNDLE
+    write_atomic(out, bundle.encode())
+    ctx.reporter.done(
+        "sign",
+        f"signed {rel.manifest_path.name} ({'keyless' if keyless else 'local development identity'})"
+        + (f"; dev trust root {root_path}" if root_path else ""),
+    )
+    return out

@@ -16,6 +16,7 @@ from . import __version__
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from .models import BootConfig
+    from .verify import TrustPolicy, VerifiedRelease
 
 
 def _artifact_defaults() -> tuple[Path | None, Path | None, str]:
@@ -38,16 +39,71 @@ def _boot_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kernel", type=Path, help="guest kernel (vmlinux)")
     p.add_argument("--rootfs", type=Path, help="guest root image (.squashfs or .erofs)")
     p.add_argument("--workspace", type=Path, help="host directory shared with the guest at /workspace")
-    p.add_argument("--memory", type=int, default=512, help="guest memory in MiB (default 512)")
-    p.add_argument("--cpus", type=int, default=1, help="guest vCPUs (default 1)")
+    p.add_argument("--manifest", help="a release directory: verify it, then boot its kernel and root image")
+    p.add_argument("--memory", type=int, help="guest memory in MiB (default 512, or the manifest's)")
+    p.add_argument("--cpus", type=int, help="guest vCPUs (default 1, or the manifest's)")
+    _trust_args(p)
     p.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto", help="accelerator (default auto)")
     p.add_argument("--cold", action="store_true", help="boot cold: neither restore nor save a snapshot")
+
+
+def _trust_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trusted-root", type=Path, help="sigstore trusted root JSON to verify against")
+    p.add_argument("--identity", help="the signer identity the certificate must carry (exact)")
+    p.add_argument("--issuer", help="the OIDC issuer that must have vouched for the signer")
+    p.add_argument(
+        "--dev",
+        action="store_true",
+        help="accept the local development signing identity and the trust root beside the release",
+    )
+
+
+def _policy(args: argparse.Namespace, directory: Path) -> TrustPolicy:
+    from .errors import ConfigError
+    from .verify import TrustPolicy, dev_policy
+
+    if args.dev:
+        return dev_policy(directory)
+    if not (args.trusted_root and args.identity and args.issuer):
+        raise ConfigError("verifying a release needs --trusted-root, --identity and --issuer (or --dev)",
+                          hint="nothing is booted without a verified signature")  # fmt: skip
+    return TrustPolicy(args.trusted_root, args.identity, args.issuer)
+
+
+def _verified(args: argparse.Namespace) -> VerifiedRelease:
+    from .verify import verify_release
+
+    directory = Path(args.manifest).resolve()
+    if directory.name == "manifest.json":
+        directory = directory.parent
+    return verify_release(directory, _policy(args, directory))
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    release = _verified(args)
+    m = release.manifest
+    print(f"verified: release {m.release} ({m.channel}, serial {m.serial}), signed by the expected identity; "
+          f"kernel and root image match the manifest")  # fmt: skip
+    return 0
 
 
 def _boot_config(args: argparse.Namespace) -> BootConfig:
     from .errors import ConfigError
     from .models import BootConfig
 
+    if getattr(args, "manifest", None):
+        release = _verified(args)
+        m = release.manifest
+        return BootConfig(
+            kernel=release.path("kernel"),
+            rootfs=release.path("rootfs"),
+            rootfs_format=m.artifact("rootfs").media_type.rsplit(".", 1)[-1],
+            memory_mib=args.memory or m.boot.memory_mib,
+            cpus=args.cpus or m.boot.cpus,
+            workspace=args.workspace.resolve() if args.workspace else None,
+            accel=args.accel,
+            snapshots="off" if getattr(args, "cold", False) else "auto",
+        )
     kernel, rootfs, fmt = _artifact_defaults()
     kernel = args.kernel or kernel
     rootfs = args.rootfs or rootfs
@@ -61,8 +117,8 @@ def _boot_config(args: argparse.Namespace) -> BootConfig:
         kernel=kernel.resolve(),
         rootfs=rootfs.resolve(),
         rootfs_format=fmt,
-        memory_mib=args.memory,
-        cpus=args.cpus,
+        memory_mib=args.memory or 512,
+        cpus=args.cpus or 1,
         workspace=args.workspace.resolve() if args.workspace else None,
         accel=args.accel,
         snapshots="off" if getattr(args, "cold", False) else "auto",
@@ -147,6 +203,11 @@ def main(argv: list[str] | None = None) -> int:
 
     srv = sub.add_parser("serve", help="JSON-lines protocol on stdin/stdout for the TerminAI CLI")
     srv.set_defaults(fn=cmd_serve)
+
+    ver = sub.add_parser("verify", help="verify a release: signature, identity, expiry, serial, artifact digests")
+    ver.add_argument("manifest", help="the release directory (or its manifest.json)")
+    _trust_args(ver)
+    ver.set_defaults(fn=cmd_verify)
 
     snap = sub.add_parser("snapshot", help="saved VMs for warm starts: create, list, rm, gc")
     snap_sub = snap.add_subparsers(dest="action", required=True)

@@ -1,0 +1,159 @@
+"""Verify a release before anything in it is booted.
+
+In order: the sigstore signature of ``manifest.json`` against a trust root
+and an identity policy (who must have signed, from which OIDC issuer); the
+manifest's schema, compatibility and expiry; its serial against the highest
+one accepted before for the channel (rollback); then the size and sha256 of
+every artifact that will be used. Each failure names what failed.
+
+sigstore is imported only here: the shim's other commands never load it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from terminai_agent import protocol as P
+
+from . import __version__
+from ._internal.fsutil import cache_root, locked, write_atomic
+from .errors import ShimError
+from .manifest import Artifact, Manifest
+
+MANIFEST = "manifest.json"
+BUNDLE = "manifest.json.sigstore.json"
+# The local development signing identity (terminai_release.signing.devstack).
+# Accepted only with an explicit --dev, together with the trust root written
+# beside the release: never trusted by default.
+DEV_TRUSTED_ROOT = "dev-trusted-root.json"
+DEV_IDENTITY = "dev-release@terminai.invalid"
+DEV_ISSUER = "https://oidc.terminai.invalid/dev"
+
+
+class VerificationFailed(ShimError):
+    code = "VERIFICATION_FAILED"
+
+
+class RollbackRefused(VerificationFailed):
+    code = "ROLLBACK_REFUSED"
+
+
+@dataclass(frozen=True)
+class TrustPolicy:
+    """Which trust root, and who must have signed (exact identity and issuer)."""
+
+    trusted_root: Path
+    identity: str
+    issuer: str
+
+
+def dev_policy(directory: Path) -> TrustPolicy:
+    return TrustPolicy(directory / DEV_TRUSTED_ROOT, DEV_IDENTITY, DEV_ISSUER)
+
+
+@dataclass(frozen=True)
+class VerifiedRelease:
+    manifest: Manifest
+    directory: Path
+
+    def path(self, kind: str) -> Path:
+        return self.directory / self.manifest.artifact(kind).location
+
+
+def check_signature(data: bytes, bundle_json: str, policy: TrustPolicy) -> None:
+    try:
+        from sigstore.errors import Error as SigstoreError
+        from sigstore.models import Bundle, TrustedRoot
+        from sigstore.verify import Verifier
+        from sigstore.verify import policy as sigstore_policy
+    except ImportError:
+        raise VerificationFailed("the sigstore library is not installed", hint="pip install sigstore") from None
+    try:
+        root = TrustedRoot.from_file(str(policy.trusted_root))
+        bundle = Bundle.from_json(bundle_json)
+        Verifier(trusted_root=root).verify_artifact(
+            data, bundle, sigstore_policy.Identity(identity=policy.identity, issuer=policy.issuer)
+        )
+    except (SigstoreError, ValueError) as exc:
+        raise VerificationFailed(
+            f"signature of {MANIFEST} does not verify: {exc}",
+            hint=f"check the trust root ({policy.trusted_root}) and the expected signer {policy.identity} "
+            f"from {policy.issuer}; never boot an unverified release",
+        ) from None
+
+
+def check_artifact(path: Path, artifact: Artifact) -> None:
+    import hashlib
+
+    try:
+        size = path.stat().st_size
+    except OSError:
+        raise VerificationFailed(f"artifact {artifact.name} ({artifact.kind}) is missing at {path}") from None
+    if size != artifact.size:
+        raise VerificationFailed(f"artifact {artifact.name} is {size} bytes; the manifest says {artifact.size}")
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    if h.hexdigest() != artifact.sha256:
+        raise VerificationFailed(
+            f"artifact {artifact.name} has sha256 {h.hexdigest()}; the manifest says {artifact.sha256}",
+            hint="the file was altered or swapped; fetch the release again",
+        )
+
+
+class SerialState:
+    """The highest manifest serial accepted per channel, kept across runs."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path or cache_root() / "state" / "serials.json"
+
+    def _load(self) -> dict[str, int]:
+        try:
+            return {str(k): int(v) for k, v in json.loads(self.path.read_text()).items()}
+        except (OSError, ValueError, AttributeError):
+            return {}
+
+    def check(self, manifest: Manifest) -> None:
+        highest = self._load().get(manifest.channel, -1)
+        if manifest.serial < highest:
+            raise RollbackRefused(
+                f"manifest serial {manifest.serial} for channel {manifest.channel} is lower than "
+                f"{highest}, accepted before: refusing a rollback",
+                hint="fetch the current release of the channel",
+            )
+
+    def record(self, manifest: Manifest) -> None:
+        with locked(self.path.with_name(".serials.lock")):
+            known = self._load()
+            if manifest.serial > known.get(manifest.channel, -1):
+                known[manifest.channel] = manifest.serial
+                write_atomic(self.path, json.dumps(known, indent=2).encode())
+
+
+def verify_release(
+    directory: Path,
+    policy: TrustPolicy,
+    *,
+    kinds: tuple[str, ...] = ("kernel", "rootfs"),
+    state: SerialState | None = None,
+    now: float | None = None,
+) -> VerifiedRelease:
+    try:
+        data = (directory / MANIFEST).read_bytes()
+        bundle = (directory / BUNDLE).read_text()
+    except OSError as exc:
+        raise VerificationFailed(f"release in {directory} is incomplete: {exc}") from None
+    check_signature(data, bundle, policy)
+    manifest = Manifest.from_json(data)
+    manifest.check_usable(__version__, P.PROTOCOL_VERSION, time.time() if now is None else now)
+    state = state or SerialState()
+    state.check(manifest)
+    for kind in kinds:
+        artifact = manifest.artifact(kind)
+        check_artifact(directory / artifact.location, artifact)
+    state.record(manifest)  # only a release that verified completely moves the serial
+    return VerifiedRelease(manifest, directory)

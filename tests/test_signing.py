@@ -1,0 +1,109 @@
+"""Signing with the real sigstore library against the local development
+Sigstore stack (CA, CT log, transparency log on loopback), and every way a
+verification must fail."""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from sigstore.errors import VerificationError
+from terminai_release.signing.devstack import DEFAULT_IDENTITY, ISSUER, DevSigstore
+from terminai_release.signing.sign import ambient_token, sign_bytes, verify_bytes
+
+pytestmark = pytest.mark.unit
+DATA = b'{"release": "0.1.0"}\n'
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    with DevSigstore(tmp_path_factory.mktemp("dev-sigstore")) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def signed(stack, tmp_path_factory):
+    root = tmp_path_factory.mktemp("trust") / "trusted_root.json"
+    root.write_text(json.dumps(stack.trusted_root()))
+    bundle = sign_bytes(DATA, stack.trust_config(), stack.identity_token())
+    return bundle, root
+
+
+def test_sign_and_verify(signed):
+    bundle, root = signed
+    verify_bytes(DATA, bundle, root, DEFAULT_IDENTITY, ISSUER)
+    doc = json.loads(bundle)
+    assert doc["verificationMaterial"]["tlogEntries"][0]["inclusionProof"]["checkpoint"]["envelope"]
+
+
+def test_flipped_byte_fails(signed):
+    bundle, root = signed
+    with pytest.raises(VerificationError):
+        verify_bytes(DATA.replace(b"0.1.0", b"0.1.1"), bundle, root, DEFAULT_IDENTITY, ISSUER)
+
+
+def test_wrong_identity_and_issuer_fail(signed):
+    bundle, root = signed
+    with pytest.raises(VerificationError, match=r"identity|SAN|Certificate"):
+        verify_bytes(DATA, bundle, root, "someone-else@terminai.invalid", ISSUER)
+    with pytest.raises(VerificationError):
+        verify_bytes(DATA, bundle, root, DEFAULT_IDENTITY, "https://other-issuer.invalid")
+
+
+def test_bundle_for_other_bytes_and_other_trust_root_fail(stack, signed, tmp_path):
+    bundle, root = signed
+    other_bundle = sign_bytes(b"other bytes", stack.trust_config(), stack.identity_token())
+    with pytest.raises(VerificationError):
+        verify_bytes(DATA, other_bundle, root, DEFAULT_IDENTITY, ISSUER)
+    with DevSigstore(tmp_path / "another") as other:
+        foreign = tmp_path / "foreign-root.json"
+        foreign.write_text(json.dumps(other.trusted_root()))
+        with pytest.raises(VerificationError):
+            verify_bytes(DATA, bundle, foreign, DEFAULT_IDENTITY, ISSUER)
+
+
+def test_tampered_log_entry_fails(signed):
+    bundle, root = signed
+    doc = json.loads(bundle)
+    entry = doc["verificationMaterial"]["tlogEntries"][0]
+    entry["integratedTime"] = str(int(entry["integratedTime"]) + 1)
+    with pytest.raises(VerificationError):
+        verify_bytes(DATA, json.dumps(doc), root, DEFAULT_IDENTITY, ISSUER)
+
+
+def test_ci_ambient_identity_through_a_token_endpoint(stack, signed, monkeypatch):
+    """GitHub Actions' token endpoint, stood in for by a local server: the
+    real detect_credential() fetches the token the signer then uses."""
+    token = stack.identity_token("https://github.com/terminai/runtime/.github/workflows/release.yml@refs/tags/v0.1.0")
+    seen = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            seen.append((self.path, self.headers.get("Authorization")))
+            body = json.dumps({"value": token}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("GITHUB_ACTIONS", "true")
+        monkeypatch.setenv("ACTIONS_ID_TOKEN_REQUEST_URL", f"http://127.0.0.1:{server.server_address[1]}/token?x=1")
+        monkeypatch.setenv("ACTIONS_ID_TOKEN_REQUEST_TOKEN", "request-secret")
+        got = ambient_token()
+    finally:
+        server.shutdown()
+    assert got == token
+    assert seen and "audience=sigstore" in seen[0][0] and seen[0][1] == "bearer request-secret"
+    claims = json.loads(base64.urlsafe_b64decode(got.split(".")[1] + "=="))
+    bundle = sign_bytes(DATA, stack.trust_config(), got)
+    _, root = signed
+    verify_bytes(DATA, bundle, root, claims["sub"], ISSUER)

@@ -1,0 +1,158 @@
+"""The shim verifies a release before it boots anything: signature, signer,
+issuer, trust root, schema, compatibility, expiry, serial, artifact digests.
+Each bad input gets its own distinct error and leaves the state as it was."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+
+import pytest
+from terminai_release.signing.devstack import DEFAULT_IDENTITY, ISSUER, DevSigstore
+from terminai_release.signing.sign import sign_bytes
+from terminai_shim.manifest import Artifact, BootDefaults, Manifest, ManifestExpired, NeedsNewerShim, UnsupportedSchema
+from terminai_shim.verify import (
+    DEV_IDENTITY,
+    DEV_ISSUER,
+    RollbackRefused,
+    SerialState,
+    TrustPolicy,
+    VerificationFailed,
+    verify_release,
+)
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    with DevSigstore(tmp_path_factory.mktemp("dev-sigstore")) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def root(stack, tmp_path_factory):
+    path = tmp_path_factory.mktemp("trust") / "root.json"
+    path.write_text(json.dumps(stack.trusted_root()))
+    return path
+
+
+def _release(stack, directory, *, serial=10, expires_in=86400, blobs=None, raw=None, min_shim="0.1.0"):
+    """A signed release with small stand-in blobs (verification never boots them)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    blobs = blobs or {"kernel": os.urandom(4096), "rootfs": os.urandom(8192)}
+    arts = []
+    for kind, data in blobs.items():
+        digest = hashlib.sha256(data).hexdigest()
+        (directory / "blobs/sha256").mkdir(parents=True, exist_ok=True)
+        (directory / "blobs/sha256" / digest).write_bytes(data)
+        media = "application/vnd.terminai.rootfs.squashfs"
+        arts.append(Artifact(f"{kind}.bin", kind, "linux/amd64", len(data), digest, media, f"blobs/sha256/{digest}"))
+    now = int(time.time())
+    m = Manifest("0.1.0", "dev", serial, now - 60, now + expires_in, "abcdef0", min_shim, 1, BootDefaults(),
+                 tuple(arts))  # fmt: skip
+    data = raw if raw is not None else m.to_json()
+    (directory / "manifest.json").write_bytes(data)
+    (directory / "manifest.json.sigstore.json").write_text(
+        sign_bytes(data, stack.trust_config(), stack.identity_token())
+    )
+    return directory
+
+
+def _policy(root, identity=DEFAULT_IDENTITY, issuer=ISSUER):
+    return TrustPolicy(root, identity, issuer)
+
+
+def test_dev_identity_matches_the_pipeline():
+    assert (DEV_IDENTITY, DEV_ISSUER) == (DEFAULT_IDENTITY, ISSUER)
+
+
+def test_good_release_verifies_and_records_its_serial(stack, root, tmp_path):
+    rel = _release(stack, tmp_path / "rel")
+    state = SerialState(tmp_path / "serials.json")
+    verified = verify_release(rel, _policy(root), state=state)
+    assert verified.path("kernel").is_file()
+    assert json.loads(state.path.read_text()) == {"dev": 10}
+
+
+@pytest.mark.parametrize(
+    ("mutate", "error", "message"),
+    [
+        ("artifact-byte", VerificationFailed, "has sha256 .* the manifest says"),
+        ("manifest-byte", VerificationFailed, "signature of manifest.json does not verify"),
+        ("other-bundle", VerificationFailed, "signature of manifest.json does not verify"),
+        ("truncated-artifact", VerificationFailed, "bytes; the manifest says"),
+        ("missing-artifact", VerificationFailed, "is missing"),
+    ],
+)
+def test_tampering_is_named(stack, root, tmp_path, mutate, error, message):
+    rel = _release(stack, tmp_path / "rel")
+    m = Manifest.from_json((rel / "manifest.json").read_bytes())
+    blob = rel / m.artifact("rootfs").location
+    if mutate == "artifact-byte":
+        data = bytearray(blob.read_bytes())
+        data[100] ^= 1
+        blob.write_bytes(bytes(data))
+    elif mutate == "manifest-byte":
+        text = (rel / "manifest.json").read_bytes().replace(b'"serial": 10', b'"serial": 11')
+        (rel / "manifest.json").write_bytes(text)
+    elif mutate == "other-bundle":
+        (rel / "manifest.json.sigstore.json").write_text(
+            sign_bytes(b"other", stack.trust_config(), stack.identity_token())
+        )
+    elif mutate == "truncated-artifact":
+        blob.write_bytes(blob.read_bytes()[:100])
+    elif mutate == "missing-artifact":
+        blob.unlink()
+    state = SerialState(tmp_path / "serials.json")
+    with pytest.raises(error, match=message):
+        verify_release(rel, _policy(root), state=state)
+    assert not state.path.exists(), "a failed verification must not move the serial"
+
+
+def test_wrong_signer_issuer_or_trust_root(stack, root, tmp_path):
+    rel = _release(stack, tmp_path / "rel")
+    state = SerialState(tmp_path / "s.json")
+    with pytest.raises(VerificationFailed, match="does not verify"):
+        verify_release(rel, _policy(root, identity="mallory@terminai.invalid"), state=state)
+    with pytest.raises(VerificationFailed, match="does not verify"):
+        verify_release(rel, _policy(root, issuer="https://accounts.invalid"), state=state)
+    with DevSigstore(tmp_path / "other-stack") as other:
+        foreign = tmp_path / "foreign.json"
+        foreign.write_text(json.dumps(other.trusted_root()))
+        with pytest.raises(VerificationFailed, match="does not verify"):
+            verify_release(rel, _policy(foreign), state=state)
+
+
+def test_expired_newer_shim_and_unsupported_schema(stack, root, tmp_path):
+    state = SerialState(tmp_path / "s.json")
+    with pytest.raises(ManifestExpired, match="expired"):
+        verify_release(_release(stack, tmp_path / "old", expires_in=-30), _policy(root), state=state)
+    with pytest.raises(NeedsNewerShim, match=r"needs terminai-shim >= 9.9.9"):
+        verify_release(_release(stack, tmp_path / "new", min_shim="9.9.9"), _policy(root), state=state)
+    future = json.loads(Manifest.from_json((tmp_path / "new" / "manifest.json").read_bytes()).to_json())
+    future["schemaVersion"] = 2
+    raw = json.dumps(future).encode()
+    with pytest.raises(UnsupportedSchema, match="schema version 2"):
+        verify_release(_release(stack, tmp_path / "v2", raw=raw), _policy(root), state=state)
+    assert not state.path.exists()
+
+
+def test_rollback_and_mix_and_match(stack, root, tmp_path):
+    state = SerialState(tmp_path / "s.json")
+    kernel_old, rootfs_old = os.urandom(4096), os.urandom(8192)
+    old = _release(stack, tmp_path / "old", serial=5, blobs={"kernel": kernel_old, "rootfs": rootfs_old})
+    new = _release(stack, tmp_path / "new", serial=6)
+    verify_release(new, _policy(root), state=state)
+    with pytest.raises(RollbackRefused, match=r"serial 5 .* lower than 6"):
+        verify_release(old, _policy(root), state=state)
+    # An artifact listed in the older manifest swapped in under the newer one's name.
+    m = Manifest.from_json((new / "manifest.json").read_bytes())
+    target = new / m.artifact("rootfs").location
+    shutil.copyfile(old / Manifest.from_json((old / "manifest.json").read_bytes()).artifact("rootfs").location, target)
+    with pytest.raises(VerificationFailed, match=r"rootfs.bin"):
+        verify_release(new, _policy(root), state=state)
+    assert json.loads(state.path.read_text()) == {"dev": 6}
