@@ -17,3 +17,45 @@ def test_inv_demo(kernel, rootfs):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Hello from MicroVM: 6.1." in proc.stdout and "TRANSIT" in proc.stdout
     assert "signed manifest.json" in proc.stderr
+
+
+def test_run_boots_only_a_verified_release_fetched_over_http(ctx, kernel, rootfs, tmp_path):
+    import functools
+    import os
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+    from pathlib import Path
+
+    from terminai_release.release import build_release, sign_release
+
+    rel = build_release(ctx, out=tmp_path / "dist")
+    sign_release(ctx, rel)
+    trusted = tmp_path / "trusted-root.json"
+    trusted.write_bytes((rel.directory / "dev-trusted-root.json").read_bytes())
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(rel.directory)))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    shim = str(Path(sys.executable).with_name("terminai-shim"))
+    env = dict(os.environ, TERMINAI_CACHE=str(tmp_path / "cache"))
+    url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    try:
+        ok = subprocess.run([shim, "run", "--manifest", url, "--allow-http", "--dev", "--trusted-root", str(trusted),
+                             "--", "cat", "/etc/terminai-release"], env=env, capture_output=True, timeout=600)  # fmt: skip
+        assert ok.returncode == 0, ok.stderr
+        assert ok.stdout == b"TERMINAI_VERSION=0.1.0\n"
+        # Tamper with the served root image: the shim refuses before booting.
+        blob = rel.directory / rel.manifest.artifact("rootfs").location
+        data = bytearray(blob.read_bytes())
+        data[-1] ^= 1
+        blob.write_bytes(bytes(data))
+        env["TERMINAI_CACHE"] = str(tmp_path / "cache2")
+        bad = subprocess.run([shim, "run", "--manifest", url, "--allow-http", "--dev", "--trusted-root", str(trusted),
+                              "--", "true"], env=env, capture_output=True, timeout=600)  # fmt: skip
+        assert bad.returncode == 125 and b"the manifest says" in bad.stderr
+        assert not list((tmp_path / "cache2").glob("snapshots/*")), "nothing was booted"
+    finally:
+        httpd.shutdown()

@@ -156,3 +156,35 @@ def test_rollback_and_mix_and_match(stack, root, tmp_path):
     with pytest.raises(VerificationFailed, match=r"rootfs.bin"):
         verify_release(new, _policy(root), state=state)
     assert json.loads(state.path.read_text()) == {"dev": 6}
+
+
+def test_fetch_release_over_http_verifies_before_downloading(stack, root, tmp_path, monkeypatch):
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    from terminai_shim.verify import fetch_release
+
+    monkeypatch.setenv("TERMINAI_CACHE", str(tmp_path / "cache"))
+    rel = _release(stack, tmp_path / "served")
+    served: list[str] = []
+
+    class Handler(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            served.append(self.path)
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(rel)))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    try:
+        state = SerialState(tmp_path / "s.json")
+        with pytest.raises(VerificationFailed, match="does not verify"):
+            fetch_release(url, _policy(root, identity="mallory@terminai.invalid"), allow_http=True, state=state)
+        assert not any("blobs" in p for p in served), "artifacts were fetched before the signature verified"
+        verified = fetch_release(url, _policy(root), allow_http=True, state=state)
+        assert (
+            verified.path("rootfs").read_bytes() == (rel / verified.manifest.artifact("rootfs").location).read_bytes()
+        )
+        assert str(verified.path("kernel")).startswith(str(tmp_path / "cache" / "blobs" / "sha256"))
+    finally:
+        httpd.shutdown()

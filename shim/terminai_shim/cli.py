@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from . import __version__
@@ -51,6 +52,7 @@ def _trust_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trusted-root", type=Path, help="sigstore trusted root JSON to verify against")
     p.add_argument("--identity", help="the signer identity the certificate must carry (exact)")
     p.add_argument("--issuer", help="the OIDC issuer that must have vouched for the signer")
+    p.add_argument("--allow-http", action="store_true", help="allow plain http (loopback addresses only)")
     p.add_argument(
         "--dev",
         action="store_true",
@@ -58,11 +60,16 @@ def _trust_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _policy(args: argparse.Namespace, directory: Path) -> TrustPolicy:
+def _policy(args: argparse.Namespace, directory: Path | None) -> TrustPolicy:
     from .errors import ConfigError
-    from .verify import TrustPolicy, dev_policy
+    from .verify import DEV_IDENTITY, DEV_ISSUER, TrustPolicy, dev_policy
 
     if args.dev:
+        if args.trusted_root:
+            return TrustPolicy(args.trusted_root, DEV_IDENTITY, DEV_ISSUER)
+        if directory is None:
+            raise ConfigError("--dev with a remote release needs --trusted-root",
+                              hint="a trust root is never taken from the server it is meant to check")  # fmt: skip
         return dev_policy(directory)
     if not (args.trusted_root and args.identity and args.issuer):
         raise ConfigError("verifying a release needs --trusted-root, --identity and --issuer (or --dev)",
@@ -71,12 +78,35 @@ def _policy(args: argparse.Namespace, directory: Path) -> TrustPolicy:
 
 
 def _verified(args: argparse.Namespace) -> VerifiedRelease:
-    from .verify import verify_release
+    """A local release directory is verified in place; a URL is fetched into the cache."""
+    from .verify import fetch_release, verify_release
 
-    directory = Path(args.manifest).resolve()
+    target = str(args.manifest)
+    if "://" in target:
+        local = Path(target[len("file://") :]) if target.startswith("file://") else None
+        progress = _progress_printer() if sys.stderr.isatty() else None
+        return fetch_release(target, _policy(args, local), allow_http=args.allow_http, progress=progress)
+    directory = Path(target).resolve()
     if directory.name == "manifest.json":
         directory = directory.parent
     return verify_release(directory, _policy(args, directory))
+
+
+def _progress_printer() -> Callable[[str, int, int], None]:
+    last = [0.0]
+
+    def show(name: str, done: int, total: int) -> None:
+        import time
+
+        now = time.monotonic()
+        if now - last[0] > 0.1 or done == total:
+            last[0] = now
+            sys.stderr.write(f"\r\x1b[Kfetching {name[-24:]}: {done * 100 // max(total, 1)}% of {total} bytes")
+            if done == total:
+                sys.stderr.write("\n")
+            sys.stderr.flush()
+
+    return show
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -149,6 +179,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve()
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    from ._internal.snapshot import SnapshotStore
+    from .verify import gc
+
+    for item in gc(args.keep) + [f"snapshot {k}" for k in SnapshotStore().gc(args.keep)]:
+        print(f"removed {item}")
+    return 0
+
+
 def cmd_snapshot(args: argparse.Namespace) -> int:
     from ._internal.snapshot import SnapshotStore
 
@@ -205,9 +244,18 @@ def main(argv: list[str] | None = None) -> int:
     srv.set_defaults(fn=cmd_serve)
 
     ver = sub.add_parser("verify", help="verify a release: signature, identity, expiry, serial, artifact digests")
-    ver.add_argument("manifest", help="the release directory (or its manifest.json)")
+    ver.add_argument("manifest", help="a release directory, or its URL (https://, file://)")
     _trust_args(ver)
     ver.set_defaults(fn=cmd_verify)
+    fetch = sub.add_parser("fetch", help="download and verify a release into the cache (resumable)")
+    fetch.add_argument("manifest", help="the release URL (https://, file://; http:// on loopback with --allow-http)")
+    _trust_args(fetch)
+    fetch.set_defaults(fn=cmd_verify)
+    cache = sub.add_parser("cache", help="the download cache")
+    cache_sub = cache.add_subparsers(dest="action", required=True)
+    cgc = cache_sub.add_parser("gc", help="keep the newest N releases (and their blobs) and N saved VMs")
+    cgc.add_argument("--keep", type=int, default=2)
+    cache.set_defaults(fn=cmd_cache)
 
     snap = sub.add_parser("snapshot", help="saved VMs for warm starts: create, list, rm, gc")
     snap_sub = snap.add_subparsers(dest="action", required=True)

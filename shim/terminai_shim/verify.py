@@ -11,7 +11,9 @@ sigstore is imported only here: the shim's other commands never load it.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +21,7 @@ from pathlib import Path
 from terminai_agent import protocol as P
 
 from . import __version__
+from ._internal.fetch import BlobCache, Progress, Source
 from ._internal.fsutil import cache_root, locked, write_atomic
 from .errors import ShimError
 from .manifest import Artifact, Manifest
@@ -157,3 +160,74 @@ def verify_release(
         check_artifact(directory / artifact.location, artifact)
     state.record(manifest)  # only a release that verified completely moves the serial
     return VerifiedRelease(manifest, directory)
+
+
+def fetch_release(
+    url: str,
+    policy: TrustPolicy,
+    *,
+    allow_http: bool = False,
+    kinds: tuple[str, ...] = ("kernel", "rootfs"),
+    state: SerialState | None = None,
+    now: float | None = None,
+    progress: Progress | None = None,
+) -> VerifiedRelease:
+    """Download a release into the cache, verifying before and while it streams.
+
+    The manifest is verified (signature, signer, schema, compatibility,
+    expiry, serial) before a single artifact byte is fetched; artifacts are
+    fetched in parallel into the content-addressed cache, each checked for
+    size and sha256 as it streams.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    source = Source(url, allow_http=allow_http)
+    data = source.read(MANIFEST)
+    bundle = source.read(BUNDLE).decode()
+    check_signature(data, bundle, policy)
+    manifest = Manifest.from_json(data)
+    manifest.check_usable(__version__, P.PROTOCOL_VERSION, time.time() if now is None else now)
+    state = state or SerialState()
+    state.check(manifest)
+    root = cache_root()
+    blobs = BlobCache(root / "blobs" / "sha256")
+    wanted = [manifest.artifact(kind) for kind in kinds]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        futures = [pool.submit(blobs.fetch, source, a.location, a.sha256, a.size, progress) for a in wanted]
+        for future in futures:
+            future.result()
+    release_dir = root / "releases" / hashlib.sha256(data).hexdigest()
+    release_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(release_dir / MANIFEST, data)
+    write_atomic(release_dir / BUNDLE, bundle.encode())
+    state.record(manifest)
+    return VerifiedRelease(manifest, root)
+
+
+def gc(keep: int) -> list[str]:
+    """Keep the newest ``keep`` cached releases (by creation) and the blobs they list."""
+    root = cache_root()
+    releases: list[tuple[Manifest | None, Path]] = []
+    for d in (root / "releases").glob("*"):
+        try:
+            releases.append((Manifest.from_json((d / MANIFEST).read_bytes()), d))
+        except (OSError, ShimError):
+            releases.append((None, d))
+    releases.sort(key=lambda item: item[0].created if item[0] else -1, reverse=True)
+    removed: list[str] = []
+    kept_digests: set[str] = set()
+    for index, (manifest, d) in enumerate(releases):
+        if manifest is not None and index < keep:
+            kept_digests |= {a.sha256 for a in manifest.artifacts}
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(f"release {d.name}")
+    blob_dir = root / "blobs" / "sha256"
+    for blob in blob_dir.glob("*") if blob_dir.is_dir() else []:
+        digest = blob.name.lstrip(".").split(".")[0]
+        if digest not in kept_digests:
+            with locked(blob_dir / f".{digest}.lock"):
+                blob.unlink(missing_ok=True)
+            if not blob.name.startswith("."):
+                removed.append(f"blob {digest}")
+    return removed

@@ -1,0 +1,214 @@
+"""Downloads into a content-addressed blob cache, with resume.
+
+``<cache>/blobs/sha256/<digest>`` holds complete, verified files only: a
+download goes to ``.<digest>.partial`` (with its validator in
+``.<digest>.partial.json``), is hashed while it streams, and is renamed
+into place only when its size and sha256 match what the signed manifest
+says. An interrupted download resumes with ``Range`` + ``If-Range``; 206
+appends, 200 starts over, 416 starts over once. A per-digest lock lets
+concurrent shims share one download. A cached blob is re-hashed before use
+unless its size, mtime and inode are exactly those recorded when it was
+verified (a digest file alone is never trusted).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import ShimError
+from .fsutil import cache_root, locked, sha256_file, write_atomic
+
+CHUNK = 1 << 20
+Progress = Callable[[str, int, int], None]
+
+
+class FetchError(ShimError):
+    code = "FETCH_FAILED"
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a release lives: ``file://DIR``, ``http(s)://HOST/PATH``."""
+
+    url: str
+    allow_http: bool = False
+
+    def __post_init__(self) -> None:
+        parsed = urllib.parse.urlparse(self.url)
+        if parsed.scheme == "http":
+            host = parsed.hostname or ""
+            loopback = host in ("localhost", "::1") or host.startswith("127.")
+            if not (loopback and self.allow_http):
+                raise FetchError(
+                    f"refusing plain http for {self.url}",
+                    hint="use https; plain http is allowed only on loopback with --allow-http",
+                )
+        elif parsed.scheme not in ("https", "file"):
+            raise FetchError(f"unsupported URL scheme {parsed.scheme!r} in {self.url}", hint="use https:// or file://")
+
+    def join(self, relative: str) -> str:
+        return self.url.rstrip("/") + "/" + relative
+
+    def read(self, relative: str, limit: int = 16 << 20) -> bytes:
+        url = self.join(relative)
+        try:
+            with urllib.request.urlopen(url, timeout=60) as resp:
+                data: bytes = resp.read(limit + 1)
+        except (OSError, urllib.error.URLError) as exc:
+            raise FetchError(f"cannot read {url}: {exc}", hint="check the URL and the network") from None
+        if len(data) > limit:
+            raise FetchError(f"{url} is larger than {limit} bytes")
+        return data
+
+
+class BlobCache:
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = root or cache_root() / "blobs" / "sha256"
+
+    def path(self, digest: str) -> Path:
+        return self.root / digest
+
+    def _stamp_file(self, digest: str) -> Path:
+        return self.root / f".{digest}.verified"
+
+    def valid(self, digest: str, size: int) -> bool:
+        """Present and intact: cheap when untouched since verification."""
+        path = self.path(digest)
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return False
+        stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
+        try:
+            if json.loads(self._stamp_file(digest).read_text()) == stamp and st.st_size == size:
+                return True
+        except (OSError, ValueError):
+            pass
+        if st.st_size != size or sha256_file(path) != digest:
+            return False
+        write_atomic(self._stamp_file(digest), json.dumps(stamp).encode())
+        return True
+
+    def fetch(self, source: Source, location: str, digest: str, size: int, progress: Progress | None = None) -> Path:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with locked(self.root / f".{digest}.lock"):
+            if self.valid(digest, size):
+                return self.path(digest)
+            if self.path(digest).exists():  # damaged in the cache: fetched again, never used
+                self.path(digest).unlink()
+            last: Exception | None = None
+            for attempt in range(4):
+                try:
+                    return self._download(source, location, digest, size, progress)
+                except _Retry as exc:
+                    last = exc
+                    time.sleep(min(2.0, 0.1 * 2**attempt))
+            raise FetchError(f"downloading {source.join(location)} failed: {last}", hint="try again; it resumes")
+
+    def _download(self, source: Source, location: str, digest: str, size: int, progress: Progress | None) -> Path:
+        partial = self.root / f".{digest}.partial"
+        meta = self.root / f".{digest}.partial.json"
+        url = source.join(location)
+        if urllib.parse.urlparse(url).scheme == "file":
+            return self._copy_local(urllib.parse.urlparse(url).path, digest, size)
+        have = partial.stat().st_size if partial.exists() else 0
+        validator = json.loads(meta.read_text()).get("validator") if have and meta.exists() else None
+        if have > size:
+            partial.unlink()
+            have = 0
+        request = urllib.request.Request(url)
+        if have and validator:
+            request.add_header("Range", f"bytes={have}-")
+            request.add_header("If-Range", validator)
+        try:
+            resp = urllib.request.urlopen(request, timeout=60)
+        except urllib.error.HTTPError as exc:
+            if exc.code == 416:  # our partial is not a prefix of what the server has now
+                partial.unlink(missing_ok=True)
+                raise _Retry("416 on resume: starting over") from None
+            raise FetchError(f"{url}: HTTP {exc.code}", hint="check the release store") from None
+        except (OSError, urllib.error.URLError) as exc:
+            raise _Retry(str(exc)) from None
+        h = hashlib.sha256()
+        with resp:
+            if resp.status == 206 and have:
+                mode = "ab"
+                with partial.open("rb") as f:  # the kept prefix is hashed again, never trusted
+                    while chunk := f.read(CHUNK):
+                        h.update(chunk)
+            else:
+                mode, have = "wb", 0
+            validator = resp.headers.get("ETag") or resp.headers.get("Last-Modified")
+            write_atomic(meta, json.dumps({"validator": validator}).encode())
+            received = have
+            try:
+                with partial.open(mode) as out:
+                    while chunk := resp.read(CHUNK):
+                        received += len(chunk)
+                        if received > size:
+                            raise FetchError(
+                                f"{url} sent more than the {size} bytes the manifest lists",
+                                hint="the server or the release is wrong; nothing was kept",
+                            )
+                        h.update(chunk)
+                        out.write(chunk)
+                        if progress is not None:
+                            progress(location, received, size)
+                    out.flush()
+                    os.fsync(out.fileno())
+            except FetchError:
+                partial.unlink(missing_ok=True)
+                meta.unlink(missing_ok=True)
+                raise
+            except OSError as exc:
+                if exc.errno == errno.ENOSPC:
+                    partial.unlink(missing_ok=True)
+                    meta.unlink(missing_ok=True)
+                    raise FetchError(
+                        f"disk full while downloading {location} into {self.root}",
+                        hint=f"free at least {size} bytes, or set TERMINAI_CACHE to a larger disk",
+                    ) from None
+                raise _Retry(str(exc)) from None
+        if received < size:
+            raise _Retry(f"connection ended after {received} of {size} bytes")
+        if h.hexdigest() != digest:
+            partial.unlink(missing_ok=True)
+            meta.unlink(missing_ok=True)
+            raise FetchError(f"{url} has sha256 {h.hexdigest()}; the manifest says {digest}", hint="nothing was kept")
+        os.replace(partial, self.path(digest))
+        meta.unlink(missing_ok=True)
+        st = self.path(digest).stat()
+        write_atomic(self._stamp_file(digest), json.dumps([st.st_size, st.st_mtime_ns, st.st_ino]).encode())
+        return self.path(digest)
+
+    def _copy_local(self, path: str, digest: str, size: int) -> Path:
+        tmp = self.root / f".{digest}.partial"
+        try:
+            shutil.copyfile(path, tmp)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            if exc.errno == errno.ENOSPC:
+                raise FetchError(f"disk full while copying {path} into {self.root}") from None
+            raise FetchError(f"cannot read {path}: {exc}") from None
+        if tmp.stat().st_size != size or sha256_file(tmp) != digest:
+            tmp.unlink()
+            raise FetchError(f"{path} does not match the manifest (size {size}, sha256 {digest})")
+        with tmp.open("rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path(digest))
+        return self.path(digest)
+
+
+class _Retry(Exception):
+    """A transient failure: the partial file is kept and the download resumes."""
