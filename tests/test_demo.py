@@ -43,8 +43,8 @@ def test_run_boots_only_a_verified_release_fetched_over_http(ctx, kernel, rootfs
     env = dict(os.environ, TERMINAI_CACHE=str(tmp_path / "cache"))
     url = f"http://127.0.0.1:{httpd.server_address[1]}"
     try:
-        ok = subprocess.run([shim, "run", "--manifest", url, "--allow-http", "--dev", "--trusted-root", str(trusted),
-                             "--", "cat", "/etc/terminai-release"], env=env, capture_output=True, timeout=600)  # fmt: skip
+        base = [shim, "run", "--manifest", url, "--allow-http", "--dev", "--trusted-root", str(trusted)]
+        ok = subprocess.run([*base, "--", "cat", "/etc/terminai-release"], env=env, capture_output=True, timeout=600)
         assert ok.returncode == 0, ok.stderr
         assert ok.stdout == b"TERMINAI_VERSION=0.1.0\n"
         # Tamper with the served root image: the shim refuses before booting.
@@ -53,8 +53,7 @@ def test_run_boots_only_a_verified_release_fetched_over_http(ctx, kernel, rootfs
         data[-1] ^= 1
         blob.write_bytes(bytes(data))
         env["TERMINAI_CACHE"] = str(tmp_path / "cache2")
-        bad = subprocess.run([shim, "run", "--manifest", url, "--allow-http", "--dev", "--trusted-root", str(trusted),
-                              "--", "true"], env=env, capture_output=True, timeout=600)  # fmt: skip
+        bad = subprocess.run([*base, "--", "true"], env=env, capture_output=True, timeout=600)
         assert bad.returncode == 125 and b"the manifest says" in bad.stderr
         assert not list((tmp_path / "cache2").glob("snapshots/*")), "nothing was booted"
     finally:
