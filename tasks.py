@@ -164,12 +164,12 @@ def repro(c: Context, artifact: str = "all") -> None:
 
 @task(
     help={
-        "parts": "comma-separated: kernel,guest,snapshot,shim (default: all)",
+        "parts": "comma-separated: kernel,guest,snapshot,shim,fetch (default: all)",
         "runs": "repetitions per boot measurement (median reported)",
         "clean": "also time a clean kernel build (about 10 minutes)",
     }
 )
-def bench(c: Context, parts: str = "kernel,guest,snapshot,shim", runs: int = 5, clean: bool = False) -> None:
+def bench(c: Context, parts: str = "kernel,guest,snapshot,shim,fetch", runs: int = 5, clean: bool = False) -> None:
     """Benchmarks against same-run baselines; writes build/bench/results.json and .png."""
     import json
 

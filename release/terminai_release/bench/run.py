@@ -278,6 +278,85 @@ def bench_snapshot(ctx: BuildContext, runs: int, work: Path) -> dict[str, Any]:
         os.environ.pop("TERMINAI_CACHE", None)
 
 
+def bench_fetch(ctx: BuildContext, work: Path) -> dict[str, Any]:
+    """Verify and download throughput against sha256sum and curl; bytes moved on resume."""
+    import hashlib
+    import shutil
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from terminai_shim._internal.fetch import BlobCache, Source
+    from terminai_shim._internal.fsutil import sha256_file
+
+    size = 200 << 20
+    blob = work / "serve" / "artifact.bin"
+    blob.parent.mkdir(parents=True)
+    with blob.open("wb") as f:
+        for _ in range(size // (1 << 20)):
+            f.write(os.urandom(1 << 20))
+    digest = hashlib.sha256(blob.read_bytes()).hexdigest()
+    sha256sum = _timed(lambda: subprocess.run(["sha256sum", str(blob)], capture_output=True, check=True))
+    ours = _timed(lambda: sha256_file(blob))
+    served = {"bytes": 0, "cut": False}
+
+    class Handler(BaseHTTPRequestHandler):
+        """One file, with ETag and Range (as any CDN or S3 serves it); counts body bytes."""
+
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            start = 0
+            if self.headers.get("Range") and self.headers.get("If-Range") == '"bench"':
+                start = int(self.headers["Range"].split("=")[1].split("-")[0])
+                self.send_response(206)
+                self.send_header("Content-Range", f"bytes {start}-{size - 1}/{size}")
+            else:
+                self.send_response(200)
+            self.send_header("ETag", '"bench"')
+            self.send_header("Content-Length", str(size - start))
+            self.end_headers()
+            with blob.open("rb") as f:
+                f.seek(start)
+                while chunk := f.read(1 << 20):
+                    if served["cut"] and served["bytes"] >= size // 2:
+                        served["cut"] = False
+                        self.close_connection = True
+                        return
+                    self.wfile.write(chunk)
+                    served["bytes"] += len(chunk)
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    try:
+        curl = _timed(lambda: subprocess.run(["curl", "-sf", "-o", str(work / "curl.bin"), f"{url}/artifact.bin"],
+                                             check=True))  # fmt: skip
+        source = Source(url, allow_http=True)
+        shim = _timed(lambda: BlobCache(work / "c1").fetch(source, "artifact.bin", digest, size))
+        served["bytes"], served["cut"] = 0, True
+        BlobCache(work / "c2").fetch(source, "artifact.bin", digest, size)
+        resumed_bytes = served["bytes"]
+    finally:
+        httpd.shutdown()
+        shutil.rmtree(work / "serve", ignore_errors=True)
+    return {
+        "artifact_bytes": size,
+        "verify_mb_s": size / ours / 1e6,
+        "sha256sum_mb_s": size / sha256sum / 1e6,
+        "verify_ratio_vs_sha256sum": sha256sum / ours,
+        "verify_ratio_target": 0.9,
+        "download_mb_s": size / shim / 1e6,
+        "curl_mb_s": size / curl / 1e6,
+        "download_ratio_vs_curl": curl / shim,
+        "download_ratio_target": 0.8,
+        "resume_cut_at": size // 2,
+        "bytes_served_for_cut_download": resumed_bytes,
+        "resume_overhead_bytes": resumed_bytes - size,
+    }
+
+
 def _child_qemu(pid: int) -> int:
     for task in Path(f"/proc/{pid}/task").iterdir():
         for kid in (task / "children").read_text().split():
@@ -365,6 +444,9 @@ def run(ctx: BuildContext, parts: list[str], runs: int, clean: bool) -> dict[str
         if "snapshot" in parts:
             ctx.reporter.info("bench", "snapshot: restore to ready vs cold boot to ready")
             results["snapshot"] = bench_snapshot(ctx, runs, work)
+        if "fetch" in parts:
+            ctx.reporter.info("bench", "fetch: verify vs sha256sum, download vs curl, resume after a cut at 50 %")
+            results["fetch"] = bench_fetch(ctx, work)
         if "shim" in parts:
             ctx.reporter.info("bench", "shim: overhead against a bare QEMU and the bare protocol")
             results["shim"] = bench_shim(ctx, runs)

@@ -17,14 +17,17 @@ import errno
 import hashlib
 import json
 import os
+import queue
 import shutil
+import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..errors import ShimError
 from .fsutil import cache_root, locked, sha256_file, write_atomic
@@ -154,7 +157,7 @@ class BlobCache:
             received = have
             try:
                 with partial.open(mode) as out:
-                    while chunk := resp.read(CHUNK):
+                    for chunk in _read_ahead(resp):
                         received += len(chunk)
                         if received > size:
                             raise FetchError(
@@ -208,6 +211,42 @@ class BlobCache:
             os.fsync(f.fileno())
         os.replace(tmp, self.path(digest))
         return self.path(digest)
+
+
+def _read_ahead(resp: Any, depth: int = 8) -> Iterator[bytes]:
+    """Chunks of ``resp``, read by a second thread: the network read overlaps
+    hashing and writing (all three release the GIL on large buffers)."""
+    chunks: queue.Queue[bytes | BaseException | None] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def reader() -> None:
+        try:
+            while not stop.is_set():
+                chunk = resp.read(CHUNK)
+                if not chunk:
+                    break
+                chunks.put(chunk)
+            chunks.put(None)
+        except BaseException as exc:  # handed to the consumer, raised there
+            chunks.put(exc)
+
+    thread = threading.Thread(target=reader, name="fetch-read", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = chunks.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a reader waiting on a full queue
+            try:
+                chunks.get_nowait()
+            except queue.Empty:
+                thread.join(0.05)
 
 
 class _Retry(Exception):
