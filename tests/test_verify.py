@@ -188,3 +188,30 @@ def test_fetch_release_over_http_verifies_before_downloading(stack, root, tmp_pa
         assert str(verified.path("kernel")).startswith(str(tmp_path / "cache" / "blobs" / "sha256"))
     finally:
         httpd.shutdown()
+
+
+def test_identity_patterns_and_the_pinned_policy(stack, root, tmp_path):
+    from sigstore.models import TrustedRoot
+    from terminai_shim.verify import pinned_policy
+
+    workflow = "https://github.com/terminai/terminai-runtime/.github/workflows/release.yml@refs/tags/v0.1.0"
+    rel = tmp_path / "rel"
+    _release(stack, rel)
+    data = (rel / "manifest.json").read_bytes()
+    (rel / "manifest.json.sigstore.json").write_text(
+        sign_bytes(data, stack.trust_config(), stack.identity_token(workflow))
+    )
+    stable = pinned_policy("stable")
+    assert stable.identity is None and stable.identity_pattern is not None
+    TrustedRoot.from_file(str(stable.trusted_root))  # the shipped root parses
+    ok = TrustPolicy(root, None, ISSUER, stable.identity_pattern)
+    verify_release(rel, ok, state=SerialState(tmp_path / "a.json"))
+    wrong_tag = TrustPolicy(root, None, ISSUER, pinned_policy("dev").identity_pattern)
+    with pytest.raises(VerificationFailed, match="does not match"):
+        verify_release(rel, wrong_tag, state=SerialState(tmp_path / "b.json"))
+    # With no policy given, the pinned one for the manifest's channel applies:
+    # a release signed by anyone else (here the dev stack) is refused.
+    with pytest.raises(VerificationFailed, match="does not verify"):
+        verify_release(rel, None, state=SerialState(tmp_path / "c.json"))
+    with pytest.raises(VerificationFailed, match="no signer is pinned"):
+        pinned_policy("nightly")

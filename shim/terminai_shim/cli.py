@@ -60,7 +60,8 @@ def _trust_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _policy(args: argparse.Namespace, directory: Path | None) -> TrustPolicy:
+def _policy(args: argparse.Namespace, directory: Path | None) -> TrustPolicy | None:
+    """An explicit policy from the flags, or None: the pinned one for the manifest's channel."""
     from .errors import ConfigError
     from .verify import DEV_IDENTITY, DEV_ISSUER, TrustPolicy, dev_policy
 
@@ -71,9 +72,12 @@ def _policy(args: argparse.Namespace, directory: Path | None) -> TrustPolicy:
             raise ConfigError("--dev with a remote release needs --trusted-root",
                               hint="a trust root is never taken from the server it is meant to check")  # fmt: skip
         return dev_policy(directory)
-    if not (args.trusted_root and args.identity and args.issuer):
-        raise ConfigError("verifying a release needs --trusted-root, --identity and --issuer (or --dev)",
-                          hint="nothing is booted without a verified signature")  # fmt: skip
+    given = [args.trusted_root, args.identity, args.issuer]
+    if not any(given):
+        return None
+    if not all(given):
+        raise ConfigError("an explicit policy needs all of --trusted-root, --identity and --issuer",
+                          hint="or none of them, to use the signer pinned for the release's channel")  # fmt: skip
     return TrustPolicy(args.trusted_root, args.identity, args.issuer)
 
 

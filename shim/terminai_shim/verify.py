@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from terminai_agent import protocol as P
 
@@ -46,11 +48,32 @@ class RollbackRefused(VerificationFailed):
 
 @dataclass(frozen=True)
 class TrustPolicy:
-    """Which trust root, and who must have signed (exact identity and issuer)."""
+    """Which trust root, and who must have signed: the OIDC issuer, and the
+    signer's identity either exactly or as a full-match regular expression
+    (release workflows sign as a URI that names the tag)."""
 
     trusted_root: Path
-    identity: str
+    identity: str | None
     issuer: str
+    identity_pattern: str | None = None
+
+    def describe(self) -> str:
+        who = self.identity if self.identity is not None else f"an identity matching {self.identity_pattern}"
+        return f"{who} from {self.issuer}"
+
+
+def pinned_policy(channel: str) -> TrustPolicy:
+    """The shipped default: Sigstore's public-good root and the release workflow's identity."""
+    from importlib.resources import files
+
+    trust = files("terminai_shim") / "trust"
+    doc = json.loads((trust / "policy.json").read_text())
+    if channel not in doc["channels"]:
+        raise VerificationFailed(
+            f"no signer is pinned for channel {channel!r}", hint=f"known channels: {sorted(doc['channels'])}"
+        )
+    root = Path(str(trust / doc["trustedRoot"]))
+    return TrustPolicy(root, None, doc["issuer"], doc["channels"][channel]["identityPattern"])
 
 
 def dev_policy(directory: Path) -> TrustPolicy:
@@ -77,15 +100,39 @@ def check_signature(data: bytes, bundle_json: str, policy: TrustPolicy) -> None:
     try:
         root = TrustedRoot.from_file(str(policy.trusted_root))
         bundle = Bundle.from_json(bundle_json)
-        Verifier(trusted_root=root).verify_artifact(
-            data, bundle, sigstore_policy.Identity(identity=policy.identity, issuer=policy.issuer)
-        )
+        rule: Any
+        if policy.identity is not None:
+            rule = sigstore_policy.Identity(identity=policy.identity, issuer=policy.issuer)
+        else:
+            rule = sigstore_policy.AllOf(
+                [sigstore_policy.OIDCIssuer(policy.issuer), _IdentityPattern(str(policy.identity_pattern))]
+            )
+        Verifier(trusted_root=root).verify_artifact(data, bundle, rule)
     except (SigstoreError, ValueError) as exc:
         raise VerificationFailed(
             f"signature of {MANIFEST} does not verify: {exc}",
-            hint=f"check the trust root ({policy.trusted_root}) and the expected signer {policy.identity} "
-            f"from {policy.issuer}; never boot an unverified release",
+            hint=f"check the trust root ({policy.trusted_root}) and the expected signer, {policy.describe()}; "
+            "never boot an unverified release",
         ) from None
+
+
+class _IdentityPattern:
+    """A sigstore verification policy: the certificate's SAN fully matches a pattern."""
+
+    def __init__(self, pattern: str) -> None:
+        self.pattern = re.compile(pattern)
+
+    def verify(self, cert: Any) -> None:
+        from cryptography import x509
+        from sigstore.errors import VerificationError
+
+        try:
+            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        except x509.ExtensionNotFound:
+            raise VerificationError("the signing certificate has no subject alternative name") from None
+        names = san.get_values_for_type(x509.UniformResourceIdentifier) + san.get_values_for_type(x509.RFC822Name)
+        if not any(self.pattern.fullmatch(name) for name in names):
+            raise VerificationError(f"signer {names} does not match {self.pattern.pattern}")
 
 
 def check_artifact(path: Path, artifact: Artifact) -> None:
@@ -137,9 +184,23 @@ class SerialState:
                 write_atomic(self.path, json.dumps(known, indent=2).encode())
 
 
+def _choose(policy: TrustPolicy | None, data: bytes) -> TrustPolicy:
+    """The given policy, or the pinned one for the channel the manifest names.
+
+    The channel is read before the signature is checked, but it is inside
+    the signed bytes: a manifest that lies about it fails verification."""
+    if policy is not None:
+        return policy
+    try:
+        channel = str(json.loads(data)["channel"])
+    except (ValueError, KeyError, TypeError):
+        raise VerificationFailed("manifest.json names no channel to choose a signer for") from None
+    return pinned_policy(channel)
+
+
 def verify_release(
     directory: Path,
-    policy: TrustPolicy,
+    policy: TrustPolicy | None,
     *,
     kinds: tuple[str, ...] = ("kernel", "rootfs"),
     state: SerialState | None = None,
@@ -150,7 +211,7 @@ def verify_release(
         bundle = (directory / BUNDLE).read_text()
     except OSError as exc:
         raise VerificationFailed(f"release in {directory} is incomplete: {exc}") from None
-    check_signature(data, bundle, policy)
+    check_signature(data, bundle, _choose(policy, data))
     manifest = Manifest.from_json(data)
     manifest.check_usable(__version__, P.PROTOCOL_VERSION, time.time() if now is None else now)
     state = state or SerialState()
@@ -164,7 +225,7 @@ def verify_release(
 
 def fetch_release(
     url: str,
-    policy: TrustPolicy,
+    policy: TrustPolicy | None,
     *,
     allow_http: bool = False,
     kinds: tuple[str, ...] = ("kernel", "rootfs"),
@@ -184,7 +245,7 @@ def fetch_release(
     source = Source(url, allow_http=allow_http)
     data = source.read(MANIFEST)
     bundle = source.read(BUNDLE).decode()
-    check_signature(data, bundle, policy)
+    check_signature(data, bundle, _choose(policy, data))
     manifest = Manifest.from_json(data)
     manifest.check_usable(__version__, P.PROTOCOL_VERSION, time.time() if now is None else now)
     state = state or SerialState()
