@@ -107,3 +107,44 @@ def test_ci_ambient_identity_through_a_token_endpoint(stack, signed, monkeypatch
     bundle = sign_bytes(DATA, stack.trust_config(), got)
     _, root = signed
     verify_bytes(DATA, bundle, root, claims["sub"], ISSUER)
+
+
+def test_keyless_release_signing_from_ci_identity(stack, tmp_path, monkeypatch):
+    """`inv release --keyless` as CI runs it: ambient identity from the token
+    endpoint, signer services from a trust config (here the local stack)."""
+    from terminai_release.context import BuildContext
+    from terminai_release.progress import Reporter
+    from terminai_release.release import Release, sign_release
+    from terminai_shim.manifest import Manifest
+
+    workflow = "https://github.com/terminai/terminai-runtime/.github/workflows/release.yml@refs/tags/v0.1.0"
+    token = stack.identity_token(workflow)
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            body = json.dumps({"value": token}).encode()
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("GITHUB_ACTIONS", "true")
+    monkeypatch.setenv("ACTIONS_ID_TOKEN_REQUEST_URL", f"http://127.0.0.1:{server.server_address[1]}/t?a=b")
+    monkeypatch.setenv("ACTIONS_ID_TOKEN_REQUEST_TOKEN", "secret")
+    config = tmp_path / "trust-config.json"
+    config.write_text(json.dumps(stack.trust_config()))
+    (tmp_path / "rel").mkdir()
+    (tmp_path / "rel" / "manifest.json").write_bytes(DATA)
+    rel = Release(tmp_path / "rel", Manifest.__new__(Manifest))
+    try:
+        out = sign_release(BuildContext(reporter=Reporter("plain")), rel, keyless=True, trust_config=config)
+    finally:
+        server.shutdown()
+    root = tmp_path / "root.json"
+    root.write_text(json.dumps(stack.trusted_root()))
+    verify_bytes(DATA, out.read_text(), root, workflow, ISSUER)
+    assert not (tmp_path / "rel" / "dev-trusted-root.json").exists()

@@ -8,6 +8,7 @@ source date, so two runs of the same commit write identical bytes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -140,27 +141,30 @@ def sign_release(ctx: BuildContext, rel: Release, *, keyless: bool = False, trus
     development stack, whose trust root is written beside the manifest as
     ``dev-trusted-root.json``: never trusted unless a verifier is told to.
     """
+    from sigstore.models import ClientTrustConfig
+    from sigstore.oidc import IdentityToken
+
     from .signing.devstack import DevSigstore
     from .signing.sign import ambient_token, sign_bytes, verify_bytes
 
     data = rel.manifest_path.read_bytes()
-    if keyless:
-        from sigstore.models import ClientTrustConfig
-
-        config = (
-            ClientTrustConfig.from_json(trust_config.read_text()) if trust_config else ClientTrustConfig.production()
-        )
-        bundle = sign_bytes(data, config, ambient_token())
-        root_path = None
-    else:
-        with DevSigstore(ctx.cache.root / "dev-sigstore") as stack:
-            token = stack.identity_token()
-            bundle = sign_bytes(data, stack.trust_config(), token)
+    root_path = None
+    with contextlib.ExitStack() as stack:
+        if keyless:
+            text = trust_config.read_text() if trust_config else None
+            config = ClientTrustConfig.from_json(text) if text else ClientTrustConfig.production()
+            token = ambient_token()
+        else:
+            dev = stack.enter_context(DevSigstore(ctx.cache.root / "dev-sigstore"))
+            config = ClientTrustConfig.from_json(json.dumps(dev.trust_config()))
+            token = dev.identity_token()
             root_path = rel.directory / DEV_TRUSTED_ROOT
-            write_atomic(root_path, json.dumps(stack.trusted_root(), indent=2).encode())
-            from .signing.devstack import DEFAULT_IDENTITY, ISSUER
-
-            verify_bytes(data, bundle, root_path, DEFAULT_IDENTITY, ISSUER)
+            write_atomic(root_path, json.dumps(dev.trusted_root(), indent=2).encode())
+        bundle = sign_bytes(data, config, token)
+        identity = IdentityToken(token)
+        # The signer checks its own output against the same trust root before
+        # anything is written under the final name.
+        verify_bytes(data, bundle, config.trusted_root, identity.identity, str(identity.issuer))
     out = rel.directory / BUNDLE
     write_atomic(out, bundle.encode())
     ctx.reporter.done(

@@ -38,8 +38,10 @@ def sign_bytes(data: bytes, trust_config: ClientTrustConfig | dict[str, Any], to
     return bundle.to_json()
 
 
-def verify_bytes(data: bytes, bundle_json: str, trusted_root: Path, identity: str, issuer: str) -> None:
+def verify_bytes(data: bytes, bundle_json: str, trusted_root: Path | TrustedRoot, identity: str, issuer: str) -> None:
     """Raises sigstore's VerificationError (naming the failed check) on failure."""
-    Verifier(trusted_root=TrustedRoot.from_file(str(trusted_root))).verify_artifact(
+    if isinstance(trusted_root, Path):
+        trusted_root = TrustedRoot.from_file(str(trusted_root))
+    Verifier(trusted_root=trusted_root).verify_artifact(
         data, Bundle.from_json(bundle_json), policy.Identity(identity=identity, issuer=issuer)
     )
