@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 
@@ -115,3 +116,18 @@ def test_release_writes_verified_content_addressed_blobs(ctx, kernel, rootfs, tm
     assert "vmlinux-" in (rel.directory / "RELEASE-NOTES.md").read_text()
     again = build_release(ctx, channel="dev", out=tmp_path / "b")
     assert again.manifest_path.read_bytes() == data, "the manifest of one commit is reproducible"
+
+    from terminai_release.release import sign_release
+    from terminai_release.signing.devstack import DEFAULT_IDENTITY, ISSUER
+    from terminai_release.signing.sign import verify_bytes, verify_statement
+
+    sign_release(ctx, rel)
+    root = rel.directory / "dev-trusted-root.json"
+    verify_bytes(data, (rel.directory / "manifest.json.sigstore.json").read_text(), root, DEFAULT_IDENTITY, ISSUER)
+    statement = verify_statement(
+        (rel.directory / "provenance.sigstore.json").read_text(), root, DEFAULT_IDENTITY, ISSUER
+    )
+    subjects = {s["name"]: s["digest"]["sha256"] for s in statement["subject"]}
+    assert subjects == {a.name: a.sha256 for a in m.artifacts} | {"manifest.json": hashlib.sha256(data).hexdigest()}
+    deps = statement["predicate"]["buildDefinition"]["resolvedDependencies"]
+    assert any(d.get("name", "").startswith("kernel-source") for d in deps)

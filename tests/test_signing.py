@@ -137,9 +137,17 @@ def test_keyless_release_signing_from_ci_identity(stack, tmp_path, monkeypatch):
     monkeypatch.setenv("ACTIONS_ID_TOKEN_REQUEST_TOKEN", "secret")
     config = tmp_path / "trust-config.json"
     config.write_text(json.dumps(stack.trust_config()))
+    from terminai_shim.manifest import Artifact, BootDefaults
+
+    arts = tuple(
+        Artifact(f"{kind}.bin", kind, "linux/amd64", 1, c * 64, "application/x", f"blobs/sha256/{c * 64}",
+                 {"source": {"kind": "tarball", "sha256": "e" * 64}, "fragments": [["base.conf", "f" * 64]]})
+        for kind, c in (("kernel", "a"), ("rootfs", "b"))
+    )  # fmt: skip
+    manifest = Manifest("0.1.0", "stable", 1, 1, 2, "abcdef0", "0.1.0", 1, BootDefaults(), arts)
     (tmp_path / "rel").mkdir()
     (tmp_path / "rel" / "manifest.json").write_bytes(DATA)
-    rel = Release(tmp_path / "rel", Manifest.__new__(Manifest))
+    rel = Release(tmp_path / "rel", manifest)
     try:
         out = sign_release(BuildContext(reporter=Reporter("plain")), rel, keyless=True, trust_config=config)
     finally:
@@ -148,3 +156,23 @@ def test_keyless_release_signing_from_ci_identity(stack, tmp_path, monkeypatch):
     root.write_text(json.dumps(stack.trusted_root()))
     verify_bytes(DATA, out.read_text(), root, workflow, ISSUER)
     assert not (tmp_path / "rel" / "dev-trusted-root.json").exists()
+    from terminai_release.signing.sign import verify_statement
+
+    statement = verify_statement((tmp_path / "rel" / "provenance.sigstore.json").read_text(), root, workflow, ISSUER)
+    assert {s["name"] for s in statement["subject"]} == {"kernel.bin", "rootfs.bin", "manifest.json"}
+
+
+def test_in_toto_statement_in_dsse(stack, signed):
+    from terminai_release.signing.sign import sign_statement, verify_statement
+
+    _, root = signed
+    subjects = {"vmlinux": "a" * 64, "rootfs.squashfs": "b" * 64}
+    bundle = sign_statement(subjects, "https://slsa.dev/provenance/v1", {"buildDefinition": {"buildType": "x"}},
+                            stack.trust_config(), stack.identity_token())  # fmt: skip
+    statement = verify_statement(bundle, root, DEFAULT_IDENTITY, ISSUER)
+    assert statement["predicateType"] == "https://slsa.dev/provenance/v1"
+    assert {s["name"]: s["digest"]["sha256"] for s in statement["subject"]} == subjects
+    doc = json.loads(bundle)
+    doc["dsseEnvelope"]["payload"] = base64.b64encode(b'{"tampered": true}').decode()
+    with pytest.raises(VerificationError):
+        verify_statement(json.dumps(doc), root, DEFAULT_IDENTITY, ISSUER)

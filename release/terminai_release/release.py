@@ -24,7 +24,7 @@ from terminai_shim.manifest import Artifact, BootDefaults, Manifest
 
 from .cache import write_atomic
 from .context import BuildContext
-from .digest import sha256_file
+from .digest import sha256_bytes, sha256_file
 from .errors import BuildError
 from .kernel import build_kernel
 from .rootfs.kit import build_kit_wheel
@@ -130,7 +130,45 @@ def build_release(
 
 
 BUNDLE = "manifest.json.sigstore.json"
+PROVENANCE = "provenance.sigstore.json"
 DEV_TRUSTED_ROOT = "dev-trusted-root.json"
+SLSA_PROVENANCE = "https://slsa.dev/provenance/v1"
+
+
+def _provenance(ctx: BuildContext, rel: Release, keyless: bool) -> dict[str, Any]:
+    """A SLSA v1 provenance predicate: what was built, from which pinned inputs."""
+    import tomllib
+
+    m = rel.manifest
+    deps: list[dict[str, Any]] = [{"uri": f"git+{ctx.repo.name}@{m.git_commit}", "digest": {"gitCommit": m.git_commit}}]
+    kernel = m.artifact("kernel").build
+    source = kernel.get("source", {})
+    deps.append({"name": f"kernel-source {source.get('kind')} {source.get('version') or source.get('url')}",
+                 "digest": {"sha256": source.get("sha256")}})  # fmt: skip
+    deps += [
+        {"name": f"kernel-config/{name}", "digest": {"sha256": digest}} for name, digest in kernel.get("fragments", [])
+    ]
+    mkosi = tomllib.loads((ctx.repo / "images/rootfs/mkosi.toml").read_text())["mkosi"]
+    deps.append({"name": f"mkosi {mkosi['version']}", "digest": {"sha256": mkosi["sha256"]}})
+    rootfs = m.artifact("rootfs").build
+    deps += [
+        {"name": f"rootfs-input {k}", "digest": {"sha256": rootfs[k]}}
+        for k in ("kit", "agent", "project")
+        if k in rootfs
+    ]
+    builder = os.environ.get("GITHUB_WORKFLOW_REF", "local-development") if keyless else "local-development"
+    return {
+        "buildDefinition": {
+            "buildType": "https://terminai.invalid/release/v1",
+            "externalParameters": {"release": m.release, "channel": m.channel, "serial": m.serial},
+            "internalParameters": {"sourceDateEpoch": m.created},
+            "resolvedDependencies": deps,
+        },
+        "runDetails": {
+            "builder": {"id": builder},
+            "metadata": {"invocationId": os.environ.get("GITHUB_RUN_ID", "local")},
+        },
+    }
 
 
 def sign_release(ctx: BuildContext, rel: Release, *, keyless: bool = False, trust_config: Path | None = None) -> Path:
@@ -145,7 +183,7 @@ def sign_release(ctx: BuildContext, rel: Release, *, keyless: bool = False, trus
     from sigstore.oidc import IdentityToken
 
     from .signing.devstack import DevSigstore
-    from .signing.sign import ambient_token, sign_bytes, verify_bytes
+    from .signing.sign import ambient_token, sign_bytes, sign_statement, verify_bytes, verify_statement
 
     data = rel.manifest_path.read_bytes()
     root_path = None
@@ -165,6 +203,10 @@ def sign_release(ctx: BuildContext, rel: Release, *, keyless: bool = False, trus
         # The signer checks its own output against the same trust root before
         # anything is written under the final name.
         verify_bytes(data, bundle, config.trusted_root, identity.identity, str(identity.issuer))
+        subjects = {a.name: a.sha256 for a in rel.manifest.artifacts} | {"manifest.json": sha256_bytes(data)}
+        provenance = sign_statement(subjects, SLSA_PROVENANCE, _provenance(ctx, rel, keyless), config, token)
+        verify_statement(provenance, config.trusted_root, identity.identity, str(identity.issuer))
+    write_atomic(rel.directory / PROVENANCE, provenance.encode())
     out = rel.directory / BUNDLE
     write_atomic(out, bundle.encode())
     ctx.reporter.done(

@@ -295,10 +295,30 @@ class DevSigstore:
         return struct.pack("!HH", len(sct) + 2, len(sct)) + sct
 
     # -- the transparency log ------------------------------------------------------------
+    @staticmethod
+    def _canonical_body(proposed: dict[str, Any]) -> bytes:
+        """The entry as the log records it: hashedrekord as proposed; dsse
+        reduced, as Rekor does, to payload and envelope hashes plus signatures."""
+        kind, version = proposed.get("kind"), proposed.get("apiVersion")
+        if version != "0.0.1" or kind not in ("hashedrekord", "dsse"):
+            raise ValueError("only hashedrekord and dsse 0.0.1 entries are accepted")
+        if kind == "hashedrekord":
+            return rfc8785.dumps({"apiVersion": "0.0.1", "kind": kind, "spec": proposed["spec"]})
+        content = proposed["spec"]["proposedContent"]
+        envelope = json.loads(content["envelope"])
+        verifier = content["verifiers"][0]
+        spec = {
+            "envelopeHash": {"algorithm": "sha256", "value": hashlib.sha256(content["envelope"].encode()).hexdigest()},
+            "payloadHash": {
+                "algorithm": "sha256",
+                "value": hashlib.sha256(base64.b64decode(envelope["payload"])).hexdigest(),
+            },
+            "signatures": [{"signature": s["sig"], "verifier": verifier} for s in envelope["signatures"]],
+        }
+        return rfc8785.dumps({"apiVersion": "0.0.1", "kind": kind, "spec": spec})
+
     def log(self, proposed: dict[str, Any]) -> dict[str, Any]:
-        if proposed.get("kind") != "hashedrekord" or proposed.get("apiVersion") != "0.0.1":
-            raise ValueError("only hashedrekord 0.0.1 entries are accepted")
-        body = rfc8785.dumps({"apiVersion": "0.0.1", "kind": "hashedrekord", "spec": proposed["spec"]})
+        body = self._canonical_body(proposed)
         key = self._keys["rekor"]
         log_id = hashlib.sha256(_spki(key)).digest()
         leaves_file = self.home / "log-leaves"
