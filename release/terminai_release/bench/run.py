@@ -282,7 +282,6 @@ def bench_fetch(ctx: BuildContext, work: Path) -> dict[str, Any]:
     """Verify and download throughput against sha256sum and curl; bytes moved on resume."""
     import hashlib
     import shutil
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     from terminai_shim._internal.fetch import BlobCache, Source
     from terminai_shim._internal.fsutil import sha256_file
@@ -296,50 +295,30 @@ def bench_fetch(ctx: BuildContext, work: Path) -> dict[str, Any]:
     digest = hashlib.sha256(blob.read_bytes()).hexdigest()
     sha256sum = _timed(lambda: subprocess.run(["sha256sum", str(blob)], capture_output=True, check=True))
     ours = _timed(lambda: sha256_file(blob))
-    served = {"bytes": 0, "cut": False}
 
-    class Handler(BaseHTTPRequestHandler):
-        """One file, with ETag and Range (as any CDN or S3 serves it); counts body bytes."""
+    def serve(cut: bool) -> tuple[subprocess.Popen[bytes], str, Path]:
+        portfile = work / f"port-{cut}"
+        portfile.unlink(missing_ok=True)
+        argv = [sys.executable, "-m", "terminai_release.bench.rangeserver", str(blob), str(portfile)]
+        proc = subprocess.Popen([*argv, *(["--cut-once"] if cut else [])])
+        while not portfile.exists() or not portfile.read_text():
+            time.sleep(0.01)
+        return proc, f"http://127.0.0.1:{portfile.read_text()}", Path(f"{portfile}.bytes")
 
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-        def do_GET(self) -> None:
-            start = 0
-            if self.headers.get("Range") and self.headers.get("If-Range") == '"bench"':
-                start = int(self.headers["Range"].split("=")[1].split("-")[0])
-                self.send_response(206)
-                self.send_header("Content-Range", f"bytes {start}-{size - 1}/{size}")
-            else:
-                self.send_response(200)
-            self.send_header("ETag", '"bench"')
-            self.send_header("Content-Length", str(size - start))
-            self.end_headers()
-            with blob.open("rb") as f:
-                f.seek(start)
-                while chunk := f.read(1 << 20):
-                    if served["cut"] and served["bytes"] >= size // 2:
-                        served["cut"] = False
-                        self.close_connection = True
-                        return
-                    self.wfile.write(chunk)
-                    served["bytes"] += len(chunk)
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    server, url, _ = serve(cut=False)
     try:
         curl = _timed(lambda: subprocess.run(["curl", "-sf", "-o", str(work / "curl.bin"), f"{url}/artifact.bin"],
                                              check=True))  # fmt: skip
         source = Source(url, allow_http=True)
         shim = _timed(lambda: BlobCache(work / "c1").fetch(source, "artifact.bin", digest, size))
-        served["bytes"], served["cut"] = 0, True
-        BlobCache(work / "c2").fetch(source, "artifact.bin", digest, size)
-        resumed_bytes = served["bytes"]
     finally:
-        httpd.shutdown()
+        server.kill()
+    server, url, counter = serve(cut=True)
+    try:
+        BlobCache(work / "c2").fetch(Source(url, allow_http=True), "artifact.bin", digest, size)
+        resumed_bytes = int(counter.read_text())
+    finally:
+        server.kill()
         shutil.rmtree(work / "serve", ignore_errors=True)
     return {
         "artifact_bytes": size,
