@@ -143,57 +143,61 @@ class BlobCache:
             raise FetchError(f"{url}: HTTP {exc.code}", hint="check the release store") from None
         except (OSError, urllib.error.URLError) as exc:
             raise _Retry(str(exc)) from None
-        h = hashlib.sha256()
-        with resp:
-            if resp.status == 206 and have:
-                mode = "ab"
-                with partial.open("rb") as f:  # the kept prefix is hashed again, never trusted
-                    while chunk := f.read(CHUNK):
-                        h.update(chunk)
-            else:
-                mode, have = "wb", 0
-            validator = resp.headers.get("ETag") or resp.headers.get("Last-Modified")
-            write_atomic(meta, json.dumps({"validator": validator}).encode())
-            received = have
-            try:
-                with partial.open(mode) as out:
-                    for chunk in _read_ahead(resp):
-                        received += len(chunk)
-                        if received > size:
-                            raise FetchError(
-                                f"{url} sent more than the {size} bytes the manifest lists",
-                                hint="the server or the release is wrong; nothing was kept",
-                            )
-                        h.update(chunk)
-                        out.write(chunk)
-                        if progress is not None:
-                            progress(location, received, size)
-                    out.flush()
-                    os.fsync(out.fileno())
-            except FetchError:
-                partial.unlink(missing_ok=True)
-                meta.unlink(missing_ok=True)
-                raise
-            except OSError as exc:
-                if exc.errno == errno.ENOSPC:
+        h = _BackgroundHash()
+        try:
+            with resp:
+                if resp.status == 206 and have:
+                    mode = "ab"
+                    with partial.open("rb") as f:  # the kept prefix is hashed again, never trusted
+                        while chunk := f.read(CHUNK):
+                            h.update(chunk)
+                else:
+                    mode, have = "wb", 0
+                validator = resp.headers.get("ETag") or resp.headers.get("Last-Modified")
+                write_atomic(meta, json.dumps({"validator": validator}).encode())
+                received = have
+                try:
+                    with partial.open(mode) as out:
+                        for chunk in _read_ahead(resp):
+                            received += len(chunk)
+                            if received > size:
+                                raise FetchError(
+                                    f"{url} sent more than the {size} bytes the manifest lists",
+                                    hint="the server or the release is wrong; nothing was kept",
+                                )
+                            h.update(chunk)
+                            out.write(chunk)
+                            if progress is not None:
+                                progress(location, received, size)
+                        out.flush()
+                        os.fsync(out.fileno())
+                except FetchError:
                     partial.unlink(missing_ok=True)
                     meta.unlink(missing_ok=True)
-                    raise FetchError(
-                        f"disk full while downloading {location} into {self.root}",
-                        hint=f"free at least {size} bytes, or set TERMINAI_CACHE to a larger disk",
-                    ) from None
-                raise _Retry(str(exc)) from None
-        if received < size:
-            raise _Retry(f"connection ended after {received} of {size} bytes")
-        if h.hexdigest() != digest:
-            partial.unlink(missing_ok=True)
+                    raise
+                except OSError as exc:
+                    if exc.errno == errno.ENOSPC:
+                        partial.unlink(missing_ok=True)
+                        meta.unlink(missing_ok=True)
+                        raise FetchError(
+                            f"disk full while downloading {location} into {self.root}",
+                            hint=f"free at least {size} bytes, or set TERMINAI_CACHE to a larger disk",
+                        ) from None
+                    raise _Retry(str(exc)) from None
+            if received < size:
+                raise _Retry(f"connection ended after {received} of {size} bytes")
+            actual = h.hexdigest()
+            if actual != digest:
+                partial.unlink(missing_ok=True)
+                meta.unlink(missing_ok=True)
+                raise FetchError(f"{url} has sha256 {actual}; the manifest says {digest}", hint="nothing was kept")
+            os.replace(partial, self.path(digest))
             meta.unlink(missing_ok=True)
-            raise FetchError(f"{url} has sha256 {h.hexdigest()}; the manifest says {digest}", hint="nothing was kept")
-        os.replace(partial, self.path(digest))
-        meta.unlink(missing_ok=True)
-        st = self.path(digest).stat()
-        write_atomic(self._stamp_file(digest), json.dumps([st.st_size, st.st_mtime_ns, st.st_ino]).encode())
-        return self.path(digest)
+            st = self.path(digest).stat()
+            write_atomic(self._stamp_file(digest), json.dumps([st.st_size, st.st_mtime_ns, st.st_ino]).encode())
+            return self.path(digest)
+        finally:
+            h.close()
 
     def _copy_local(self, path: str, digest: str, size: int) -> Path:
         tmp = self.root / f".{digest}.partial"
@@ -211,6 +215,32 @@ class BlobCache:
             os.fsync(f.fileno())
         os.replace(tmp, self.path(digest))
         return self.path(digest)
+
+
+class _BackgroundHash:
+    """sha256 on its own thread, so hashing overlaps writing the same chunks."""
+
+    def __init__(self) -> None:
+        self._h = hashlib.sha256()
+        self._q: queue.Queue[bytes | None] = queue.Queue(maxsize=16)
+        self._thread = threading.Thread(target=self._run, name="fetch-hash", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (chunk := self._q.get()) is not None:
+            self._h.update(chunk)
+
+    def update(self, chunk: bytes) -> None:
+        self._q.put(chunk)
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._q.put(None)
+            self._thread.join()
+
+    def hexdigest(self) -> str:
+        self.close()
+        return self._h.hexdigest()
 
 
 def _read_ahead(resp: Any, depth: int = 8) -> Iterator[bytes]:
