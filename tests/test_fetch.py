@@ -4,6 +4,7 @@ loopback that can misbehave: resume, retries, lies, disk full, tampering."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import threading
@@ -191,3 +192,63 @@ def test_plain_http_only_on_loopback_with_a_flag():
         Source("ftp://127.0.0.1/x")
     Source("https://example.invalid/x")
     Source(Path("/tmp").as_uri())
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """moto's standalone server: the S3 HTTP API on loopback, spoken to by boto3."""
+    import socket
+    import sys
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    moto = Path(sys.executable).with_name("moto_server")
+    proc = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+           "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import boto3
+
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            client = boto3.client("s3")
+            client.create_bucket(Bucket="releases")
+            break
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+    client.put_object(Bucket="releases", Key="store/blob", Body=DATA)
+    yield client
+    proc.kill()
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def test_s3_download_and_resume(s3, tmp_path):
+    cache = BlobCache(tmp_path)
+    source = Source("s3://releases/store")
+    assert cache.fetch(source, "blob", DIGEST, len(DATA)).read_bytes() == DATA
+    # A partial download with the object's ETag resumes with Range + IfMatch.
+    cache2 = BlobCache(tmp_path / "two")
+    cache2.root.mkdir()
+    etag = s3.head_object(Bucket="releases", Key="store/blob")["ETag"]
+    (cache2.root / f".{DIGEST}.partial").write_bytes(DATA[:1000])
+    (cache2.root / f".{DIGEST}.partial.json").write_text(json.dumps({"validator": etag}))
+    assert cache2.fetch(source, "blob", DIGEST, len(DATA)).read_bytes() == DATA
+    # A stale validator (the object changed): start over, still correct.
+    cache3 = BlobCache(tmp_path / "three")
+    cache3.root.mkdir()
+    (cache3.root / f".{DIGEST}.partial").write_bytes(b"x" * 1000)
+    (cache3.root / f".{DIGEST}.partial.json").write_text(json.dumps({"validator": '"stale"'}))
+    assert cache3.fetch(source, "blob", DIGEST, len(DATA)).read_bytes() == DATA
+    with pytest.raises(FetchError, match="NoSuchKey"):
+        BlobCache(tmp_path / "four").fetch(Source("s3://releases/nope"), "blob", DIGEST, len(DATA))

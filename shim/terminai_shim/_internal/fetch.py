@@ -57,8 +57,10 @@ class Source:
                     f"refusing plain http for {self.url}",
                     hint="use https; plain http is allowed only on loopback with --allow-http",
                 )
-        elif parsed.scheme not in ("https", "file"):
-            raise FetchError(f"unsupported URL scheme {parsed.scheme!r} in {self.url}", hint="use https:// or file://")
+        elif parsed.scheme not in ("https", "file", "s3"):
+            raise FetchError(
+                f"unsupported URL scheme {parsed.scheme!r} in {self.url}", hint="use https://, s3:// or file://"
+            )
 
     def join(self, relative: str) -> str:
         return self.url.rstrip("/") + "/" + relative
@@ -66,9 +68,13 @@ class Source:
     def read(self, relative: str, limit: int = 16 << 20) -> bytes:
         url = self.join(relative)
         try:
-            with urllib.request.urlopen(url, timeout=60) as resp:
-                data: bytes = resp.read(limit + 1)
-        except (OSError, urllib.error.URLError) as exc:
+            if url.startswith("s3://"):
+                with _open(url, 0, None) as s3:
+                    data: bytes = s3.read(limit + 1)
+            else:
+                with urllib.request.urlopen(url, timeout=60) as resp:
+                    data = resp.read(limit + 1)
+        except (_Retry, _RangeRefused, OSError, urllib.error.URLError) as exc:
             raise FetchError(f"cannot read {url}: {exc}", hint="check the URL and the network") from None
         if len(data) > limit:
             raise FetchError(f"{url} is larger than {limit} bytes")
@@ -130,19 +136,11 @@ class BlobCache:
         if have > size:
             partial.unlink()
             have = 0
-        request = urllib.request.Request(url)
-        if have and validator:
-            request.add_header("Range", f"bytes={have}-")
-            request.add_header("If-Range", validator)
         try:
-            resp = urllib.request.urlopen(request, timeout=60)
-        except urllib.error.HTTPError as exc:
-            if exc.code == 416:  # our partial is not a prefix of what the server has now
-                partial.unlink(missing_ok=True)
-                raise _Retry("416 on resume: starting over") from None
-            raise FetchError(f"{url}: HTTP {exc.code}", hint="check the release store") from None
-        except (OSError, urllib.error.URLError) as exc:
-            raise _Retry(str(exc)) from None
+            resp = _open(url, have if validator else 0, validator)
+        except _RangeRefused:  # our partial is not a prefix of what the store has now
+            partial.unlink(missing_ok=True)
+            raise _Retry("416 on resume: starting over") from None
         h = _BackgroundHash()
         try:
             with resp:
@@ -153,7 +151,7 @@ class BlobCache:
                             h.update(chunk)
                 else:
                     mode, have = "wb", 0
-                validator = resp.headers.get("ETag") or resp.headers.get("Last-Modified")
+                validator = resp.validator
                 write_atomic(meta, json.dumps({"validator": validator}).encode())
                 received = have
                 try:
@@ -215,6 +213,80 @@ class BlobCache:
             os.fsync(f.fileno())
         os.replace(tmp, self.path(digest))
         return self.path(digest)
+
+
+class _RangeRefused(Exception):
+    pass
+
+
+@dataclass
+class _Response:
+    """What the download loop needs of an HTTP or S3 response."""
+
+    status: int
+    validator: str | None
+    body: Any
+
+    def read(self, n: int) -> bytes:
+        data: bytes = self.body.read(n)
+        return data
+
+    def __enter__(self) -> _Response:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.body.close()
+
+
+def _open(url: str, offset: int, validator: str | None) -> _Response:
+    """GET ``url`` from ``offset`` (Range with If-Range / IfMatch), over HTTP(S) or S3."""
+    parsed = urllib.parse.urlparse(url)
+    if parsed.scheme == "s3":
+        return _open_s3(parsed.netloc, parsed.path.lstrip("/"), offset, validator)
+    request = urllib.request.Request(url)
+    if offset and validator:
+        request.add_header("Range", f"bytes={offset}-")
+        request.add_header("If-Range", validator)
+    try:
+        resp = urllib.request.urlopen(request, timeout=60)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 416:
+            raise _RangeRefused from None
+        raise FetchError(f"{url}: HTTP {exc.code}", hint="check the release store") from None
+    except (OSError, urllib.error.URLError) as exc:
+        raise _Retry(str(exc)) from None
+    return _Response(resp.status, resp.headers.get("ETag") or resp.headers.get("Last-Modified"), resp)
+
+
+def _s3_client() -> Any:
+    try:
+        import boto3
+    except ImportError:
+        raise FetchError("s3:// needs boto3", hint="pip install boto3, or fetch over https") from None
+    # Region, credentials and endpoint (AWS_ENDPOINT_URL) come from the standard AWS configuration.
+    return boto3.client("s3")
+
+
+def _open_s3(bucket: str, key: str, offset: int, validator: str | None) -> _Response:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    client = _s3_client()
+    args: dict[str, Any] = {"Bucket": bucket, "Key": key}
+    if offset and validator:
+        args.update(Range=f"bytes={offset}-", IfMatch=validator)
+    try:
+        resp = client.get_object(**args)
+    except ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code", "")
+        if code in ("InvalidRange", "PreconditionFailed", "412", "416"):
+            raise _RangeRefused from None
+        raise FetchError(
+            f"s3://{bucket}/{key}: {code or exc}", hint="check the bucket, the key and the credentials"
+        ) from None
+    except BotoCoreError as exc:
+        raise _Retry(str(exc)) from None
+    status = 206 if resp.get("ContentRange") else 200
+    return _Response(status, resp.get("ETag"), resp["Body"])
 
 
 class _BackgroundHash:
