@@ -40,7 +40,7 @@ def root(stack, tmp_path_factory):
     return path
 
 
-def _release(stack, directory, *, serial=10, expires_in=86400, blobs=None, raw=None, min_shim="0.1.0"):
+def _release(stack, directory, *, serial=10, expires_in=86400, blobs=None, raw=None, min_shim="0.1.0", age=60):
     """A signed release with small stand-in blobs (verification never boots them)."""
     directory.mkdir(parents=True, exist_ok=True)
     blobs = blobs or {"kernel": os.urandom(4096), "rootfs": os.urandom(8192)}
@@ -52,7 +52,7 @@ def _release(stack, directory, *, serial=10, expires_in=86400, blobs=None, raw=N
         media = "application/vnd.terminai.rootfs.squashfs"
         arts.append(Artifact(f"{kind}.bin", kind, "linux/amd64", len(data), digest, media, f"blobs/sha256/{digest}"))
     now = int(time.time())
-    m = Manifest("0.1.0", "dev", serial, now - 60, now + expires_in, "abcdef0", min_shim, 1, BootDefaults(),
+    m = Manifest("0.1.0", "dev", serial, now - age, now + expires_in, "abcdef0", min_shim, 1, BootDefaults(),
                  tuple(arts))  # fmt: skip
     data = raw if raw is not None else m.to_json()
     (directory / "manifest.json").write_bytes(data)
@@ -215,3 +215,20 @@ def test_identity_patterns_and_the_pinned_policy(stack, root, tmp_path):
         verify_release(rel, None, state=SerialState(tmp_path / "c.json"))
     with pytest.raises(VerificationFailed, match="no signer is pinned"):
         pinned_policy("nightly")
+
+
+def test_cache_gc_keeps_the_newest_releases_and_their_blobs(stack, root, tmp_path, monkeypatch):
+    from terminai_shim.verify import fetch_release, gc
+
+    monkeypatch.setenv("TERMINAI_CACHE", str(tmp_path / "cache"))
+    state = SerialState(tmp_path / "s.json")
+    fetched = []
+    for i, age in enumerate((300, 200, 100)):  # oldest first
+        rel = _release(stack, tmp_path / f"r{i}", serial=i, age=age)
+        fetched.append(fetch_release(rel.as_uri(), _policy(root), state=state))
+    removed = gc(keep=1)
+    assert sum(1 for r in removed if r.startswith("release ")) == 2
+    newest = fetched[-1]
+    assert newest.path("kernel").exists() and newest.path("rootfs").exists()
+    for old in fetched[:2]:
+        assert not old.path("kernel").exists()

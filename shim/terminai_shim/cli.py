@@ -137,6 +137,7 @@ def _boot_config(args: argparse.Namespace) -> BootConfig:
             workspace=args.workspace.resolve() if args.workspace else None,
             accel=args.accel,
             snapshots="off" if getattr(args, "cold", False) else "auto",
+            kernel_args=m.boot.kernel_args,
         )
     kernel, rootfs, fmt = _artifact_defaults()
     kernel = args.kernel or kernel
