@@ -14,12 +14,18 @@ from conftest import REPO
 pytestmark = pytest.mark.vm
 
 
-def test_cli_acceptance_sequence_from_node(boot_config, tmp_path):
+def test_cli_acceptance_sequence_from_node(ctx, kernel, rootfs, tmp_path):
+    from terminai_release.release import build_release, sign_release
+
     node = shutil.which("node")
     assert node, "node is installed by bootstrap.sh"
+    release = build_release(ctx, out=tmp_path / "dist")
+    sign_release(ctx, release)
     shim = Path(sys.executable).with_name("terminai-shim")
-    env = dict(os.environ, SHIM=str(shim), KERNEL=str(boot_config.kernel), ROOTFS=str(boot_config.rootfs),
-               WORKSPACE=str(tmp_path))  # fmt: skip
+    workspace = tmp_path / "workspace"
+    workspace.mkdir()
+    env = dict(os.environ, SHIM=str(shim), MANIFEST=str(release.directory), WORKSPACE=str(workspace),
+               TERMINAI_CACHE=str(tmp_path / "shim-cache"))  # fmt: skip
     proc = subprocess.run([node, "--test", str(REPO / "tests/node/shim-acceptance.test.mjs")], env=env,
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr

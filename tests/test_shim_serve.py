@@ -60,6 +60,24 @@ def init_params(boot_config, **extra):
     return {"kernel": str(boot_config.kernel), "rootfs": str(boot_config.rootfs), **extra}
 
 
+def test_initialize_boots_only_verified_or_explicit_artifacts(shim, ctx, kernel, rootfs, tmp_path):
+    from terminai_release.release import build_release, sign_release
+
+    err = shim.call("initialize", {})["error"]
+    assert err["code"] == "INVALID_CONFIG" and "manifest" in err["message"]
+    release = build_release(ctx, out=tmp_path / "dist")
+    sign_release(ctx, release)
+    blob = release.directory / release.manifest.artifact("kernel").location
+    data = bytearray(blob.read_bytes())
+    data[0] ^= 1
+    blob.write_bytes(bytes(data))
+    err = shim.call("initialize", {"manifest": str(release.directory), "dev": True})["error"]
+    assert err["code"] == "VERIFICATION_FAILED" and "the manifest says" in err["message"]
+    err = shim.call("initialize", {"manifest": str(release.directory)})["error"]
+    assert err["code"] == "VERIFICATION_FAILED", "the pinned production signer refuses a dev-signed release"
+    assert not children(shim.proc.pid), "nothing was booted"
+
+
 def test_errors_faults_and_clean_exit_on_stdin_close(shim, boot_config, tmp_path):
     assert shim.result("healthCheck")["ok"] is False
     assert shim.call("execute", {"command": "true"})["error"]["code"] == "NOT_INITIALIZED"

@@ -82,18 +82,17 @@ def _policy(args: argparse.Namespace, directory: Path | None) -> TrustPolicy | N
 
 
 def _verified(args: argparse.Namespace) -> VerifiedRelease:
-    """A local release directory is verified in place; a URL is fetched into the cache."""
-    from .verify import fetch_release, verify_release
+    from .verify import open_release
 
     target = str(args.manifest)
-    if "://" in target:
-        local = Path(target[len("file://") :]) if target.startswith("file://") else None
-        progress = _progress_printer() if sys.stderr.isatty() else None
-        return fetch_release(target, _policy(args, local), allow_http=args.allow_http, progress=progress)
-    directory = Path(target).resolve()
-    if directory.name == "manifest.json":
-        directory = directory.parent
-    return verify_release(directory, _policy(args, directory))
+    local = None
+    if "://" not in target:
+        local = Path(target).resolve()
+        local = local.parent if local.name == "manifest.json" else local
+    elif target.startswith("file://"):
+        local = Path(target[len("file://") :])
+    progress = _progress_printer() if sys.stderr.isatty() else None
+    return open_release(target, _policy(args, local), allow_http=args.allow_http, progress=progress)
 
 
 def _progress_printer() -> Callable[[str, int, int], None]:
@@ -126,18 +125,15 @@ def _boot_config(args: argparse.Namespace) -> BootConfig:
     from .models import BootConfig
 
     if getattr(args, "manifest", None):
-        release = _verified(args)
-        m = release.manifest
-        return BootConfig(
-            kernel=release.path("kernel"),
-            rootfs=release.path("rootfs"),
-            rootfs_format=m.artifact("rootfs").media_type.rsplit(".", 1)[-1],
-            memory_mib=args.memory or m.boot.memory_mib,
-            cpus=args.cpus or m.boot.cpus,
+        from .verify import boot_config
+
+        return boot_config(
+            _verified(args),
             workspace=args.workspace.resolve() if args.workspace else None,
+            memory_mib=args.memory,
+            cpus=args.cpus,
             accel=args.accel,
             snapshots="off" if getattr(args, "cold", False) else "auto",
-            kernel_args=m.boot.kernel_args,
         )
     kernel, rootfs, fmt = _artifact_defaults()
     kernel = args.kernel or kernel

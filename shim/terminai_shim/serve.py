@@ -2,7 +2,7 @@
 
 One JSON object per line on stdin (requests) and stdout (responses and
 notifications); see docs/shim-protocol.md and docs/shim-protocol.schema.json.
-Each request runs on its own thread, so a long ``execute`` never blocks a
+Requests run on a pool of worker threads, so a long ``execute`` does not block a
 ``healthCheck``; stdout writes are serialised. When stdin closes, or on
 SIGTERM, the VM is shut down and the shim exits 0.
 """
@@ -17,6 +17,7 @@ import shlex
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ from ._internal.client import RemoteProcess
 from .errors import AgentError, ConfigError, ShimError
 from .models import BootConfig
 from .session import Session
+from .verify import DEV_IDENTITY, DEV_ISSUER, TrustPolicy, boot_config, dev_policy, open_release
 
 PROTOCOL_VERSION = 1
 DEFAULT_EXEC_OUTPUT_CAP = 16 << 20
@@ -40,9 +42,17 @@ class RequestError(ShimError):
 
 @dataclass
 class _Spawned:
-    proc: RemoteProcess
-    decoders: dict[str, codecs.IncrementalDecoder] = field(default_factory=dict)
+    proc: RemoteProcess | None
     binary: bool = False
+    decoders: dict[str, codecs.IncrementalDecoder] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    released: bool = False
+    held: list[tuple[str, Any]] = field(default_factory=list)
+
+    @property
+    def remote(self) -> RemoteProcess:
+        assert self.proc is not None
+        return self.proc
 
 
 class Server:
@@ -98,7 +108,12 @@ class Server:
             if not isinstance(params, dict):
                 raise RequestError("INVALID_PARAMS", "params must be an object")
             result = handler(params)
+            after = None
+            if isinstance(result, tuple):  # (result, what to do once it is written)
+                result, after = result
             self.send({"id": rid, "result": result})
+            if after is not None:
+                after()
             if method == "dispose":
                 self.stopping.set()
         except ShimError as exc:
@@ -146,28 +161,34 @@ class Server:
 
     # -- methods -------------------------------------------------------------------
     def m_initialize(self, p: dict[str, Any]) -> dict[str, Any]:
-        from .cli import _artifact_defaults
-
         with self.session_lock:
             if self.session is not None:
                 raise RequestError("ALREADY_INITIALIZED", "this shim already runs a VM; dispose it first")
-            kernel, rootfs, fmt = _artifact_defaults()
-            kernel = Path(p["kernel"]) if p.get("kernel") else kernel
-            rootfs = Path(p["rootfs"]) if p.get("rootfs") else rootfs
-            if kernel is None or rootfs is None:
-                raise ConfigError(
-                    "no kernel or root image", hint="pass kernel and rootfs, or build them with inv kernel rootfs"
+            workspace = Path(p["workspace"]) if p.get("workspace") else None
+            snapshots = "off" if p.get("cold") else "auto"
+            if p.get("manifest"):  # the CLI's path: nothing boots that did not verify
+                config = boot_config(
+                    open_release(str(p["manifest"]), self._policy(p), allow_http=bool(p.get("allowHttp"))),
+                    workspace=workspace, memory_mib=p.get("memoryMib"), cpus=p.get("cpus"),
+                    accel=str(p.get("accel", "auto")), snapshots=snapshots,
+                )  # fmt: skip
+            elif p.get("kernel") and p.get("rootfs"):  # a developer's own, explicitly named artifacts
+                rootfs = Path(p["rootfs"])
+                config = BootConfig(
+                    kernel=Path(p["kernel"]),
+                    rootfs=rootfs,
+                    rootfs_format=p.get("rootfsFormat") or rootfs.suffix.lstrip(".") or "squashfs",
+                    workspace=workspace,
+                    memory_mib=int(p.get("memoryMib", 512)),
+                    cpus=int(p.get("cpus", 1)),
+                    accel=str(p.get("accel", "auto")),
+                    snapshots=snapshots,
                 )
-            config = BootConfig(
-                kernel=kernel,
-                rootfs=rootfs,
-                rootfs_format=p.get("rootfsFormat") or (rootfs.suffix.lstrip(".") if p.get("rootfs") else fmt),
-                workspace=Path(p["workspace"]) if p.get("workspace") else None,
-                memory_mib=int(p.get("memoryMib", 512)),
-                cpus=int(p.get("cpus", 1)),
-                accel=str(p.get("accel", "auto")),
-                snapshots="off" if p.get("cold") else "auto",
-            )
+            else:
+                raise ConfigError(
+                    "initialize needs a manifest (a verified release) or an explicit kernel and rootfs",
+                    hint="pass manifest: <release URL or directory>",
+                )
             self.session = Session.boot(config)
             s = self.session
             return {
@@ -184,6 +205,21 @@ class Server:
                 "session": s.client.hello_info.get("session"),
                 "workspace": config.workspace_mount if config.workspace else None,
             }
+
+    @staticmethod
+    def _policy(p: dict[str, Any]) -> TrustPolicy | None:
+        """Explicit trust from the request, or None: the signer pinned for the release's channel."""
+        if p.get("dev"):
+            if not p.get("trustedRoot"):
+                target = str(p["manifest"])
+                if "://" in target and not target.startswith("file://"):
+                    raise ConfigError("dev with a remote release needs trustedRoot")
+                local = Path(target.removeprefix("file://"))
+                return dev_policy(local.parent if local.name == "manifest.json" else local)
+            return TrustPolicy(Path(p["trustedRoot"]), DEV_IDENTITY, DEV_ISSUER)
+        if p.get("trustedRoot") or p.get("identity") or p.get("issuer"):
+            return TrustPolicy(Path(p["trustedRoot"]), str(p["identity"]), str(p["issuer"]))
+        return None
 
     def m_healthCheck(self, p: dict[str, Any]) -> dict[str, Any]:
         try:
@@ -220,29 +256,35 @@ class Server:
             result["signal"] = status.signal
         return result
 
-    def m_spawn(self, p: dict[str, Any]) -> dict[str, Any]:
+    def m_spawn(self, p: dict[str, Any]) -> tuple[dict[str, Any], Callable[[], None]]:
+        """Notifications for a process are held back until the response that
+        names it has been written: a client never sees an unknown processId."""
         session = self._session()
         argv, command = self._argv(p)
         pid_name = f"p{next(self.proc_ids)}"
-        spawned: _Spawned | None = None
-        binary = bool(p.get("binary"))
-        early: list[tuple[str, Any]] = []
+        spawned = _Spawned(None, binary=bool(p.get("binary")))
 
         def on_event(name: str, value: Any) -> None:
-            if spawned is None:
-                early.append((name, value))
-                return
-            self._forward(pid_name, spawned, name, value)
+            with spawned.lock:
+                if not spawned.released:
+                    spawned.held.append((name, value))
+                    return
+                self._forward(pid_name, spawned, name, value)
 
-        proc = session.client.exec(
+        spawned.proc = session.client.exec(
             argv, command=command, shell=command is not None, cwd=p.get("cwd"), env=p.get("env") or {},
             timeout=self._timeout(p), stdin_open=True, on_event=on_event,
         )  # fmt: skip
-        spawned = _Spawned(proc, binary=binary)
         self.procs[pid_name] = spawned
-        for name, value in early:
-            self._forward(pid_name, spawned, name, value)
-        return {"processId": pid_name, "pid": proc.pid}
+
+        def release() -> None:
+            with spawned.lock:
+                spawned.released = True
+                for name, value in spawned.held:
+                    self._forward(pid_name, spawned, name, value)
+                spawned.held.clear()
+
+        return {"processId": pid_name, "pid": spawned.proc.pid}, release
 
     def _forward(self, pid_name: str, spawned: _Spawned, name: str, value: Any) -> None:
         if name in ("stdout", "stderr"):
@@ -280,15 +322,15 @@ class Server:
     def m_process_write(self, p: dict[str, Any]) -> dict[str, Any]:
         spawned = self._proc(p)
         data = base64.b64decode(p["data"]) if p.get("encoding") == "base64" else str(p["data"]).encode()
-        spawned.proc.write_stdin(data)
+        spawned.remote.write_stdin(data)
         return {}
 
     def m_process_closeStdin(self, p: dict[str, Any]) -> dict[str, Any]:
-        self._proc(p).proc.close_stdin()
+        self._proc(p).remote.close_stdin()
         return {}
 
     def m_process_kill(self, p: dict[str, Any]) -> dict[str, Any]:
-        self._proc(p).proc.signal(p.get("signal", "SIGTERM"))
+        self._proc(p).remote.signal(p.get("signal", "SIGTERM"))
         return {}
 
     def m_fs_readFile(self, p: dict[str, Any]) -> dict[str, Any]:

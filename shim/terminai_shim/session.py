@@ -123,27 +123,35 @@ class Session:
                 if problem is None:
                     try:
                         session = cls._start(config, accel, backend, started, incoming=snap.state)
-                        session.restored_from = snap_key
-                        # Both go out at once: the agent runs them in order, the
-                        # host waits for one round trip instead of two.
-                        mount = threading.Thread(target=session._mount_workspace_quietly)
-                        mount.start()
-                        session._freshen()
-                        mount.join()
-                        if session._mount_error is not None:
-                            raise session._mount_error
-                        session.boot_seconds = time.monotonic() - started
-                        return session
                     except ShimError as exc:
                         problem = f"restore failed: {exc.message}"
+                    else:
+                        try:
+                            session.restored_from = snap_key
+                            # Both go out at once: the agent runs them in order, the
+                            # host waits for one round trip instead of two.
+                            mount = threading.Thread(target=session._mount_workspace_quietly)
+                            mount.start()
+                            session._freshen()
+                            mount.join()
+                            if session._mount_error is not None:
+                                raise session._mount_error
+                        except BaseException:
+                            session.close()  # the snapshot is fine; this session is not
+                            raise
+                        session.boot_seconds = time.monotonic() - started
+                        return session
                 warnings.warn(f"snapshot {snap_key[:12]} not used ({problem}); booting cold", stacklevel=2)
                 store.remove(snap_key)
         session = cls._start(config, accel, backend, started)
         if store is not None and snap_key is not None and description is not None:
             try:
                 session.snapshot = store.save(session.runtime.control_socket, snap_key, description)
-            except ShimError as exc:
-                warnings.warn(f"could not save a snapshot: {exc.message}", stacklevel=2)
+            except Exception as exc:  # a VM that could not be saved still serves
+                warnings.warn(f"could not save a snapshot: {exc}", stacklevel=2)
+                if not session.machine.alive() or session.client.closed:
+                    session.close()
+                    raise
         try:
             session._mount_workspace()
         except BaseException:

@@ -27,6 +27,7 @@ from ._internal.fetch import BlobCache, Progress, Source
 from ._internal.fsutil import cache_root, locked, write_atomic
 from .errors import ShimError
 from .manifest import Artifact, Manifest
+from .models import BootConfig
 
 MANIFEST = "manifest.json"
 BUNDLE = "manifest.json.sigstore.json"
@@ -253,14 +254,15 @@ def fetch_release(
     root = cache_root()
     blobs = BlobCache(root / "blobs" / "sha256")
     wanted = [manifest.artifact(kind) for kind in kinds]
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        futures = [pool.submit(blobs.fetch, source, a.location, a.sha256, a.size, progress) for a in wanted]
-        for future in futures:
-            future.result()
-    release_dir = root / "releases" / hashlib.sha256(data).hexdigest()
-    release_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(release_dir / MANIFEST, data)
-    write_atomic(release_dir / BUNDLE, bundle.encode())
+    with locked(root / ".gc.lock", shared=True):  # `cache gc` waits until the release is recorded
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            futures = [pool.submit(blobs.fetch, source, a.location, a.sha256, a.size, progress) for a in wanted]
+            for future in futures:
+                future.result()
+        release_dir = root / "releases" / hashlib.sha256(data).hexdigest()
+        release_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(release_dir / MANIFEST, data)
+        write_atomic(release_dir / BUNDLE, bundle.encode())
     state.record(manifest)
     return VerifiedRelease(manifest, root)
 
@@ -268,6 +270,11 @@ def fetch_release(
 def gc(keep: int) -> list[str]:
     """Keep the newest ``keep`` cached releases (by creation) and the blobs they list."""
     root = cache_root()
+    with locked(root / ".gc.lock"):
+        return _gc(root, keep)
+
+
+def _gc(root: Path, keep: int) -> list[str]:
     releases: list[tuple[Manifest | None, Path]] = []
     for d in (root / "releases").glob("*"):
         try:
@@ -292,3 +299,39 @@ def gc(keep: int) -> list[str]:
             if not blob.name.startswith("."):
                 removed.append(f"blob {digest}")
     return removed
+
+
+def open_release(
+    target: str, policy: TrustPolicy | None, *, allow_http: bool = False, progress: Progress | None = None
+) -> VerifiedRelease:
+    """A local release directory is verified in place; a URL is fetched into the cache."""
+    if "://" in target:
+        return fetch_release(target, policy, allow_http=allow_http, progress=progress)
+    directory = Path(target).resolve()
+    if directory.name == MANIFEST:
+        directory = directory.parent
+    return verify_release(directory, policy)
+
+
+def boot_config(
+    release: VerifiedRelease,
+    *,
+    workspace: Path | None = None,
+    memory_mib: int | None = None,
+    cpus: int | None = None,
+    accel: str = "auto",
+    snapshots: str = "auto",
+) -> BootConfig:
+    """Boot settings for a verified release: its artifacts and its boot defaults."""
+    m = release.manifest
+    return BootConfig(
+        kernel=release.path("kernel"),
+        rootfs=release.path("rootfs"),
+        rootfs_format=m.artifact("rootfs").media_type.rsplit(".", 1)[-1],
+        memory_mib=memory_mib or m.boot.memory_mib,
+        cpus=cpus or m.boot.cpus,
+        workspace=workspace,
+        accel=accel,
+        snapshots=snapshots,
+        kernel_args=m.boot.kernel_args,
+    )

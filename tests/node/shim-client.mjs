@@ -10,6 +10,7 @@ export class ShimClient {
     this.nextId = 1;
     this.pending = new Map();
     this.processes = new Map();
+    this.unclaimed = new Map(); // notifications for a processId not known yet
     this.stderr = '';
     this.child.stderr.on('data', (d) => { this.stderr += d; });
     this.exited = new Promise((resolve) => this.child.on('exit', (code, signal) => resolve({ code, signal })));
@@ -34,6 +35,7 @@ export class ShimClient {
     if (msg.method === 'process.output' || msg.method === 'process.exit') {
       const proc = this.processes.get(msg.params.processId);
       if (proc) proc.emit(msg.method, msg.params);
+      else this.unclaimed.set(msg.params.processId, [...(this.unclaimed.get(msg.params.processId) ?? []), msg]);
     }
   }
 
@@ -70,6 +72,8 @@ export class ShimClient {
     const result = await this.request('spawn', { command, args, cwd, env });
     proc.id = result.processId;
     this.processes.set(proc.id, proc);
+    for (const msg of this.unclaimed.get(proc.id) ?? []) proc.emit(msg.method, msg.params);
+    this.unclaimed.delete(proc.id);
     return proc;
   }
 }

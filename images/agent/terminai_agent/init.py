@@ -54,7 +54,7 @@ def _overlay_root() -> None:
     mount("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755")
 
 
-def setup_pid1(hostname: str) -> None:
+def setup_pid1() -> None:
     _mount_quiet("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     _mount_quiet("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     _mount_quiet("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755")
@@ -67,7 +67,6 @@ def setup_pid1(hostname: str) -> None:
         _mount_quiet("cgroup2", "/sys/fs/cgroup", "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     except OSError:
         pass  # a kernel without cgroup2 still serves commands
-    set_hostname(hostname)
 
 
 def _root_is_readonly() -> bool:

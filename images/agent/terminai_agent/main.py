@@ -42,9 +42,11 @@ def main(argv: list[str] | None = None, marks: dict[str, float] | None = None) -
     if pid1:
         from .init import setup_pid1
 
-        params = _cmdline()  # readable only after /proc is mounted: read it twice
-        setup_pid1(params.get("terminai_hostname", "terminai"))
+        setup_pid1()  # /proc/cmdline is readable only after this
         settings = {k[len("terminai_") :]: v for k, v in _cmdline().items() if k.startswith("terminai_")}
+        from .init import set_hostname
+
+        set_hostname(settings.get("hostname", "terminai"))
     else:
         settings = _settings(argv)
     config = AgentConfig(pid1=pid1, workspace=settings.get("workspace"))

@@ -84,7 +84,12 @@ def spawn(argv: list[str], cwd: str | None, env: dict[str, str]) -> tuple[int, t
     out_r, out_w = os.pipe2(os.O_CLOEXEC)
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
     report_r, report_w = os.pipe2(os.O_CLOEXEC)
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except OSError:
+        for fd in (in_r, in_w, out_r, out_w, err_r, err_w, report_r, report_w):
+            os.close(fd)
+        raise
     if pid == 0:  # child: nothing here may return
         try:
             os.setsid()

@@ -161,7 +161,7 @@ class Decoder:
             del buf[: PREFIX_SIZE + total]
             try:
                 header = json.loads(head)
-            except ValueError as exc:
+            except (ValueError, RecursionError) as exc:
                 out.append(ProtocolError(BAD_FRAME, f"frame header is not JSON: {exc}"))
                 continue
             if not isinstance(header, dict):

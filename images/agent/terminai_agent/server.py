@@ -331,8 +331,13 @@ class Server:
             raise P.ProtocolError(P.BAD_REQUEST, "env must map strings to strings")
         env.update(extra)
         cwd = h.get("cwd") or None
-        timeout = h.get("timeout")
-        cap = h.get("output_cap")
+        if cwd is not None and not isinstance(cwd, str):
+            raise P.ProtocolError(P.BAD_REQUEST, "cwd must be a string")
+        # Everything is checked before the fork: a refused request never leaves a process behind.
+        timeout = float(h["timeout"]) if h.get("timeout") else None
+        cap = int(h["output_cap"]) if h.get("output_cap") is not None else DEFAULT_OUTPUT_CAP
+        if (timeout is not None and timeout <= 0) or cap < 0:
+            raise P.ProtocolError(P.BAD_REQUEST, "timeout must be positive and output_cap not negative")
         if self.lo_pending:
             self.lo_pending = False
             from .init import loopback_up
@@ -351,8 +356,8 @@ class Server:
             conn=conn,
             pid=pid,
             fds=fds,
-            output_cap=int(cap) if cap is not None else DEFAULT_OUTPUT_CAP,
-            deadline=(time.monotonic() + float(timeout)) if timeout else None,
+            output_cap=cap,
+            deadline=(time.monotonic() + timeout) if timeout else None,
         )
         proc.stdin_buf += body
         proc.stdin_close = not h.get("stdin_open", False)
@@ -392,11 +397,17 @@ class Server:
     # -- files -------------------------------------------------------------------------
     def op_read(self, conn: Conn, rid: int, h: dict[str, Any], body: bytes) -> None:
         path = h["path"]
-        offset = int(h.get("offset", 0))
+        offset = max(0, int(h.get("offset", 0)))
         limit = conn.peer_max - 4096
-        length = min(int(h.get("length", limit)), limit)
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
+        length = max(0, min(int(h.get("length", limit)), limit))
+        # Non-blocking and regular files only: a FIFO or a device must not
+        # stall the agent's single loop (it is PID 1) or exhaust memory.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise P.ProtocolError(P.BAD_REQUEST, f"{path} is not a regular file")
+            size = st.st_size
             f.seek(offset)
             data = f.read(length)
         self._send(conn, P.result(rid, data, size=size, offset=offset, eof=offset + len(data) >= size))
@@ -410,8 +421,10 @@ class Server:
             flags |= os.O_TRUNC
         if h.get("append"):
             flags |= os.O_APPEND
-        fd = os.open(path, flags, int(h.get("mode", 0o644)))
+        fd = os.open(path, flags | os.O_NONBLOCK, int(h.get("mode", 0o644)))
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise P.ProtocolError(P.BAD_REQUEST, f"{path} is not a regular file")
             if not h.get("append"):
                 os.lseek(fd, int(h.get("offset", 0)), os.SEEK_SET)
             view = memoryview(body)
@@ -542,6 +555,19 @@ class Server:
         proc.sent[name] += len(data)
         self._send(proc.conn, P.event(proc.id, name, data))
 
+    def _drain_outputs(self, proc: Process) -> None:
+        """Send what is still buffered in the pipes before they are closed."""
+        for fd, name in list(proc.open_fds.items()):
+            if name == "stdin":
+                continue
+            for _ in range(64):  # at most a pipe's worth, in chunks
+                if proc.open_fds.get(fd) is None:
+                    break
+                before = proc.sent[name]
+                self._read_output(proc, fd)
+                if proc.sent[name] == before:
+                    break
+
     def _close_fd(self, proc: Process, fd: int) -> None:
         if proc.open_fds.pop(fd, None) is not None:
             self._want(fd, 0, None)
@@ -581,9 +607,13 @@ class Server:
             if proc.status is None:
                 continue
             outputs_open = any(name != "stdin" for name in proc.open_fds.values())
-            if outputs_open and now < (proc.exited_at or now) + EXIT_GRACE:
+            congested = len(proc.conn.out) >= HIGH_WATER and not proc.conn.closed
+            if outputs_open and (congested or now < (proc.exited_at or now) + EXIT_GRACE):
+                if congested:  # the grace period counts only while the host is reading
+                    proc.exited_at = now
                 continue
             proc.kill_group()
+            self._drain_outputs(proc)
             self._close_proc_fds(proc)
             del self.procs[key]
             self._send(proc.conn, P.event(proc.id, "exit", **proc.exit_fields()))

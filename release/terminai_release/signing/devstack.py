@@ -20,6 +20,7 @@ import base64
 import datetime as dt
 import hashlib
 import json
+import os
 import struct
 import threading
 import time
@@ -89,7 +90,7 @@ class DevSigstore:
 
     # -- keys and certificates -------------------------------------------------
     def load(self) -> DevSigstore:
-        self.home.mkdir(parents=True, exist_ok=True)
+        self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
         with StepCache(self.home).lock("dev-sigstore", "keys"):
             if not (self.home / "intermediate.pem").is_file():
                 self._generate()
@@ -109,8 +110,14 @@ class DevSigstore:
             pem = key.private_bytes(
                 serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
             )
-            write_atomic(self.home / f"{name}.key", pem)
-            (self.home / f"{name}.key").chmod(0o600)
+            # Created 0600 from the first byte: nobody else may ever read a signing key.
+            tmp = self.home / f".{name}.key.tmp"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(pem)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.home / f"{name}.key")
 
         def ca(
             cn: str,

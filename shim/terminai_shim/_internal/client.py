@@ -186,6 +186,10 @@ class AgentClient:
             self._pending[rid] = pending
         try:
             self.send_raw(P.request(rid, op, body, self.peer_max, **fields))
+        except P.ProtocolError as exc:
+            with self._lock:
+                self._pending.pop(rid, None)
+            raise AgentError(exc.code, f"{op} request not sent: {exc.message}") from None
         except OSError as exc:
             with self._lock:
                 self._pending.pop(rid, None)
@@ -245,7 +249,15 @@ class AgentClient:
                 raise ChannelClosed("the agent channel is closed", hint="the VM has stopped; start a new session")
             self._pending[rid] = pending
             self._procs[rid] = proc
-        self.send_raw(P.request(rid, "exec", first, self.peer_max, **fields))
+        try:
+            self.send_raw(P.request(rid, "exec", first, self.peer_max, **fields))
+        except (OSError, P.ProtocolError) as exc:
+            with self._lock:
+                self._pending.pop(rid, None)
+                self._procs.pop(rid, None)
+            if isinstance(exc, P.ProtocolError):  # e.g. arguments larger than a frame: nothing was sent
+                raise AgentError(exc.code, f"command not sent: {exc.message}") from None
+            raise ChannelClosed(f"cannot send to the agent: {exc}") from None
         pending.done.wait()
         frame = pending.frame
         if frame is None:  # the request went out: the command may have started
@@ -257,9 +269,15 @@ class AgentClient:
             raise AgentError(str(h.get("code")), str(h.get("message")), ran=bool(h.get("ran")))
         proc.pid = int(frame.header.get("pid", 0))
         if rest:
-            proc.write_stdin(rest)
-            if not stdin_open:
-                proc.close_stdin()
+            try:
+                proc.write_stdin(rest)
+                if not stdin_open:
+                    proc.close_stdin()
+            except AgentError as exc:
+                if exc.agent_code != P.NO_SUCH_PROCESS:
+                    raise
+                # The command ended without reading all of its input: its
+                # result is still on its way; only the rest of stdin is moot.
         return proc
 
     def run(self, argv: list[str] | None = None, **kwargs: Any) -> tuple[ExitStatus, bytes, bytes]:

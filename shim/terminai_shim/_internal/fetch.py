@@ -228,7 +228,12 @@ class _Response:
     body: Any
 
     def read(self, n: int) -> bytes:
-        data: bytes = self.body.read(n)
+        try:
+            data: bytes = self.body.read(n)
+        except OSError:
+            raise
+        except Exception as exc:  # botocore's stream errors are not OSErrors
+            raise ConnectionError(f"stream broke: {exc}") from None
         return data
 
     def __enter__(self) -> _Response:
@@ -252,6 +257,8 @@ def _open(url: str, offset: int, validator: str | None) -> _Response:
     except urllib.error.HTTPError as exc:
         if exc.code == 416:
             raise _RangeRefused from None
+        if exc.code >= 500 or exc.code == 429:  # the store's trouble, not ours: retried with backoff
+            raise _Retry(f"HTTP {exc.code}") from None
         raise FetchError(f"{url}: HTTP {exc.code}", hint="check the release store") from None
     except (OSError, urllib.error.URLError) as exc:
         raise _Retry(str(exc)) from None
@@ -280,6 +287,8 @@ def _open_s3(bucket: str, key: str, offset: int, validator: str | None) -> _Resp
         code = exc.response.get("Error", {}).get("Code", "")
         if code in ("InvalidRange", "PreconditionFailed", "412", "416"):
             raise _RangeRefused from None
+        if code in ("InternalError", "ServiceUnavailable", "SlowDown", "500", "503"):
+            raise _Retry(f"S3 {code}") from None
         raise FetchError(
             f"s3://{bucket}/{key}: {code or exc}", hint="check the bucket, the key and the credentials"
         ) from None

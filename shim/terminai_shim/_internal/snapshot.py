@@ -124,10 +124,42 @@ class SnapshotStore:
 
     def gc(self, keep: int) -> list[str]:
         removed = []
+        for tmp in self.root.glob(".*.tmp*") if self.root.is_dir() else []:
+            pid = tmp.name.rsplit(".tmp", 1)[-1]
+            if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):  # its saver died mid-way
+                shutil.rmtree(tmp, ignore_errors=True)
+                removed.append(tmp.name)
         for snap in self.all()[keep:]:
             self.remove(snap.key)
             removed.append(snap.key)
         return removed
+
+    @staticmethod
+    def _migrate(control_socket: Path, target: Path, timeout: float) -> None:
+        """Stream the running VM's state into ``target``; the VM runs on afterwards,
+        whether the migration completed, failed or timed out."""
+        qmp = Qmp(str(control_socket), time.monotonic() + 10)
+        completed = False
+        try:
+            qmp.execute("migrate", uri="exec:cat > " + shlex.quote(str(target)))
+            deadline = time.monotonic() + timeout
+            while True:
+                status = qmp.execute("query-migrate").get("status")
+                if status == "completed":
+                    completed = True
+                    return
+                if status in ("failed", "cancelled") or time.monotonic() > deadline:
+                    raise QmpError(f"saving the VM state failed (migration {status})")
+                time.sleep(0.02)
+        finally:
+            try:
+                if not completed:
+                    qmp.execute("migrate_cancel")
+                if qmp.execute("query-status").get("status") != "running":
+                    qmp.execute("cont")  # a completed migration leaves the source paused
+            except QmpError:
+                pass
+            qmp.close()
 
     def save(self, control_socket: Path, key: str, description: dict[str, Any], timeout: float = 120) -> Snapshot:
         """Migrate the running VM into the store, then let it continue."""
@@ -136,41 +168,29 @@ class SnapshotStore:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         started = time.monotonic()
-        qmp = Qmp(str(control_socket), time.monotonic() + 10)
         try:
-            qmp.execute("migrate", uri="exec:cat > " + shlex.quote(str(tmp / STATE)))
-            deadline = time.monotonic() + timeout
-            while True:
-                status = qmp.execute("query-migrate").get("status")
-                if status == "completed":
-                    break
-                if status in ("failed", "cancelled") or time.monotonic() > deadline:
-                    raise QmpError(f"saving the VM state failed (migration {status})")
-                time.sleep(0.02)
-            qmp.execute("cont")  # a completed migration leaves the source paused
+            self._migrate(control_socket, tmp / STATE, timeout)
+            state = tmp / STATE
+            with state.open("rb") as f:
+                os.fsync(f.fileno())
+            meta = {
+                "description": description,
+                "sha256": sha256_file(state),
+                "size": state.stat().st_size,
+                "stamp": _stamp(state),
+                "created": time.time(),
+                "create_seconds": round(time.monotonic() - started, 3),
+            }
+            write_atomic(tmp / META, json.dumps(meta, indent=2).encode())
+            final = self.root / key
+            with locked(self.root / f".{key}.lock"):  # two VMs saving the same key at once
+                existing = self.find(key)
+                if existing is not None and existing.verify() is None:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    return existing
+                shutil.rmtree(final, ignore_errors=True)
+                os.rename(tmp, final)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # never a half-written snapshot
             raise
-        finally:
-            qmp.close()
-        state = tmp / STATE
-        with state.open("rb") as f:
-            os.fsync(f.fileno())
-        meta = {
-            "description": description,
-            "sha256": sha256_file(state),
-            "size": state.stat().st_size,
-            "stamp": _stamp(state),
-            "created": time.time(),
-            "create_seconds": round(time.monotonic() - started, 3),
-        }
-        write_atomic(tmp / META, json.dumps(meta, indent=2).encode())
-        final = self.root / key
-        with locked(self.root / f".{key}.lock"):  # two VMs saving the same key at once
-            existing = self.find(key)
-            if existing is not None and existing.verify() is None:
-                shutil.rmtree(tmp, ignore_errors=True)
-                return existing
-            shutil.rmtree(final, ignore_errors=True)
-            os.rename(tmp, final)
         return Snapshot(key, final, meta)

@@ -57,6 +57,12 @@ class Channel:
         )
 
 
+def _opt(path: object) -> str:
+    """A path inside a QEMU option string: commas are doubled, or they would
+    end the value and start another option."""
+    return str(path).replace(",", ",,")
+
+
 def kernel_cmdline(config: BootConfig, accel: AccelChoice, channel: Channel = Channel()) -> str:
     args = [
         "console=ttyS0",
@@ -100,27 +106,27 @@ def command_line(
         "-m", str(config.memory_mib),
         "-smp", str(config.cpus),
         "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
-        "-serial", f"file:{runtime.console_log}",
+        "-serial", f"file:{_opt(runtime.console_log)}",
         "-kernel", str(config.kernel),
         "-append", kernel_cmdline(config, accel, channel),
         *(["-initrd", str(config.initrd)] if config.initrd else []),
-        "-drive", f"id=root,file={config.rootfs},format=raw,if=none,readonly=on",
+        "-drive", f"id=root,file={_opt(config.rootfs)},format=raw,if=none,readonly=on",
         "-device", "virtio-blk-device,drive=root",
         "-object", "rng-random,id=rng,filename=/dev/urandom",
         "-device", "virtio-rng-device,rng=rng",
-        "-qmp", f"unix:{runtime.control_socket},server=on,wait=off",
+        "-qmp", f"unix:{_opt(runtime.control_socket)},server=on,wait=off",
     ]  # fmt: skip
     if channel.kind == "vsock":
         argv += ["-device", f"vhost-vsock-device,guest-cid={channel.cid}"]
     else:
         argv += [
             "-device", "virtio-serial-device",
-            "-chardev", f"socket,id=agent,path={runtime.agent_socket},server=on,wait=off",
+            "-chardev", f"socket,id=agent,path={_opt(runtime.agent_socket)},server=on,wait=off",
             "-device", "virtserialport,chardev=agent,name=agent",
         ]  # fmt: skip
     share = config.workspace if config.workspace is not None else runtime.empty_share
     argv += [
-        "-fsdev", f"local,id=ws,path={share},security_model=none",
+        "-fsdev", f"local,id=ws,path={_opt(share)},security_model=none",
         "-device", f"virtio-9p-device,fsdev=ws,mount_tag={WORKSPACE_TAG}",
     ]  # fmt: skip
     if incoming_fd is not None:  # QEMU reads the saved state straight from the open file
