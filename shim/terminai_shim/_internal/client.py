@@ -11,6 +11,7 @@ import itertools
 import queue
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +19,8 @@ from typing import Any
 from terminai_agent import protocol as P
 
 from ..errors import AgentError, ChannelClosed, TimeoutExpired
+
+STDIN_HIGH_WATER = 4 << 20
 
 
 @dataclass
@@ -81,8 +84,19 @@ class RemoteProcess:
         return self.status
 
     def write_stdin(self, data: bytes) -> None:
+        """Send ``data`` to the command's stdin, no faster than it reads.
+
+        The agent reports how much it still holds for the command; above
+        STDIN_HIGH_WATER the host waits, so a command that does not read its
+        input cannot make the agent buffer without bound."""
         for start in range(0, len(data), P.CHUNK):
-            self.client.call("write_stdin", data[start : start + P.CHUNK], target=self.id)
+            queued = int(self.client.call("write_stdin", data[start : start + P.CHUNK], target=self.id).header.get(
+                "queued", 0))  # fmt: skip
+            delay = 0.002
+            while queued > STDIN_HIGH_WATER:
+                time.sleep(delay)
+                delay = min(delay * 2, 0.1)
+                queued = int(self.client.call("write_stdin", b"", target=self.id).header.get("queued", 0))
 
     def close_stdin(self) -> None:
         self.client.call("close_stdin", target=self.id)
