@@ -12,7 +12,6 @@ from typing import Any
 
 from terminai_agent import protocol as P
 from terminai_shim._internal.accel import choose_accel
-from terminai_shim._internal.backends.base import RuntimeDir
 from terminai_shim._internal.backends.qemu import QemuBackend, command_line
 from terminai_shim.models import BootConfig
 from terminai_shim.session import new_runtime_dir
@@ -117,6 +116,3 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     return 0
-
-
-__all__ = ["RawAgent", "RuntimeDir", "boot_to_marker", "repeat", "rss_kib", "summary"]

@@ -15,7 +15,6 @@ from pathlib import Path
 
 from ..digest import sha256_file
 from ..errors import BuildError
-from .fragments import fragment_paths
 
 HEADER = """\
 # Kernel config versions, oldest first. Append-only: each entry records the
@@ -43,10 +42,6 @@ def load_versions(path: Path) -> list[ConfigVersion]:
         if cur.version <= prev.version:
             raise BuildError(f"{path}: version {cur.version} does not increase after {prev.version}")
     return entries
-
-
-def current_digests(config_dir: Path, arch: str) -> dict[str, str]:
-    return {name: sha256_file(path) for path, name in fragment_paths(config_dir, arch)}
 
 
 def all_digests(config_dir: Path) -> dict[str, str]:
