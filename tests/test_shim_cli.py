@@ -40,7 +40,7 @@ def _fake_build(root: Path, corrupt: bool = False) -> None:
             json.dumps({"outputs": {"x": {"file": name, "sha256": digest, "size": 1000}}})
         )
         if corrupt and kind == "rootfs":
-            (d / name).write_bytes(b"y" + data[1:])
+            (d / name).write_bytes(bytes([data[0] ^ 1]) + data[1:])  # always a different byte
 
 
 @pytest.mark.unit
