@@ -7,6 +7,7 @@ package (release/terminai_release), where the work and its tests live.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from invoke import Context, task
 from terminai_release.context import BuildContext
@@ -211,3 +212,101 @@ def release(
         _fail(exc)
         return
     print(f"release: {rel.manifest_path}\nbundle:  {bundle}")
+
+
+def _release_dir(c: Context, given: str) -> Path:
+    from pathlib import Path
+
+    from terminai_release.context import repo_root
+    from terminai_release.version import release_version
+
+    return Path(given).resolve() if given else repo_root() / "dist" / release_version(repo_root())
+
+
+@task(
+    help={
+        "store": "s3://BUCKET/PREFIX (boto3: standard AWS configuration) or file://DIR",
+        "channel": "channel to point at the release (default: the channel the release was built for)",
+        "release_dir": "the signed release directory (default: dist/<version>)",
+        "keyless": "sign the channel pointer keylessly with CI's ambient OIDC identity",
+        "trust_config": "sigstore ClientTrustConfig JSON for --keyless (default: public-good)",
+        "valid_days": "days until the channel pointer expires",
+        "json": "emit progress as JSON events on stderr",
+    }
+)
+def publish(
+    c: Context,
+    store: str,
+    channel: str = "",
+    release_dir: str = "",
+    keyless: bool = False,
+    trust_config: str = "",
+    valid_days: int = 90,
+    json: bool = False,
+) -> None:
+    """Publish a signed release: blobs, then the release folder, then the channel pointer."""
+    from pathlib import Path
+
+    from terminai_release.publish import publish as run_publish
+
+    try:
+        result = run_publish(
+            _ctx(json), _release_dir(c, release_dir), store, channel=channel or None, keyless=keyless,
+            trust_config=Path(trust_config) if trust_config else None, valid_days=valid_days,
+        )  # fmt: skip
+    except BuildError as exc:
+        _fail(exc)
+        return
+    print(result.describe())
+
+
+@task(
+    help={
+        "store": "s3://BUCKET/PREFIX or file://DIR",
+        "from": "the channel whose release is promoted (e.g. beta)",
+        "to": "the channel to point at it (e.g. stable)",
+        "keyless": "sign the pointer keylessly with CI's ambient OIDC identity",
+        "trust_config": "sigstore ClientTrustConfig JSON for --keyless",
+        "valid_days": "days until the channel pointer expires",
+        "json": "emit progress as JSON events on stderr",
+    }
+)
+def promote(
+    c: Context,
+    store: str,
+    version: str,
+    from_: str = "beta",
+    to: str = "stable",
+    keyless: bool = False,
+    trust_config: str = "",
+    valid_days: int = 90,
+    json: bool = False,
+) -> None:
+    """Point one channel at the release another serves: re-signs a pointer, uploads nothing else."""
+    from pathlib import Path
+
+    from terminai_release.publish import promote as run_promote
+
+    try:
+        result = run_promote(
+            _ctx(json), store, version, source=from_, target=to, keyless=keyless,
+            trust_config=Path(trust_config) if trust_config else None, valid_days=valid_days,
+        )  # fmt: skip
+    except BuildError as exc:
+        _fail(exc)
+        return
+    print(result.describe())
+
+
+@task(name="set-version", help={"version": "X.Y.Z, X.Y.Z-rc.N or X.Y.Z.devN"})
+def set_version(c: Context, version: str) -> None:
+    """Set the one release version (project, shim, agent, survival kit)."""
+    from terminai_release.ci import set_version as run_set_version
+    from terminai_release.context import repo_root
+
+    try:
+        changed = run_set_version(repo_root(), version)
+    except BuildError as exc:
+        _fail(exc)
+        return
+    print(f"version {version}: {', '.join(str(p) for p in changed) or 'unchanged'}")

@@ -195,42 +195,16 @@ def test_plain_http_only_on_loopback_with_a_flag():
 
 
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """moto's standalone server: the S3 HTTP API on loopback, spoken to by boto3."""
-    import socket
-    import sys
-    import time
+def s3():
+    from s3server import MotoServer, environment
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    moto = Path(sys.executable).with_name("moto_server")
-    proc = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-           "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    import boto3
-
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            client = boto3.client("s3")
-            client.create_bucket(Bucket="releases")
-            break
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
-    client.put_object(Bucket="releases", Key="store/blob", Body=DATA)
-    yield client
-    proc.kill()
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    server = MotoServer()
+    with environment(server.env):
+        client = server.client()
+        client.create_bucket(Bucket="releases")
+        client.put_object(Bucket="releases", Key="store/blob", Body=DATA)
+        yield client
+    server.stop()
 
 
 def test_s3_download_and_resume(s3, tmp_path):

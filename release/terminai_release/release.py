@@ -8,7 +8,6 @@ source date, so two runs of the same commit write identical bytes.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -172,46 +171,28 @@ def _provenance(ctx: BuildContext, rel: Release, keyless: bool) -> dict[str, Any
 
 
 def sign_release(ctx: BuildContext, rel: Release, *, keyless: bool = False, trust_config: Path | None = None) -> Path:
-    """Sign manifest.json; verify the bundle before returning.
+    """Sign manifest.json and its provenance; both verify before they are written.
 
     Keyless (CI): the ambient OIDC identity against ``trust_config``
     (Sigstore's public-good instance when not given). Otherwise the local
     development stack, whose trust root is written beside the manifest as
     ``dev-trusted-root.json``: never trusted unless a verifier is told to.
     """
-    from sigstore.models import ClientTrustConfig
-    from sigstore.oidc import IdentityToken
-
-    from .signing.devstack import DevSigstore
-    from .signing.sign import ambient_token, sign_bytes, sign_statement, verify_bytes, verify_statement
+    from .signing.session import signer
 
     data = rel.manifest_path.read_bytes()
-    root_path = None
-    with contextlib.ExitStack() as stack:
-        if keyless:
-            text = trust_config.read_text() if trust_config else None
-            config = ClientTrustConfig.from_json(text) if text else ClientTrustConfig.production()
-            token = ambient_token()
-        else:
-            dev = stack.enter_context(DevSigstore(ctx.cache.root / "dev-sigstore"))
-            config = ClientTrustConfig.from_json(json.dumps(dev.trust_config()))
-            token = dev.identity_token()
-            root_path = rel.directory / DEV_TRUSTED_ROOT
-            write_atomic(root_path, json.dumps(dev.trusted_root(), indent=2).encode())
-        bundle = sign_bytes(data, config, token)
-        identity = IdentityToken(token)
-        # The signer checks its own output against the same trust root before
-        # anything is written under the final name.
-        verify_bytes(data, bundle, config.trusted_root, identity.identity, str(identity.issuer))
+    with signer(ctx, keyless=keyless, trust_config=trust_config) as s:
+        bundle = s.sign(data)
         subjects = {a.name: a.sha256 for a in rel.manifest.artifacts} | {"manifest.json": sha256_bytes(data)}
-        provenance = sign_statement(subjects, SLSA_PROVENANCE, _provenance(ctx, rel, keyless), config, token)
-        verify_statement(provenance, config.trusted_root, identity.identity, str(identity.issuer))
+        provenance = s.attest(subjects, SLSA_PROVENANCE, _provenance(ctx, rel, keyless))
+    root_path = None
+    if s.dev_trusted_root is not None:
+        root_path = rel.directory / DEV_TRUSTED_ROOT
+        write_atomic(root_path, json.dumps(s.dev_trusted_root, indent=2).encode())
     write_atomic(rel.directory / PROVENANCE, provenance.encode())
     out = rel.directory / BUNDLE
     write_atomic(out, bundle.encode())
     ctx.reporter.done(
-        "sign",
-        f"signed {rel.manifest_path.name} ({'keyless' if keyless else 'local development identity'})"
-        + (f"; dev trust root {root_path}" if root_path else ""),
+        "sign", f"signed {rel.manifest_path.name} ({s.kind})" + (f"; dev trust root {root_path}" if root_path else "")
     )
     return out

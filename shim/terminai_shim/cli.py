@@ -41,11 +41,18 @@ def _boot_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rootfs", type=Path, help="guest root image (.squashfs or .erofs)")
     p.add_argument("--workspace", type=Path, help="host directory shared with the guest at /workspace")
     p.add_argument("--manifest", help="a release directory: verify it, then boot its kernel and root image")
+    _store_args(p)
     p.add_argument("--memory", type=int, help="guest memory in MiB (default 512, or the manifest's)")
     p.add_argument("--cpus", type=int, help="guest vCPUs (default 1, or the manifest's)")
     _trust_args(p)
     p.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto", help="accelerator (default auto)")
     p.add_argument("--cold", action="store_true", help="boot cold: neither restore nor save a snapshot")
+
+
+def _store_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", help="a published store (https://, s3://, file://, a directory): its channel's release")
+    p.add_argument("--channel", default="stable", help="the store's channel to follow (default stable)")
+    p.add_argument("--release", help="a version in the store instead of the channel's current one")
 
 
 def _trust_args(p: argparse.ArgumentParser) -> None:
@@ -82,8 +89,18 @@ def _policy(args: argparse.Namespace, directory: Path | None) -> TrustPolicy | N
 
 
 def _verified(args: argparse.Namespace) -> VerifiedRelease:
-    from .verify import open_release
+    from .errors import ConfigError
+    from .verify import open_release, open_store
 
+    progress = _progress_printer() if sys.stderr.isatty() else None
+    if getattr(args, "store", None):
+        if args.dev and not args.trusted_root:
+            raise ConfigError("--dev with --store needs --trusted-root",
+                              hint="a trust root is never taken from the store it is meant to check")  # fmt: skip
+        return open_store(args.store, args.channel, _policy(args, None), version=args.release,
+                          allow_http=args.allow_http, progress=progress)  # fmt: skip
+    if not args.manifest:
+        raise ConfigError("name a release: a directory or URL, or --store with --channel")
     target = str(args.manifest)
     local = None
     if "://" not in target:
@@ -91,7 +108,6 @@ def _verified(args: argparse.Namespace) -> VerifiedRelease:
         local = local.parent if local.name == "manifest.json" else local
     elif target.startswith("file://"):
         local = Path(target[len("file://") :])
-    progress = _progress_printer() if sys.stderr.isatty() else None
     return open_release(target, _policy(args, local), allow_http=args.allow_http, progress=progress)
 
 
@@ -124,7 +140,7 @@ def _boot_config(args: argparse.Namespace) -> BootConfig:
     from .errors import ConfigError
     from .models import BootConfig
 
-    if getattr(args, "manifest", None):
+    if getattr(args, "manifest", None) or getattr(args, "store", None):
         from .verify import boot_config
 
         return boot_config(
@@ -245,11 +261,14 @@ def main(argv: list[str] | None = None) -> int:
     srv.set_defaults(fn=cmd_serve)
 
     ver = sub.add_parser("verify", help="verify a release: signature, identity, expiry, serial, artifact digests")
-    ver.add_argument("manifest", help="a release directory, or its URL (https://, file://)")
+    ver.add_argument("manifest", nargs="?", help="a release directory, or its URL (https://, file://)")
+    _store_args(ver)
     _trust_args(ver)
     ver.set_defaults(fn=cmd_verify)
     fetch = sub.add_parser("fetch", help="download and verify a release into the cache (resumable)")
-    fetch.add_argument("manifest", help="the release URL (https://, file://; http:// on loopback with --allow-http)")
+    fetch.add_argument("manifest", nargs="?",
+                       help="the release URL (https://, file://; http:// on loopback with --allow-http)")  # fmt: skip
+    _store_args(fetch)
     _trust_args(fetch)
     fetch.set_defaults(fn=cmd_verify)
     cache = sub.add_parser("cache", help="the download cache")

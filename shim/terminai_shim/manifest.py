@@ -19,6 +19,8 @@ from .errors import ShimError
 
 SCHEMA_VERSION = 1
 MEDIA_TYPE = "application/vnd.terminai.manifest.v1+json"
+CHANNEL_MEDIA_TYPE = "application/vnd.terminai.channel.v1+json"
+BUNDLE_SUFFIX = ".sigstore.json"  # a sigstore bundle sits beside what it signs
 KINDS = (
     "kernel", "rootfs", "sbom", "survival-kit-wheel", "agent", "brain-bundle", "container-image", "provenance",
 )  # fmt: skip
@@ -187,6 +189,110 @@ class Manifest:
         return found[0]
 
 
+# -- the store layout ----------------------------------------------------------------
+# One layout for every store (S3, a CDN in front of it, a file:// mirror):
+#   blobs/sha256/<digest>                   every artifact, immutable
+#   releases/<version>/manifest.json        + manifest.json.sigstore.json, provenance, notes
+#   channels/<channel>.json                 the pointer; its bundle at channels/bundles/<sha256 of it>
+# A release directory written by `inv release` is a one-release store whose
+# manifest sits at its root; artifact locations are relative to the store root.
+
+
+def blob_key(sha256: str) -> str:
+    return f"blobs/sha256/{sha256}"
+
+
+def release_key(version: str, name: str = "manifest.json") -> str:
+    return f"releases/{version}/{name}"
+
+
+def channel_key(channel: str) -> str:
+    return f"channels/{channel}.json"
+
+
+def pointer_bundle_key(pointer_sha256: str) -> str:
+    """A pointer's sigstore bundle, named by the pointer's digest: written
+    before the pointer itself, so swapping the pointer is one atomic write
+    and an interrupted publish never leaves a pointer without its bundle."""
+    return f"channels/bundles/{pointer_sha256}{BUNDLE_SUFFIX}"
+
+
+@dataclass(frozen=True)
+class ChannelPointer:
+    """Which release a channel currently serves, signed like a manifest.
+
+    Its serial rises with every change of the channel (publish or promote);
+    a client remembers the highest it accepted, and the pointer expires so a
+    stale mirror cannot freeze a client on an old release forever."""
+
+    channel: str
+    release: str
+    serial: int
+    updated: int
+    expires: int
+    manifest_sha256: str
+    manifest_size: int
+
+    @property
+    def manifest_location(self) -> str:
+        return release_key(self.release)
+
+    def to_json(self) -> bytes:
+        doc = {
+            "mediaType": CHANNEL_MEDIA_TYPE,
+            "schemaVersion": SCHEMA_VERSION,
+            "channel": self.channel,
+            "release": self.release,
+            "serial": self.serial,
+            "updated": _iso(self.updated),
+            "expires": _iso(self.expires),
+            "manifest": {"location": self.manifest_location, "sha256": self.manifest_sha256,
+                         "size": self.manifest_size},
+        }  # fmt: skip
+        return (json.dumps(doc, sort_keys=True, indent=2) + "\n").encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> ChannelPointer:
+        try:
+            doc = json.loads(data)
+            if not isinstance(doc, dict):
+                raise TypeError("the channel pointer is not a JSON object")
+            if doc.get("schemaVersion") != SCHEMA_VERSION:
+                raise UnsupportedSchema(
+                    f"channel pointer schema version {doc.get('schemaVersion')!r} is not supported",
+                    hint="upgrade terminai-shim",
+                )
+            if doc.get("mediaType") != CHANNEL_MEDIA_TYPE:
+                raise ValueError(f"mediaType {doc.get('mediaType')!r} is not {CHANNEL_MEDIA_TYPE}")
+            ref = _obj(doc, "manifest")
+            pointer = cls(
+                channel=_str(doc, "channel", re.compile(r"^[a-z][a-z0-9-]*$")),
+                release=_str(doc, "release", _VERSION),
+                serial=_int(doc, "serial"),
+                updated=_time(doc, "updated"),
+                expires=_time(doc, "expires"),
+                manifest_sha256=_str(ref, "sha256", _SHA256),
+                manifest_size=_int(ref, "size"),
+            )
+            if _str(ref, "location") != pointer.manifest_location:
+                raise ValueError(f"manifest.location must be {pointer.manifest_location}")
+        except ManifestError:
+            raise
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ManifestError(f"channel pointer field {exc}") from None
+        return pointer
+
+    def check_current(self, channel: str, now: float) -> None:
+        if self.channel != channel:
+            raise ManifestError(f"the pointer for channel {channel} names channel {self.channel}",
+                                hint="the store is misconfigured or tampered with")  # fmt: skip
+        if now >= self.expires:
+            raise ManifestExpired(
+                f"channel pointer {channel} expired at {_iso(self.expires)}",
+                hint="the store has not been re-published recently; ask the release engineers to promote again",
+            )
+
+
 def _iso(epoch: int) -> str:
     return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -252,4 +358,4 @@ def _artifact(doc: Any, index: int) -> Artifact:
     )
 
 
-__all__ = ["Artifact", "BootDefaults", "Manifest", "ManifestError"]
+__all__ = ["Artifact", "BootDefaults", "ChannelPointer", "Manifest", "ManifestError"]

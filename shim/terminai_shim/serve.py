@@ -28,7 +28,16 @@ from ._internal.client import RemoteProcess
 from .errors import AgentError, ConfigError, ShimError
 from .models import BootConfig
 from .session import Session
-from .verify import DEV_IDENTITY, DEV_ISSUER, TrustPolicy, boot_config, dev_policy, open_release
+from .verify import (
+    DEV_IDENTITY,
+    DEV_ISSUER,
+    TrustPolicy,
+    VerifiedRelease,
+    boot_config,
+    dev_policy,
+    open_release,
+    open_store,
+)
 
 PROTOCOL_VERSION = 1
 DEFAULT_EXEC_OUTPUT_CAP = 16 << 20
@@ -166,9 +175,9 @@ class Server:
                 raise RequestError("ALREADY_INITIALIZED", "this shim already runs a VM; dispose it first")
             workspace = Path(p["workspace"]) if p.get("workspace") else None
             snapshots = "off" if p.get("cold") else "auto"
-            if p.get("manifest"):  # the CLI's path: nothing boots that did not verify
+            if p.get("manifest") or p.get("store"):  # the CLI's path: nothing boots that did not verify
                 config = boot_config(
-                    open_release(str(p["manifest"]), self._policy(p), allow_http=bool(p.get("allowHttp"))),
+                    self._release(p),
                     workspace=workspace, memory_mib=p.get("memoryMib"), cpus=p.get("cpus"),
                     accel=str(p.get("accel", "auto")), snapshots=snapshots,
                 )  # fmt: skip
@@ -205,6 +214,15 @@ class Server:
                 "session": s.client.hello_info.get("session"),
                 "workspace": config.workspace_mount if config.workspace else None,
             }
+
+    def _release(self, p: dict[str, Any]) -> VerifiedRelease:
+        if p.get("store"):
+            if p.get("dev") and not p.get("trustedRoot"):
+                raise ConfigError("dev with a store needs trustedRoot",
+                                  hint="a trust root is never taken from the store it is meant to check")  # fmt: skip
+            return open_store(str(p["store"]), str(p.get("channel", "stable")), self._policy(p),
+                              version=p.get("release"), allow_http=bool(p.get("allowHttp")))  # fmt: skip
+        return open_release(str(p["manifest"]), self._policy(p), allow_http=bool(p.get("allowHttp")))
 
     @staticmethod
     def _policy(p: dict[str, Any]) -> TrustPolicy | None:

@@ -26,11 +26,19 @@ from . import __version__
 from ._internal.fetch import BlobCache, Progress, Source
 from ._internal.fsutil import cache_root, locked, write_atomic
 from .errors import ShimError
-from .manifest import Artifact, Manifest
+from .manifest import (
+    BUNDLE_SUFFIX,
+    Artifact,
+    ChannelPointer,
+    Manifest,
+    channel_key,
+    pointer_bundle_key,
+    release_key,
+)
 from .models import BootConfig
 
 MANIFEST = "manifest.json"
-BUNDLE = "manifest.json.sigstore.json"
+BUNDLE = MANIFEST + BUNDLE_SUFFIX
 # The local development signing identity (terminai_release.signing.devstack).
 # Accepted only with an explicit --dev, together with the trust root written
 # beside the release: never trusted by default.
@@ -90,7 +98,7 @@ class VerifiedRelease:
         return self.directory / self.manifest.artifact(kind).location
 
 
-def check_signature(data: bytes, bundle_json: str, policy: TrustPolicy) -> None:
+def check_signature(data: bytes, bundle_json: str, policy: TrustPolicy, what: str = MANIFEST) -> None:
     try:
         from sigstore.errors import Error as SigstoreError
         from sigstore.models import Bundle, TrustedRoot
@@ -111,7 +119,7 @@ def check_signature(data: bytes, bundle_json: str, policy: TrustPolicy) -> None:
         Verifier(trusted_root=root).verify_artifact(data, bundle, rule)
     except (SigstoreError, ValueError) as exc:
         raise VerificationFailed(
-            f"signature of {MANIFEST} does not verify: {exc}",
+            f"signature of {what} does not verify: {exc}",
             hint=f"check the trust root ({policy.trusted_root}) and the expected signer, {policy.describe()}; "
             "never boot an unverified release",
         ) from None
@@ -157,7 +165,8 @@ def check_artifact(path: Path, artifact: Artifact) -> None:
 
 
 class SerialState:
-    """The highest manifest serial accepted per channel, kept across runs."""
+    """The highest serial accepted per channel, kept across runs: for
+    manifests (keyed by the channel they name) and for channel pointers."""
 
     def __init__(self, path: Path | None = None) -> None:
         self.path = path or cache_root() / "state" / "serials.json"
@@ -169,19 +178,32 @@ class SerialState:
             return {}
 
     def check(self, manifest: Manifest) -> None:
-        highest = self._load().get(manifest.channel, -1)
-        if manifest.serial < highest:
-            raise RollbackRefused(
-                f"manifest serial {manifest.serial} for channel {manifest.channel} is lower than "
-                f"{highest}, accepted before: refusing a rollback",
-                hint="fetch the current release of the channel",
-            )
+        what = f"manifest serial {manifest.serial} for channel {manifest.channel}"
+        self._check(manifest.channel, manifest.serial, what)
 
     def record(self, manifest: Manifest) -> None:
+        self._record(manifest.channel, manifest.serial)
+
+    def check_pointer(self, pointer: ChannelPointer) -> None:
+        self._check(f"pointer:{pointer.channel}", pointer.serial,
+                    f"channel pointer serial {pointer.serial} for {pointer.channel}")  # fmt: skip
+
+    def record_pointer(self, pointer: ChannelPointer) -> None:
+        self._record(f"pointer:{pointer.channel}", pointer.serial)
+
+    def _check(self, key: str, serial: int, what: str) -> None:
+        highest = self._load().get(key, -1)
+        if serial < highest:
+            raise RollbackRefused(
+                f"{what} is lower than {highest}, accepted before: refusing a rollback",
+                hint="fetch the current release of the channel; a stale mirror or cache may be in the way",
+            )
+
+    def _record(self, key: str, serial: int) -> None:
         with locked(self.path.with_name(".serials.lock")):
             known = self._load()
-            if manifest.serial > known.get(manifest.channel, -1):
-                known[manifest.channel] = manifest.serial
+            if serial > known.get(key, -1):
+                known[key] = serial
                 write_atomic(self.path, json.dumps(known, indent=2).encode())
 
 
@@ -234,29 +256,88 @@ def fetch_release(
     now: float | None = None,
     progress: Progress | None = None,
 ) -> VerifiedRelease:
-    """Download a release into the cache, verifying before and while it streams.
+    """Download a release directory (manifest at its root) into the cache.
 
     The manifest is verified (signature, signer, schema, compatibility,
     expiry, serial) before a single artifact byte is fetched; artifacts are
     fetched in parallel into the content-addressed cache, each checked for
     size and sha256 as it streams.
     """
+    source = Source(url, allow_http=allow_http)
+    return _fetch(source, source, policy, kinds=kinds, state=state or SerialState(), now=now, progress=progress)
+
+
+def fetch_channel(
+    store: str,
+    channel: str,
+    policy: TrustPolicy | None,
+    *,
+    version: str | None = None,
+    allow_http: bool = False,
+    kinds: tuple[str, ...] = ("kernel", "rootfs"),
+    state: SerialState | None = None,
+    now: float | None = None,
+    progress: Progress | None = None,
+) -> VerifiedRelease:
+    """The release a published store's channel points at (or a named version).
+
+    The channel pointer is verified like a manifest (signature of the
+    channel's signer, expiry, serial never lower than seen before), and the
+    manifest it names must have exactly the digest the pointer records."""
+    source = Source(store, allow_http=allow_http)
+    state = state or SerialState()
+    now = time.time() if now is None else now
+    pointer = None
+    if version is None:
+        data = source.read(channel_key(channel))
+        bundle = source.read(pointer_bundle_key(hashlib.sha256(data).hexdigest())).decode()
+        check_signature(data, bundle, policy or pinned_policy(channel), what=channel_key(channel))
+        pointer = ChannelPointer.from_json(data)
+        pointer.check_current(channel, now)
+        state.check_pointer(pointer)
+        version = pointer.release
+    manifest_source = Source(source.join(release_key(version, "")).rstrip("/"), allow_http=allow_http)
+    release = _fetch(manifest_source, source, policy, kinds=kinds, state=state, now=now, progress=progress,
+                     pointer=pointer)  # fmt: skip
+    if pointer is not None:
+        state.record_pointer(pointer)
+    return release
+
+
+def _fetch(
+    manifest_source: Source,
+    blob_source: Source,
+    policy: TrustPolicy | None,
+    *,
+    kinds: tuple[str, ...],
+    state: SerialState,
+    now: float | None,
+    progress: Progress | None,
+    pointer: ChannelPointer | None = None,
+) -> VerifiedRelease:
     from concurrent.futures import ThreadPoolExecutor
 
-    source = Source(url, allow_http=allow_http)
-    data = source.read(MANIFEST)
-    bundle = source.read(BUNDLE).decode()
+    data = manifest_source.read(MANIFEST)
+    if pointer is not None and (hashlib.sha256(data).hexdigest(), len(data)) != (
+        pointer.manifest_sha256,
+        pointer.manifest_size,
+    ):
+        raise VerificationFailed(
+            f"release {pointer.release}'s manifest is not the one channel {pointer.channel} points at "
+            f"(sha256 {hashlib.sha256(data).hexdigest()}, pointer says {pointer.manifest_sha256})",
+            hint="the store is being published right now or was tampered with; try again shortly",
+        )
+    bundle = manifest_source.read(BUNDLE).decode()
     check_signature(data, bundle, _choose(policy, data))
     manifest = Manifest.from_json(data)
     manifest.check_usable(__version__, P.PROTOCOL_VERSION, time.time() if now is None else now)
-    state = state or SerialState()
     state.check(manifest)
     root = cache_root()
     blobs = BlobCache(root / "blobs" / "sha256")
     wanted = [manifest.artifact(kind) for kind in kinds]
     with locked(root / ".gc.lock", shared=True):  # `cache gc` waits until the release is recorded
         with ThreadPoolExecutor(max_workers=4) as pool:
-            futures = [pool.submit(blobs.fetch, source, a.location, a.sha256, a.size, progress) for a in wanted]
+            futures = [pool.submit(blobs.fetch, blob_source, a.location, a.sha256, a.size, progress) for a in wanted]
             for future in futures:
                 future.result()
         release_dir = root / "releases" / hashlib.sha256(data).hexdigest()
@@ -311,6 +392,21 @@ def open_release(
     if directory.name == MANIFEST:
         directory = directory.parent
     return verify_release(directory, policy)
+
+
+def open_store(
+    store: str,
+    channel: str,
+    policy: TrustPolicy | None,
+    *,
+    version: str | None = None,
+    allow_http: bool = False,
+    progress: Progress | None = None,
+) -> VerifiedRelease:
+    """A published store (URL or local directory): the channel's release, or a named version."""
+    if "://" not in store:
+        store = Path(store).resolve().as_uri()
+    return fetch_channel(store, channel, policy, version=version, allow_http=allow_http, progress=progress)
 
 
 def boot_config(

@@ -1,0 +1,90 @@
+"""The CI release workflow and the signer identities the shim pins must agree:
+every ref the workflow publishes from signs with an identity that the
+pinned policy accepts for exactly the channel that ref publishes to."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from terminai_release.ci import plan, set_version
+from terminai_release.errors import BuildError
+
+pytestmark = pytest.mark.unit
+REPO = Path(__file__).resolve().parents[1]
+WORKFLOW = REPO / "release/github/release.yml"
+POLICY = json.loads((REPO / "shim/terminai_shim/trust/policy.json").read_text())
+
+
+def _workflow() -> dict:
+    doc = yaml.safe_load(WORKFLOW.read_text())
+    doc["on"] = doc.pop(True, doc.get("on"))  # YAML 1.1 reads the key `on` as a boolean
+    return doc
+
+
+def _identity(ref: str) -> str:
+    """The SAN GitHub's OIDC issuer gives this workflow's run for ``ref``."""
+    repo = re.search(r"github\.repository == '([^']+)'", WORKFLOW.read_text())
+    assert repo, "the workflow must be guarded to run only in the upstream repository"
+    return f"https://github.com/{repo.group(1)}/.github/workflows/{WORKFLOW.name}@{ref}"
+
+
+@pytest.mark.parametrize(
+    "ref, channel",
+    [("refs/heads/main", "dev"), ("refs/tags/v0.1.0", "stable"), ("refs/tags/v0.1.0-rc.1", "beta"),
+     ("refs/tags/v0.1.0-beta.12", "beta")],
+)  # fmt: skip
+def test_each_ref_signs_only_for_its_own_channel(ref, channel):
+    assert plan(ref, "0.1.0", 1700000000).channel == channel
+    identity = _identity(ref)
+    for name, rule in POLICY["channels"].items():
+        matches = re.fullmatch(rule["identityPattern"], identity) is not None
+        assert matches == (name == channel), f"{identity} vs channel {name}"
+
+
+def test_refs_that_publish_nothing_and_tags_for_another_version_are_refused():
+    for ref in ("refs/heads/feature", "refs/tags/v0.1", "refs/tags/0.1.0", "refs/pull/1/merge"):
+        with pytest.raises(BuildError):
+            plan(ref, "0.1.0", 1)
+    with pytest.raises(BuildError, match="does not match the project version"):
+        plan("refs/tags/v0.2.0", "0.1.0", 1)
+    assert plan("refs/heads/main", "0.1.0", 42).version == "0.1.0.dev42"
+
+
+def test_workflow_signs_keylessly_publishes_and_smoke_tests_with_the_pinned_policy():
+    doc = _workflow()
+    assert POLICY["issuer"] == "https://token.actions.githubusercontent.com"
+    assert doc["on"]["push"]["branches"] == ["main"] and doc["on"]["push"]["tags"] == ["v*"]
+    assert doc["permissions"] == {"contents": "read"}  # least privilege by default
+    release = doc["jobs"]["release"]
+    assert release["permissions"]["id-token"] == "write"
+    runs = "\n".join(step.get("run", "") for step in release["steps"])
+    assert "terminai_release.ci plan" in runs and "inv set-version" in runs
+    assert re.search(r"inv release --keyless --channel", runs)
+    assert re.search(r"inv publish --keyless", runs)
+    assert "terminai-shim verify" in runs and "--dev" not in runs and "--trusted-root" not in runs
+    assert "aws-token" in runs and release["env"]["AWS_WEB_IDENTITY_TOKEN_FILE"]
+    assert "${{ secrets." not in WORKFLOW.read_text()  # short-lived credentials only
+    for job in doc["jobs"].values():
+        for step in job["steps"]:
+            if "uses" in step:
+                assert re.search(r"@[0-9a-f]{40}$", step["uses"]), f"{step['uses']} is not pinned by commit"
+    promote = doc["jobs"]["promote"]
+    assert "channel=stable" in "\n".join(step.get("run", "") for step in promote["steps"])
+
+
+def test_set_version_changes_every_version_line_together(tmp_path):
+    from terminai_release.ci import VERSION_FILES
+
+    for name, _ in VERSION_FILES:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / name, tmp_path / name)
+    assert len(set_version(tmp_path, "0.1.0.dev7")) == len(VERSION_FILES)
+    for name, pattern in VERSION_FILES:
+        assert pattern.search((tmp_path / name).read_text()).group(0).endswith('0.1.0.dev7"')
+    with pytest.raises(BuildError):
+        set_version(tmp_path, "latest")
