@@ -24,6 +24,8 @@ packages=(
     build-essential bc flex bison libelf-dev libssl-dev cpio kmod
     # root filesystem: mkosi's host needs, image writers
     apt dpkg debian-archive-keyring erofs-utils squashfs-tools zstd xz-utils
+    # the container tier (the engine; `inv test` starts dockerd when none runs)
+    docker.io
     # the pipeline and tests
     git python3 python3-venv python3-dev curl ca-certificates file
 )

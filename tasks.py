@@ -91,6 +91,29 @@ def rootfs(c: Context, json: bool = False, format: str = "squashfs", kit: str = 
     print(f"rootfs: {link} -> {art.directory}")
 
 
+@task(help={"json": "emit progress as JSON events on stderr", "load": "load into the local engine and check its id"})
+def container(c: Context, json: bool = False, load: bool = True) -> None:
+    """The root image as a deterministic OCI archive for the container tier (cached)."""
+    from terminai_release.container import build_container
+    from terminai_release.container.build import load_into_engine
+
+    ctx = _ctx(json)
+    try:
+        art = build_container(ctx)
+        link = ctx.publish_link("container", art.directory)
+        print(f"container: {link} -> {art.archive.name} (image {art.image_id})")
+        if load:
+            from terminai_shim._internal.backends.container import engine_answers
+
+            answers, why = engine_answers()
+            if answers:
+                print(f"loaded: the engine reports {load_into_engine(art)}")
+            else:
+                print(f"not loaded: {why}")
+    except BuildError as exc:
+        _fail(exc)
+
+
 @task(
     help={
         "command": "the command to run in the VM (default: a survival-kit check)",
@@ -124,16 +147,28 @@ def demo(c: Context, command: str = "", json: bool = False) -> None:
     ]  # fmt: skip
     # The shim verifies the signed release (signature, signer, expiry, serial,
     # digests) before it boots anything; --dev accepts the local identity.
-    shim = [sys.executable, "-m", "terminai_shim.cli", "run", "-v", "--manifest", str(rel.directory), "--dev",
-            "--", *argv]  # fmt: skip
+    shim = [sys.executable, "-m", "terminai_shim.cli", "run", "-v", "--backend", "qemu", "--manifest",
+            str(rel.directory), "--dev", "--", *argv]  # fmt: skip
     c.run(shlex.join(shim), pty=False)
 
 
 @task(help={"markers": "pytest -m expression (default: everything)", "args": "extra pytest arguments"})
 def test(c: Context, markers: str = "", args: str = "") -> None:
-    """Run the test suite (unit, build, vm and repro tests)."""
+    """Run the test suite (unit, build, vm and repro tests), with a Docker engine running."""
+    from terminai_release.context import repo_root
+    from terminai_release.engine import ensure_engine
+
     m = f"-m {markers!r}" if markers else ""
-    c.run(f"{sys.executable} -m pytest {m} {args}", pty=False)
+    # The container tier's tests use a real engine: started here when none answers, stopped after.
+    try:
+        engine = ensure_engine(repo_root() / "build" / "dockerd.log")
+    except BuildError as exc:
+        _fail(exc)
+        return
+    try:
+        c.run(f"{sys.executable} -m pytest {m} {args}", pty=False)
+    finally:
+        engine.stop()
 
 
 @task
@@ -143,13 +178,13 @@ def lint(c: Context) -> None:
     c.run(f"{sys.executable} -m mypy", pty=False)
 
 
-@task(help={"artifact": "kernel, rootfs or all (default)"})
+@task(help={"artifact": "kernel, rootfs, container or all (default)"})
 def repro(c: Context, artifact: str = "all") -> None:
     """Prove reproducibility: a second clean build must give identical bytes."""
     from terminai_release.repro import check
 
     ctx = _ctx(False)
-    names = ["kernel", "rootfs"] if artifact == "all" else [artifact]
+    names = ["kernel", "rootfs", "container"] if artifact == "all" else [artifact]
     failed = False
     for name in names:
         try:
@@ -165,12 +200,14 @@ def repro(c: Context, artifact: str = "all") -> None:
 
 @task(
     help={
-        "parts": "comma-separated: kernel,guest,snapshot,shim,fetch (default: all)",
+        "parts": "comma-separated: kernel,guest,snapshot,shim,fetch,container (default: all)",
         "runs": "repetitions per boot measurement (median reported)",
         "clean": "also time a clean kernel build (about 10 minutes)",
     }
 )
-def bench(c: Context, parts: str = "kernel,guest,snapshot,shim,fetch", runs: int = 5, clean: bool = False) -> None:
+def bench(
+    c: Context, parts: str = "kernel,guest,snapshot,shim,fetch,container", runs: int = 5, clean: bool = False
+) -> None:
     """Benchmarks against same-run baselines; writes build/bench/results.json and .png."""
     import json
 

@@ -48,6 +48,23 @@ def boot_config(kernel, rootfs):
     )
 
 
+@pytest.fixture(scope="session")
+def docker_engine():
+    """A real Docker engine (`inv test` starts one; started here if none answers)."""
+    from terminai_release.engine import ensure_engine
+
+    engine = ensure_engine(REPO / "build" / "dockerd.log")
+    yield
+    engine.stop()
+
+
+@pytest.fixture(scope="session")
+def container_image(ctx, docker_engine):
+    from terminai_release.container import build_container
+
+    return build_container(ctx)
+
+
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("workspace")

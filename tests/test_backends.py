@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from terminai_shim._internal.accel import choose_accel, kvm_status
-from terminai_shim._internal.backends import select_backend
+from terminai_shim._internal.backends import backend_order, choose_backend, select_backend
 from terminai_shim._internal.backends.base import RuntimeDir
 from terminai_shim._internal.backends.firecracker import (
     FirecrackerBackend,
@@ -171,13 +171,25 @@ def test_hybrid_vsock_handshake_failures(tmp_path):
 
 
 def test_backend_selection(tmp_path, monkeypatch):
+    """The order of tiers: KVM microVM, container, TCG microVM. "No engine" is
+    a socket nobody listens on (the engine itself is tested in test_container)."""
     fake = tmp_path / "firecracker"
     fake.write_text("#!/bin/sh\n")
     fake.chmod(0o755)
     monkeypatch.setenv("TERMINAI_FIRECRACKER", str(fake))
-    assert select_backend(TCG).name == "qemu"
-    assert select_backend(KVM).name == "firecracker"
-    assert select_backend(KVM, "qemu").name == "qemu"
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-engine.sock")
+    assert choose_backend(TCG).name == "qemu"
+    assert "no Docker engine" in choose_backend(TCG).reason
+    assert choose_backend(KVM).name == "firecracker"
+    assert choose_backend(KVM, "qemu").name == "qemu"
+    assert choose_backend(TCG, "container").name == "container"
+    with pytest.raises(ConfigError, match="unknown backend"):
+        choose_backend(TCG, "lxc")
+    with pytest.raises(ConfigError, match="no backend"):
+        choose_backend(TCG, order=backend_order("microvm-kvm,container"))
+    with pytest.raises(ConfigError, match="unknown tiers"):
+        backend_order("microvm,cloud")
     monkeypatch.delenv("TERMINAI_FIRECRACKER")
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
-    assert select_backend(KVM).name == "qemu"
+    assert choose_backend(KVM).name == "qemu"
+    assert select_backend(TCG, BootConfig(backend="qemu")).name == "qemu"

@@ -19,7 +19,9 @@ def test_inv_demo(kernel, rootfs):
     assert "signed manifest.json" in proc.stderr
 
 
-def test_run_boots_only_a_verified_release_fetched_over_http(ctx, kernel, rootfs, tmp_path):
+@pytest.mark.parametrize("backend, kind", [("qemu", "rootfs"), ("container", "container-image")])
+def test_run_boots_only_a_verified_release_fetched_over_http(ctx, kernel, rootfs, tmp_path, backend, kind,
+                                                             docker_engine):  # fmt: skip
     import functools
     import os
     import threading
@@ -43,12 +45,13 @@ def test_run_boots_only_a_verified_release_fetched_over_http(ctx, kernel, rootfs
     env = dict(os.environ, TERMINAI_CACHE=str(tmp_path / "cache"))
     url = f"http://127.0.0.1:{httpd.server_address[1]}"
     try:
-        base = [shim, "run", "--manifest", url, "--allow-http", "--dev", "--trusted-root", str(trusted)]
+        base = [shim, "run", "--backend", backend, "--manifest", url, "--allow-http", "--dev", "--trusted-root",
+                str(trusted)]  # fmt: skip
         ok = subprocess.run([*base, "--", "cat", "/etc/terminai-release"], env=env, capture_output=True, timeout=600)
         assert ok.returncode == 0, ok.stderr
         assert ok.stdout == b"TERMINAI_VERSION=0.1.0\n"
-        # Tamper with the served root image: the shim refuses before booting.
-        blob = rel.directory / rel.manifest.artifact("rootfs").location
+        # Tamper with the served root image (or OCI archive): the shim refuses before booting.
+        blob = rel.directory / rel.manifest.artifact(kind).location
         data = bytearray(blob.read_bytes())
         data[-1] ^= 1
         blob.write_bytes(bytes(data))

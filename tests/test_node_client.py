@@ -14,7 +14,8 @@ from conftest import REPO
 pytestmark = pytest.mark.vm
 
 
-def test_cli_acceptance_sequence_from_node(ctx, kernel, rootfs, tmp_path):
+@pytest.mark.parametrize("backend", ["qemu", "container"])
+def test_cli_acceptance_sequence_from_node(ctx, kernel, rootfs, tmp_path, backend, docker_engine):
     from terminai_release.release import build_release, sign_release
 
     node = shutil.which("node")
@@ -24,7 +25,7 @@ def test_cli_acceptance_sequence_from_node(ctx, kernel, rootfs, tmp_path):
     shim = Path(sys.executable).with_name("terminai-shim")
     workspace = tmp_path / "workspace"
     workspace.mkdir()
-    env = dict(os.environ, SHIM=str(shim), MANIFEST=str(release.directory), WORKSPACE=str(workspace),
+    env = dict(os.environ, SHIM=str(shim), MANIFEST=str(release.directory), WORKSPACE=str(workspace), BACKEND=backend,
                TERMINAI_CACHE=str(tmp_path / "shim-cache"))  # fmt: skip
     proc = subprocess.run([node, "--test", str(REPO / "tests/node/shim-acceptance.test.mjs")], env=env,
                           capture_output=True, text=True, timeout=600)  # fmt: skip

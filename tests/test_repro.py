@@ -16,3 +16,8 @@ def test_rootfs_is_reproducible(ctx, rootfs, tmp_path):
 def test_kernel_is_reproducible(ctx, kernel, tmp_path):
     result = check(ctx, "kernel", scratch=tmp_path)
     assert result.identical, result.describe()
+
+
+def test_container_archive_is_reproducible(ctx, container_image, tmp_path):
+    result = check(ctx, "container", scratch=tmp_path)
+    assert result.identical, result.describe()

@@ -57,7 +57,7 @@ def shim():
 
 
 def init_params(boot_config, **extra):
-    return {"kernel": str(boot_config.kernel), "rootfs": str(boot_config.rootfs), **extra}
+    return {"kernel": str(boot_config.kernel), "rootfs": str(boot_config.rootfs), "backend": "qemu", **extra}
 
 
 def test_initialize_boots_only_verified_or_explicit_artifacts(shim, ctx, kernel, rootfs, tmp_path):
@@ -71,9 +71,9 @@ def test_initialize_boots_only_verified_or_explicit_artifacts(shim, ctx, kernel,
     data = bytearray(blob.read_bytes())
     data[0] ^= 1
     blob.write_bytes(bytes(data))
-    err = shim.call("initialize", {"manifest": str(release.directory), "dev": True})["error"]
+    err = shim.call("initialize", {"manifest": str(release.directory), "dev": True, "backend": "qemu"})["error"]
     assert err["code"] == "VERIFICATION_FAILED" and "the manifest says" in err["message"]
-    err = shim.call("initialize", {"manifest": str(release.directory)})["error"]
+    err = shim.call("initialize", {"manifest": str(release.directory), "backend": "qemu"})["error"]
     assert err["code"] == "VERIFICATION_FAILED", "the pinned production signer refuses a dev-signed release"
     assert not children(shim.proc.pid), "nothing was booted"
 

@@ -22,6 +22,7 @@ from terminai_shim import __version__ as shim_version
 from terminai_shim.manifest import Artifact, BootDefaults, Manifest
 
 from .cache import write_atomic
+from .container import build_container
 from .context import BuildContext
 from .digest import sha256_bytes, sha256_file
 from .errors import BuildError
@@ -37,6 +38,7 @@ MEDIA = {
     "rootfs": "application/vnd.terminai.rootfs.{fmt}",
     "sbom": "application/spdx+json",
     "survival-kit-wheel": "application/vnd.python.wheel",
+    "container-image": "application/vnd.oci.image.layout.v1+tar",
 }
 
 
@@ -79,6 +81,7 @@ def build_release(
     kern = build_kernel(ctx)
     root = build_rootfs(ctx)
     wheel = build_kit_wheel(ctx)
+    image = build_container(ctx)
     created = source_date_epoch(ctx.repo, ".")
     directory = (out or ctx.repo / "dist") / version
     directory.mkdir(parents=True, exist_ok=True)
@@ -88,7 +91,9 @@ def build_release(
         ("rootfs", "linux/amd64", root.image, root.record["inputs"]),
         ("sbom", "linux/amd64", root.sbom, {"describes": root.image.name}),
         ("survival-kit-wheel", "any", wheel, {"version": version}),
-    ]
+        ("container-image", "linux/amd64", image.archive,
+         {**image.record["inputs"], "imageId": image.image_id}),
+    ]  # fmt: skip
     artifacts = []
     for kind, platform, path, build in sources:
         digest, size = _blob(directory, path)

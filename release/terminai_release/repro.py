@@ -41,12 +41,14 @@ def _digests(record: dict[str, object], names: tuple[str, ...]) -> dict[str, str
 
 
 def check(ctx: BuildContext, artifact: str, scratch: Path | None = None) -> ReproResult:
+    from .container import build_container
     from .kernel import build_kernel
     from .rootfs.project import build_rootfs
 
     builders = {
         "kernel": (lambda cache: build_kernel(ctx, cache=cache).record, ("vmlinux", "bzImage", "config")),
         "rootfs": (lambda cache: build_rootfs(ctx, cache=cache).record, ("image", "sbom")),
+        "container": (lambda cache: build_container(ctx, cache=cache).record, ("archive",)),
     }
     build, names = builders[artifact]
     first = _digests(build(ctx.cache), names)

@@ -26,7 +26,7 @@ def _artifact_defaults() -> tuple[Path | None, Path | None, str]:
     Released artifacts come from a verified manifest; this is the
     developer's path through ``inv kernel rootfs``.
     """
-    root = Path(os.environ.get("TERMINAI_BUILD_DIR", Path.cwd() / "build"))
+    root = _build_dir()
     kernel = next(iter(sorted((root / "kernel").glob("vmlinux-*"))), None)
     rootfs = next(
         iter(sorted((root / "rootfs").glob("rootfs-*.squashfs")) + sorted((root / "rootfs").glob("rootfs-*.erofs"))),
@@ -34,6 +34,24 @@ def _artifact_defaults() -> tuple[Path | None, Path | None, str]:
     )
     fmt = rootfs.suffix.lstrip(".") if rootfs else "squashfs"
     return kernel, rootfs, fmt
+
+
+def _build_dir() -> Path:
+    return Path(os.environ.get("TERMINAI_BUILD_DIR", Path.cwd() / "build"))
+
+
+def _image_default() -> tuple[Path | None, str | None]:
+    """``build/container`` (``inv container``) and the sha256 its build record gives it."""
+    import json
+
+    image = next(iter(sorted((_build_dir() / "container").glob("*.oci.tar"))), None)
+    if image is None:
+        return None, None
+    try:
+        record = json.loads((image.parent / "build-record.json").read_text())
+        return image.resolve(), str(record["outputs"]["archive"]["sha256"])
+    except (OSError, ValueError, KeyError):
+        return image.resolve(), None
 
 
 def _boot_args(p: argparse.ArgumentParser) -> None:
@@ -46,6 +64,10 @@ def _boot_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpus", type=int, help="guest vCPUs (default 1, or the manifest's)")
     _trust_args(p)
     p.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto", help="accelerator (default auto)")
+    p.add_argument("--backend", choices=("auto", "qemu", "firecracker", "container"), default="auto",
+                   help="isolation: auto (microVM with KVM, else a container if an engine answers, else a "
+                   "microVM under TCG; TERMINAI_BACKEND_ORDER reorders), qemu, firecracker or container")  # fmt: skip
+    p.add_argument("--image", type=Path, help="container image archive (.oci.tar) for --backend container")
     p.add_argument("--cold", action="store_true", help="boot cold: neither restore nor save a snapshot")
 
 
@@ -90,15 +112,17 @@ def _policy(args: argparse.Namespace, directory: Path | None) -> TrustPolicy | N
 
 def _verified(args: argparse.Namespace) -> VerifiedRelease:
     from .errors import ConfigError
-    from .verify import open_release, open_store
+    from .verify import kinds_for, open_release, open_store
 
+    # verify and fetch cover every artifact a backend could boot; run and serve what they will boot
+    kinds = kinds_for(getattr(args, "backend", "all"), getattr(args, "accel", "auto"))
     progress = _progress_printer() if sys.stderr.isatty() else None
     if getattr(args, "store", None):
         if args.dev and not args.trusted_root:
             raise ConfigError("--dev with --store needs --trusted-root",
                               hint="a trust root is never taken from the store it is meant to check")  # fmt: skip
         return open_store(args.store, args.channel, _policy(args, None), version=args.release,
-                          allow_http=args.allow_http, progress=progress)  # fmt: skip
+                          allow_http=args.allow_http, progress=progress, kinds=kinds)  # fmt: skip
     if not args.manifest:
         raise ConfigError("name a release: a directory or URL, or --store with --channel")
     target = str(args.manifest)
@@ -108,7 +132,7 @@ def _verified(args: argparse.Namespace) -> VerifiedRelease:
         local = local.parent if local.name == "manifest.json" else local
     elif target.startswith("file://"):
         local = Path(target[len("file://") :])
-    return open_release(target, _policy(args, local), allow_http=args.allow_http, progress=progress)
+    return open_release(target, _policy(args, local), allow_http=args.allow_http, progress=progress, kinds=kinds)
 
 
 def _progress_printer() -> Callable[[str, int, int], None]:
@@ -132,7 +156,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     release = _verified(args)
     m = release.manifest
     print(f"verified: release {m.release} ({m.channel}, serial {m.serial}), signed by the expected identity; "
-          f"kernel and root image match the manifest")  # fmt: skip
+          f"{', '.join(release.kinds)} match the manifest")  # fmt: skip
     return 0
 
 
@@ -150,20 +174,32 @@ def _boot_config(args: argparse.Namespace) -> BootConfig:
             cpus=args.cpus,
             accel=args.accel,
             snapshots="off" if getattr(args, "cold", False) else "auto",
+            backend=args.backend,
         )
     kernel, rootfs, fmt = _artifact_defaults()
     kernel = args.kernel or kernel
     rootfs = args.rootfs or rootfs
-    if kernel is None or rootfs is None:
+    if args.image:
+        image, image_sha256 = args.image.resolve(), None
+    elif args.kernel or args.rootfs:  # a developer's explicit VM artifacts: no image behind their back
+        image, image_sha256 = None, None
+    else:
+        image, image_sha256 = _image_default()
+    if args.backend == "container" and image is None:
+        raise ConfigError("no container image given", hint="pass --image, or run `inv container` first")
+    if args.backend != "container" and (kernel is None or rootfs is None):
         raise ConfigError(
             "no kernel or root image given", hint="pass --kernel and --rootfs, or run `inv kernel rootfs` first"
         )
     if args.rootfs:
         fmt = args.rootfs.suffix.lstrip(".") or "squashfs"
     return BootConfig(
-        kernel=kernel.resolve(),
-        rootfs=rootfs.resolve(),
+        kernel=kernel.resolve() if kernel else None,
+        rootfs=rootfs.resolve() if rootfs else None,
         rootfs_format=fmt,
+        image=image,
+        image_sha256=image_sha256,
+        backend=args.backend,
         memory_mib=args.memory or 512,
         cpus=args.cpus or 1,
         workspace=args.workspace.resolve() if args.workspace else None,

@@ -49,22 +49,36 @@ def _validate(path: Path | None) -> str:
 
 
 def report() -> dict[str, Any]:
-    from .cli import _artifact_defaults
+    from ._internal.backends import backend_order, choose_backend
+    from ._internal.backends.container import engine_answers
+    from .cli import _artifact_defaults, _image_default
+    from .errors import ConfigError
 
     qemu = QemuBackend()
     kvm = kvm_status()
     firecracker = os.environ.get("TERMINAI_FIRECRACKER") or shutil.which("firecracker")
     kernel, rootfs, fmt = _artifact_defaults()
+    image, _ = _image_default()
     vhost_vsock = os.path.exists("/dev/vhost-vsock")
-    backend = "firecracker" if firecracker and kvm.accel == "kvm" else "qemu"
+    engine, engine_reason = engine_answers()
+    try:
+        choice = choose_backend(kvm, "auto", has_image=image is not None)
+        backend, reason = choice.name, choice.reason
+    except ConfigError as exc:
+        backend, reason = "none", exc.message
     return {
         "accelerator": {"choice": kvm.accel, "reason": kvm.reason},
         "qemu": {"binary": qemu.qemu, "version": _qemu_version(qemu.qemu) if qemu.available() else None},
         "vhost_vsock": vhost_vsock,
         "firecracker": firecracker,
+        "container_engine": {"answers": engine, "reason": engine_reason},
+        "backend_order": list(backend_order()),
         "backend": backend,
-        "agent_channel": "vsock" if backend == "firecracker" else "virtio-serial",
+        "backend_reason": reason,
+        "agent_channel": {"firecracker": "vsock", "container": "unix socket"}.get(backend, "virtio-serial"),
         "artifacts": {
+            "container_image": str(image) if image else None,
+            "container_image_status": _validate(image),
             "kernel": str(kernel) if kernel else None,
             "kernel_status": _validate(kernel),
             "rootfs": str(rootfs) if rootfs else None,
@@ -88,8 +102,12 @@ def doctor(json_output: bool = False) -> int:
     print(f"qemu:          {info['qemu']['version'] or 'missing: apt-get install qemu-system-x86'}")
     print(f"vhost-vsock:   {'yes' if info['vhost_vsock'] else 'no (the agent channel uses virtio-serial)'}")
     print(f"firecracker:   {info['firecracker'] or 'not configured'}")
-    print(f"backend:       {info['backend']} over {info['agent_channel']}")
+    print(f"engine:        {info['container_engine']['reason']}")
+    print(f"backend:       {info['backend']} over {info['agent_channel']} ({info['backend_reason']})")
+    print(f"order:         {', '.join(info['backend_order'])} (TERMINAI_BACKEND_ORDER)")
     print(f"kernel:        {arts['kernel'] or 'missing: run `inv kernel`'} [{arts['kernel_status']}]")
     print(f"root image:    {arts['rootfs'] or 'missing: run `inv rootfs`'} [{arts['rootfs_status']}]")
+    print(f"OCI image:     {arts['container_image'] or 'missing: run `inv container`'} "
+          f"[{arts['container_image_status']}]")  # fmt: skip
     print(f"can run a VM:  {'yes' if can_run else 'no'}", file=sys.stdout)
     return 0 if can_run else 1

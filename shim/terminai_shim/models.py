@@ -8,17 +8,22 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class BootConfig:
-    """Everything needed to boot one VM from verified local artifacts."""
+    """Everything needed to start one isolation tier from verified local artifacts:
+    a kernel and root image for a microVM, an OCI image archive for a container."""
 
-    kernel: Path
-    rootfs: Path
+    kernel: Path | None = None
+    rootfs: Path | None = None
     rootfs_format: str = "squashfs"
     memory_mib: int = 512
     cpus: int = 1
     workspace: Path | None = None
     workspace_mount: str = "/workspace"
     accel: str = "auto"  # auto | kvm | tcg
-    backend: str = "auto"  # auto | qemu | firecracker
+    backend: str = "auto"  # auto | qemu | firecracker | container
+    # The root image as an OCI archive, for the container backend, and the
+    # sha256 it must have (from a verified manifest or its build record).
+    image: Path | None = None
+    image_sha256: str | None = None
     channel: str = "auto"  # auto | virtio-serial | vsock
     # auto: restore a matching saved VM, or boot cold and save one; off: always cold.
     snapshots: str = "auto"

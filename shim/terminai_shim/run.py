@@ -35,13 +35,12 @@ def _pump_stdin(proc: Any) -> None:
 
 def run_command(config: BootConfig, command: list[str], *, shell: bool, timeout: float | None, verbose: bool) -> int:
     if verbose:
-        print("terminai-shim: booting the VM ...", file=sys.stderr)
+        print("terminai-shim: starting the isolation tier ...", file=sys.stderr)
     with Session.boot(config) as session:
         if verbose:
-            print(
-                f"terminai-shim: ready in {session.boot_seconds:.2f}s ({session.accel.accel}: {session.accel.reason})",
-                file=sys.stderr,
-            )
+            what = session.describe()["displayName"]
+            why = session.accel.reason if session.backend.isolation == "microvm" else "a Docker engine answers"
+            print(f"terminai-shim: {what} ready in {session.boot_seconds:.2f}s ({why})", file=sys.stderr)
         out = sys.stdout.buffer
         err = sys.stderr.buffer
 

@@ -31,10 +31,12 @@ from .session import Session
 from .verify import (
     DEV_IDENTITY,
     DEV_ISSUER,
+    Kinds,
     TrustPolicy,
     VerifiedRelease,
     boot_config,
     dev_policy,
+    kinds_for,
     open_release,
     open_store,
 )
@@ -175,18 +177,22 @@ class Server:
                 raise RequestError("ALREADY_INITIALIZED", "this shim already runs a VM; dispose it first")
             workspace = Path(p["workspace"]) if p.get("workspace") else None
             snapshots = "off" if p.get("cold") else "auto"
+            backend = str(p.get("backend", "auto"))
             if p.get("manifest") or p.get("store"):  # the CLI's path: nothing boots that did not verify
                 config = boot_config(
-                    self._release(p),
+                    self._release(p, kinds_for(backend, str(p.get("accel", "auto")))),
                     workspace=workspace, memory_mib=p.get("memoryMib"), cpus=p.get("cpus"),
-                    accel=str(p.get("accel", "auto")), snapshots=snapshots,
+                    accel=str(p.get("accel", "auto")), snapshots=snapshots, backend=backend,
                 )  # fmt: skip
-            elif p.get("kernel") and p.get("rootfs"):  # a developer's own, explicitly named artifacts
-                rootfs = Path(p["rootfs"])
+            elif (p.get("kernel") and p.get("rootfs")) or p.get("image"):  # a developer's own artifacts
+                rootfs = Path(p["rootfs"]) if p.get("rootfs") else None
                 config = BootConfig(
-                    kernel=Path(p["kernel"]),
+                    kernel=Path(p["kernel"]) if p.get("kernel") else None,
                     rootfs=rootfs,
-                    rootfs_format=p.get("rootfsFormat") or rootfs.suffix.lstrip(".") or "squashfs",
+                    rootfs_format=p.get("rootfsFormat") or (rootfs.suffix.lstrip(".") if rootfs else "") or "squashfs",
+                    image=Path(p["image"]) if p.get("image") else None,
+                    image_sha256=p.get("imageSha256"),
+                    backend=backend,
                     workspace=workspace,
                     memory_mib=int(p.get("memoryMib", 512)),
                     cpus=int(p.get("cpus", 1)),
@@ -195,7 +201,8 @@ class Server:
                 )
             else:
                 raise ConfigError(
-                    "initialize needs a manifest (a verified release) or an explicit kernel and rootfs",
+                    "initialize needs a manifest or store (a verified release), or explicit developer artifacts "
+                    "(kernel and rootfs, or image)",
                     hint="pass manifest: <release URL or directory>",
                 )
             self.session = Session.boot(config)
@@ -203,9 +210,7 @@ class Server:
             return {
                 "protocolVersion": PROTOCOL_VERSION,
                 "shimVersion": __version__,
-                "type": "microvm",
-                "isIsolated": True,
-                "displayName": f"MicroVM (QEMU {s.accel.accel.upper()})",
+                **s.describe(),
                 "pythonPath": s.client.hello_info.get("python"),
                 "accel": s.accel.accel,
                 "accelReason": s.accel.reason,
@@ -215,14 +220,14 @@ class Server:
                 "workspace": config.workspace_mount if config.workspace else None,
             }
 
-    def _release(self, p: dict[str, Any]) -> VerifiedRelease:
+    def _release(self, p: dict[str, Any], kinds: Kinds) -> VerifiedRelease:
         if p.get("store"):
             if p.get("dev") and not p.get("trustedRoot"):
                 raise ConfigError("dev with a store needs trustedRoot",
                                   hint="a trust root is never taken from the store it is meant to check")  # fmt: skip
             return open_store(str(p["store"]), str(p.get("channel", "stable")), self._policy(p),
-                              version=p.get("release"), allow_http=bool(p.get("allowHttp")))  # fmt: skip
-        return open_release(str(p["manifest"]), self._policy(p), allow_http=bool(p.get("allowHttp")))
+                              version=p.get("release"), allow_http=bool(p.get("allowHttp")), kinds=kinds)  # fmt: skip
+        return open_release(str(p["manifest"]), self._policy(p), allow_http=bool(p.get("allowHttp")), kinds=kinds)
 
     @staticmethod
     def _policy(p: dict[str, Any]) -> TrustPolicy | None:

@@ -20,7 +20,7 @@ from typing import Any
 from ._internal.accel import choose_accel
 from ._internal.backends import select_backend
 from ._internal.backends.base import Backend, Machine, RuntimeDir
-from ._internal.backends.qemu import WORKSPACE_TAG, Channel, QemuBackend, console_tail, device_layout
+from ._internal.backends.qemu import WORKSPACE_TAG, Channel, QemuBackend, device_layout
 from ._internal.client import AgentClient
 from .errors import BootError, ChannelClosed, ConfigError, ShimError, TimeoutExpired
 from .models import AccelChoice, BootConfig
@@ -72,9 +72,16 @@ def new_runtime_dir() -> RuntimeDir:
 
 class Session:
     def __init__(
-        self, config: BootConfig, accel: AccelChoice, machine: Machine, runtime: RuntimeDir, client: AgentClient
+        self,
+        config: BootConfig,
+        accel: AccelChoice,
+        machine: Machine,
+        runtime: RuntimeDir,
+        client: AgentClient,
+        backend: Backend,
     ) -> None:
         self.config = config
+        self.backend = backend
         self.accel = accel
         self.machine = machine
         self.runtime = runtime
@@ -94,21 +101,18 @@ class Session:
         boots cold and is saved right after its agent answers, before any
         workspace is mounted or any command runs.
         """
-        for path, what in ((config.kernel, "kernel"), (config.rootfs, "root image")):
-            if not Path(path).is_file():
-                raise ConfigError(
-                    f"{what} {path} does not exist", hint="build it with `inv kernel rootfs` or fetch a release"
-                )
+        accel = choose_accel(config.accel)
+        backend = backend or select_backend(accel, config)
+        backend.check(config)
         if config.workspace is not None and not Path(config.workspace).is_dir():
             raise ConfigError(
                 f"workspace {config.workspace} is not a directory", hint="create it or pass an existing one"
             )
-        accel = choose_accel(config.accel)
-        backend = backend or select_backend(accel, config.backend)
         started = time.monotonic()
         snap_key, description, store = None, None, None
         if (
             config.snapshots == "auto"
+            and backend.snapshots
             and isinstance(backend, QemuBackend)
             and Channel.choose(config.channel).kind == ("virtio-serial")
         ):
@@ -178,8 +182,7 @@ class Session:
                 machine.wait(2.0)  # a panicking guest is about to take QEMU down
                 state = "exited" if not machine.alive() else "is still running"
                 raise BootError(
-                    f"the guest agent did not answer ({exc.message}); the VM {state}. "
-                    + console_tail(runtime.console_log),
+                    f"the guest agent did not answer ({exc.message}); the VM {state}. " + machine.diagnostics(),
                     hint="check the kernel and root image; `terminai-shim doctor` shows the host's state",
                 ) from None
         except BaseException:
@@ -187,7 +190,7 @@ class Session:
                 machine.kill()
             shutil.rmtree(runtime.path, ignore_errors=True)
             raise
-        return cls(config, accel, machine, runtime, client)
+        return cls(config, accel, machine, runtime, client, backend)
 
     def _freshen(self) -> None:
         """Every restored VM starts from the same memory: give it new
@@ -204,8 +207,17 @@ class Session:
             self._mount_error = exc
 
     def _mount_workspace(self) -> None:
-        if self.config.workspace is not None:
+        if self.config.workspace is not None and not self.backend.shares_workspace_at_start:
             self.client.call("mount", source=WORKSPACE_TAG, target=self.config.workspace_mount, fstype="9p")
+
+    def describe(self) -> dict[str, Any]:
+        """The CLI's descriptor fields: which isolation is in force."""
+        return {
+            "type": self.backend.isolation,
+            "isIsolated": True,
+            "backend": self.backend.name,
+            "displayName": self.backend.describe(self.accel),
+        }
 
     def health(self) -> dict[str, Any]:
         """A real round trip: ping, then import the survival kit in the guest."""

@@ -16,6 +16,7 @@ import json
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,17 @@ BUNDLE = MANIFEST + BUNDLE_SUFFIX
 DEV_TRUSTED_ROOT = "dev-trusted-root.json"
 DEV_IDENTITY = "dev-release@terminai.invalid"
 DEV_ISSUER = "https://oidc.terminai.invalid/dev"
+
+
+VM_KINDS = ("kernel", "rootfs")
+CONTAINER_KINDS = ("container-image",)
+# Which artifacts to verify (and fetch): fixed, or chosen once the verified
+# manifest shows what the release offers (``auto`` picks a backend by it).
+Kinds = tuple[str, ...] | Callable[[Manifest], tuple[str, ...]]
+
+
+def _kinds(kinds: Kinds, manifest: Manifest) -> tuple[str, ...]:
+    return kinds(manifest) if callable(kinds) else kinds
 
 
 class VerificationFailed(ShimError):
@@ -93,6 +105,7 @@ def dev_policy(directory: Path) -> TrustPolicy:
 class VerifiedRelease:
     manifest: Manifest
     directory: Path
+    kinds: tuple[str, ...] = VM_KINDS  # the artifacts verified: only these may be used
 
     def path(self, kind: str) -> Path:
         return self.directory / self.manifest.artifact(kind).location
@@ -225,7 +238,7 @@ def verify_release(
     directory: Path,
     policy: TrustPolicy | None,
     *,
-    kinds: tuple[str, ...] = ("kernel", "rootfs"),
+    kinds: Kinds = VM_KINDS,
     state: SerialState | None = None,
     now: float | None = None,
 ) -> VerifiedRelease:
@@ -239,11 +252,11 @@ def verify_release(
     manifest.check_usable(__version__, P.PROTOCOL_VERSION, time.time() if now is None else now)
     state = state or SerialState()
     state.check(manifest)
-    for kind in kinds:
+    for kind in _kinds(kinds, manifest):
         artifact = manifest.artifact(kind)
         check_artifact(directory / artifact.location, artifact)
     state.record(manifest)  # only a release that verified completely moves the serial
-    return VerifiedRelease(manifest, directory)
+    return VerifiedRelease(manifest, directory, _kinds(kinds, manifest))
 
 
 def fetch_release(
@@ -251,7 +264,7 @@ def fetch_release(
     policy: TrustPolicy | None,
     *,
     allow_http: bool = False,
-    kinds: tuple[str, ...] = ("kernel", "rootfs"),
+    kinds: Kinds = VM_KINDS,
     state: SerialState | None = None,
     now: float | None = None,
     progress: Progress | None = None,
@@ -274,7 +287,7 @@ def fetch_channel(
     *,
     version: str | None = None,
     allow_http: bool = False,
-    kinds: tuple[str, ...] = ("kernel", "rootfs"),
+    kinds: Kinds = VM_KINDS,
     state: SerialState | None = None,
     now: float | None = None,
     progress: Progress | None = None,
@@ -309,7 +322,7 @@ def _fetch(
     blob_source: Source,
     policy: TrustPolicy | None,
     *,
-    kinds: tuple[str, ...],
+    kinds: Kinds,
     state: SerialState,
     now: float | None,
     progress: Progress | None,
@@ -334,7 +347,8 @@ def _fetch(
     state.check(manifest)
     root = cache_root()
     blobs = BlobCache(root / "blobs" / "sha256")
-    wanted = [manifest.artifact(kind) for kind in kinds]
+    chosen = _kinds(kinds, manifest)
+    wanted = [manifest.artifact(kind) for kind in chosen]
     with locked(root / ".gc.lock", shared=True):  # `cache gc` waits until the release is recorded
         with ThreadPoolExecutor(max_workers=4) as pool:
             futures = [pool.submit(blobs.fetch, blob_source, a.location, a.sha256, a.size, progress) for a in wanted]
@@ -345,7 +359,7 @@ def _fetch(
         write_atomic(release_dir / MANIFEST, data)
         write_atomic(release_dir / BUNDLE, bundle.encode())
     state.record(manifest)
-    return VerifiedRelease(manifest, root)
+    return VerifiedRelease(manifest, root, chosen)
 
 
 def gc(keep: int) -> list[str]:
@@ -382,16 +396,42 @@ def _gc(root: Path, keep: int) -> list[str]:
     return removed
 
 
+def kinds_for(backend: str, accel: str = "auto") -> Kinds:
+    """The artifacts a backend needs; for ``auto``, decided by what the
+    verified manifest offers and what this host can run."""
+    if backend == "container":
+        return CONTAINER_KINDS
+    if backend == "all":
+        return lambda m: tuple(k for k in (*VM_KINDS, *CONTAINER_KINDS) if any(a.kind == k for a in m.artifacts))
+    if backend != "auto":
+        return VM_KINDS
+
+    def choose(manifest: Manifest) -> tuple[str, ...]:
+        from ._internal.accel import choose_accel
+        from ._internal.backends import choose_backend
+
+        has_image = any(a.kind == "container-image" for a in manifest.artifacts)
+        name = choose_backend(choose_accel(accel), "auto", has_image=has_image).name
+        return CONTAINER_KINDS if name == "container" else VM_KINDS
+
+    return choose
+
+
 def open_release(
-    target: str, policy: TrustPolicy | None, *, allow_http: bool = False, progress: Progress | None = None
+    target: str,
+    policy: TrustPolicy | None,
+    *,
+    allow_http: bool = False,
+    progress: Progress | None = None,
+    kinds: Kinds = VM_KINDS,
 ) -> VerifiedRelease:
     """A local release directory is verified in place; a URL is fetched into the cache."""
     if "://" in target:
-        return fetch_release(target, policy, allow_http=allow_http, progress=progress)
+        return fetch_release(target, policy, allow_http=allow_http, progress=progress, kinds=kinds)
     directory = Path(target).resolve()
     if directory.name == MANIFEST:
         directory = directory.parent
-    return verify_release(directory, policy)
+    return verify_release(directory, policy, kinds=kinds)
 
 
 def open_store(
@@ -402,11 +442,13 @@ def open_store(
     version: str | None = None,
     allow_http: bool = False,
     progress: Progress | None = None,
+    kinds: Kinds = VM_KINDS,
 ) -> VerifiedRelease:
     """A published store (URL or local directory): the channel's release, or a named version."""
     if "://" not in store:
         store = Path(store).resolve().as_uri()
-    return fetch_channel(store, channel, policy, version=version, allow_http=allow_http, progress=progress)
+    return fetch_channel(store, channel, policy, version=version, allow_http=allow_http, progress=progress,
+                         kinds=kinds)  # fmt: skip
 
 
 def boot_config(
@@ -417,13 +459,21 @@ def boot_config(
     cpus: int | None = None,
     accel: str = "auto",
     snapshots: str = "auto",
+    backend: str = "auto",
 ) -> BootConfig:
-    """Boot settings for a verified release: its artifacts and its boot defaults."""
+    """Boot settings for a verified release: the artifacts that were verified, and its boot defaults."""
     m = release.manifest
+    vm = all(k in release.kinds for k in VM_KINDS)
+    container = "container-image" in release.kinds
+    if backend == "auto" and container and not vm:
+        backend = "container"
     return BootConfig(
-        kernel=release.path("kernel"),
-        rootfs=release.path("rootfs"),
+        kernel=release.path("kernel") if vm else None,
+        rootfs=release.path("rootfs") if vm else None,
         rootfs_format=m.artifact("rootfs").media_type.rsplit(".", 1)[-1],
+        image=release.path("container-image") if container else None,
+        image_sha256=m.artifact("container-image").sha256 if container else None,
+        backend=backend,
         memory_mib=memory_mib or m.boot.memory_mib,
         cpus=cpus or m.boot.cpus,
         workspace=workspace,

@@ -1,23 +1,24 @@
-// The CLI's own acceptance sequence against the real shim and a real VM:
-// healthCheck -> execute -> spawn (streamed) -> write/read a file -> dispose.
-// Run by tests/test_node_client.py with SHIM, MANIFEST (a signed release
-// directory, signed by the local development identity) and WORKSPACE set.
+// The CLI's own acceptance sequence against the real shim, on a real VM or
+// a real container: healthCheck -> execute -> spawn (streamed) -> write/read
+// a file -> dispose. Run by tests/test_node_client.py with SHIM, MANIFEST (a
+// signed release directory, signed by the local development identity),
+// WORKSPACE and BACKEND (qemu or container) set.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { ShimClient } from './shim-client.mjs';
 
-const { SHIM, MANIFEST, WORKSPACE } = process.env;
+const { SHIM, MANIFEST, WORKSPACE, BACKEND } = process.env;
 
 test('CLI acceptance sequence', { timeout: 240_000 }, async () => {
   const shim = new ShimClient(SHIM);
   try {
     // The CLI's path: the shim verifies the signed release before it boots it.
-    const init = await shim.request('initialize', { manifest: MANIFEST, dev: true, workspace: WORKSPACE });
-    assert.equal(init.type, 'microvm');
+    const init = await shim.request('initialize', { manifest: MANIFEST, dev: true, workspace: WORKSPACE, backend: BACKEND });
+    assert.equal(init.type, BACKEND === 'container' ? 'container' : 'microvm');
     assert.equal(init.isIsolated, true);
-    assert.match(init.displayName, /MicroVM/);
+    assert.match(init.displayName, BACKEND === 'container' ? /Container/ : /MicroVM/);
 
     const health = await shim.request('healthCheck');
     assert.equal(health.ok, true);

@@ -1,9 +1,14 @@
 """Entry point: as the VM's init, or as a plain process (containers, tests).
 
-Configuration comes from the kernel command line when running as PID 1
-(``terminai_channel=``, ``terminai_workspace=``, ``terminai_hostname=``:
+Configuration comes from the kernel command line when running as a VM's
+PID 1 (``terminai_channel=``, ``terminai_workspace=``, ``terminai_hostname=``:
 plain ``key=value`` parameters, since dotted ones are taken for module
 options) and from ``TERMINAI_*`` environment variables or flags otherwise.
+
+In a container (``TERMINAI_CONTAINER=1``) the agent is PID 1 too, but the
+engine has already mounted /proc, /dev, the tmpfs and the workspace and
+has no kernel command line: it only reaps orphans and serves, and ending
+it ends the container.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ def _settings(argv: list[str]) -> dict[str, str]:
 def main(argv: list[str] | None = None, marks: dict[str, float] | None = None) -> int:
     """``marks``: boot-time stamps (CLOCK_BOOTTIME) the launcher took, reported in hello."""
     argv = sys.argv[1:] if argv is None else argv
-    pid1 = os.getpid() == 1
+    pid1 = os.getpid() == 1 and os.environ.get("TERMINAI_CONTAINER") != "1"
     if pid1:
         from .init import setup_pid1
 

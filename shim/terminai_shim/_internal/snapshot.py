@@ -47,6 +47,7 @@ def _stamp(path: Path) -> list[int]:
 def describe(config: BootConfig, accel: AccelChoice, qemu: str, devices: list[str]) -> dict[str, Any]:
     """Everything a saved state depends on. ``devices`` is the device layout
     (the VMM command line with host paths taken out)."""
+    assert config.kernel is not None and config.rootfs is not None  # the backend checked them
     return {
         "kernel_sha256": file_digest(config.kernel),
         "rootfs_sha256": file_digest(config.rootfs),

@@ -1,18 +1,86 @@
-"""VM backends: one interface (``base.Backend``), one file per VMM."""
+"""Backends: one interface (``base.Backend``), one file per way to isolate.
+
+``auto`` walks an ordered list of tiers and takes the first this host can
+really run: a microVM with usable KVM, then a container when a Docker
+engine answers (and the release has an image for it), then a microVM
+under TCG. The order comes from ``TERMINAI_BACKEND_ORDER`` (comma-separated
+``microvm-kvm``, ``container``, ``microvm-tcg``) or the default below.
+"""
 
 from __future__ import annotations
 
-from ...models import AccelChoice
+import os
+from dataclasses import dataclass
+
+from ...errors import ConfigError
+from ...models import AccelChoice, BootConfig
 from .base import Backend
 from .firecracker import FirecrackerBackend
 from .qemu import QemuBackend
 
+DEFAULT_ORDER = ("microvm-kvm", "container", "microvm-tcg")
+TIERS = frozenset(DEFAULT_ORDER)
+NAMES = ("auto", "qemu", "firecracker", "container")
 
-def select_backend(accel: AccelChoice, requested: str = "auto") -> Backend:
-    """Firecracker when configured and KVM is really usable; QEMU otherwise."""
-    if requested == "qemu":
-        return QemuBackend()
+
+@dataclass(frozen=True)
+class BackendChoice:
+    name: str  # qemu | firecracker | container
+    reason: str
+
+
+def backend_order(text: str | None = None) -> tuple[str, ...]:
+    text = text if text is not None else os.environ.get("TERMINAI_BACKEND_ORDER", "")
+    if not text.strip():
+        return DEFAULT_ORDER
+    order = tuple(t.strip() for t in text.split(",") if t.strip())
+    unknown = [t for t in order if t not in TIERS]
+    if unknown:
+        raise ConfigError(f"unknown tiers {unknown} in TERMINAI_BACKEND_ORDER", hint=f"use {', '.join(DEFAULT_ORDER)}")
+    return order
+
+
+def _microvm(accel: AccelChoice) -> str:
     firecracker = FirecrackerBackend()
-    if requested == "firecracker" or (firecracker.available() and accel.accel == "kvm"):
-        return firecracker
+    return "firecracker" if firecracker.available() and accel.accel == "kvm" else "qemu"
+
+
+def choose_backend(
+    accel: AccelChoice, requested: str = "auto", *, has_image: bool = True, order: tuple[str, ...] | None = None
+) -> BackendChoice:
+    """Which backend runs, and why (``doctor`` shows the reason)."""
+    if requested not in NAMES:
+        raise ConfigError(f"unknown backend {requested!r}", hint=f"choose one of {', '.join(NAMES)}")
+    if requested != "auto":
+        return BackendChoice(requested, "requested")
+    skipped = []
+    for tier in order or backend_order():
+        if tier == "microvm-kvm":
+            if accel.accel == "kvm":
+                return BackendChoice(_microvm(accel), f"KVM is usable ({accel.reason})")
+            skipped.append(f"no microVM with KVM: {accel.reason}")
+        elif tier == "container":
+            from .container import engine_answers
+
+            answers, why = engine_answers()
+            if answers and has_image:
+                return BackendChoice("container", why + "; " + "; ".join(skipped) if skipped else why)
+            skipped.append(why if not answers else "no container image to run (release or `inv container`)")
+        elif tier == "microvm-tcg":
+            return BackendChoice("qemu", "microVM under TCG; " + "; ".join(skipped) if skipped else "microVM under TCG")
+    raise ConfigError("no backend in TERMINAI_BACKEND_ORDER can run here: " + "; ".join(skipped),
+                      hint="add microvm-tcg to the order, or start a Docker engine")  # fmt: skip
+
+
+def make_backend(name: str) -> Backend:
+    if name == "container":
+        from .container import ContainerBackend
+
+        return ContainerBackend()
+    if name == "firecracker":
+        return FirecrackerBackend()
     return QemuBackend()
+
+
+def select_backend(accel: AccelChoice, config: BootConfig) -> Backend:
+    return make_backend(choose_backend(accel, config.backend, has_image=config.image is not None).name)

@@ -22,8 +22,7 @@ from typing import Any
 from ...errors import BootError, ConfigError
 from ...models import AccelChoice, BootConfig
 from ..process import die_with_parent
-from .base import Backend, Machine, RuntimeDir
-from .qemu import console_tail
+from .base import Backend, Machine, ProcessMachine, RuntimeDir, check_vm_artifacts, console_tail
 
 AGENT_PORT = 1024
 GUEST_CID = 3
@@ -127,7 +126,7 @@ def snapshot_load_request(snapshot: Path, memory: Path) -> tuple[str, str, dict[
     )
 
 
-class FirecrackerMachine(Machine):
+class FirecrackerMachine(ProcessMachine):
     def connect_agent(self, deadline: float) -> socket.socket:
         if not self.alive():
             raise BootError("Firecracker exited before the agent answered: " + console_tail(self.runtime.console_log))
@@ -142,6 +141,12 @@ class FirecrackerBackend(Backend):
 
     def available(self) -> bool:
         return bool(self.binary) and os.access(str(self.binary), os.X_OK)
+
+    def check(self, config: BootConfig) -> None:
+        check_vm_artifacts(config)
+
+    def describe(self, accel: AccelChoice) -> str:
+        return "MicroVM (Firecracker)"
 
     def start(
         self, config: BootConfig, accel: AccelChoice, runtime: RuntimeDir, incoming: Path | None = None

@@ -25,7 +25,7 @@ from ...errors import BootError
 from ...models import AccelChoice, BootConfig
 from ..accel import host_tsc_khz
 from ..process import die_with_parent
-from .base import Backend, Machine, RuntimeDir
+from .base import Backend, Machine, ProcessMachine, RuntimeDir, check_vm_artifacts, console_tail
 
 QEMU = "qemu-system-x86_64"
 WORKSPACE_TAG = "workspace"
@@ -141,7 +141,7 @@ def device_layout(config: BootConfig, accel: AccelChoice, channel: Channel = Cha
     return command_line(neutral, accel, RuntimeDir(Path("RUNTIME")), "qemu", channel)
 
 
-class QemuMachine(Machine):
+class QemuMachine(ProcessMachine):
     def __init__(self, proc: subprocess.Popen[bytes], runtime: RuntimeDir, channel: Channel = Channel()) -> None:
         super().__init__(proc, runtime)
         self.channel = channel
@@ -182,6 +182,10 @@ class QemuMachine(Machine):
 
 class QemuBackend(Backend):
     name = "qemu"
+    snapshots = True
+
+    def check(self, config: BootConfig) -> None:
+        check_vm_artifacts(config)
 
     def __init__(self, qemu: str | None = None) -> None:
         self.qemu = qemu or os.environ.get("TERMINAI_QEMU") or QEMU
@@ -214,15 +218,3 @@ class QemuBackend(Backend):
             if state is not None:
                 os.close(state)
         return QemuMachine(proc, runtime, channel)
-
-
-def console_tail(path: Path, lines: int = 12) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return "(no console output)"
-    all_lines = [line for line in text.splitlines() if line.strip()]
-    tail = all_lines[-lines:]
-    panic = next((line.strip() for line in all_lines if "Kernel panic" in line), None)
-    head = f"the guest kernel panicked: {panic}\n" if panic else ""
-    return head + ("guest console:\n  " + "\n  ".join(tail) if tail else "(no console output)")

@@ -1,0 +1,127 @@
+"""`inv container`: the root image the VM boots, as an OCI image archive.
+
+The source is the finished root image itself (unpacked), not a second
+assembly of its parts, so the container tier runs exactly the bytes the
+microVM runs. Cached by the image's digest: changing nothing rebuilds
+nothing; changing the agent rebuilds the root image and then this.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..cache import RECORD, StepCache, write_atomic
+from ..context import BuildContext
+from ..digest import canonical_json, digest_inputs, sha256_file
+from ..errors import BuildError
+from ..proc import run_logged, tool_version
+from ..rootfs.project import build_rootfs
+from .oci import ARCHIVE_MEDIA, ImageSpec, write_archive
+
+RECIPE = 1
+# The agent as PID 1, serving on a Unix socket in a directory the shim
+# bind-mounts at /run/terminai (terminai_agent.main reads TERMINAI_*).
+ENTRYPOINT = ("/usr/lib/terminai/init",)
+ENV = (
+    "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "TERMINAI_CONTAINER=1",
+    "TERMINAI_CHANNEL=unix:/run/terminai/agent.sock",
+)
+
+
+@dataclass(frozen=True)
+class ContainerArtifacts:
+    directory: Path
+    record: dict[str, Any]
+
+    @property
+    def archive(self) -> Path:
+        return self.directory / self.record["outputs"]["archive"]["file"]
+
+    @property
+    def image_id(self) -> str:
+        return str(self.record["outputs"]["archive"]["imageId"])
+
+
+def build_container(ctx: BuildContext, *, cache: StepCache | None = None) -> ContainerArtifacts:
+    """``cache``: where this step's entry goes (``inv repro`` rebuilds it in a
+    clean one); the root image always comes from the context's cache, whose
+    own reproducibility ``inv repro rootfs`` proves."""
+    root = build_rootfs(ctx)
+    image = root.record["outputs"]["image"]
+    version = str(root.record["inputs"]["version"])
+    sde = int(root.record["inputs"]["source_date_epoch"])
+    unpack = ["unsquashfs", "-version"] if image["format"] == "squashfs" else ["fsck.erofs", "--version"]
+    inputs = {
+        "recipe": RECIPE,
+        "rootfs": image["sha256"],
+        "version": version,
+        "source_date_epoch": sde,
+        "entrypoint": list(ENTRYPOINT),
+        "env": list(ENV),
+        "tool": tool_version(unpack),
+        "oci": sha256_file(Path(__file__).with_name("oci.py")),
+    }
+    key = digest_inputs(inputs)
+    cache = cache or ctx.cache
+    with cache.lock("container", key):
+        hit = cache.lookup("container", key)
+        if hit is not None:
+            ctx.reporter.done("container", f"OCI image from cache ({key[:12]})")
+            return ContainerArtifacts(hit, cache.record("container", key))
+        with cache.staging("container", key) as staging:
+            work = cache.work_dir("container", key)
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir(parents=True)
+            tree = work / "tree"
+            log = work / "build.log"
+            ctx.reporter.info("container", f"unpacking {root.image.name}")
+            if image["format"] == "squashfs":
+                argv = ["unsquashfs", "-no-progress", "-d", str(tree), str(root.image)]
+            else:
+                argv = ["fsck.erofs", f"--extract={tree}", str(root.image)]
+            run_logged(argv, log=log, reporter=ctx.reporter, step="container")
+            if not (tree / "usr/lib/terminai/init").is_file():
+                raise BuildError("the root image has no /usr/lib/terminai/init", log=str(log))
+            spec = ImageSpec(ENTRYPOINT, ENV, {"org.opencontainers.image.version": version,
+                                               "org.terminai.rootfs.sha256": image["sha256"]},
+                             f"terminai/runtime:{version}")  # fmt: skip
+            ctx.reporter.info("container", "writing the OCI archive (sorted, clamped, uncompressed layer)")
+            out = write_archive(tree, spec, staging / f"terminai-runtime-{version}.oci.tar", work, sde)
+            record = {
+                "artifact": "container",
+                "key": key,
+                "inputs": inputs,
+                "outputs": {"archive": {"file": out.archive.name, "sha256": sha256_file(out.archive),
+                                        "size": out.archive.stat().st_size, "imageId": out.image_id,
+                                        "layer": out.layer_digest, "mediaType": ARCHIVE_MEDIA}},
+            }  # fmt: skip
+            write_atomic(staging / RECORD, canonical_json(record))
+            shutil.rmtree(work, ignore_errors=True)
+    art = ContainerArtifacts(cache.entry("container", key), cache.record("container", key))
+    size = art.archive.stat().st_size
+    ctx.reporter.done("container", f"built {art.archive.name}: {size} bytes, image {art.image_id}")
+    return art
+
+
+def load_into_engine(art: ContainerArtifacts) -> str:
+    """Load the archive with the docker SDK; the engine must report the id computed here."""
+    try:
+        import docker
+        from docker.errors import DockerException
+    except ImportError:
+        raise BuildError("the docker SDK is not installed", hint="pip install docker") from None
+    try:
+        client = docker.from_env()
+        with art.archive.open("rb") as f:
+            images = client.images.load(f)
+    except DockerException as exc:
+        raise BuildError(f"cannot load the image into the engine: {exc}",
+                         hint="start dockerd (the tests' `inv test` starts one)") from None  # fmt: skip
+    ids = sorted({image.id for image in images})
+    if ids != [art.image_id]:
+        raise BuildError(f"the engine loaded {ids}, not {art.image_id}", hint="the archive is not what was built")
+    return art.image_id

@@ -1,0 +1,313 @@
+"""The container tier: the same root image and agent, run by a Docker engine.
+
+Where KVM is not usable, a container is the fastest honest isolation. The
+image is the release's OCI archive, loaded from the verified file and run
+by its image id (the sha256 of its config, which binds every layer): never
+pulled, never resolved by tag. The container gets no network, a read-only
+root with tmpfs where a userland writes, no capabilities, the engine's
+default seccomp profile, ``no-new-privileges``, memory, CPU and pids
+limits, and the workspace bind-mounted where the microVM mounts it. The
+agent is PID 1 and serves the wire protocol on a Unix socket in a host
+directory bind-mounted at ``/run/terminai``.
+
+Every container carries labels naming the shim that owns it; containers
+whose shim died (SIGKILL leaves no chance to clean up) are removed the next
+time any shim starts one.
+
+The docker SDK is imported only here, and only when this backend is used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tarfile
+import time
+from pathlib import Path
+from typing import Any
+
+from ...errors import BootError, ConfigError
+from ...models import AccelChoice, BootConfig
+from ..fsutil import cache_root, file_digest, locked
+from .base import Backend, Machine, RuntimeDir
+
+AGENT_DIR = "/run/terminai"  # where the image's agent listens (TERMINAI_CHANNEL in the image config)
+LABEL = "org.terminai.shim"
+OWNER_PID = "org.terminai.owner-pid"
+OWNER_HOST = "org.terminai.owner-host"
+# Writable places a userland expects, as tmpfs over the read-only root.
+TMPFS = {
+    "/tmp": "rw,nosuid,nodev,mode=1777",
+    "/var/tmp": "rw,nosuid,nodev,mode=1777",
+    "/run": "rw,nosuid,nodev,mode=0755",
+    "/root": "rw,nosuid,nodev,mode=0700",
+}
+PIDS_LIMIT = 1024
+
+
+def engine_socket() -> str | None:
+    """The engine's Unix socket, from DOCKER_HOST or the default."""
+    host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+    return host[len("unix://") :] if host.startswith("unix://") else None
+
+
+def engine_answers(timeout: float = 1.0) -> tuple[bool, str]:
+    """Does a Docker engine answer ``/_ping``? Raw HTTP over the socket: the
+    SDK costs a few hundred milliseconds to import, which ``auto`` must not pay."""
+    path = engine_socket()
+    if path is None:  # tcp:// engines: ask the SDK
+        try:
+            import docker
+
+            docker.from_env(timeout=int(max(1, timeout))).ping()
+            return True, f"the Docker engine at {os.environ['DOCKER_HOST']} answers"
+        except Exception as exc:
+            return False, f"the Docker engine at {os.environ.get('DOCKER_HOST')} does not answer ({exc})"
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(path)
+            s.sendall(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n")
+            reply = s.recv(256)
+    except OSError as exc:
+        return False, f"no Docker engine answers on {path} ({exc.strerror or exc})"
+    if reply.startswith(b"HTTP/1.") and b" 200 " in reply.split(b"\r\n", 1)[0]:
+        return True, f"the Docker engine on {path} answers"
+    status = reply.split(b"\r\n", 1)[0].decode(errors="replace")
+    return False, f"the Docker engine on {path} answered {status}"
+
+
+def archive_image_id(archive: Path) -> str:
+    """The image id the engine will report: the config digest the archive names."""
+    try:
+        with tarfile.open(archive) as tar:
+            member = tar.extractfile("manifest.json")
+            if member is None:
+                raise KeyError("manifest.json")
+            entries = json.load(member)
+        config = str(entries[0]["Config"])
+    except (OSError, KeyError, IndexError, ValueError, tarfile.TarError) as exc:
+        raise ConfigError(f"{archive} is not an image archive: {exc}", hint="build it with `inv container`") from None
+    digest = config.rsplit("/", 1)[-1].removesuffix(".json")
+    if not digest or len(digest) != 64:
+        raise ConfigError(f"{archive} names no config digest")
+    return f"sha256:{digest}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class ContainerMachine(Machine):
+    def __init__(self, container: Any, runtime: RuntimeDir) -> None:
+        self.container = container
+        self.runtime = runtime
+        self._pid = int(container.attrs.get("State", {}).get("Pid") or 0)
+
+    @property
+    def agent_socket(self) -> Path:
+        return self.runtime.path / "agent" / "agent.sock"
+
+    @property
+    def pid(self) -> int:
+        return self._pid
+
+    def connect_agent(self, deadline: float) -> socket.socket:
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(str(self.agent_socket))
+                return sock
+            except OSError:
+                sock.close()
+            if not self.alive():
+                raise BootError("the container exited before its agent listened: " + self.diagnostics())
+            if time.monotonic() > deadline:
+                raise BootError("the container's agent did not listen in time: " + self.diagnostics())
+            time.sleep(0.01)
+
+    def _status(self) -> dict[str, Any]:
+        from docker.errors import NotFound
+
+        try:
+            self.container.reload()
+        except NotFound:
+            return {"Status": "removed"}
+        state: dict[str, Any] = self.container.attrs.get("State", {})
+        return state
+
+    def alive(self) -> bool:
+        try:
+            return self._status().get("Status") == "running"
+        except Exception:
+            return False
+
+    def wait(self, timeout: float) -> int | None:
+        end = time.monotonic() + timeout
+        while True:
+            state = self._status()
+            if state.get("Status") != "running":
+                return int(state.get("ExitCode", 0))
+            if time.monotonic() > end:
+                return None
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        """Remove the container with everything still running in it."""
+        from docker.errors import APIError, NotFound
+
+        try:
+            self.container.remove(force=True)
+        except NotFound:
+            pass
+        except APIError as exc:
+            if "already in progress" not in str(exc):
+                raise
+
+    def diagnostics(self) -> str:
+        try:
+            logs = self.container.logs(tail=12).decode(errors="replace").strip()
+        except Exception:
+            logs = ""
+        return "container output:\n  " + "\n  ".join(logs.splitlines()) if logs else "(no container output)"
+
+
+class ContainerBackend(Backend):
+    name = "container"
+    isolation = "container"
+    shares_workspace_at_start = True
+
+    def __init__(self) -> None:
+        self._client: Any = None
+
+    def client(self) -> Any:
+        if self._client is None:
+            try:
+                import docker
+                from docker.errors import DockerException
+            except ImportError:
+                raise BootError("the container backend needs the docker SDK", hint="pip install docker") from None
+            try:
+                self._client = docker.from_env(timeout=60)
+                self._client.ping()
+            except DockerException as exc:
+                self._client = None
+                raise BootError(f"the Docker engine is not running or refuses us: {exc}",
+                                hint="start dockerd, or choose --backend qemu") from None  # fmt: skip
+        return self._client
+
+    def available(self) -> bool:
+        return engine_answers()[0]
+
+    def check(self, config: BootConfig) -> None:
+        if config.image is None or not Path(config.image).is_file():
+            raise ConfigError(f"container image archive {config.image} does not exist",
+                              hint="build it with `inv container` or use a release that lists one")  # fmt: skip
+        if config.image_sha256 is not None:
+            got = file_digest(Path(config.image))
+            if got != config.image_sha256:
+                raise ConfigError(
+                    f"container image archive {config.image} has sha256 {got}, expected {config.image_sha256}: "
+                    "refused before loading it",
+                    hint="the archive was altered or swapped; fetch or build it again",
+                )
+
+    def describe(self, accel: AccelChoice) -> str:
+        return "Container (Docker)"
+
+    def ensure_image(self, archive: Path) -> str:
+        """The verified archive's image in the engine, by id; loaded if missing."""
+        from docker.errors import ImageNotFound
+
+        image_id = archive_image_id(archive)
+        client = self.client()
+        with locked(cache_root() / "locks" / f"image-{image_id[7:19]}.lock"):
+            try:
+                client.images.get(image_id)
+                return image_id
+            except ImageNotFound:
+                pass
+            with archive.open("rb") as f:
+                loaded = {image.id for image in client.images.load(f)}
+        if image_id not in loaded:
+            raise BootError(f"the engine loaded {sorted(loaded)}, not {image_id}", hint="rebuild the archive")
+        return image_id
+
+    def clean_stale(self) -> list[str]:
+        """Remove containers whose owning shim on this host is gone."""
+        removed = []
+        host = socket.gethostname()
+        for container in self.client().containers.list(all=True, filters={"label": LABEL}):
+            labels = container.labels or {}
+            try:
+                owner = int(labels.get(OWNER_PID, "0"))
+            except ValueError:
+                continue
+            if labels.get(OWNER_HOST) == host and owner and not _pid_alive(owner):
+                try:
+                    container.remove(force=True)
+                    removed.append(container.name)
+                except Exception:
+                    pass  # another shim is removing it
+        return removed
+
+    def start(
+        self, config: BootConfig, accel: AccelChoice, runtime: RuntimeDir, incoming: Path | None = None
+    ) -> Machine:
+        if incoming is not None:
+            raise BootError("the container backend does not restore saved state")
+        from docker.errors import DockerException
+        from docker.types import Mount
+
+        self.check(config)
+        assert config.image is not None
+        image_id = self.ensure_image(Path(config.image))
+        self.clean_stale()
+        agent_dir = runtime.path / "agent"
+        agent_dir.mkdir(exist_ok=True)
+        mounts = [Mount(AGENT_DIR, str(agent_dir), type="bind")]
+        if config.workspace is not None:
+            mounts.append(Mount(config.workspace_mount, str(config.workspace), type="bind"))
+        uid, gid = os.getuid(), os.getgid()
+        try:
+            container = self.client().containers.create(
+                image_id,
+                name=f"terminai-{runtime.path.name}",
+                hostname=f"terminai-{os.urandom(4).hex()}",
+                labels={LABEL: "1", OWNER_PID: str(os.getpid()), OWNER_HOST: socket.gethostname()},
+                network_mode="none",
+                read_only=True,
+                tmpfs=TMPFS,
+                cap_drop=["ALL"],
+                security_opt=["no-new-privileges"],
+                mem_limit=f"{config.memory_mib}m",
+                memswap_limit=f"{config.memory_mib}m",
+                pids_limit=PIDS_LIMIT,
+                nano_cpus=int(config.cpus * 1e9),
+                mounts=mounts,
+                user=f"{uid}:{gid}",
+                environment={"HOME": "/root" if uid == 0 else "/tmp"},
+                working_dir="/",
+            )
+        except DockerException as exc:
+            raise BootError(f"the engine could not create the container: {exc}",
+                            hint="check `docker info` and the engine's log") from None  # fmt: skip
+        machine = ContainerMachine(container, runtime)
+        try:
+            container.start()
+            container.reload()
+            machine._pid = int(container.attrs.get("State", {}).get("Pid") or 0)
+        except BaseException as exc:
+            machine.kill()
+            if isinstance(exc, DockerException):
+                raise BootError(f"the engine could not start the container: {exc}",
+                                hint="check `docker info` and the engine's log") from None  # fmt: skip
+            raise
+        return machine
