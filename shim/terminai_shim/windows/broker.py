@@ -1,0 +1,377 @@
+"""The broker: the host side of the brain's pipe. Platform-neutral.
+
+It serves newline-delimited JSON (docs/brain-protocol.md) over any stream
+socket: a named pipe on Windows, a Unix socket elsewhere (where the tests
+run it against the real ``agent-brain.js``). Nothing is served before the
+client's ``hello`` carries the session token (compared in constant time); a
+wrong token gets ``HANDSHAKE_FAILED`` and the connection is closed; a client
+that never says hello is dropped after the handshake timeout. Requests are
+matched by id and run concurrently; an id already in flight is refused.
+Every request passes the policy hook first, and every decision is logged
+with the runtime's metadata. ``execute`` runs an argv; a shell only for
+``mode: "shell"`` and only when the policy allows shells.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .._internal.fsutil import write_atomic
+
+PROTOCOL_VERSION = 1
+MIN_TOKEN = 16
+CODES = ("INVALID_REQUEST", "HANDSHAKE_REQUIRED", "HANDSHAKE_FAILED", "AMSI_BLOCKED", "POLICY_DENIED",
+         "APPROVAL_DENIED", "EXECUTION_ERROR")  # fmt: skip
+Log = Callable[[dict[str, Any]], None]
+
+
+class BrokerError(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    reason: str
+    code: str = "POLICY_DENIED"
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    token: str
+    workspace: Path | None = None
+    allow_shell: bool = False
+    handshake_timeout: float = 10.0
+    request_timeout: float = 60.0
+    max_message: int = 1 << 20
+    metadata: dict[str, str] = field(default_factory=dict)  # session, runtime, profile: in every log line
+
+    def __post_init__(self) -> None:
+        if len(self.token) < MIN_TOKEN:
+            raise ValueError(f"the handshake token must be at least {MIN_TOKEN} characters")
+
+
+Policy = Callable[[str, dict[str, Any], BrokerConfig], Decision]
+
+
+def default_policy(method: str, params: dict[str, Any], config: BrokerConfig) -> Decision:
+    """Shells only when allowed; files only inside the workspace."""
+    if method in ("execute", "powershell"):
+        shell = method == "powershell" or params.get("mode", "exec") == "shell"
+        if shell and not config.allow_shell:
+            return Decision(False, "a shell was asked for and this session does not allow shells")
+        return Decision(True, "shell allowed by the session" if shell else "argv, no shell")
+    if method in ("readFile", "writeFile", "listDir"):
+        if config.workspace is None:
+            return Decision(False, "this session has no workspace for file operations")
+        target = _resolve(config.workspace, str(params.get("path", "")))
+        root = config.workspace.resolve()
+        if target != root and root not in target.parents:
+            return Decision(False, f"{params.get('path')!r} is outside the workspace")
+        return Decision(True, "inside the workspace")
+    return Decision(True, "no policy applies")
+
+
+def _resolve(workspace: Path, path: str) -> Path:
+    p = Path(path)
+    return (p if p.is_absolute() else workspace / p).resolve()
+
+
+class Connection:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.write_lock = threading.Lock()
+        self.authenticated = threading.Event()
+        self.inflight: set[Any] = set()
+        self.inflight_lock = threading.Lock()
+        self.pending: dict[str, Future[dict[str, Any]]] = {}
+        self.closed = False
+
+    def send(self, msg: dict[str, Any]) -> None:
+        data = (json.dumps(msg) + "\n").encode()
+        with self.write_lock:
+            if not self.closed:
+                try:
+                    self.sock.sendall(data)
+                except OSError:
+                    self.closed = True
+
+    def close(self) -> None:
+        self.closed = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+        for fut in self.pending.values():
+            if not fut.done():
+                fut.set_exception(BrokerError("EXECUTION_ERROR", "the brain disconnected"))
+
+
+class Broker:
+    def __init__(self, config: BrokerConfig, policy: Policy = default_policy, log: Log | None = None) -> None:
+        self.config = config
+        self.policy = policy
+        self.log_sink = log or (lambda record: sys.stderr.write(json.dumps(record) + "\n"))
+        self.pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="broker")
+        self.clients: list[Connection] = []
+        self.handshake = threading.Event()
+        self._ids = 0
+        self._lock = threading.Lock()
+        self._stopping = False
+
+    # -- serving ------------------------------------------------------------------------
+    def serve(self, listener: socket.socket) -> None:
+        """Accept clients until ``stop``; each gets its own reader thread."""
+        while not self._stopping:
+            try:
+                sock, _ = listener.accept()
+            except OSError:
+                break
+            threading.Thread(target=self.handle, args=(sock,), daemon=True).start()
+
+    def stop(self) -> None:
+        self._stopping = True
+        for conn in list(self.clients):
+            conn.close()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def log(self, **fields: Any) -> None:
+        self.log_sink({"time": round(time.time(), 3), **self.config.metadata, **fields})
+
+    def handle(self, sock: socket.socket) -> None:
+        conn = Connection(sock)
+        timer = threading.Timer(self.config.handshake_timeout, self._handshake_timeout, args=(conn,))
+        timer.daemon = True
+        timer.start()
+        buffer = b""
+        discarding = False
+        try:
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                buffer += chunk
+                while b"\n" in buffer:
+                    line, _, buffer = buffer.partition(b"\n")
+                    if discarding:  # the tail of an oversized message
+                        discarding = False
+                        continue
+                    if line.strip():
+                        self._on_line(conn, line)
+                if len(buffer) > self.config.max_message:
+                    conn.send(self._error(None, "INVALID_REQUEST",
+                                          f"message larger than {self.config.max_message} bytes"))  # fmt: skip
+                    self.log(event="refused", code="INVALID_REQUEST", reason="message over the size limit")
+                    buffer, discarding = b"", True
+                if conn.closed:
+                    break
+        except OSError:
+            pass
+        finally:
+            timer.cancel()
+            if conn in self.clients:
+                self.clients.remove(conn)
+            conn.close()
+
+    def _handshake_timeout(self, conn: Connection) -> None:
+        if not conn.authenticated.is_set():
+            self.log(event="refused", code="HANDSHAKE_REQUIRED", reason="no hello within the handshake timeout")
+            conn.close()
+
+    @staticmethod
+    def _error(rid: Any, code: str, message: str) -> dict[str, Any]:
+        return {"id": rid, "success": False, "error": message, "code": code}
+
+    def _on_line(self, conn: Connection, line: bytes) -> None:
+        try:
+            msg = json.loads(line)
+            if not isinstance(msg, dict):
+                raise ValueError("not an object")
+        except ValueError as exc:
+            conn.send(self._error(None, "INVALID_REQUEST", f"malformed JSON: {exc}"))
+            return
+        rid = msg.get("id")
+        if "method" not in msg:  # a response to one of our requests (ping, shutdown)
+            fut = conn.pending.pop(str(rid), None)
+            if fut is not None and not fut.done():
+                fut.set_result(msg)
+            return
+        method = msg.get("method")
+        params = msg.get("params") or {}
+        if rid is None or not isinstance(method, str) or not isinstance(params, dict):
+            conn.send(self._error(rid, "INVALID_REQUEST", "a request needs an id, a method and object params"))
+            return
+        if not conn.authenticated.is_set():
+            self._hello(conn, rid, method, params)
+            return
+        with conn.inflight_lock:
+            if rid in conn.inflight:
+                conn.send(self._error(rid, "INVALID_REQUEST", f"request id {rid!r} is already in flight"))
+                return
+            conn.inflight.add(rid)
+        self.pool.submit(self._run, conn, rid, method, params)
+
+    def _hello(self, conn: Connection, rid: Any, method: str, params: dict[str, Any]) -> None:
+        if method != "hello":
+            conn.send(self._error(rid, "HANDSHAKE_REQUIRED", "say hello with the session token first"))
+            self.log(event="refused", code="HANDSHAKE_REQUIRED", method=method)
+            return
+        token = str(params.get("token", ""))
+        if len(token) < MIN_TOKEN or not hmac.compare_digest(token.encode(), self.config.token.encode()):
+            conn.send(self._error(rid, "HANDSHAKE_FAILED", "the session token does not match"))
+            self.log(event="refused", code="HANDSHAKE_FAILED", reason="wrong token")
+            conn.close()
+            return
+        conn.authenticated.set()
+        self.clients.append(conn)
+        conn.send({"id": rid, "success": True, "data": {"protocolVersion": PROTOCOL_VERSION,
+                                                         "session": self.config.metadata.get("session")}})  # fmt: skip
+        self.log(event="handshake", clientVersion=params.get("clientVersion"), brainVersion=params.get("brainVersion"))
+        self.handshake.set()
+
+    def _run(self, conn: Connection, rid: Any, method: str, params: dict[str, Any]) -> None:
+        try:
+            decision = self.policy(method, params, self.config)
+            self.log(event="decision", id=rid, method=method, allowed=decision.allowed, reason=decision.reason)
+            if not decision.allowed:
+                conn.send(self._error(rid, decision.code, decision.reason))
+                return
+            handler = getattr(self, f"op_{method}", None)
+            if handler is None:
+                conn.send(self._error(rid, "INVALID_REQUEST", f"unknown method {method!r}"))
+                return
+            conn.send({"id": rid, "success": True, "data": handler(params)})
+        except BrokerError as exc:
+            conn.send(self._error(rid, exc.code, str(exc)))
+        except Exception as exc:  # an operation failed: the client hears why, the broker serves on
+            conn.send(self._error(rid, "EXECUTION_ERROR", f"{type(exc).__name__}: {exc}"))
+        finally:
+            with conn.inflight_lock:
+                conn.inflight.discard(rid)
+
+    # -- the broker's requests to the brain ---------------------------------------------
+    def call_brain(self, method: str, params: dict[str, Any] | None = None, timeout: float = 10.0) -> dict[str, Any]:
+        if not self.clients:
+            raise BrokerError("EXECUTION_ERROR", "no brain is connected")
+        conn = self.clients[0]
+        with self._lock:
+            self._ids += 1
+            rid = f"broker-{self._ids}"
+        fut: Future[dict[str, Any]] = Future()
+        conn.pending[rid] = fut
+        conn.send({"id": rid, "method": method, "params": params or {}})
+        try:
+            reply = fut.result(timeout=timeout)
+        except TimeoutError:
+            conn.pending.pop(rid, None)
+            raise BrokerError("EXECUTION_ERROR", f"the brain did not answer {method} in {timeout:g} s") from None
+        if not reply.get("success"):
+            raise BrokerError(str(reply.get("code", "EXECUTION_ERROR")), str(reply.get("error")))
+        data: dict[str, Any] = reply.get("data") or {}
+        return data
+
+    def ping(self, timeout: float = 10.0) -> dict[str, Any]:
+        return self.call_brain("ping", timeout=timeout)
+
+    # -- operations -------------------------------------------------------------------
+    def op_ping(self, params: dict[str, Any]) -> dict[str, Any]:
+        return {"pong": True, "timestamp": int(time.time() * 1000)}
+
+    def op_execute(self, params: dict[str, Any]) -> dict[str, Any]:
+        command = params.get("command")
+        args = params.get("args") or []
+        if not isinstance(command, str) or not command or not all(isinstance(a, str) for a in args):
+            raise BrokerError("INVALID_REQUEST", "execute needs a command string and string args")
+        if params.get("mode", "exec") == "shell":
+            line = " ".join([command, *args])
+            argv = ["cmd.exe", "/d", "/s", "/c", line] if os.name == "nt" else ["/bin/sh", "-c", line]
+        else:
+            argv = [command, *args]
+        return self._run_argv(argv, params)
+
+    def op_powershell(self, params: dict[str, Any]) -> dict[str, Any]:
+        shell = shutil.which("powershell.exe") or shutil.which("pwsh")
+        if shell is None:
+            raise BrokerError("EXECUTION_ERROR", "PowerShell is not available on this host")
+        return self._run_argv([shell, "-NoProfile", "-NonInteractive", "-Command", str(params.get("script", ""))],
+                              params)  # fmt: skip
+
+    def _run_argv(self, argv: list[str], params: dict[str, Any]) -> dict[str, Any]:
+        timeout = float(params.get("timeout") or self.config.request_timeout * 1000) / 1000
+        env = dict(os.environ)
+        env.update({str(k): str(v) for k, v in (params.get("env") or {}).items()})
+        cwd = _resolve(self.config.workspace, str(params["cwd"])) if params.get("cwd") and self.config.workspace else (
+            params.get("cwd") or (str(self.config.workspace) if self.config.workspace else None))  # fmt: skip
+        try:
+            proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, start_new_session=os.name != "nt")  # fmt: skip
+        except OSError as exc:
+            raise BrokerError("EXECUTION_ERROR", f"cannot run {argv[0]}: {exc.strerror or exc}") from None
+        timed_out = False
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            if os.name != "nt":
+                os.killpg(proc.pid, signal.SIGKILL)  # the whole group: nothing it started lives on
+            else:
+                proc.kill()
+            out, err = proc.communicate()
+        return {"exitCode": proc.returncode, "stdout": out.decode(errors="replace"),
+                "stderr": err.decode(errors="replace"), "timedOut": timed_out}  # fmt: skip
+
+    def _path(self, params: dict[str, Any]) -> Path:
+        assert self.config.workspace is not None  # the policy refused file operations without one
+        return _resolve(self.config.workspace, str(params.get("path", "")))
+
+    def op_readFile(self, params: dict[str, Any]) -> dict[str, Any]:
+        data = self._path(params).read_bytes()
+        if params.get("encoding") == "base64":
+            return {"content": base64.b64encode(data).decode(), "encoding": "base64"}
+        return {"content": data.decode(str(params.get("encoding") or "utf-8"), errors="replace"), "encoding": "utf8"}
+
+    def op_writeFile(self, params: dict[str, Any]) -> dict[str, Any]:
+        path = self._path(params)
+        content = str(params.get("content", ""))
+        data = base64.b64decode(content) if params.get("encoding") == "base64" else content.encode()
+        if params.get("createDirs"):
+            path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, data)
+        return {"bytesWritten": len(data)}
+
+    def op_listDir(self, params: dict[str, Any]) -> dict[str, Any]:
+        entries = []
+        for entry in sorted(os.scandir(self._path(params)), key=lambda e: e.name):
+            if entry.name.startswith(".") and not params.get("includeHidden"):
+                continue
+            kind = "directory" if entry.is_dir(follow_symlinks=False) else "file" if entry.is_file() else "other"
+            entries.append({"name": entry.name, "type": kind,
+                            "size": entry.stat(follow_symlinks=False).st_size})  # fmt: skip
+        return {"entries": entries}
+
+    def op_amsiScan(self, params: dict[str, Any]) -> dict[str, Any]:
+        if sys.platform == "win32":
+            from .win32 import amsi_scan
+
+            if amsi_scan(str(params.get("content", "")), str(params.get("filename", "brain"))):
+                raise BrokerError("AMSI_BLOCKED", "the antimalware scan flagged the content")
+            return {"clean": True}
+        raise BrokerError("EXECUTION_ERROR", "AMSI exists only on Windows")

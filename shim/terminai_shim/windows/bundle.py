@@ -1,0 +1,156 @@
+"""Verify a signed brain bundle before a single file of it is unpacked.
+
+Order: the zip's sigstore signature against the identity policy; then
+``bundle.json`` inside it must list exactly the zip's other members (an
+extra or a missing file is refused), every path must be a plain relative
+path (no ``..``, no absolute or drive paths, no backslashes, no links), and
+every file's size and sha256 must match while it is read. Only then is it
+unpacked, under a temporary name renamed into place, into a per-version
+directory of the shim's cache; nothing not listed in ``bundle.json`` is
+ever run from there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import stat
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from .._internal.fsutil import cache_root, locked
+from ..errors import ShimError
+
+BUNDLE_JSON = "bundle.json"
+MEDIA_TYPE = "application/vnd.terminai.brain-bundle.v1+json"
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class BundleError(ShimError):
+    code = "BUNDLE_INVALID"
+
+
+@dataclass(frozen=True)
+class BrainBundle:
+    directory: Path
+    doc: dict[str, Any]
+
+    def path(self, relative: str) -> Path:
+        """A listed file; anything else is refused."""
+        if relative not in {f["path"] for f in self.doc["files"]}:
+            raise BundleError(f"{relative} is not listed in bundle.json: refusing to use it")
+        return self.directory / relative
+
+    @property
+    def entrypoint(self) -> Path:
+        return self.path(str(self.doc["entrypoint"]))
+
+    @property
+    def module(self) -> Path | None:
+        return self.path(str(self.doc["module"])) if self.doc.get("module") else None
+
+    @property
+    def node(self) -> Path | None:
+        bundled = self.doc.get("node", {}).get("bundled")
+        return self.path(str(bundled)) if bundled else None
+
+
+def check_name(name: str) -> None:
+    path = PurePosixPath(name)
+    if (not name or name.startswith(("/", "\\")) or "\\" in name or ".." in path.parts or ":" in name
+            or name.endswith("/")):  # fmt: skip
+        raise BundleError(
+            f"bundle member {name!r} is not a plain relative path", hint="the bundle is not safe to unpack"
+        )
+
+
+def read_manifest(zf: zipfile.ZipFile) -> dict[str, Any]:
+    try:
+        doc = json.loads(zf.read(BUNDLE_JSON))
+    except KeyError:
+        raise BundleError("the bundle has no bundle.json") from None
+    except ValueError as exc:
+        raise BundleError(f"bundle.json is not JSON: {exc}") from None
+    if not isinstance(doc, dict) or doc.get("mediaType") != MEDIA_TYPE or doc.get("schemaVersion") != 1:
+        raise BundleError("bundle.json is not a version 1 brain bundle description")
+    files = doc.get("files")
+    if not isinstance(files, list) or not all(
+        isinstance(f, dict) and isinstance(f.get("path"), str) and isinstance(f.get("size"), int)
+        and _SHA256.match(str(f.get("sha256", ""))) for f in files
+    ):  # fmt: skip
+        raise BundleError("bundle.json's files must each have a path, a size and a sha256")
+    listed = [f["path"] for f in files]
+    for required in ("entrypoint", "module"):
+        if doc.get(required) and doc[required] not in listed:
+            raise BundleError(f"bundle.json's {required} {doc[required]!r} is not one of its files")
+    return doc
+
+
+def verify_zip(zip_path: Path) -> dict[str, Any]:
+    """The contents check (no signature): names, listing, sizes, digests."""
+    try:
+        zf = zipfile.ZipFile(zip_path)
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise BundleError(f"{zip_path} is not a zip archive: {exc}") from None
+    with zf:
+        for info in zf.infolist():
+            check_name(info.filename)
+            if stat.S_ISLNK(info.external_attr >> 16):
+                raise BundleError(f"bundle member {info.filename!r} is a symbolic link")
+        doc = read_manifest(zf)
+        expected = {f["path"]: f for f in doc["files"]}
+        present = [i.filename for i in zf.infolist() if i.filename != BUNDLE_JSON]
+        if len(present) != len(set(present)):
+            raise BundleError("the bundle holds a member twice")
+        extra, missing = set(present) - set(expected), set(expected) - set(present)
+        if extra:
+            raise BundleError(f"the bundle holds files bundle.json does not list: {sorted(extra)}")
+        if missing:
+            raise BundleError(f"files listed in bundle.json are missing: {sorted(missing)}")
+        for name, entry in sorted(expected.items()):
+            h, size = hashlib.sha256(), 0
+            with zf.open(name) as member:
+                while chunk := member.read(1 << 20):
+                    size += len(chunk)
+                    if size > entry["size"]:
+                        raise BundleError(f"{name} is larger than the {entry['size']} bytes bundle.json lists")
+                    h.update(chunk)
+            if size != entry["size"] or h.hexdigest() != entry["sha256"]:
+                raise BundleError(f"{name} has sha256 {h.hexdigest()} ({size} bytes); bundle.json lists "
+                                  f"{entry['sha256']} ({entry['size']} bytes)",
+                                  hint="the bundle was altered; fetch it again")  # fmt: skip
+    return doc
+
+
+def open_bundle(zip_path: Path, signature: Path, policy: Any) -> BrainBundle:
+    """Verify (signature, then contents) and unpack into the cache."""
+    from ..verify import check_signature
+
+    data = zip_path.read_bytes()
+    try:
+        bundle_json = signature.read_text()
+    except OSError as exc:
+        raise BundleError(
+            f"no signature for the brain bundle: {exc}", hint="pass the .sigstore.json beside it"
+        ) from None
+    check_signature(data, bundle_json, policy, what=zip_path.name)
+    doc = verify_zip(zip_path)
+    digest = hashlib.sha256(data).hexdigest()
+    target = cache_root() / "brain" / f"{doc.get('version', 'unknown')}-{digest[:16]}"
+    with locked(target.with_name(f".{target.name}.lock")):
+        if not (target / BUNDLE_JSON).is_file():
+            tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            with zipfile.ZipFile(zip_path) as zf:
+                for name in [BUNDLE_JSON, *(f["path"] for f in doc["files"])]:
+                    out = tmp / name
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    with zf.open(name) as src, out.open("wb") as dst:
+                        shutil.copyfileobj(src, dst)
+            os.replace(tmp, target) if not target.exists() else shutil.rmtree(tmp)
+    return BrainBundle(target, doc)

@@ -1,0 +1,266 @@
+"""Win32 for the brain: AppContainer profile, a locked-down named pipe, the
+launch inside the container, AMSI. ctypes against the documented APIs.
+
+The pure parts (the pipe's SDDL, structures, command-line quoting, the
+environment block) are plain functions tested on every platform. The calls
+into Windows are defined only on Windows (``sys.platform == "win32"``) and
+run by the Windows job of the release workflow; they cannot run here.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+import sys
+from collections.abc import Mapping
+from ctypes import wintypes
+
+PROFILE = "TerminAI_Brain_Sandbox"
+CAPABILITIES = {"internetClient": "S-1-15-3-1", "privateNetworkClientServer": "S-1-15-3-3"}
+SE_GROUP_ENABLED = 0x4
+PROC_THREAD_ATTRIBUTE_SECURITY_CAPABILITIES = 0x20009
+EXTENDED_STARTUPINFO_PRESENT = 0x80000
+CREATE_UNICODE_ENVIRONMENT = 0x400
+CREATE_NO_WINDOW = 0x08000000
+PIPE_ACCESS_DUPLEX = 0x3
+FILE_FLAG_FIRST_PIPE_INSTANCE = 0x80000
+PIPE_TYPE_BYTE, PIPE_READMODE_BYTE, PIPE_WAIT, PIPE_REJECT_REMOTE_CLIENTS = 0x0, 0x0, 0x0, 0x8
+_SID = re.compile(r"^S-1-\d+(-\d+)+$")
+_SESSION = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+
+
+def pipe_name(session_id: str) -> str:
+    if not _SESSION.match(session_id):
+        raise ValueError(f"session id {session_id!r} is not 8-64 letters, digits, '-' or '_'")
+    return rf"\\.\pipe\terminai-{session_id}"
+
+
+def pipe_sddl(user_sid: str, appcontainer_sid: str) -> str:
+    """The pipe's security descriptor: a protected DACL (nothing inherited)
+    granting full access to the owning user and read/write to the brain's
+    AppContainer, and nobody else; a low mandatory label so the AppContainer
+    (low integrity) may open it for writing."""
+    for sid in (user_sid, appcontainer_sid):
+        if not _SID.match(sid):
+            raise ValueError(f"{sid!r} is not a SID string")
+    return f"D:P(A;;GA;;;{user_sid})(A;;GRGW;;;{appcontainer_sid})S:(ML;;NW;;;LW)"
+
+
+def quote_arg(arg: str) -> str:
+    """One argument as CommandLineToArgvW and the C runtime parse it back."""
+    if arg and not any(c in arg for c in ' \t\n\v"'):
+        return arg
+    out, backslashes = ['"'], 0
+    for c in arg:
+        if c == "\\":
+            backslashes += 1
+        elif c == '"':
+            out.append("\\" * (2 * backslashes + 1) + '"')
+            backslashes = 0
+        else:
+            out.append("\\" * backslashes + c)
+            backslashes = 0
+    out.append("\\" * (2 * backslashes) + '"')
+    return "".join(out)
+
+
+def command_line(argv: list[str]) -> str:
+    return " ".join(quote_arg(a) for a in argv)
+
+
+def environment_block(env: Mapping[str, str]) -> str:
+    """A CREATE_UNICODE_ENVIRONMENT block: ``K=V`` entries sorted without
+    regard to case, each NUL-terminated, and a final NUL."""
+    for key, value in env.items():
+        if not key or "=" in key[1:] or "\0" in key or "\0" in value:
+            raise ValueError(f"environment entry {key!r} cannot be passed to CreateProcess")
+    entries = [f"{k}={v}" for k, v in sorted(env.items(), key=lambda kv: kv[0].upper())]
+    return "\0".join(entries) + "\0\0"
+
+
+def brain_environment(
+    base: Mapping[str, str], pipe: str, token: str, workspace: str, cli_version: str
+) -> dict[str, str]:
+    """What the brain reads at start. Only a few variables of the host's own
+    environment pass: the AppContainer must not inherit secrets by accident."""
+    keep = ("SYSTEMROOT", "SYSTEMDRIVE", "WINDIR", "TEMP", "TMP", "PATHEXT", "COMSPEC", "PATH", "LANG")
+    env = {k: v for k, v in base.items() if k.upper() in keep}
+    env.update({"TERMINAI_BROKER_PIPE": pipe, "TERMINAI_HANDSHAKE_TOKEN": token,
+                "TERMINAI_WORKSPACE_PATH": workspace, "TERMINAI_CLI_VERSION": cli_version})  # fmt: skip
+    return env
+
+
+DWORD = ctypes.c_uint32  # wintypes.DWORD is a C long: 8 bytes off Windows, and these layouts are Windows'
+
+
+class SID_AND_ATTRIBUTES(ctypes.Structure):
+    _fields_ = [("Sid", ctypes.c_void_p), ("Attributes", DWORD)]
+
+
+class SECURITY_CAPABILITIES(ctypes.Structure):
+    _fields_ = [
+        ("AppContainerSid", ctypes.c_void_p),
+        ("Capabilities", ctypes.POINTER(SID_AND_ATTRIBUTES)),
+        ("CapabilityCount", DWORD),
+        ("Reserved", DWORD),
+    ]
+
+
+if sys.platform == "win32":  # pragma: no cover - exercised by the Windows CI job
+    _k32 = ctypes.WinDLL("kernel32", use_last_error=True)
+    _adv = ctypes.WinDLL("advapi32", use_last_error=True)
+    _userenv = ctypes.WinDLL("userenv", use_last_error=True)
+
+    class STARTUPINFOW(ctypes.Structure):
+        _fields_ = [("cb", wintypes.DWORD), ("lpReserved", wintypes.LPWSTR), ("lpDesktop", wintypes.LPWSTR),
+                    ("lpTitle", wintypes.LPWSTR), ("dwX", wintypes.DWORD), ("dwY", wintypes.DWORD),
+                    ("dwXSize", wintypes.DWORD), ("dwYSize", wintypes.DWORD), ("dwXCountChars", wintypes.DWORD),
+                    ("dwYCountChars", wintypes.DWORD), ("dwFillAttribute", wintypes.DWORD),
+                    ("dwFlags", wintypes.DWORD), ("wShowWindow", wintypes.WORD), ("cbReserved2", wintypes.WORD),
+                    ("lpReserved2", ctypes.c_void_p), ("hStdInput", wintypes.HANDLE),
+                    ("hStdOutput", wintypes.HANDLE), ("hStdError", wintypes.HANDLE)]  # fmt: skip
+
+    class STARTUPINFOEXW(ctypes.Structure):
+        _fields_ = [("StartupInfo", STARTUPINFOW), ("lpAttributeList", ctypes.c_void_p)]
+
+    class PROCESS_INFORMATION(ctypes.Structure):
+        _fields_ = [("hProcess", wintypes.HANDLE), ("hThread", wintypes.HANDLE), ("dwProcessId", wintypes.DWORD),
+                    ("dwThreadId", wintypes.DWORD)]  # fmt: skip
+
+    class SECURITY_ATTRIBUTES(ctypes.Structure):
+        _fields_ = [("nLength", wintypes.DWORD), ("lpSecurityDescriptor", ctypes.c_void_p),
+                    ("bInheritHandle", wintypes.BOOL)]  # fmt: skip
+
+    def _check(ok: int, what: str) -> None:
+        if not ok:
+            raise OSError(ctypes.get_last_error(), f"{what} failed: {ctypes.FormatError(ctypes.get_last_error())}")
+
+    def _sid_string(psid: int) -> str:
+        out = wintypes.LPWSTR()
+        _check(_adv.ConvertSidToStringSidW(ctypes.c_void_p(psid), ctypes.byref(out)), "ConvertSidToStringSidW")
+        try:
+            return str(out.value)
+        finally:
+            _k32.LocalFree(out)
+
+    def _sid(text: str) -> ctypes.c_void_p:
+        psid = ctypes.c_void_p()
+        _check(_adv.ConvertStringSidToSidW(text, ctypes.byref(psid)), "ConvertStringSidToSidW")
+        return psid
+
+    def current_user_sid() -> str:
+        token = wintypes.HANDLE()
+        _check(_adv.OpenProcessToken(_k32.GetCurrentProcess(), 0x0008, ctypes.byref(token)), "OpenProcessToken")
+        size = wintypes.DWORD()
+        _adv.GetTokenInformation(token, 1, None, 0, ctypes.byref(size))  # TokenUser: ask for the size
+        buf = ctypes.create_string_buffer(size.value)
+        _check(_adv.GetTokenInformation(token, 1, buf, size, ctypes.byref(size)), "GetTokenInformation")
+        _k32.CloseHandle(token)
+        return _sid_string(ctypes.cast(buf, ctypes.POINTER(ctypes.c_void_p))[0] or 0)
+
+    def ensure_profile(name: str = PROFILE) -> str:
+        """The AppContainer profile's SID, creating the profile on first use."""
+        caps = (SID_AND_ATTRIBUTES * len(CAPABILITIES))(
+            *[SID_AND_ATTRIBUTES(_sid(s).value, SE_GROUP_ENABLED) for s in CAPABILITIES.values()]
+        )
+        psid = ctypes.c_void_p()
+        hr = _userenv.CreateAppContainerProfile(name, name, "TerminAI brain", caps, len(CAPABILITIES),
+                                                ctypes.byref(psid))  # fmt: skip
+        if hr & 0xFFFFFFFF == 0x800700B7:  # HRESULT_FROM_WIN32(ERROR_ALREADY_EXISTS)
+            hr = _userenv.DeriveAppContainerSidFromAppContainerName(name, ctypes.byref(psid))
+        if hr != 0:
+            raise OSError(hr, f"AppContainer profile {name}: HRESULT {hr & 0xFFFFFFFF:#x}")
+        return _sid_string(psid.value or 0)
+
+    class PipeStream:
+        """A connected pipe instance with the socket methods the broker uses."""
+
+        def __init__(self, handle: int) -> None:
+            self.handle = handle
+
+        def recv(self, size: int) -> bytes:
+            buf = ctypes.create_string_buffer(size)
+            got = wintypes.DWORD()
+            if not _k32.ReadFile(self.handle, buf, size, ctypes.byref(got), None):
+                return b""  # broken pipe: the client went away
+            return buf.raw[: got.value]
+
+        def sendall(self, data: bytes) -> None:
+            done = wintypes.DWORD()
+            _check(_k32.WriteFile(self.handle, data, len(data), ctypes.byref(done), None), "WriteFile")
+
+        def shutdown(self, how: int) -> None:
+            _k32.DisconnectNamedPipe(self.handle)
+
+        def close(self) -> None:
+            _k32.CloseHandle(self.handle)
+
+    class PipeListener:
+        """``accept`` creates the next pipe instance with the DACL and waits for a client."""
+
+        def __init__(self, name: str, sddl: str) -> None:
+            self.name, self.sddl, self.first = name, sddl, True
+
+        def accept(self) -> tuple[PipeStream, None]:
+            sd = ctypes.c_void_p()
+            _check(_adv.ConvertStringSecurityDescriptorToSecurityDescriptorW(self.sddl, 1, ctypes.byref(sd), None),
+                   "ConvertStringSecurityDescriptorToSecurityDescriptorW")  # fmt: skip
+            sa = SECURITY_ATTRIBUTES(ctypes.sizeof(SECURITY_ATTRIBUTES), sd, False)
+            mode = PIPE_ACCESS_DUPLEX | (FILE_FLAG_FIRST_PIPE_INSTANCE if self.first else 0)
+            handle = _k32.CreateNamedPipeW(self.name, mode,
+                                           PIPE_TYPE_BYTE | PIPE_READMODE_BYTE | PIPE_WAIT | PIPE_REJECT_REMOTE_CLIENTS,
+                                           255, 65536, 65536, 0, ctypes.byref(sa))  # fmt: skip
+            _k32.LocalFree(sd)
+            if handle in (None, -1, 0xFFFFFFFFFFFFFFFF):
+                _check(0, "CreateNamedPipeW")
+            self.first = False
+            if not _k32.ConnectNamedPipe(handle, None) and ctypes.get_last_error() != 535:  # PIPE_CONNECTED
+                _check(0, "ConnectNamedPipe")
+            return PipeStream(handle), None
+
+        def close(self) -> None:
+            pass
+
+    def launch_in_appcontainer(argv: list[str], env: Mapping[str, str], cwd: str | None, appcontainer_sid: str) -> int:
+        """Start ``argv`` inside the AppContainer with its capabilities; returns the pid."""
+        caps = (SID_AND_ATTRIBUTES * len(CAPABILITIES))(
+            *[SID_AND_ATTRIBUTES(_sid(s).value, SE_GROUP_ENABLED) for s in CAPABILITIES.values()]
+        )
+        sc = SECURITY_CAPABILITIES(_sid(appcontainer_sid).value, caps, len(CAPABILITIES), 0)
+        size = ctypes.c_size_t()
+        _k32.InitializeProcThreadAttributeList(None, 1, 0, ctypes.byref(size))
+        attrs = ctypes.create_string_buffer(size.value)
+        _check(_k32.InitializeProcThreadAttributeList(attrs, 1, 0, ctypes.byref(size)),
+               "InitializeProcThreadAttributeList")  # fmt: skip
+        _check(_k32.UpdateProcThreadAttribute(attrs, 0, PROC_THREAD_ATTRIBUTE_SECURITY_CAPABILITIES,
+                                              ctypes.byref(sc), ctypes.sizeof(sc), None, None),
+               "UpdateProcThreadAttribute")  # fmt: skip
+        si = STARTUPINFOEXW()
+        si.StartupInfo.cb = ctypes.sizeof(STARTUPINFOEXW)
+        si.lpAttributeList = ctypes.cast(attrs, ctypes.c_void_p)
+        pi = PROCESS_INFORMATION()
+        block = ctypes.create_unicode_buffer(environment_block(env))
+        cmd = ctypes.create_unicode_buffer(command_line(argv))
+        _check(_k32.CreateProcessW(None, cmd, None, None, False,
+                                   EXTENDED_STARTUPINFO_PRESENT | CREATE_UNICODE_ENVIRONMENT | CREATE_NO_WINDOW,
+                                   block, cwd, ctypes.byref(si), ctypes.byref(pi)), "CreateProcessW")  # fmt: skip
+        _k32.DeleteProcThreadAttributeList(attrs)
+        _k32.CloseHandle(pi.hThread)
+        _k32.CloseHandle(pi.hProcess)
+        return int(pi.dwProcessId)
+
+    def amsi_scan(content: str, filename: str) -> bool:
+        """True when Windows' antimalware scan judges the content malicious."""
+        amsi = ctypes.WinDLL("amsi", use_last_error=True)
+        context, session = ctypes.c_void_p(), ctypes.c_void_p()
+        hr = amsi.AmsiInitialize("TerminAI", ctypes.byref(context))
+        if hr != 0:
+            raise OSError(hr, "AmsiInitialize failed")
+        try:
+            result = ctypes.c_int()
+            hr = amsi.AmsiScanString(context, content, filename, session, ctypes.byref(result))
+            if hr != 0:
+                raise OSError(hr, "AmsiScanString failed")
+            return result.value >= 32768  # AMSI_RESULT_DETECTED
+        finally:
+            amsi.AmsiUninitialize(context)

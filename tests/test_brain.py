@@ -1,0 +1,423 @@
+"""The Windows brain tier. The broker core runs here against the real
+``agent-brain.js`` under Node over a Unix socket (Node's net module speaks
+to named pipes on Windows and Unix sockets elsewhere with the same API).
+The Win32 calls (AppContainer, the pipe's DACL in effect, the launch, AMSI)
+can only run on Windows: those tests are skipped here, with that reason,
+and run by the Windows job of release/github/release.yml."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import zipfile
+from pathlib import Path
+
+import pytest
+from terminai_shim.windows import win32
+from terminai_shim.windows.broker import Broker, BrokerConfig
+from terminai_shim.windows.bundle import BundleError, open_bundle, verify_zip
+
+REPO = Path(__file__).resolve().parents[1]
+BRAIN = REPO / "images/brain/agent-brain.js"
+TOKEN = "t" * 12 + os.urandom(12).hex()
+UNIX_SOCKETS = pytest.mark.skipif(
+    not hasattr(socket, "AF_UNIX"),
+    reason="these drive the broker over a Unix socket; on Windows it serves a named pipe (the Windows-only test)",
+)
+WINDOWS_ONLY = pytest.mark.skipif(
+    sys.platform != "win32",
+    reason="AppContainers, named pipes with DACLs and AMSI exist only on Windows: "
+    "the Windows job of release/github/release.yml runs these",
+)
+
+
+# -- pure Win32 helpers, tested everywhere --------------------------------------------------------
+@pytest.mark.unit
+def test_pipe_name_and_sddl():
+    assert win32.pipe_name("abcdef123456") == r"\\.\pipe\terminai-abcdef123456"
+    for bad in ("short", "has space here", "../../x", "a" * 65):
+        with pytest.raises(ValueError):
+            win32.pipe_name(bad)
+    user = "S-1-5-21-1004336348-1177238915-682003330-512"
+    ac = "S-1-15-2-1430448594-2639229838-973813799-439329657-1197984847-4069167804-1277922394"
+    sddl = win32.pipe_sddl(user, ac)
+    # Protected DACL: the user (all access) and the AppContainer (read/write), nobody else; low integrity label.
+    assert sddl == f"D:P(A;;GA;;;{user})(A;;GRGW;;;{ac})S:(ML;;NW;;;LW)"
+    assert "WD" not in sddl and "AU" not in sddl and "AC)" not in sddl
+    with pytest.raises(ValueError):
+        win32.pipe_sddl("Everyone", ac)
+
+
+def _argv_from_command_line(line: str) -> list[str]:
+    """CommandLineToArgvW's documented rules, as a reference for the tests."""
+    args, cur, i, quoted, have = [], "", 0, False, False
+    while i < len(line):
+        c = line[i]
+        if c == "\\":
+            j = i
+            while j < len(line) and line[j] == "\\":
+                j += 1
+            n = j - i
+            if j < len(line) and line[j] == '"':
+                cur += "\\" * (n // 2)
+                if n % 2:
+                    cur += '"'
+                    i = j + 1
+                else:
+                    i = j
+                have = True
+                continue
+            cur += "\\" * n
+            i = j
+            have = True
+            continue
+        if c == '"':
+            quoted = not quoted
+            have = True
+        elif c in " \t" and not quoted:
+            if have:
+                args.append(cur)
+            cur, have = "", False
+        else:
+            cur += c
+            have = True
+        i += 1
+    if have:
+        args.append(cur)
+    return args
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("argv", [
+    ["node", "agent-brain.js", "--pipe=\\\\.\\pipe\\terminai-abc"],
+    ["C:\\Program Files\\node\\node.exe", "a b", ""],
+    ["x", 'say "hi"', "trailing\\", 'back\\"slash', "tab\there", "\\\\server\\share\\"],
+])  # fmt: skip
+def test_command_line_quoting_round_trips(argv):
+    assert _argv_from_command_line(win32.command_line(argv)) == argv
+
+
+@pytest.mark.unit
+def test_environment_block_and_what_the_brain_inherits():
+    block = win32.environment_block({"b": "2", "A": "1", "Path": "C:\\x"})
+    assert block == "A=1\0b=2\0Path=C:\\x\0\0"
+    for bad in ({"A=B": "x"}, {"A": "nul\0"}, {"": "x"}):
+        with pytest.raises(ValueError):
+            win32.environment_block(bad)
+    env = win32.brain_environment({"PATH": "C:\\bin", "AWS_SECRET_ACCESS_KEY": "s3cret", "SystemRoot": "C:\\W"},
+                                  r"\\.\pipe\terminai-x", TOKEN, "C:\\ws", "1.2.3")  # fmt: skip
+    assert env["TERMINAI_BROKER_PIPE"] == r"\\.\pipe\terminai-x" and env["TERMINAI_HANDSHAKE_TOKEN"] == TOKEN
+    assert env["TERMINAI_WORKSPACE_PATH"] == "C:\\ws" and env["TERMINAI_CLI_VERSION"] == "1.2.3"
+    assert "AWS_SECRET_ACCESS_KEY" not in env and env["SystemRoot"] == "C:\\W"
+
+
+@pytest.mark.unit
+def test_security_capabilities_structure_layout():
+    import ctypes
+
+    pointer = ctypes.sizeof(ctypes.c_void_p)
+    assert ctypes.sizeof(win32.SID_AND_ATTRIBUTES) == 2 * pointer
+    assert ctypes.sizeof(win32.SECURITY_CAPABILITIES) == 2 * pointer + 8
+    assert win32.CAPABILITIES == {"internetClient": "S-1-15-3-1", "privateNetworkClientServer": "S-1-15-3-3"}
+
+
+@WINDOWS_ONLY
+@pytest.mark.windows
+def test_appcontainer_profile_pipe_and_launch_on_windows(tmp_path):  # pragma: no cover - Windows job
+    from terminai_shim.windows.bundle import BrainBundle
+    from terminai_shim.windows.launch import launch
+
+    sid = win32.ensure_profile()
+    assert sid.startswith("S-1-15-2-") and win32.ensure_profile() == sid  # created once, then found
+    (tmp_path / "agent-brain.js").write_bytes(BRAIN.read_bytes())
+    doc = {"files": [{"path": "agent-brain.js"}], "entrypoint": "agent-brain.js", "version": "test"}
+    brain = launch(BrainBundle(tmp_path, doc), workspace=tmp_path)
+    try:
+        assert brain.isolation == "appcontainer" and brain.health()["ok"]
+    finally:
+        brain.stop()
+
+
+# -- the broker against the real brain ------------------------------------------------------------
+class BrokerOnSocket:
+    def __init__(self, tmp: Path, **config) -> None:
+        self.log: list[dict] = []
+        self.broker = Broker(BrokerConfig(token=TOKEN, metadata={"session": "test-session", "runtime": "brain"},
+                                          **config), log=self.log.append)  # fmt: skip
+        self.path = str(tmp / "pipe")
+        self.listener = socket.socket(socket.AF_UNIX)
+        self.listener.bind(self.path)
+        self.listener.listen(64)
+        threading.Thread(target=self.broker.serve, args=(self.listener,), daemon=True).start()
+
+    def brain(self, *args: str, token: str = TOKEN, env: dict | None = None) -> subprocess.Popen:
+        node = shutil.which("node")
+        assert node, "node is installed by bootstrap.sh"
+        return subprocess.Popen([node, str(BRAIN), f"--pipe={self.path}", *args], text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env={**os.environ, "TERMINAI_HANDSHAKE_TOKEN": token, **(env or {})})  # fmt: skip
+
+    def raw(self) -> RawClient:
+        return RawClient(self.path)
+
+    def close(self) -> None:
+        self.broker.stop()
+        self.listener.close()
+
+
+class RawClient:
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.connect(path)
+        self.sock.settimeout(20)
+        self.buf = b""
+
+    def send(self, obj) -> None:
+        self.sock.sendall((obj if isinstance(obj, bytes) else json.dumps(obj).encode()) + b"\n")
+
+    def recv(self) -> dict | None:
+        while b"\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                return None
+            self.buf += chunk
+        line, _, self.buf = self.buf.partition(b"\n")
+        return json.loads(line)
+
+    def hello(self, token: str = TOKEN) -> dict | None:
+        self.send({"id": 0, "method": "hello", "params": {"token": token}})
+        return self.recv()
+
+
+@pytest.fixture
+def broker(tmp_path):
+    (tmp_path / "ws").mkdir()
+    b = BrokerOnSocket(tmp_path, workspace=tmp_path / "ws", handshake_timeout=1.0)
+    yield b
+    b.close()
+
+
+@UNIX_SOCKETS
+@pytest.mark.unit
+def test_hundreds_in_flight_never_cross_and_the_policy_decides(broker, tmp_path):
+    brain = broker.brain(f"--module={REPO / 'tests/node/brain-load.js'}")
+    out, err = brain.communicate(timeout=120)
+    assert brain.returncode == 0, err
+    result = json.loads(out)
+    assert result["n"] == 300 and result["crossed"] == 0
+    assert (result["shell"], result["outside"], result["escape"]) == ("POLICY_DENIED",) * 3
+    assert result["back"] == "written by the brain" and result["listing"] == ["from-brain.txt"]
+    assert result["timedOut"] is True
+    assert (tmp_path / "ws/notes/from-brain.txt").read_text() == "written by the brain"
+    assert not (tmp_path / "escape.txt").exists()
+    decisions = [r for r in broker.log if r.get("event") == "decision"]
+    assert len(decisions) >= 300 and all(r["session"] == "test-session" and r["runtime"] == "brain" for r in decisions)
+    assert any(not r["allowed"] and "shell" in r["reason"] for r in decisions)
+
+
+@UNIX_SOCKETS
+@pytest.mark.unit
+def test_shell_only_when_allowed(tmp_path):
+    b = BrokerOnSocket(tmp_path, allow_shell=True)
+    try:
+        c = b.raw()
+        assert c.hello()["success"]
+        c.send({"id": 1, "method": "execute", "params": {"command": "echo a | tr a b", "mode": "shell"}})
+        assert c.recv()["data"]["stdout"] == "b\n"
+        c.send({"id": 2, "method": "execute", "params": {"command": "echo", "args": ["a | tr a b"]}})
+        assert c.recv()["data"]["stdout"] == "a | tr a b\n", "argv: no shell unless asked for"
+    finally:
+        b.close()
+
+
+@UNIX_SOCKETS
+@pytest.mark.unit
+def test_handshake_rules(broker):
+    # Nothing is served before hello.
+    c = broker.raw()
+    c.send({"id": 1, "method": "ping"})
+    assert c.recv()["code"] == "HANDSHAKE_REQUIRED"
+    # A wrong token: refused and disconnected.
+    wrong = c.hello(token="x" * 32)
+    assert wrong["code"] == "HANDSHAKE_FAILED" and c.recv() is None
+    # A client that never says hello is dropped after the handshake timeout.
+    silent = broker.raw()
+    assert silent.recv() is None
+    assert any(r.get("code") == "HANDSHAKE_REQUIRED" and "timeout" in r.get("reason", "") for r in broker.log)
+    # The real brain with a wrong token exits (and never retries).
+    brain = broker.brain(token="w" * 32)
+    assert brain.wait(30) == 3 and "refused the handshake" in brain.stderr.read()
+
+
+@UNIX_SOCKETS
+@pytest.mark.unit
+def test_bad_messages_are_refused_and_the_broker_serves_on(broker):
+    c = broker.raw()
+    assert c.hello()["success"]
+    c.send(b"{not json")
+    assert c.recv()["code"] == "INVALID_REQUEST"
+    c.send(b'{"id": 5, "method": "ping", "params": [1]}')
+    assert c.recv()["code"] == "INVALID_REQUEST"
+    c.send(b'{"id": 6, "params": {}, "method": "x"' + b" " * (2 << 20) + b"}")
+    assert "larger than" in c.recv()["error"]
+    c.send({"id": 7, "method": "no.such"})
+    assert c.recv()["code"] == "INVALID_REQUEST"
+    # Duplicate ids while the first is in flight.
+    c.send({"id": 8, "method": "execute", "params": {"command": "sleep", "args": ["1"]}})
+    c.send({"id": 8, "method": "ping"})
+    dup = c.recv()
+    assert dup["id"] == 8 and dup["code"] == "INVALID_REQUEST" and "in flight" in dup["error"]
+    assert c.recv()["data"]["exitCode"] == 0
+    c.send({"id": 9, "method": "ping"})
+    assert c.recv()["data"]["pong"] is True
+    other = broker.raw()
+    assert other.hello()["success"], "another client is served all along"
+
+
+@UNIX_SOCKETS
+@pytest.mark.unit
+def test_broker_pings_the_brain_reconnects_and_shuts_it_down(broker):
+    brain = broker.brain()
+    assert broker.broker.handshake.wait(30)
+    assert broker.broker.ping()["pong"] is True
+    # The pipe drops: the brain reconnects with backoff and says hello again.
+    broker.broker.handshake.clear()
+    broker.broker.clients[0].close()
+    assert broker.broker.handshake.wait(30)
+    assert sum(1 for r in broker.log if r.get("event") == "handshake") == 2
+    assert broker.broker.ping()["pong"] is True
+    broker.broker.call_brain("shutdown")
+    assert brain.wait(30) == 0
+
+
+# -- the bundle -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def built(ctx):
+    from terminai_release.brain import build_brain
+
+    return build_brain(ctx)
+
+
+@pytest.mark.build
+def test_bundle_is_deterministic_and_lists_every_file(ctx, built, tmp_path):
+    import dataclasses
+
+    from terminai_release.brain import build_brain
+    from terminai_release.cache import StepCache
+
+    again = build_brain(dataclasses.replace(ctx, cache=StepCache(tmp_path / "cache")))
+    assert again.zip.read_bytes() == built.zip.read_bytes(), "two clean builds differ"
+    doc = verify_zip(built.zip)
+    assert doc["entrypoint"] == "agent-brain.js" and doc["brokerProtocol"] == 1
+    assert doc["appContainerProfile"] == "TerminAI_Brain_Sandbox"
+    assert [c["sid"] for c in doc["capabilities"]] == ["S-1-15-3-1", "S-1-15-3-3"]
+    assert any(f["path"].startswith("wheels/terminai_apts-") for f in doc["files"])
+    with zipfile.ZipFile(built.zip) as zf:
+        assert {i.date_time for i in zf.infolist()} == {zf.infolist()[0].date_time}
+
+
+def _rewrite(src: Path, out: Path, change) -> Path:
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(out, "w") as zout:
+        members = {i.filename: zin.read(i.filename) for i in zin.infolist()}
+        for name, data in change(members).items():
+            zout.writestr(name, data)
+    return out
+
+
+@pytest.mark.build
+@pytest.mark.parametrize("case, change, message", [
+    ("tampered file", lambda m: {**m, "agent-brain.js": m["agent-brain.js"][:-1] + b"X"}, "has sha256"),
+    ("grown file", lambda m: {**m, "agent-brain.js": m["agent-brain.js"] + b"//x"}, "larger than"),
+    ("extra file", lambda m: {**m, "extra.js": b"1"}, "does not list"),
+    ("dot-dot path", lambda m: {**m, "../evil.js": b"1"}, "not a plain relative path"),
+    ("absolute path", lambda m: {**m, "/etc/evil": b"1"}, "not a plain relative path"),
+    ("missing file", lambda m: {k: v for k, v in m.items() if k != "agent-brain.js"}, "missing"),
+    ("lying bundle.json", lambda m: {**m, "bundle.json": m["bundle.json"].replace(
+        json.loads(m["bundle.json"])["files"][0]["sha256"].encode(), b"0" * 64)}, "has sha256"),
+])  # fmt: skip
+def test_bad_bundles_are_refused_before_unpacking(built, tmp_path, case, change, message):
+    bad = _rewrite(built.zip, tmp_path / "bad.zip", change)
+    with pytest.raises(BundleError, match=message):
+        verify_zip(bad)
+
+
+@pytest.mark.build
+def test_signed_bundle_verifies_then_unpacks_and_a_changed_one_does_not(ctx, built, tmp_path, monkeypatch):
+    from terminai_release.signing.session import signer
+    from terminai_shim.verify import DEV_IDENTITY, DEV_ISSUER, TrustPolicy, VerificationFailed
+
+    monkeypatch.setenv("TERMINAI_CACHE", str(tmp_path / "cache"))
+    with signer(ctx) as s:
+        signature = s.sign(built.zip.read_bytes())
+    (tmp_path / "sig.json").write_text(signature)
+    (tmp_path / "root.json").write_text(json.dumps(s.dev_trusted_root))
+    policy = TrustPolicy(tmp_path / "root.json", DEV_IDENTITY, DEV_ISSUER)
+    bundle = open_bundle(built.zip, tmp_path / "sig.json", policy)
+    assert bundle.entrypoint.read_bytes() == BRAIN.read_bytes()
+    with pytest.raises(BundleError, match="not listed"):
+        bundle.path("anything-else.js")
+    changed = _rewrite(built.zip, tmp_path / "changed.zip", lambda m: {**m, "extra.js": b"1"})
+    before = sorted((tmp_path / "cache/brain").iterdir())
+    with pytest.raises(VerificationFailed, match="does not verify"):
+        open_bundle(changed, tmp_path / "sig.json", policy)
+    assert sorted((tmp_path / "cache/brain").iterdir()) == before, "nothing unverified was unpacked"
+    # The CLI: verify, then a real health check through the broker (a plain child here, not an AppContainer).
+    shim = str(Path(sys.executable).with_name("terminai-shim"))
+    env = dict(os.environ, TERMINAI_CACHE=str(tmp_path / "cache"))
+    trust = ["--signature", str(tmp_path / "sig.json"), "--dev", "--trusted-root", str(tmp_path / "root.json")]
+    health = subprocess.run([shim, "brain", "health", str(built.zip), *trust], capture_output=True, text=True,
+                            env=env, timeout=60)  # fmt: skip
+    assert health.returncode == 0, health.stderr
+    info = json.loads(health.stdout)
+    assert info["ok"] is True and info["isolation"] == "none"
+
+
+@pytest.mark.build
+def test_authenticode_signs_pe_files_before_bundling(ctx, tmp_path):
+    """A PE stand-in for node.exe: pip's own Windows launcher (a real PE file
+    shipped in every pip wheel), signed with a self-signed code-signing
+    certificate made here, then checked with osslsigncode."""
+    import datetime as dt
+
+    import pip
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    from terminai_release.brain import BrainInputs, PinnedInput, build_brain
+    from terminai_release.digest import sha256_file
+
+    pe = Path(pip.__file__).parent / "_vendor/distlib/t64.exe"
+    assert pe.read_bytes()[:2] == b"MZ"
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "TerminAI test code signing")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(days=1))
+            .not_valid_after(now + dt.timedelta(days=30))
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CODE_SIGNING]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))  # fmt: skip
+    (tmp_path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                         serialization.PrivateFormat.TraditionalOpenSSL,
+                                                         serialization.NoEncryption()))  # fmt: skip
+    inputs = BrainInputs(node_exe=PinnedInput(pe, sha256_file(pe)), sign_cert=tmp_path / "cert.pem",
+                         sign_key=tmp_path / "key.pem")  # fmt: skip
+    art = build_brain(ctx, inputs)
+    with zipfile.ZipFile(art.zip) as zf:
+        (tmp_path / "node.exe").write_bytes(zf.read("node/node.exe"))
+        doc = json.loads(zf.read("bundle.json"))
+    assert doc["authenticode"] is True and doc["node"]["bundled"] == "node/node.exe"
+    assert (tmp_path / "node.exe").read_bytes() != pe.read_bytes()
+    check = subprocess.run(["osslsigncode", "verify", "-CAfile", str(tmp_path / "cert.pem"), "-in",
+                            str(tmp_path / "node.exe")], capture_output=True, text=True)  # fmt: skip
+    assert check.returncode == 0, check.stdout + check.stderr
+    unsigned = subprocess.run(["osslsigncode", "verify", "-CAfile", str(tmp_path / "cert.pem"), "-in", str(pe)],
+                              capture_output=True, text=True)  # fmt: skip
+    assert unsigned.returncode != 0
