@@ -26,6 +26,8 @@ packages=(
     apt dpkg debian-archive-keyring erofs-utils squashfs-tools zstd xz-utils
     # the container tier (the engine; `inv test` starts dockerd when none runs)
     docker.io
+    # the Windows brain bundle: Authenticode signing of its PE files
+    osslsigncode
     # the pipeline and tests
     git python3 python3-venv python3-dev curl ca-certificates file
 )

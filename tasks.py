@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 from invoke import Context, task
 from terminai_release.context import BuildContext
@@ -114,6 +115,74 @@ def container(c: Context, json: bool = False, load: bool = True) -> None:
         _fail(exc)
 
 
+def _pinned(path: str, sha256: str, what: str) -> Any:
+    from terminai_release.brain import PinnedInput
+
+    if bool(path) != bool(sha256):
+        _fail(BuildError(f"{what} and its sha256 go together", hint="pin every input you pass by its sha256"))
+    return PinnedInput(Path(path).resolve(), sha256) if path else None
+
+
+@task(
+    help={
+        "module": "the CLI's bundled brain module (a .js file or a directory with index.js)",
+        "module_sha256": "its sha256 (file digest, or tree digest for a directory)",
+        "native_x64": "terminai_native.node for win32-x64", "native_x64_sha256": "its sha256",
+        "native_arm64": "terminai_native.node for win32-arm64", "native_arm64_sha256": "its sha256",
+        "node_exe": "a portable node.exe", "node_exe_sha256": "its sha256",
+        "sign_cert": "PEM code-signing certificate: Authenticode-sign the PE files first",
+        "sign_key": "its PEM private key",
+        "keyless": "sign the zip keylessly with CI's ambient OIDC identity",
+        "trust_config": "sigstore ClientTrustConfig JSON for --keyless",
+        "json": "emit progress as JSON events on stderr",
+    }
+)  # fmt: skip
+def brain(
+    c: Context,
+    module: str = "", module_sha256: str = "",
+    native_x64: str = "", native_x64_sha256: str = "",
+    native_arm64: str = "", native_arm64_sha256: str = "",
+    node_exe: str = "", node_exe_sha256: str = "",
+    sign_cert: str = "", sign_key: str = "",
+    keyless: bool = False, trust_config: str = "", json: bool = False,
+) -> None:  # fmt: skip
+    """The Windows brain bundle (deterministic zip + bundle.json), sigstore-signed."""
+    from terminai_release.brain import BrainInputs, build_brain
+    from terminai_release.cache import write_atomic
+    from terminai_release.signing.session import signer
+
+    pins = {"win32-x64": _pinned(native_x64, native_x64_sha256, "--native-x64"),
+            "win32-arm64": _pinned(native_arm64, native_arm64_sha256, "--native-arm64")}  # fmt: skip
+    native = {k: v for k, v in pins.items() if v is not None}
+    inputs = BrainInputs(
+        module=_pinned(module, module_sha256, "--module"), native=native,
+        node_exe=_pinned(node_exe, node_exe_sha256, "--node-exe"),
+        sign_cert=Path(sign_cert).resolve() if sign_cert else None,
+        sign_key=Path(sign_key).resolve() if sign_key else None,
+    )  # fmt: skip
+    ctx = _ctx(json)
+    try:
+        art = build_brain(ctx, inputs)
+        ctx.publish_link("brain", art.directory)
+        # A self-contained, verifiable directory: the zip, its signature, and
+        # (locally) the development trust root it verifies against.
+        out_dir = ctx.out / "brain-bundle"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        data = art.zip.read_bytes()
+        write_atomic(out_dir / art.zip.name, data)
+        with signer(ctx, keyless=keyless, trust_config=Path(trust_config) if trust_config else None) as s:
+            signature = s.sign(data)
+        write_atomic(out_dir / f"{art.zip.name}.sigstore.json", signature.encode())
+        if s.dev_trusted_root is not None:
+            import json as jsonlib
+
+            write_atomic(out_dir / "dev-trusted-root.json", jsonlib.dumps(s.dev_trusted_root, indent=2).encode())
+    except BuildError as exc:
+        _fail(exc)
+        return
+    print(f"brain: {out_dir / art.zip.name}\nsignature: {out_dir / art.zip.name}.sigstore.json ({s.kind})")
+
+
 @task(
     help={
         "command": "the command to run in the VM (default: a survival-kit check)",
@@ -200,13 +269,16 @@ def repro(c: Context, artifact: str = "all") -> None:
 
 @task(
     help={
-        "parts": "comma-separated: kernel,guest,snapshot,shim,fetch,container (default: all)",
+        "parts": "comma-separated: kernel,guest,snapshot,shim,fetch,container,network (default: all)",
         "runs": "repetitions per boot measurement (median reported)",
         "clean": "also time a clean kernel build (about 10 minutes)",
     }
 )
 def bench(
-    c: Context, parts: str = "kernel,guest,snapshot,shim,fetch,container", runs: int = 5, clean: bool = False
+    c: Context,
+    parts: str = "kernel,guest,snapshot,shim,fetch,container,network",
+    runs: int = 5,
+    clean: bool = False,
 ) -> None:
     """Benchmarks against same-run baselines; writes build/bench/results.json and .png."""
     import json

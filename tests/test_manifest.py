@@ -108,7 +108,14 @@ def test_release_writes_verified_content_addressed_blobs(ctx, kernel, rootfs, tm
     data = rel.manifest_path.read_bytes()
     jsonschema.validate(json.loads(data), SCHEMA)
     m = Manifest.from_json(data)
-    assert {a.kind for a in m.artifacts} == {"kernel", "rootfs", "sbom", "survival-kit-wheel", "container-image"}
+    assert {a.kind for a in m.artifacts} == {
+        "kernel",
+        "rootfs",
+        "sbom",
+        "survival-kit-wheel",
+        "container-image",
+        "brain-bundle",
+    }
     for a in m.artifacts:
         blob = rel.directory / a.location
         assert sha256_file(blob) == a.sha256 and blob.stat().st_size == a.size

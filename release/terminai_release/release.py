@@ -19,8 +19,9 @@ from typing import Any
 import jinja2
 from terminai_agent import protocol as agent_protocol
 from terminai_shim import __version__ as shim_version
-from terminai_shim.manifest import Artifact, BootDefaults, Manifest
+from terminai_shim.manifest import BUNDLE_SUFFIX, Artifact, BootDefaults, Manifest
 
+from .brain import build_brain
 from .cache import write_atomic
 from .container import build_container
 from .context import BuildContext
@@ -39,6 +40,7 @@ MEDIA = {
     "sbom": "application/spdx+json",
     "survival-kit-wheel": "application/vnd.python.wheel",
     "container-image": "application/vnd.oci.image.layout.v1+tar",
+    "brain-bundle": "application/vnd.terminai.brain-bundle.v1+zip",
 }
 
 
@@ -82,6 +84,7 @@ def build_release(
     root = build_rootfs(ctx)
     wheel = build_kit_wheel(ctx)
     image = build_container(ctx)
+    brain = build_brain(ctx)
     created = source_date_epoch(ctx.repo, ".")
     directory = (out or ctx.repo / "dist") / version
     directory.mkdir(parents=True, exist_ok=True)
@@ -93,6 +96,7 @@ def build_release(
         ("survival-kit-wheel", "any", wheel, {"version": version}),
         ("container-image", "linux/amd64", image.archive,
          {**image.record["inputs"], "imageId": image.image_id}),
+        ("brain-bundle", "windows", brain.zip, brain.record["inputs"]),
     ]  # fmt: skip
     artifacts = []
     for kind, platform, path, build in sources:
@@ -190,6 +194,12 @@ def sign_release(ctx: BuildContext, rel: Release, *, keyless: bool = False, trus
         bundle = s.sign(data)
         subjects = {a.name: a.sha256 for a in rel.manifest.artifacts} | {"manifest.json": sha256_bytes(data)}
         provenance = s.attest(subjects, SLSA_PROVENANCE, _provenance(ctx, rel, keyless))
+        # The brain bundle carries its own signature too: a Windows broker
+        # verifies the zip it launches, not a Linux release manifest.
+        brains = {a.name: s.sign((rel.directory / a.location).read_bytes())
+                  for a in rel.manifest.artifacts if a.kind == "brain-bundle"}  # fmt: skip
+    for name, signature in brains.items():
+        write_atomic(rel.directory / f"{name}{BUNDLE_SUFFIX}", signature.encode())
     root_path = None
     if s.dev_trusted_root is not None:
         root_path = rel.directory / DEV_TRUSTED_ROOT

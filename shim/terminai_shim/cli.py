@@ -16,7 +16,7 @@ from . import __version__
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from .models import BootConfig
+    from .models import BootConfig, NetworkPolicy
     from .verify import TrustPolicy, VerifiedRelease
 
 
@@ -68,6 +68,12 @@ def _boot_args(p: argparse.ArgumentParser) -> None:
                    help="isolation: auto (microVM with KVM, else a container if an engine answers, else a "
                    "microVM under TCG; TERMINAI_BACKEND_ORDER reorders), qemu, firecracker or container")  # fmt: skip
     p.add_argument("--image", type=Path, help="container image archive (.oci.tar) for --backend container")
+    p.add_argument("--network", choices=("none", "allowlist", "open"), default="none",
+                   help="none (no network device: the default), allowlist (only --allow targets, through a "
+                   "host-side proxy), open (everything the host reaches; logged)")  # fmt: skip
+    p.add_argument("--allow", action="append", default=[], metavar="ENTRY",
+                   help="allowlist entry: HOST[:PORT], *.DOMAIN[:PORT], an IP, or a CIDR range that permits "
+                   "non-public addresses (repeatable)")  # fmt: skip
     p.add_argument("--cold", action="store_true", help="boot cold: neither restore nor save a snapshot")
 
 
@@ -115,7 +121,7 @@ def _verified(args: argparse.Namespace) -> VerifiedRelease:
     from .verify import kinds_for, open_release, open_store
 
     # verify and fetch cover every artifact a backend could boot; run and serve what they will boot
-    kinds = kinds_for(getattr(args, "backend", "all"), getattr(args, "accel", "auto"))
+    kinds = kinds_for(getattr(args, "backend", "all"), getattr(args, "accel", "auto"), getattr(args, "network", "none"))
     progress = _progress_printer() if sys.stderr.isatty() else None
     if getattr(args, "store", None):
         if args.dev and not args.trusted_root:
@@ -175,6 +181,7 @@ def _boot_config(args: argparse.Namespace) -> BootConfig:
             accel=args.accel,
             snapshots="off" if getattr(args, "cold", False) else "auto",
             backend=args.backend,
+            network=_network(args),
         )
     kernel, rootfs, fmt = _artifact_defaults()
     kernel = args.kernel or kernel
@@ -200,12 +207,24 @@ def _boot_config(args: argparse.Namespace) -> BootConfig:
         image=image,
         image_sha256=image_sha256,
         backend=args.backend,
+        network=_network(args),
         memory_mib=args.memory or 512,
         cpus=args.cpus or 1,
         workspace=args.workspace.resolve() if args.workspace else None,
         accel=args.accel,
         snapshots="off" if getattr(args, "cold", False) else "auto",
     )
+
+
+def _network(args: argparse.Namespace) -> NetworkPolicy:
+    from .errors import ConfigError
+    from .models import NetworkPolicy
+
+    mode = getattr(args, "network", "none")
+    allow = tuple(getattr(args, "allow", []) or ())
+    if allow and mode != "allowlist":
+        raise ConfigError("--allow needs --network allowlist")
+    return NetworkPolicy(mode, allow)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -230,6 +249,42 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .serve import serve
 
     return serve()
+
+
+def cmd_brain(args: argparse.Namespace) -> int:
+    """The Windows brain: verify a signed bundle, launch it behind the broker, check its health."""
+    import json
+
+    from .verify import pinned_policy
+    from .windows.bundle import open_bundle
+
+    zip_path = Path(args.bundle).resolve()
+    signature = Path(args.signature) if args.signature else zip_path.with_name(zip_path.name + ".sigstore.json")
+    policy = _policy(args, zip_path.parent) or pinned_policy(args.channel)
+    bundle = open_bundle(zip_path, signature, policy)
+    if args.action == "verify":
+        print(f"verified: {zip_path.name} ({len(bundle.doc['files'])} files), signed by {policy.describe()}; "
+              f"unpacked in {bundle.directory}")  # fmt: skip
+        return 0
+    from .windows.launch import launch
+
+    workspace = Path(args.workspace).resolve() if args.workspace else None
+    brain = launch(bundle, workspace=workspace, cli_version=args.cli_version, allow_shell=args.allow_shell)
+    try:
+        if args.action == "health":
+            info = brain.health()
+            print(json.dumps(info))
+            return 0 if info["ok"] else 1
+        print(f"brain running: session {brain.session}, pid {brain.pid}, isolation {brain.isolation}",
+              file=sys.stderr)  # fmt: skip
+        if brain.process is not None:
+            return int(brain.process.wait())
+        import time
+
+        while True:  # pragma: no cover - Windows: the broker serves until interrupted
+            time.sleep(3600)
+    finally:
+        brain.stop()
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
@@ -307,6 +362,16 @@ def main(argv: list[str] | None = None) -> int:
     _store_args(fetch)
     _trust_args(fetch)
     fetch.set_defaults(fn=cmd_verify)
+    brain = sub.add_parser("brain", help="the Windows brain bundle: verify, launch behind the broker, health")
+    brain.add_argument("action", choices=("verify", "launch", "health"))
+    brain.add_argument("bundle", help="the brain bundle zip")
+    brain.add_argument("--signature", help="its sigstore bundle (default: ZIP.sigstore.json beside it)")
+    brain.add_argument("--channel", default="stable", help="whose pinned signer to expect (default stable)")
+    brain.add_argument("--workspace", help="the directory the brain's file operations are confined to")
+    brain.add_argument("--allow-shell", action="store_true", help="let the brain ask for a shell (mode: shell)")
+    brain.add_argument("--cli-version", default="", help="TERMINAI_CLI_VERSION for the brain")
+    _trust_args(brain)
+    brain.set_defaults(fn=cmd_brain)
     cache = sub.add_parser("cache", help="the download cache")
     cache_sub = cache.add_subparsers(dest="action", required=True)
     cgc = cache_sub.add_parser("gc", help="keep the newest N releases (and their blobs) and N saved VMs")

@@ -51,8 +51,10 @@ def _validate(path: Path | None) -> str:
 def report() -> dict[str, Any]:
     from ._internal.backends import backend_order, choose_backend
     from ._internal.backends.container import engine_answers
+    from ._internal.netproxy import upstream_from_env
     from .cli import _artifact_defaults, _image_default
     from .errors import ConfigError
+    from .session import network_log
 
     qemu = QemuBackend()
     kvm = kvm_status()
@@ -76,6 +78,12 @@ def report() -> dict[str, Any]:
         "backend": backend,
         "backend_reason": reason,
         "agent_channel": {"firecracker": "vsock", "container": "unix socket"}.get(backend, "virtio-serial"),
+        "network": {
+            "default": "none",
+            "modes": ["none", "allowlist", "open"] if backend != "container" else ["none", "open"],
+            "host_proxy": {k: bool(v) for k, v in upstream_from_env(dict(os.environ)).items()},
+            "log": str(network_log()),
+        },
         "artifacts": {
             "container_image": str(image) if image else None,
             "container_image_status": _validate(image),
@@ -105,6 +113,10 @@ def doctor(json_output: bool = False) -> int:
     print(f"engine:        {info['container_engine']['reason']}")
     print(f"backend:       {info['backend']} over {info['agent_channel']} ({info['backend_reason']})")
     print(f"order:         {', '.join(info['backend_order'])} (TERMINAI_BACKEND_ORDER)")
+    net = info["network"]
+    upstream = ", ".join(net["host_proxy"]) or "none"
+    print(f"network:       {net['default']} by default; {', '.join(net['modes'])} on request; host proxy: {upstream}; "
+          f"decisions logged to {net['log']}")  # fmt: skip
     print(f"kernel:        {arts['kernel'] or 'missing: run `inv kernel`'} [{arts['kernel_status']}]")
     print(f"root image:    {arts['rootfs'] or 'missing: run `inv rootfs`'} [{arts['rootfs_status']}]")
     print(f"OCI image:     {arts['container_image'] or 'missing: run `inv container`'} "

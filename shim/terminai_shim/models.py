@@ -7,6 +7,18 @@ from pathlib import Path
 
 
 @dataclass(frozen=True)
+class NetworkPolicy:
+    """What the guest may reach. ``none``: no network device at all (the
+    default). ``allowlist``: only through the host-side proxy, only to the
+    entries in ``allow`` (``HOST[:PORT]``, ``*.DOMAIN[:PORT]``, IP literals,
+    and CIDR ranges that permit non-public addresses). ``open``: everything
+    the host can reach, an explicit and logged choice."""
+
+    mode: str = "none"
+    allow: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class BootConfig:
     """Everything needed to start one isolation tier from verified local artifacts:
     a kernel and root image for a microVM, an OCI image archive for a container."""
@@ -28,6 +40,7 @@ class BootConfig:
     # auto: restore a matching saved VM, or boot cold and save one; off: always cold.
     snapshots: str = "auto"
     kernel_args: tuple[str, ...] = ()
+    network: NetworkPolicy = NetworkPolicy()
     boot_timeout: float = 60.0
     # An initramfs instead of the agent image's init (kernel bring-up tests).
     initrd: Path | None = None

@@ -26,7 +26,7 @@ from typing import Any, TextIO
 from . import __version__
 from ._internal.client import RemoteProcess
 from .errors import AgentError, ConfigError, ShimError
-from .models import BootConfig
+from .models import BootConfig, NetworkPolicy
 from .session import Session
 from .verify import (
     DEV_IDENTITY,
@@ -178,11 +178,12 @@ class Server:
             workspace = Path(p["workspace"]) if p.get("workspace") else None
             snapshots = "off" if p.get("cold") else "auto"
             backend = str(p.get("backend", "auto"))
+            network = self._network(p.get("network"))
             if p.get("manifest") or p.get("store"):  # the CLI's path: nothing boots that did not verify
                 config = boot_config(
-                    self._release(p, kinds_for(backend, str(p.get("accel", "auto")))),
+                    self._release(p, kinds_for(backend, str(p.get("accel", "auto")), network.mode)),
                     workspace=workspace, memory_mib=p.get("memoryMib"), cpus=p.get("cpus"),
-                    accel=str(p.get("accel", "auto")), snapshots=snapshots, backend=backend,
+                    accel=str(p.get("accel", "auto")), snapshots=snapshots, backend=backend, network=network,
                 )  # fmt: skip
             elif (p.get("kernel") and p.get("rootfs")) or p.get("image"):  # a developer's own artifacts
                 rootfs = Path(p["rootfs"]) if p.get("rootfs") else None
@@ -193,6 +194,7 @@ class Server:
                     image=Path(p["image"]) if p.get("image") else None,
                     image_sha256=p.get("imageSha256"),
                     backend=backend,
+                    network=network,
                     workspace=workspace,
                     memory_mib=int(p.get("memoryMib", 512)),
                     cpus=int(p.get("cpus", 1)),
@@ -219,6 +221,15 @@ class Server:
                 "session": s.client.hello_info.get("session"),
                 "workspace": config.workspace_mount if config.workspace else None,
             }
+
+    @staticmethod
+    def _network(value: Any) -> NetworkPolicy:
+        """``"none"``/``"open"``, or ``{"mode": "allowlist", "allow": [...]}``."""
+        if value is None:
+            return NetworkPolicy()
+        if isinstance(value, str):
+            return NetworkPolicy(value)
+        return NetworkPolicy(str(value.get("mode", "none")), tuple(str(x) for x in value.get("allow", [])))
 
     def _release(self, p: dict[str, Any], kinds: Kinds) -> VerifiedRelease:
         if p.get("store"):

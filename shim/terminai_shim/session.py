@@ -7,6 +7,7 @@ and removes the per-VM runtime directory whatever happened before.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -22,10 +23,20 @@ from ._internal.backends import select_backend
 from ._internal.backends.base import Backend, Machine, RuntimeDir
 from ._internal.backends.qemu import WORKSPACE_TAG, Channel, QemuBackend, device_layout
 from ._internal.client import AgentClient
+from ._internal.fsutil import cache_root, write_atomic
+from ._internal.netpolicy import Allowlist
+from ._internal.process import pid_alive
 from .errors import BootError, ChannelClosed, ConfigError, ShimError, TimeoutExpired
 from .models import AccelChoice, BootConfig
 
 OWNER_FILE = "owner.pid"
+
+
+def network_log() -> Path:
+    """Every session's network decisions, one JSON line each, with its session id."""
+    path = cache_root() / "logs" / "network.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def runtime_base() -> Path:
@@ -33,16 +44,6 @@ def runtime_base() -> Path:
     path = Path(base) / f"terminai-{os.getuid()}"
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     return path
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def clean_stale_runtime_dirs(base: Path) -> list[Path]:
@@ -56,7 +57,7 @@ def clean_stale_runtime_dirs(base: Path) -> list[Path]:
             owner = int((entry / OWNER_FILE).read_text())
         except (OSError, ValueError):
             continue
-        if not _pid_alive(owner):
+        if not pid_alive(owner):
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry)
     return removed
@@ -104,6 +105,8 @@ class Session:
         accel = choose_accel(config.accel)
         backend = backend or select_backend(accel, config)
         backend.check(config)
+        if config.network.mode == "allowlist":
+            Allowlist.parse(config.network.allow)  # a bad entry is refused before anything starts
         if config.workspace is not None and not Path(config.workspace).is_dir():
             raise ConfigError(
                 f"workspace {config.workspace} is not a directory", hint="create it or pass an existing one"
@@ -140,6 +143,7 @@ class Session:
                             mount.join()
                             if session._mount_error is not None:
                                 raise session._mount_error
+                            session._open_network()
                         except BaseException:
                             session.close()  # the snapshot is fine; this session is not
                             raise
@@ -158,6 +162,7 @@ class Session:
                     raise
         try:
             session._mount_workspace()
+            session._open_network()
         except BaseException:
             session.close()
             raise
@@ -200,6 +205,32 @@ class Session:
                          session=session_id)  # fmt: skip
         self.client.hello_info["session"] = session_id
 
+    @property
+    def session_id(self) -> str:
+        return str(self.client.hello_info.get("session"))
+
+    def _open_network(self) -> None:
+        """Before any command runs: the allowlist proxy learns the session's
+        rules and id (it is spawned per connection and reads them then);
+        ``open`` is logged as the explicit choice it is."""
+        policy = self.config.network
+        if policy.mode == "none":
+            return
+        log = network_log()
+        if policy.mode == "allowlist":
+            from ._internal.netproxy import upstream_from_env
+
+            doc = {"session": self.session_id, "allow": list(policy.allow), "log": str(log),
+                   "upstream": upstream_from_env(dict(os.environ))}  # fmt: skip
+            write_atomic(self.runtime.proxy_config, json.dumps(doc).encode())
+        record = {"time": round(time.time(), 3), "session": self.session_id, "decision": "network",
+                  "mode": policy.mode, "allow": list(policy.allow), "backend": self.backend.name}  # fmt: skip
+        with log.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if policy.mode == "open":
+            warnings.warn(f"session {self.session_id}: the guest can reach everything this host can "
+                          "(network open)", stacklevel=3)  # fmt: skip
+
     def _mount_workspace_quietly(self) -> None:
         try:
             self._mount_workspace()
@@ -217,6 +248,7 @@ class Session:
             "isIsolated": True,
             "backend": self.backend.name,
             "displayName": self.backend.describe(self.accel),
+            "network": {"mode": self.config.network.mode, "allow": list(self.config.network.allow)},
         }
 
     def health(self) -> dict[str, Any]:

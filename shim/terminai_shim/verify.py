@@ -36,7 +36,7 @@ from .manifest import (
     pointer_bundle_key,
     release_key,
 )
-from .models import BootConfig
+from .models import BootConfig, NetworkPolicy
 
 MANIFEST = "manifest.json"
 BUNDLE = MANIFEST + BUNDLE_SUFFIX
@@ -396,7 +396,7 @@ def _gc(root: Path, keep: int) -> list[str]:
     return removed
 
 
-def kinds_for(backend: str, accel: str = "auto") -> Kinds:
+def kinds_for(backend: str, accel: str = "auto", network: str = "none") -> Kinds:
     """The artifacts a backend needs; for ``auto``, decided by what the
     verified manifest offers and what this host can run."""
     if backend == "container":
@@ -411,7 +411,7 @@ def kinds_for(backend: str, accel: str = "auto") -> Kinds:
         from ._internal.backends import choose_backend
 
         has_image = any(a.kind == "container-image" for a in manifest.artifacts)
-        name = choose_backend(choose_accel(accel), "auto", has_image=has_image).name
+        name = choose_backend(choose_accel(accel), "auto", has_image=has_image, network=network).name
         return CONTAINER_KINDS if name == "container" else VM_KINDS
 
     return choose
@@ -460,6 +460,7 @@ def boot_config(
     accel: str = "auto",
     snapshots: str = "auto",
     backend: str = "auto",
+    network: NetworkPolicy | None = None,
 ) -> BootConfig:
     """Boot settings for a verified release: the artifacts that were verified, and its boot defaults."""
     m = release.manifest
@@ -474,6 +475,7 @@ def boot_config(
         image=release.path("container-image") if container else None,
         image_sha256=m.artifact("container-image").sha256 if container else None,
         backend=backend,
+        network=network or NetworkPolicy(),
         memory_mib=memory_mib or m.boot.memory_mib,
         cpus=cpus or m.boot.cpus,
         workspace=workspace,

@@ -97,6 +97,37 @@ def loopback_up() -> None:
         fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))
 
 
+def configure_network(spec: str) -> None:
+    """``ADDR/PREFIX,GATEWAY,DNS``: set up eth0 from what the host passed on the
+    kernel command line (no DHCP, nothing to wait for). DNS ``none``: no
+    resolver (the allowlist proxy resolves names on the host)."""
+    import socket
+
+    SIOCSIFADDR, SIOCSIFNETMASK, SIOCGIFFLAGS, SIOCSIFFLAGS, SIOCADDRT = 0x8916, 0x891C, 0x8913, 0x8914, 0x890B
+    IFF_UP, RTF_UP, RTF_GATEWAY = 0x1, 0x1, 0x2
+    address, gateway, dns = spec.split(",")
+    ip, _, prefix = address.partition("/")
+    mask = socket.inet_ntoa(struct.pack(">I", (0xFFFFFFFF << (32 - int(prefix or 24))) & 0xFFFFFFFF))
+
+    def sin(addr: str) -> bytes:
+        return struct.pack("HH4s8x", socket.AF_INET, 0, socket.inet_aton(addr))
+
+    def ifreq(data: bytes = b"") -> bytes:
+        return struct.pack("16s", b"eth0") + data.ljust(24, b"\0")
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        fcntl.ioctl(s, SIOCSIFADDR, ifreq(sin(ip)))
+        fcntl.ioctl(s, SIOCSIFNETMASK, ifreq(sin(mask)))
+        flags = struct.unpack("16sH22x", fcntl.ioctl(s, SIOCGIFFLAGS, ifreq()))[1]
+        fcntl.ioctl(s, SIOCSIFFLAGS, ifreq(struct.pack("H", flags | IFF_UP)))
+        # struct rtentry: the default route through the gateway
+        route = struct.pack("@L16s16s16sHhLPhPLLH", 0, sin("0.0.0.0"), sin(gateway), sin("0.0.0.0"),
+                            RTF_UP | RTF_GATEWAY, 0, 0, 0, 0, 0, 0, 0, 0)  # fmt: skip
+        fcntl.ioctl(s, SIOCADDRT, route)
+    with open("/etc/resolv.conf", "w") as f:
+        f.write(f"nameserver {dns}\n" if dns != "none" else "# no resolver: names are resolved by the proxy\n")
+
+
 def add_entropy(data: bytes) -> None:
     """Credit host-provided randomness to the kernel pool (RNDADDENTROPY) and
     reseed the CRNG at once (RNDRESEEDCRNG): a restored VM must not hand out

@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None, marks: dict[str, float] | None = None) -
         set_hostname(settings.get("hostname", "terminai"))
     else:
         settings = _settings(argv)
-    config = AgentConfig(pid1=pid1, workspace=settings.get("workspace"))
+    config = AgentConfig(pid1=pid1, workspace=settings.get("workspace"), network=settings.get("net"),
+                         proxy=settings.get("proxy"))  # fmt: skip
     config.marks = dict(marks or {})
     config.marks["mounted"] = _boottime()
     server = Server(config)

@@ -73,6 +73,13 @@ def base_env() -> dict[str, str]:
     }
 
 
+def proxy_env(proxy: str) -> dict[str, str]:
+    """Both spellings: tools disagree on which one they read."""
+    no_proxy = "localhost,127.0.0.1,::1"
+    return {"HTTP_PROXY": proxy, "HTTPS_PROXY": proxy, "http_proxy": proxy, "https_proxy": proxy,
+            "NO_PROXY": no_proxy, "no_proxy": no_proxy}  # fmt: skip
+
+
 def spawn(argv: list[str], cwd: str | None, env: dict[str, str]) -> tuple[int, tuple[int, int, int]]:
     """Start ``argv`` in a new session with piped stdio.
 

@@ -19,7 +19,7 @@ import time
 
 from . import __version__
 from . import protocol as P
-from .procs import EXIT_GRACE, Process, base_env, parse_signal, spawn
+from .procs import EXIT_GRACE, Process, base_env, parse_signal, proxy_env, spawn
 
 TYPE_CHECKING = False  # not typing's: importing typing costs ~15 ms at boot
 if TYPE_CHECKING:
@@ -53,11 +53,20 @@ class Conn:
 
 
 class AgentConfig:
-    def __init__(self, pid1: bool = False, max_frame: int = P.DEFAULT_MAX_FRAME, workspace: str | None = None):
+    def __init__(
+        self,
+        pid1: bool = False,
+        max_frame: int = P.DEFAULT_MAX_FRAME,
+        workspace: str | None = None,
+        network: str | None = None,
+        proxy: str | None = None,
+    ):
         self.pid1 = pid1
         self.max_frame = max_frame
         self.session = new_session_id()
         self.workspace = workspace
+        self.network = network  # ADDR/PREFIX,GATEWAY,DNS for eth0 (init.configure_network)
+        self.proxy = proxy  # the allowlist proxy every command is pointed at
         self.marks: dict[str, float] = {}
 
 
@@ -326,6 +335,8 @@ class Server:
         if not (isinstance(argv, list) and argv and all(isinstance(a, str) for a in argv)):
             raise P.ProtocolError(P.BAD_REQUEST, "argv must be a non-empty list of strings")
         env = base_env()
+        if self.config.proxy:
+            env.update(proxy_env(self.config.proxy))
         extra = h.get("env") or {}
         if not isinstance(extra, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in extra.items()):
             raise P.ProtocolError(P.BAD_REQUEST, "env must map strings to strings")
@@ -340,12 +351,14 @@ class Server:
             raise P.ProtocolError(P.BAD_REQUEST, "timeout must be positive and output_cap not negative")
         if self.lo_pending:
             self.lo_pending = False
-            from .init import loopback_up
+            from .init import configure_network, loopback_up
 
             try:
                 loopback_up()
+                if self.config.network:
+                    configure_network(self.config.network)
             except OSError as exc:
-                self._log(f"cannot bring up lo: {exc}")
+                self._log(f"cannot set up the network: {exc}")
         try:
             pid, fds = spawn(argv, cwd, env)
         except OSError as exc:

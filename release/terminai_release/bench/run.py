@@ -272,6 +272,66 @@ def bench_container(ctx: BuildContext, runs: int) -> dict[str, Any]:
     }
 
 
+DOWNLOAD = """
+import os, sys, time, urllib.request
+handler = urllib.request.ProxyHandler({"http": os.environ["HTTP_PROXY"]} if sys.argv[2] == "proxy" else {})
+opener = urllib.request.build_opener(handler)
+start = time.monotonic()
+with opener.open(sys.argv[1], timeout=600) as resp:
+    n = 0
+    while chunk := resp.read(1 << 20):
+        n += len(chunk)
+print(n, time.monotonic() - start)
+"""
+
+
+def bench_network(ctx: BuildContext, runs: int, work: Path) -> dict[str, Any]:
+    """A 100 MB download from a loopback server into the guest: through the
+    allowlist proxy against the same download in ``open`` mode (QEMU's NAT
+    straight to the server), alternating in one run. Target: <= 20 % cost."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    size = 100 << 20
+    (work / "www").mkdir(exist_ok=True)
+    (work / "www" / "blob").write_bytes(os.urandom(size))
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(work / "www")))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    port = httpd.server_address[1]
+    kern, root = build_kernel(ctx), build_rootfs(ctx)
+    base = {"backend": "qemu", "kernel": str(kern.vmlinux), "rootfs": str(root.image), "accel": "tcg"}
+    proxied, direct = _Serve(), _Serve()
+    proxied.call("initialize", **base, network={"mode": "allowlist", "allow": [f"127.0.0.1:{port}"]})
+    direct.call("initialize", **base, network="open")
+    rates: dict[str, list[float]] = {"proxy": [], "open": []}
+    try:
+        for _ in range(max(1, runs)):
+            for name, serve, url in (("proxy", proxied, f"http://127.0.0.1:{port}/blob"),
+                                     ("open", direct, f"http://10.0.2.2:{port}/blob")):  # fmt: skip
+                out = serve.call("execute", command="python3", args=["-c", DOWNLOAD, url, name],
+                                 env={"NO_PROXY": "", "no_proxy": ""}, timeout=900_000)  # fmt: skip
+                got, seconds = out["stdout"].split()
+                if int(got) != size:
+                    raise RuntimeError(f"{name}: downloaded {got} bytes of {size}: {out['stderr']}")
+                rates[name].append(size / float(seconds) / 1e6)
+    finally:
+        proxied.close()
+        direct.close()
+        httpd.shutdown()
+    proxy_mb, open_mb = statistics.median(rates["proxy"]), statistics.median(rates["open"])
+    return {
+        "download_mb_s": {"proxy": proxy_mb, "open": open_mb, "samples": rates},
+        "proxy_cost": 1 - proxy_mb / open_mb,
+        "cost_target": 0.20,
+    }
+
+
 def bench_snapshot(ctx: BuildContext, runs: int, work: Path) -> dict[str, Any]:
     """Restore-to-ready against cold-boot-to-ready, same artifacts, same run."""
     from terminai_shim._internal.snapshot import SnapshotStore
@@ -478,6 +538,9 @@ def run(ctx: BuildContext, parts: list[str], runs: int, clean: bool) -> dict[str
         if "container" in parts:
             ctx.reporter.info("bench", "container: the container tier against the microVM under TCG")
             results["container"] = bench_container(ctx, runs)
+        if "network" in parts:
+            ctx.reporter.info("bench", "network: 100 MB through the allowlist proxy vs open mode")
+            results["network"] = bench_network(ctx, runs, work)
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     plot(results, out_dir / "results.png")
     return results

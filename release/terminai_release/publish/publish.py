@@ -202,7 +202,9 @@ def publish(
                 ctx.reporter.info("publish", f"uploaded {artifact.name} ({artifact.size} bytes)",
                                   key=blob_key(artifact.sha256), bytes=artifact.size)  # fmt: skip
             ctx.reporter.progress("publish", index + 1, len(manifest.artifacts), f"blobs ({total} bytes in all)")
-        for name, content_type in RELEASE_FILES:
+        brain = [a for a in manifest.artifacts if a.kind == "brain-bundle"]
+        signatures = [(f"{a.name}{BUNDLE_SUFFIX}", RELEASE_FILES[1][1]) for a in brain]
+        for name, content_type in [*signatures, *RELEASE_FILES]:
             path = directory / name
             if path.exists() or name == MANIFEST or name.endswith(BUNDLE_SUFFIX):
                 _put_once(store, release_key(manifest.release, name), path, Headers(content_type, IMMUTABLE))

@@ -4,12 +4,34 @@ whenever a file's size, mtime or inode changed (never a digest file alone)."""
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
+import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
+
+if sys.platform == "win32":  # the brain's broker runs the shim on Windows
+    import msvcrt
+
+    def _lock(handle: IO[str], shared: bool) -> None:
+        handle.seek(0)
+        msvcrt.locking(handle.fileno(), msvcrt.LK_LOCK, 1)  # exclusive only: shared locks do not exist there
+
+    def _unlock(handle: IO[str]) -> None:
+        handle.seek(0)
+        msvcrt.locking(handle.fileno(), msvcrt.LK_UNLCK, 1)
+
+else:
+    import fcntl
+
+    def _lock(handle: IO[str], shared: bool) -> None:
+        fcntl.flock(handle, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+
+    def _unlock(handle: IO[str]) -> None:
+        fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def cache_root() -> Path:
@@ -29,7 +51,8 @@ def sha256_file(path: Path) -> str:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    """Never visible half-written: a temporary name (per process and thread), fsync, rename."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.{threading.get_ident()}")
     with tmp.open("wb") as f:
         f.write(data)
         f.flush()
@@ -41,11 +64,11 @@ def write_atomic(path: Path, data: bytes) -> None:
 def locked(path: Path, shared: bool = False) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        _lock(handle, shared)
         try:
             yield
         finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            _unlock(handle)
 
 
 def file_digest(path: Path, index_dir: Path | None = None) -> str:

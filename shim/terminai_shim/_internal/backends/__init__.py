@@ -46,7 +46,12 @@ def _microvm(accel: AccelChoice) -> str:
 
 
 def choose_backend(
-    accel: AccelChoice, requested: str = "auto", *, has_image: bool = True, order: tuple[str, ...] | None = None
+    accel: AccelChoice,
+    requested: str = "auto",
+    *,
+    has_image: bool = True,
+    order: tuple[str, ...] | None = None,
+    network: str = "none",
 ) -> BackendChoice:
     """Which backend runs, and why (``doctor`` shows the reason)."""
     if requested not in NAMES:
@@ -62,6 +67,9 @@ def choose_backend(
         elif tier == "container":
             from .container import engine_answers
 
+            if network == "allowlist":
+                skipped.append("the container tier has no allowlist networking")
+                continue
             answers, why = engine_answers()
             if answers and has_image:
                 return BackendChoice("container", why + "; " + "; ".join(skipped) if skipped else why)
@@ -83,4 +91,5 @@ def make_backend(name: str) -> Backend:
 
 
 def select_backend(accel: AccelChoice, config: BootConfig) -> Backend:
-    return make_backend(choose_backend(accel, config.backend, has_image=config.image is not None).name)
+    choice = choose_backend(accel, config.backend, has_image=config.image is not None, network=config.network.mode)
+    return make_backend(choice.name)

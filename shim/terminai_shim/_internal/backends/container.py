@@ -30,6 +30,7 @@ from typing import Any
 from ...errors import BootError, ConfigError
 from ...models import AccelChoice, BootConfig
 from ..fsutil import cache_root, file_digest, locked
+from ..process import pid_alive
 from .base import Backend, Machine, RuntimeDir
 
 AGENT_DIR = "/run/terminai"  # where the image's agent listens (TERMINAI_CHANNEL in the image config)
@@ -93,16 +94,6 @@ def archive_image_id(archive: Path) -> str:
     if not digest or len(digest) != 64:
         raise ConfigError(f"{archive} names no config digest")
     return f"sha256:{digest}"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class ContainerMachine(Machine):
@@ -207,6 +198,9 @@ class ContainerBackend(Backend):
         return engine_answers()[0]
 
     def check(self, config: BootConfig) -> None:
+        if config.network.mode == "allowlist":
+            raise ConfigError("the container tier offers network none or open, not allowlist",
+                              hint="use the microVM tier (--backend qemu) for an allowlist")  # fmt: skip
         if config.image is None or not Path(config.image).is_file():
             raise ConfigError(f"container image archive {config.image} does not exist",
                               hint="build it with `inv container` or use a release that lists one")  # fmt: skip
@@ -250,7 +244,7 @@ class ContainerBackend(Backend):
                 owner = int(labels.get(OWNER_PID, "0"))
             except ValueError:
                 continue
-            if labels.get(OWNER_HOST) == host and owner and not _pid_alive(owner):
+            if labels.get(OWNER_HOST) == host and owner and not pid_alive(owner):
                 try:
                     container.remove(force=True)
                     removed.append(container.name)
@@ -282,7 +276,7 @@ class ContainerBackend(Backend):
                 name=f"terminai-{runtime.path.name}",
                 hostname=f"terminai-{os.urandom(4).hex()}",
                 labels={LABEL: "1", OWNER_PID: str(os.getpid()), OWNER_HOST: socket.gethostname()},
-                network_mode="none",
+                network_mode="bridge" if config.network.mode == "open" else "none",
                 read_only=True,
                 tmpfs=TMPFS,
                 cap_drop=["ALL"],

@@ -14,14 +14,16 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
+import shlex
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ...errors import BootError
+from ...errors import BootError, ConfigError
 from ...models import AccelChoice, BootConfig
 from ..accel import host_tsc_khz
 from ..process import die_with_parent
@@ -32,6 +34,10 @@ WORKSPACE_TAG = "workspace"
 
 
 AGENT_VSOCK_PORT = 1024
+# User-mode networking (no root, no bridge, nothing changed on the host).
+# The guest's side, set up by the agent from terminai_net= (no DHCP).
+GUEST_ADDRESS, GATEWAY, RESOLVER = "10.0.2.15/24", "10.0.2.2", "10.0.2.3"
+PROXY_ADDRESS, PROXY_PORT = "10.0.2.100", 3128  # allowlist: the only place the guest can connect to
 
 
 @dataclass(frozen=True)
@@ -79,8 +85,31 @@ def kernel_cmdline(config: BootConfig, accel: AccelChoice, channel: Channel = Ch
         khz = host_tsc_khz()
         if khz:  # TSC calibration against the PIT fails at random under TCG
             args.append(f"tsc_early_khz={khz}")
+    mode = config.network.mode
+    if mode != "none":
+        args.append(f"terminai_net={GUEST_ADDRESS},{GATEWAY},{RESOLVER if mode == 'open' else 'none'}")
+    if mode == "allowlist":
+        args.append(f"terminai_proxy=http://{PROXY_ADDRESS}:{PROXY_PORT}")
     args.extend(config.kernel_args)
     return " ".join(args)
+
+
+def network_args(config: BootConfig, runtime: RuntimeDir) -> list[str]:
+    """``open``: QEMU's user networking, NAT to whatever the host reaches.
+    ``allowlist``: the same, restricted (``restrict=on``: the guest reaches
+    nothing, not even DNS) except one forward: every connection to the proxy
+    address spawns the session's allowlist proxy on the host, which decides."""
+    mode = config.network.mode
+    if mode == "none":
+        return []
+    netdev = f"user,id=net0,net=10.0.2.0/24,host={GATEWAY},dns={RESOLVER},ipv6=off"
+    if mode == "allowlist":
+        proxy = shlex.join([sys.executable, "-m", "terminai_shim._internal.netproxy", "--inetd",
+                            str(runtime.proxy_config)])  # fmt: skip
+        netdev += f",restrict=on,guestfwd=tcp:{PROXY_ADDRESS}:{PROXY_PORT}-cmd:{_opt(proxy)}"
+    elif mode != "open":
+        raise ConfigError(f"unknown network mode {mode!r}", hint="use none, allowlist or open")
+    return ["-netdev", netdev, "-device", "virtio-net-device,netdev=net0,mac=52:54:00:12:34:56"]
 
 
 def command_line(
@@ -129,6 +158,7 @@ def command_line(
         "-fsdev", f"local,id=ws,path={_opt(share)},security_model=none",
         "-device", f"virtio-9p-device,fsdev=ws,mount_tag={WORKSPACE_TAG}",
     ]  # fmt: skip
+    argv += network_args(config, runtime)
     if incoming_fd is not None:  # QEMU reads the saved state straight from the open file
         argv += ["-incoming", f"fd:{incoming_fd}"]
     return argv
