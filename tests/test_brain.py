@@ -210,7 +210,7 @@ def test_hundreds_in_flight_never_cross_and_the_policy_decides(broker, tmp_path)
     assert brain.returncode == 0, err
     result = json.loads(out)
     assert result["n"] == 300 and result["crossed"] == 0
-    assert (result["shell"], result["outside"], result["escape"]) == ("POLICY_DENIED",) * 3
+    assert (result["shell"], result["shellByArgv"], result["outside"], result["escape"]) == ("POLICY_DENIED",) * 4
     assert result["back"] == "written by the brain" and result["listing"] == ["from-brain.txt"]
     assert result["timedOut"] is True
     assert (tmp_path / "ws/notes/from-brain.txt").read_text() == "written by the brain"

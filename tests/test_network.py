@@ -75,6 +75,67 @@ def test_allowlist_decisions():
             Allowlist.parse([bad])
 
 
+@pytest.mark.unit
+def test_malformed_names_never_match_a_wildcard():
+    policy = Allowlist.parse(["*.example.com"])
+    for sneaky in ("evil.com/.example.com", "evil.com#.example.com", "evil.com .example.com", "a_b.example.com"):
+        assert not decide(policy, sneaky, 443, ["93.184.215.14"]).allowed, sneaky
+
+
+@pytest.mark.unit
+def test_proxy_looks_up_only_listed_names_and_forwards_one_request_to_the_checked_host(tmp_path, monkeypatch):
+    """The proxy in-process against a loopback server that records what reaches it."""
+    from terminai_shim._internal import netproxy
+
+    seen: list[tuple[str, str]] = []
+
+    class Recorder(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            seen.append((self.path, self.headers.get("Host", "")))
+            body = b"ok"
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(body)
+
+    origin = ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+    threading.Thread(target=origin.serve_forever, daemon=True).start()
+    port = origin.server_address[1]
+    looked_up: list[str] = []
+    real = netproxy._resolve
+    monkeypatch.setattr(netproxy, "_resolve", lambda host, p: looked_up.append(host) or real(host, p))
+    config = netproxy.ProxyConfig("unit", Allowlist.parse([f"127.0.0.1:{port}"]), str(tmp_path / "log"), {})
+    ready = threading.Event()
+    address: list = []
+    threading.Thread(target=netproxy.serve, args=(("127.0.0.1", 0), config),
+                     kwargs={"ready": lambda a: (address.append(a), ready.set())}, daemon=True).start()  # fmt: skip
+    assert ready.wait(10)
+
+    def exchange(raw: bytes) -> bytes:
+        import socket
+
+        with socket.create_connection(address[0], timeout=10) as c:
+            c.sendall(raw)
+            out = b""
+            while chunk := c.recv(65536):
+                out += chunk
+            return out
+
+    refused = exchange(b"CONNECT exfiltrated-data.attacker.invalid:443 HTTP/1.1\r\n\r\n")
+    assert b"403" in refused.split(b"\r\n")[0] and looked_up == [], "an unlisted name is never resolved"
+    # A pipelined second request, and a Host header naming another virtual host: neither gets through.
+    two = (f"GET http://127.0.0.1:{port}/first HTTP/1.1\r\nHost: other-site.invalid\r\n\r\n"
+           f"GET /second HTTP/1.1\r\nHost: other-site.invalid\r\n\r\n").encode()  # fmt: skip
+    assert exchange(two).startswith(b"HTTP/1.0 200")
+    origin.shutdown()
+    assert seen == [("/first", f"127.0.0.1:{port}")]
+    log = [json.loads(line) for line in (tmp_path / "log").read_text().splitlines()]
+    assert [r["decision"] for r in log] == ["refuse", "allow"] and all(r["session"] == "unit" for r in log)
+
+
 # -- real VMs ------------------------------------------------------------------------------------
 class Quiet(SimpleHTTPRequestHandler):
     def log_message(self, *args):

@@ -101,10 +101,20 @@ def test_publish_to_s3_then_fetch_back_over_http_and_s3(ctx, release, s3, tmp_pa
     pinned = _shim("verify", "--store", store, "--channel", "dev", cache=tmp_path / "pinned")
     assert pinned.returncode != 0 and "does not verify" in pinned.stderr
 
-    # Publishing again uploads nothing and leaves the pointer alone.
+    # Publishing again uploads nothing and leaves the pointer alone...
     again = publish(ctx, release.directory, store)
     assert (again.blobs_uploaded, again.bytes_uploaded, again.pointer_written) == (0, 0, False)
     assert _pointer(client, "one") == pointer
+    # ...even from a directory signed again (a CI re-run): the published signatures verify for the
+    # same bytes and are kept; a signature for other bytes would be refused.
+    from terminai_release.release import sign_release
+
+    resigned = tmp_path / "resigned"
+    subprocess.run(["cp", "-a", str(release.directory), str(resigned)], check=True)
+    sign_release(ctx, type(release)(resigned, release.manifest))
+    assert (resigned / "manifest.json.sigstore.json").read_bytes() != (
+        release.directory / "manifest.json.sigstore.json").read_bytes()  # fmt: skip
+    assert publish(ctx, resigned, store).bytes_uploaded == 0
 
 
 def test_killed_publish_keeps_the_channel_and_a_rerun_completes_it(ctx, release, s3, tmp_path):
@@ -116,17 +126,28 @@ def test_killed_publish_keeps_the_channel_and_a_rerun_completes_it(ctx, release,
     observed: list[int] = []
     stop = threading.Event()
 
+    def check_once() -> None:
+        pointer = _pointer(client, "killed")
+        if pointer is None:
+            return
+        observed.append(pointer.serial)
+        try:
+            body = client.get_object(Bucket=BUCKET, Key=f"killed/{release_key(pointer.release)}")["Body"].read()
+        except client.exceptions.ClientError:
+            violations.append(f"the manifest is missing while the channel pointed at {pointer.release}")
+            return
+        for a in Manifest.from_json(body).artifacts:
+            try:
+                client.head_object(Bucket=BUCKET, Key=f"killed/{blob_key(a.sha256)}")
+            except client.exceptions.ClientError:
+                violations.append(f"{a.name} missing while the channel pointed at {pointer.release}")
+
     def reader() -> None:
         while not stop.is_set():
-            pointer = _pointer(client, "killed")
-            if pointer is not None:
-                observed.append(pointer.serial)
-                body = client.get_object(Bucket=BUCKET, Key=f"killed/{release_key(pointer.release)}")["Body"].read()
-                for a in Manifest.from_json(body).artifacts:
-                    try:
-                        client.head_object(Bucket=BUCKET, Key=f"killed/{blob_key(a.sha256)}")
-                    except client.exceptions.ClientError:
-                        violations.append(f"{a.name} missing while the channel pointed at {pointer.release}")
+            try:
+                check_once()
+            except Exception as exc:  # a reader that dies would prove nothing
+                violations.append(f"reader failed: {exc!r}")
             time.sleep(0.02)
 
     thread = threading.Thread(target=reader, daemon=True)
@@ -150,6 +171,8 @@ def test_killed_publish_keeps_the_channel_and_a_rerun_completes_it(ctx, release,
     rerun = publish(ctx, release.directory, store)
     stop.set()
     thread.join()
+    check_once()  # at least once with the channel in place
+    assert observed, "the reader never saw the channel"
     assert rerun.pointer_written
     assert 0 < rerun.blobs_uploaded < len(release.manifest.artifacts)  # only what the killed run had not sent
     assert not violations, violations
@@ -195,7 +218,12 @@ def test_promote_resigns_a_pointer_and_refuses_incomplete_or_unverified_releases
     assert _pointer(client, "promote", "stable") is None
     client.put_object(Bucket=BUCKET, Key=bundle_key, Body=good)
     stable = promote(ctx, store, version, source="beta", target="stable")
-    assert stable.pointer_written and stable.serial > promoted.serial - 1
+    assert stable.pointer_written and stable.serial >= promoted.serial
+    # The same promotion again is a no-op, unless the pointer is past half its validity: then it is
+    # re-signed with a later expiry and a higher serial (serials only increase).
+    assert not promote(ctx, store, version, source="beta", target="stable").pointer_written
+    refreshed = promote(ctx, store, version, source="beta", target="stable", valid_days=1000)
+    assert refreshed.pointer_written and refreshed.serial == stable.serial + 1
 
 
 def test_bad_stores_and_bad_releases_are_refused_before_anything_is_visible(ctx, release, s3, tmp_path):

@@ -55,11 +55,13 @@ class Brain {
 
   // Connect (again) and say hello; resolves once the broker accepted the token.
   connect() {
+    this.buffer = '';
     this.ready = new Promise((resolve, reject) => {
       const socket = net.createConnection(this.opts.pipe);
       this.socket = socket;
       socket.setEncoding('utf8');
       socket.on('connect', () => {
+        socket.everConnected = true;
         this.request('hello', { token: this.opts.token, clientVersion: this.opts.cliVersion,
                                 brainVersion: BRAIN_VERSION, protocolVersion: PROTOCOL_VERSION }, { early: true })
           .then(resolve, (err) => {
@@ -72,7 +74,9 @@ class Brain {
       });
       socket.on('data', (chunk) => this.onData(chunk));
       socket.on('error', (err) => reject(err));
-      socket.on('close', () => this.onClose());
+      // Only a connection that had been established starts a reconnect; a
+      // failed attempt is retried by the one backoff loop that made it.
+      socket.on('close', () => { if (socket.everConnected) this.onClose(socket); else reject(new Error('closed')); });
     });
     return this.ready;
   }
@@ -150,7 +154,8 @@ class Brain {
     });
   }
 
-  onClose() {
+  onClose(socket) {
+    if (socket !== this.socket) return; // an old connection: a newer one is already in place
     for (const [id, waiter] of this.pending) {
       clearTimeout(waiter.timer);
       waiter.reject(Object.assign(new Error('the broker connection closed'), { code: 'DISCONNECTED' }));

@@ -11,6 +11,7 @@ module.exports = async (api) => {
   const crossed = results.filter((r) => !r.ok).length;
   const code = (p) => p.then(() => 'allowed', (e) => e.code);
   const shell = await code(api.request('execute', { command: 'echo hi', mode: 'shell' }));
+  const shellByArgv = await code(api.request('execute', { command: '/bin/sh', args: ['-c', 'echo hi'] }));
   const outside = await code(api.request('readFile', { path: '/etc/hostname' }));
   const escape = await code(api.request('writeFile', { path: '../escape.txt', content: 'x' }));
   await api.request('writeFile', { path: 'notes/from-brain.txt', content: 'written by the brain', createDirs: true });
@@ -18,7 +19,7 @@ module.exports = async (api) => {
   const listing = await api.request('listDir', { path: 'notes' });
   const timedOut = await api.request('execute', { command: 'sleep', args: ['30'], timeout: 300 });
   process.stdout.write(JSON.stringify({
-    n: results.length, crossed, shell, outside, escape, back: back.content,
+    n: results.length, crossed, shell, shellByArgv, outside, escape, back: back.content,
     listing: listing.entries.map((e) => e.name), timedOut: timedOut.timedOut,
   }) + '\n');
   api.exit(0);

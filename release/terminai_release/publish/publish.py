@@ -141,6 +141,29 @@ def _put_once(store: Store, key: str, path: Path, headers: Headers) -> bool:
     return True
 
 
+def _published_signature_holds(store: Store, key: str, subject: Path | None, policy: shim_verify.TrustPolicy) -> bool:
+    """Whether the signature already in the store verifies for the same bytes
+    under the same policy (signatures differ between signing runs; the bytes
+    they sign do not). Provenance is an attestation, not a trust anchor:
+    an earlier run's is kept as it is."""
+    found = store.read(key)
+    if found is None:
+        return False
+    if subject is None:
+        return key.endswith("provenance.sigstore.json")
+    try:
+        shim_verify.check_signature(subject.read_bytes(), found[0].decode(), policy, what=key)
+    except Exception:
+        return False
+    return True
+
+
+def _fresh(pointer: ChannelPointer, valid_days: int) -> bool:
+    """Still good for more than half its validity: otherwise publishing or
+    promoting the same release again re-signs it with a new expiry."""
+    return pointer.expires - time.time() > valid_days * DAY / 2
+
+
 def _write_pointer(ctx: BuildContext, store: Store, s: Signer, pointer: ChannelPointer, replaces: str | None) -> None:
     data = pointer.to_json()
     bundle = s.sign(data).encode()
@@ -170,16 +193,17 @@ def publish(
     valid_days: int = 90,
 ) -> PublishResult:
     store = open_store(store_url)
-    with signer(ctx, keyless=keyless, trust_config=trust_config) as s:
+    with contextlib.ExitStack() as stack:
+        s = stack.enter_context(signer(ctx, keyless=keyless, trust_config=trust_config))
         manifest = Manifest.from_json((directory / MANIFEST).read_bytes())
         channel = channel or manifest.channel
         if channel != manifest.channel:
             raise BuildError(f"release {manifest.release} was built for channel {manifest.channel}, not {channel}",
                              hint=f"publish it to {manifest.channel}, then `inv promote` it")  # fmt: skip
-        with _policy(s, channel) as policy:
-            _verify_local(directory, policy)
-            store.check()
-            current, token = _read_pointer(store, channel, policy)
+        policy = stack.enter_context(_policy(s, channel))
+        _verify_local(directory, policy)
+        store.check()
+        current, token = _read_pointer(store, channel, policy)
         manifest_bytes = (directory / MANIFEST).read_bytes()
         ours = (manifest.release, sha256_bytes(manifest_bytes))
         if (
@@ -204,11 +228,23 @@ def publish(
             ctx.reporter.progress("publish", index + 1, len(manifest.artifacts), f"blobs ({total} bytes in all)")
         brain = [a for a in manifest.artifacts if a.kind == "brain-bundle"]
         signatures = [(f"{a.name}{BUNDLE_SUFFIX}", RELEASE_FILES[1][1]) for a in brain]
+        # What each signature file signs: a signature already in the store for
+        # the same bytes (an earlier, interrupted run signed them too) is kept.
+        signed = {f"{a.name}{BUNDLE_SUFFIX}": directory / a.location for a in brain}
+        signed[MANIFEST + BUNDLE_SUFFIX] = directory / MANIFEST
         for name, content_type in [*signatures, *RELEASE_FILES]:
             path = directory / name
-            if path.exists() or name == MANIFEST or name.endswith(BUNDLE_SUFFIX):
-                _put_once(store, release_key(manifest.release, name), path, Headers(content_type, IMMUTABLE))
-        if current is not None and (current.release, current.manifest_sha256) == ours:
+            if not (path.exists() or name == MANIFEST or name.endswith(BUNDLE_SUFFIX)):
+                continue
+            key = release_key(manifest.release, name)
+            try:
+                _put_once(store, key, path, Headers(content_type, IMMUTABLE))
+            except StoreError:
+                if not name.endswith(BUNDLE_SUFFIX) or not _published_signature_holds(store, key, signed.get(name),
+                                                                                       policy):  # fmt: skip
+                    raise
+                ctx.reporter.info("publish", f"kept the signature already published for {name}")
+        if current is not None and (current.release, current.manifest_sha256) == ours and _fresh(current, valid_days):
             result = PublishResult(store.url, manifest.release, channel, current.serial, uploaded, sent, False)
         else:
             now = int(time.time())
@@ -271,7 +307,8 @@ def promote(
                              hint="publish it again (it uploads only what is missing), then promote")  # fmt: skip
         with _policy(s, target) as policy:
             current, token = _read_pointer(store, target, policy)
-        if current is not None and current.release == version and current.manifest_sha256 == sha256_bytes(data):
+        same = current is not None and (current.release, current.manifest_sha256) == (version, sha256_bytes(data))
+        if current is not None and same and _fresh(current, valid_days):
             result = PublishResult(store.url, version, target, current.serial, 0, 0, False)
         else:
             now = int(time.time())

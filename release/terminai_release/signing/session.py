@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,9 +26,13 @@ from .sign import ambient_token, sign_bytes, sign_statement, verify_bytes, verif
 @dataclass(frozen=True)
 class Signer:
     config: ClientTrustConfig
-    token: str
+    token_source: Callable[[], str]  # asked again for every signature: CI tokens live minutes, uploads may not
     dev_trusted_root: dict[str, Any] | None  # set for the local development identity
     custom_trusted_root: dict[str, Any] | None = None  # keyless against a trust config other than public-good
+
+    @property
+    def token(self) -> str:
+        return self.token_source()
 
     @property
     def identity(self) -> str:
@@ -43,13 +47,17 @@ class Signer:
         return "local development identity" if self.dev_trusted_root else "keyless"
 
     def sign(self, data: bytes) -> str:
-        bundle = sign_bytes(data, self.config, self.token)
-        verify_bytes(data, bundle, self.config.trusted_root, self.identity, self.issuer)
+        token = self.token
+        bundle = sign_bytes(data, self.config, token)
+        identity = IdentityToken(token)
+        verify_bytes(data, bundle, self.config.trusted_root, str(identity.identity), str(identity.issuer))
         return bundle
 
     def attest(self, subjects: dict[str, str], predicate_type: str, predicate: dict[str, Any]) -> str:
-        bundle = sign_statement(subjects, predicate_type, predicate, self.config, self.token)
-        verify_statement(bundle, self.config.trusted_root, self.identity, self.issuer)
+        token = self.token
+        bundle = sign_statement(subjects, predicate_type, predicate, self.config, token)
+        identity = IdentityToken(token)
+        verify_statement(bundle, self.config.trusted_root, str(identity.identity), str(identity.issuer))
         return bundle
 
 
@@ -58,10 +66,11 @@ def signer(ctx: BuildContext, *, keyless: bool = False, trust_config: Path | Non
     if keyless:
         text = trust_config.read_text() if trust_config else None
         config = ClientTrustConfig.from_json(text) if text else ClientTrustConfig.production()
-        yield Signer(config, ambient_token(), None, json.loads(text)["trustedRoot"] if text else None)
+        ambient_token()  # fail now, before any work, if there is no ambient identity
+        yield Signer(config, ambient_token, None, json.loads(text)["trustedRoot"] if text else None)
         return
     from .devstack import DevSigstore
 
     with DevSigstore(ctx.cache.root / "dev-sigstore") as dev:
-        yield Signer(ClientTrustConfig.from_json(json.dumps(dev.trust_config())), dev.identity_token(),
+        yield Signer(ClientTrustConfig.from_json(json.dumps(dev.trust_config())), dev.identity_token,
                      dev.trusted_root())  # fmt: skip

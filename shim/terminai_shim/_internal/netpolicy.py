@@ -18,6 +18,7 @@ The proxy connects to the address checked here, never resolving again.
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass
 
 from ..errors import ConfigError
@@ -96,9 +97,15 @@ def is_public(addr: Address) -> bool:
     return addr.is_global and not (addr.is_multicast or addr.is_reserved)
 
 
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
+
+
 def decide_name(policy: Allowlist, host: str, port: int) -> Decision:
-    """The name rule alone: for a host behind an upstream proxy that resolves names itself."""
+    """The name rule alone (checked before any lookup): a well-formed host
+    name or IP literal that the allowlist names, on a port it allows."""
     host = host.strip().lower().rstrip(".")
+    if _literal(host) is None and not _HOSTNAME.match(host):
+        return Decision(False, f"{host!r} is not a valid host name")
     if not any(e.matches(host, port) for e in policy.entries):
         return Decision(False, f"{host}:{port} is not on the allowlist")
     return Decision(True, "allowed (name only: resolved by the upstream proxy)")

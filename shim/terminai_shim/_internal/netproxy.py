@@ -22,6 +22,7 @@ the upstream proxy to resolve.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -29,6 +30,7 @@ import sys
 import threading
 import time
 import urllib.parse
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -121,7 +123,7 @@ def _target(method: str, target: str) -> tuple[str, int, str]:
 def _resolve(host: str, port: int) -> list[str]:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except OSError:
+    except (OSError, ValueError, UnicodeError):
         return []
     seen: list[str] = []
     for info in infos:
@@ -134,7 +136,8 @@ def _resolve(host: str, port: int) -> list[str]:
 def _connect_upstream(proxy: str, host: str, port: int) -> socket.socket:
     url = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
     sock = socket.create_connection((url.hostname or "127.0.0.1", url.port or 3128), timeout=30)
-    sock.sendall(f"CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
+    authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    sock.sendall(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
     head, rest = _read_head(sock)
     first = head.split(b"\r\n", 1)[0]
     status = first.split()
@@ -179,20 +182,37 @@ def handle(conn: socket.socket, config: ProxyConfig) -> None:
     host = host.lower().rstrip(".")
     upstream = None if _bypasses(config.upstream, host) else config.upstream.get("https" if method == "CONNECT"
                                                                                  else "http")  # fmt: skip
-    addresses = _resolve(host, port)
-    if not addresses and upstream:  # the host cannot resolve it: the upstream proxy will
-        decision = decide_name(config.allowlist, host, port)
-    else:
-        decision = decide(config.allowlist, host, port, addresses)
+    # The name rule first: a name that is not listed is never even looked up
+    # (a lookup alone could carry data out through DNS).
+    decision = decide_name(config.allowlist, host, port)
+    if decision.allowed:
+        addresses = _resolve(host, port)
+        if addresses or not upstream:
+            decision = decide(config.allowlist, host, port, addresses)
+        # else: the host cannot resolve it; the upstream proxy will (name rule only, documented)
     _log(config, decision, method, host, port)
     if not decision.allowed:
         _reply(conn, "403 Forbidden", f"terminai proxy: refused: {decision.reason}")
         return
+    length = 0
+    if method != "CONNECT":
+        fields = _fields(headers)
+        if "chunked" in fields.get("transfer-encoding", "").lower():
+            _reply(
+                conn, "411 Length Required", "terminai proxy: chunked request bodies are not proxied over plain http"
+            )
+            return
+        try:
+            length = int(fields.get("content-length", "0"))
+        except ValueError:
+            _reply(conn, "400 Bad Request", "terminai proxy: bad Content-Length")
+            return
     try:
-        if upstream:
-            server = _connect_upstream(upstream, host, port)
+        target_address = decision.address or host
+        if upstream:  # connect through the host's proxy to the address checked here, not a fresh lookup
+            server = _connect_upstream(upstream, target_address, port)
         else:
-            server = socket.create_connection((str(decision.address), port), timeout=30)
+            server = socket.create_connection((target_address, port), timeout=30)
     except OSError as exc:
         _reply(conn, "502 Bad Gateway", f"terminai proxy: cannot reach {host}:{port}: {exc}")
         return
@@ -201,13 +221,66 @@ def handle(conn: socket.socket, config: ProxyConfig) -> None:
     with server:
         if method == "CONNECT":
             conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
-        else:
-            kept = [h for h in headers.split(b"\r\n") if h and not h.lower().startswith((b"proxy-", b"connection:"))]
-            server.sendall(f"{method} {path} {version}\r\n".encode("latin-1") + b"\r\n".join(kept)
-                           + b"\r\nConnection: close\r\n\r\n")  # fmt: skip
-        if rest:
-            server.sendall(rest)
-        _splice(conn, server)
+            if rest:
+                server.sendall(rest)
+            _splice(conn, server)
+            return
+        # Plain HTTP: exactly one request, to the host that was checked. The
+        # Host header is the checked one (no virtual host behind the same
+        # address), the body is its declared length, and nothing the client
+        # sends after it reaches the server (no pipelined second request).
+        kept = [h for h in headers.split(b"\r\n")
+                if h and not h.lower().startswith((b"proxy-", b"connection:", b"host:", b"keep-alive:"))]  # fmt: skip
+        authority = f"[{host}]" if ":" in host else host
+        host_line = f"Host: {authority}" + (f":{port}" if port != 80 else "")
+        server.sendall(f"{method} {path} {version}\r\n{host_line}\r\n".encode("latin-1") + b"\r\n".join(kept)
+                       + b"\r\nConnection: close\r\n\r\n")  # fmt: skip
+        body = rest[:length]
+        while len(body) < length:
+            chunk = conn.recv(min(BUFFER, length - len(body)))
+            if not chunk:
+                break
+            body += chunk
+        server.sendall(body)
+        try:
+            server.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        while chunk := server.recv(BUFFER):
+            conn.sendall(chunk)
+
+
+def _fields(headers: bytes) -> dict[str, str]:
+    out = {}
+    for line in headers.split(b"\r\n"):
+        name, sep, value = line.partition(b":")
+        if sep:
+            out[name.strip().lower().decode("latin-1")] = value.strip().decode("latin-1")
+    return out
+
+
+MAX_CONNECTIONS = 64  # per session: a guest cannot make the host spawn proxies without bound
+
+
+@contextlib.contextmanager
+def _slot(config_path: str) -> Iterator[bool]:
+    """One of MAX_CONNECTIONS lock files beside the session's config, or none."""
+    import fcntl
+
+    base = os.path.dirname(config_path)
+    for i in range(MAX_CONNECTIONS):
+        fd = os.open(os.path.join(base, f".proxy-slot-{i}"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue
+        try:
+            yield True
+        finally:
+            os.close(fd)
+        return
+    yield False
 
 
 def serve(address: tuple[str, int], config: ProxyConfig, ready: Any = None) -> None:
@@ -226,10 +299,22 @@ def _handle_closing(conn: socket.socket, config: ProxyConfig) -> None:
 
 def main(argv: list[str]) -> int:
     if len(argv) == 2 and argv[0] == "--inetd":
-        config = ProxyConfig.load(argv[1])
+        # QEMU hands the guest's connection over as stdin, stdout and stderr:
+        # nothing but protocol bytes may ever be written to it.
         conn = socket.socket(fileno=os.dup(0))
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
         with conn:
-            handle(conn, config)
+            try:
+                config = ProxyConfig.load(argv[1])
+                with _slot(argv[1]) as free:
+                    if free:
+                        handle(conn, config)
+                    else:
+                        _reply(conn, "503 Service Unavailable", "terminai proxy: too many connections at once")
+            except BaseException:
+                pass  # the guest sees the connection close; it never sees a traceback
         return 0
     if len(argv) == 3 and argv[0] == "--listen":
         host, _, port = argv[1].rpartition(":")

@@ -38,6 +38,11 @@ MIN_TOKEN = 16
 CODES = ("INVALID_REQUEST", "HANDSHAKE_REQUIRED", "HANDSHAKE_FAILED", "AMSI_BLOCKED", "POLICY_DENIED",
          "APPROVAL_DENIED", "EXECUTION_ERROR")  # fmt: skip
 Log = Callable[[dict[str, Any]], None]
+# Running one of these by argv is asking for a shell: the same policy applies.
+SHELLS = frozenset({"sh", "bash", "dash", "zsh", "ksh", "fish", "cmd", "powershell", "pwsh", "wscript", "cscript"})
+# What commands the broker runs for the brain inherit from the host: never its secrets.
+PASSED_ENV = ("PATH", "SYSTEMROOT", "SYSTEMDRIVE", "WINDIR", "TEMP", "TMP", "PATHEXT", "COMSPEC", "LANG", "HOME",
+              "USERPROFILE")  # fmt: skip
 
 
 class BrokerError(Exception):
@@ -74,19 +79,29 @@ Policy = Callable[[str, dict[str, Any], BrokerConfig], Decision]
 def default_policy(method: str, params: dict[str, Any], config: BrokerConfig) -> Decision:
     """Shells only when allowed; files only inside the workspace."""
     if method in ("execute", "powershell"):
-        shell = method == "powershell" or params.get("mode", "exec") == "shell"
+        command = str(params.get("command", ""))
+        name = command.replace("\\", "/").rsplit("/", 1)[-1].lower().removesuffix(".exe")
+        shell = method == "powershell" or params.get("mode", "exec") == "shell" or name in SHELLS
         if shell and not config.allow_shell:
-            return Decision(False, "a shell was asked for and this session does not allow shells")
+            return Decision(False, "a shell was asked for (by mode or by running one) and this session does not "
+                            "allow shells")  # fmt: skip
+        if params.get("cwd") and not _inside(config.workspace, str(params["cwd"])):
+            return Decision(False, f"cwd {params['cwd']!r} is outside the workspace")
         return Decision(True, "shell allowed by the session" if shell else "argv, no shell")
     if method in ("readFile", "writeFile", "listDir"):
         if config.workspace is None:
             return Decision(False, "this session has no workspace for file operations")
-        target = _resolve(config.workspace, str(params.get("path", "")))
-        root = config.workspace.resolve()
-        if target != root and root not in target.parents:
+        if not _inside(config.workspace, str(params.get("path", ""))):
             return Decision(False, f"{params.get('path')!r} is outside the workspace")
         return Decision(True, "inside the workspace")
     return Decision(True, "no policy applies")
+
+
+def _inside(workspace: Path | None, path: str) -> bool:
+    if workspace is None:
+        return False
+    target, root = _resolve(workspace, path), workspace.resolve()
+    return target == root or root in target.parents
 
 
 def _resolve(workspace: Path, path: str) -> Path:
@@ -136,10 +151,12 @@ class Broker:
         self._ids = 0
         self._lock = threading.Lock()
         self._stopping = False
+        self._listeners: list[Any] = []
 
     # -- serving ------------------------------------------------------------------------
-    def serve(self, listener: socket.socket) -> None:
+    def serve(self, listener: Any) -> None:
         """Accept clients until ``stop``; each gets its own reader thread."""
+        self._listeners.append(listener)
         while not self._stopping:
             try:
                 sock, _ = listener.accept()
@@ -149,6 +166,11 @@ class Broker:
 
     def stop(self) -> None:
         self._stopping = True
+        for listener in self._listeners:
+            try:
+                listener.close()
+            except OSError:
+                pass
         for conn in list(self.clients):
             conn.close()
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -316,10 +338,11 @@ class Broker:
 
     def _run_argv(self, argv: list[str], params: dict[str, Any]) -> dict[str, Any]:
         timeout = float(params.get("timeout") or self.config.request_timeout * 1000) / 1000
-        env = dict(os.environ)
+        env = {k: v for k, v in os.environ.items() if k.upper() in PASSED_ENV}
         env.update({str(k): str(v) for k, v in (params.get("env") or {}).items()})
-        cwd = _resolve(self.config.workspace, str(params["cwd"])) if params.get("cwd") and self.config.workspace else (
-            params.get("cwd") or (str(self.config.workspace) if self.config.workspace else None))  # fmt: skip
+        workspace = self.config.workspace
+        cwd = str(_resolve(workspace, str(params["cwd"]))) if params.get("cwd") and workspace else (
+            str(workspace) if workspace else None)  # fmt: skip
         try:
             proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, start_new_session=os.name != "nt")  # fmt: skip
@@ -332,7 +355,8 @@ class Broker:
             timed_out = True
             if os.name != "nt":
                 os.killpg(proc.pid, signal.SIGKILL)  # the whole group: nothing it started lives on
-            else:
+            else:  # the whole tree, or communicate() waits on grandchildren holding the pipes
+                subprocess.run(["taskkill", "/T", "/F", "/PID", str(proc.pid)], capture_output=True)
                 proc.kill()
             out, err = proc.communicate()
         return {"exitCode": proc.returncode, "stdout": out.decode(errors="replace"),

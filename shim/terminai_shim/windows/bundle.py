@@ -13,6 +13,7 @@ ever run from there.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -29,6 +30,7 @@ from ..errors import ShimError
 BUNDLE_JSON = "bundle.json"
 MEDIA_TYPE = "application/vnd.terminai.brain-bundle.v1+json"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_VERSION = re.compile(r"^\d+\.\d+\.\d+([.+-][0-9A-Za-z.+-]+)?$")
 
 
 class BundleError(ShimError):
@@ -78,6 +80,8 @@ def read_manifest(zf: zipfile.ZipFile) -> dict[str, Any]:
         raise BundleError(f"bundle.json is not JSON: {exc}") from None
     if not isinstance(doc, dict) or doc.get("mediaType") != MEDIA_TYPE or doc.get("schemaVersion") != 1:
         raise BundleError("bundle.json is not a version 1 brain bundle description")
+    if not _VERSION.match(str(doc.get("version", ""))):
+        raise BundleError(f"bundle.json's version {doc.get('version')!r} is not a release version")
     files = doc.get("files")
     if not isinstance(files, list) or not all(
         isinstance(f, dict) and isinstance(f.get("path"), str) and isinstance(f.get("size"), int)
@@ -91,12 +95,12 @@ def read_manifest(zf: zipfile.ZipFile) -> dict[str, Any]:
     return doc
 
 
-def verify_zip(zip_path: Path) -> dict[str, Any]:
+def verify_zip(source: Path | bytes) -> dict[str, Any]:
     """The contents check (no signature): names, listing, sizes, digests."""
     try:
-        zf = zipfile.ZipFile(zip_path)
+        zf = zipfile.ZipFile(io.BytesIO(source) if isinstance(source, bytes) else source)
     except (OSError, zipfile.BadZipFile) as exc:
-        raise BundleError(f"{zip_path} is not a zip archive: {exc}") from None
+        raise BundleError(f"the bundle is not a zip archive: {exc}") from None
     with zf:
         for info in zf.infolist():
             check_name(info.filename)
@@ -138,19 +142,21 @@ def open_bundle(zip_path: Path, signature: Path, policy: Any) -> BrainBundle:
         raise BundleError(
             f"no signature for the brain bundle: {exc}", hint="pass the .sigstore.json beside it"
         ) from None
+    # One read: the bytes whose signature verified are the bytes checked and unpacked.
     check_signature(data, bundle_json, policy, what=zip_path.name)
-    doc = verify_zip(zip_path)
+    doc = verify_zip(data)
     digest = hashlib.sha256(data).hexdigest()
     target = cache_root() / "brain" / f"{doc.get('version', 'unknown')}-{digest[:16]}"
     with locked(target.with_name(f".{target.name}.lock")):
         if not (target / BUNDLE_JSON).is_file():
             tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
             shutil.rmtree(tmp, ignore_errors=True)
-            with zipfile.ZipFile(zip_path) as zf:
+            with zipfile.ZipFile(io.BytesIO(data)) as zf:
                 for name in [BUNDLE_JSON, *(f["path"] for f in doc["files"])]:
                     out = tmp / name
                     out.parent.mkdir(parents=True, exist_ok=True)
                     with zf.open(name) as src, out.open("wb") as dst:
                         shutil.copyfileobj(src, dst)
-            os.replace(tmp, target) if not target.exists() else shutil.rmtree(tmp)
+            shutil.rmtree(target, ignore_errors=True)  # an incomplete leftover, never a verified unpack
+            os.replace(tmp, target)
     return BrainBundle(target, doc)

@@ -44,6 +44,7 @@ class BrainSession:
     process: subprocess.Popen[bytes] | None
     pid: int
     _runtime: Path | None = None
+    _handle: int = 0  # Windows: the brain's process handle
 
     def health(self, timeout: float = 10.0) -> dict[str, Any]:
         """Started and answering: a ping through the broker to the brain and back."""
@@ -64,6 +65,11 @@ class BrainSession:
         except Exception:
             pass  # already gone, or not answering: stopped below either way
         code = None
+        if sys.platform == "win32" and self._handle:  # pragma: no cover - the Windows CI job
+            from .win32 import stop_process
+
+            code = stop_process(self._handle, timeout)
+            self._handle = 0
         if self.process is not None:
             try:
                 code = self.process.wait(timeout=timeout)
@@ -115,6 +121,7 @@ def launch(
         argv_tail.append(f"--module={bundle.module}")
     runtime: Path | None = None
     process = None
+    handle = 0
     if sys.platform == "win32":  # pragma: no cover - the Windows CI job
         from .win32 import PipeListener, current_user_sid, ensure_profile, launch_in_appcontainer, pipe_name, pipe_sddl
 
@@ -123,7 +130,7 @@ def launch(
         listener: Any = PipeListener(pipe, pipe_sddl(current_user_sid(), appcontainer))
         threading.Thread(target=broker.serve, args=(listener,), daemon=True).start()
         env = brain_environment(os.environ, pipe, token, str(workspace or ""), cli_version)
-        pid = launch_in_appcontainer(
+        pid, handle = launch_in_appcontainer(
             [_node(bundle), *argv_tail, f"--pipe={pipe}"], env, str(bundle.directory), appcontainer
         )
     else:
@@ -141,7 +148,7 @@ def launch(
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=brain_log,
             )  # fmt: skip
         pid = process.pid
-    brain = BrainSession(broker, session, pipe, isolation, process, pid, runtime)
+    brain = BrainSession(broker, session, pipe, isolation, process, pid, runtime, handle)
     if not broker.handshake.wait(handshake_timeout):
         detail = ""
         if runtime is not None and (runtime / "brain.log").exists():

@@ -221,8 +221,10 @@ if sys.platform == "win32":  # pragma: no cover - exercised by the Windows CI jo
         def close(self) -> None:
             pass
 
-    def launch_in_appcontainer(argv: list[str], env: Mapping[str, str], cwd: str | None, appcontainer_sid: str) -> int:
-        """Start ``argv`` inside the AppContainer with its capabilities; returns the pid."""
+    def launch_in_appcontainer(
+        argv: list[str], env: Mapping[str, str], cwd: str | None, appcontainer_sid: str
+    ) -> tuple[int, int]:
+        """Start ``argv`` inside the AppContainer with its capabilities; returns the pid and process handle."""
         caps = (SID_AND_ATTRIBUTES * len(CAPABILITIES))(
             *[SID_AND_ATTRIBUTES(_sid(s).value, SE_GROUP_ENABLED) for s in CAPABILITIES.values()]
         )
@@ -246,8 +248,19 @@ if sys.platform == "win32":  # pragma: no cover - exercised by the Windows CI jo
                                    block, cwd, ctypes.byref(si), ctypes.byref(pi)), "CreateProcessW")  # fmt: skip
         _k32.DeleteProcThreadAttributeList(attrs)
         _k32.CloseHandle(pi.hThread)
-        _k32.CloseHandle(pi.hProcess)
-        return int(pi.dwProcessId)
+        return int(pi.dwProcessId), int(pi.hProcess or 0)
+
+    def stop_process(handle: int, timeout: float) -> int | None:
+        """Wait for the brain to exit; terminate it if it does not; close the handle."""
+        try:
+            if _k32.WaitForSingleObject(handle, int(timeout * 1000)) != 0:  # not WAIT_OBJECT_0
+                _k32.TerminateProcess(handle, 1)
+                _k32.WaitForSingleObject(handle, 5000)
+            code = wintypes.DWORD()
+            _k32.GetExitCodeProcess(handle, ctypes.byref(code))
+            return int(code.value)
+        finally:
+            _k32.CloseHandle(handle)
 
     def amsi_scan(content: str, filename: str) -> bool:
         """True when Windows' antimalware scan judges the content malicious."""

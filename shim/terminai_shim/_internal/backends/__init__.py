@@ -40,9 +40,10 @@ def backend_order(text: str | None = None) -> tuple[str, ...]:
     return order
 
 
-def _microvm(accel: AccelChoice) -> str:
+def _microvm(accel: AccelChoice, network: str = "none") -> str:
+    """Firecracker only without a network: the policy's networking is built on QEMU's user networking."""
     firecracker = FirecrackerBackend()
-    return "firecracker" if firecracker.available() and accel.accel == "kvm" else "qemu"
+    return "firecracker" if firecracker.available() and accel.accel == "kvm" and network == "none" else "qemu"
 
 
 def choose_backend(
@@ -62,7 +63,7 @@ def choose_backend(
     for tier in order or backend_order():
         if tier == "microvm-kvm":
             if accel.accel == "kvm":
-                return BackendChoice(_microvm(accel), f"KVM is usable ({accel.reason})")
+                return BackendChoice(_microvm(accel, network), f"KVM is usable ({accel.reason})")
             skipped.append(f"no microVM with KVM: {accel.reason}")
         elif tier == "container":
             from .container import engine_answers

@@ -144,6 +144,9 @@ class FirecrackerBackend(Backend):
 
     def check(self, config: BootConfig) -> None:
         check_vm_artifacts(config)
+        if config.network.mode != "none":
+            raise ConfigError("the Firecracker backend has no network policy support here",
+                              hint="use --backend qemu for allowlist or open networking")  # fmt: skip
 
     def describe(self, accel: AccelChoice) -> str:
         return "MicroVM (Firecracker)"
