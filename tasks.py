@@ -74,7 +74,6 @@ def base(c: Context, json: bool = False) -> None:
 )
 def rootfs(c: Context, json: bool = False, format: str = "squashfs", kit: str = "", kit_sha256: str = "") -> None:
     """Build the guest root image: Debian base + agent + survival kit (cached per layer)."""
-    from pathlib import Path
 
     from terminai_release.rootfs.kit import KitOverride
     from terminai_release.rootfs.project import build_rootfs
@@ -309,7 +308,6 @@ def release(
     trust_config: str = "",
 ) -> None:
     """Build every artifact, write dist/<version>/ (blobs, manifest, notes) and sign the manifest."""
-    from pathlib import Path
 
     from terminai_release.release import build_release, sign_release
 
@@ -323,9 +321,7 @@ def release(
     print(f"release: {rel.manifest_path}\nbundle:  {bundle}")
 
 
-def _release_dir(c: Context, given: str) -> Path:
-    from pathlib import Path
-
+def _release_dir(given: str) -> Path:
     from terminai_release.context import repo_root
     from terminai_release.version import release_version
 
@@ -354,13 +350,12 @@ def publish(
     json: bool = False,
 ) -> None:
     """Publish a signed release: blobs, then the release folder, then the channel pointer."""
-    from pathlib import Path
 
     from terminai_release.publish import publish as run_publish
 
     try:
         result = run_publish(
-            _ctx(json), _release_dir(c, release_dir), store, channel=channel or None, keyless=keyless,
+            _ctx(json), _release_dir(release_dir), store, channel=channel or None, keyless=keyless,
             trust_config=Path(trust_config) if trust_config else None, valid_days=valid_days,
         )  # fmt: skip
     except BuildError as exc:
@@ -392,7 +387,6 @@ def promote(
     json: bool = False,
 ) -> None:
     """Point one channel at the release another serves: re-signs a pointer, uploads nothing else."""
-    from pathlib import Path
 
     from terminai_release.publish import promote as run_promote
 

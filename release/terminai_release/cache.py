@@ -111,6 +111,9 @@ class StepCache:
             shutil.rmtree(tmp, ignore_errors=True)
 
     def work_dir(self, step: str, key: str) -> Path:
-        """Scratch space for a build; kept after a failure so its log can be read."""
+        """Fresh, empty scratch space for a build (whatever an earlier attempt
+        left is removed); kept after a failure so its log can be read."""
         path = self.root / "work" / f"{step}-{key[:16]}"
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(parents=True)
         return path

@@ -153,8 +153,6 @@ def build_brain(ctx: BuildContext, inputs: BrainInputs | None = None) -> BrainAr
             return BrainArtifacts(hit, cache.record("brain", key))
         with cache.staging("brain", key) as staging:
             work = cache.work_dir("brain", key)
-            shutil.rmtree(work, ignore_errors=True)
-            work.mkdir(parents=True)
             if inputs.sign_cert and inputs.sign_key:
                 for name, src in list(files.items()):
                     if name.endswith((".node", ".exe")):

@@ -74,8 +74,6 @@ def build_container(ctx: BuildContext, *, cache: StepCache | None = None) -> Con
             return ContainerArtifacts(hit, cache.record("container", key))
         with cache.staging("container", key) as staging:
             work = cache.work_dir("container", key)
-            shutil.rmtree(work, ignore_errors=True)
-            work.mkdir(parents=True)
             tree = work / "tree"
             log = work / "build.log"
             ctx.reporter.info("container", f"unpacking {root.image.name}")

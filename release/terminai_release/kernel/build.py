@@ -124,7 +124,6 @@ def build_kernel(ctx: BuildContext, arch: str = "x86_64", *, cache: StepCache | 
 def _build_into(ctx: BuildContext, cache: StepCache, plan: KernelPlan, staging: Path) -> None:
     rep = ctx.reporter
     work = cache.work_dir("kernel", plan.key)
-    shutil.rmtree(work, ignore_errors=True)
     src = work / "src"
     src.mkdir(parents=True)
     log = work / "build.log"

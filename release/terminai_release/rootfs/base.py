@@ -101,7 +101,6 @@ def build_base(ctx: BuildContext, *, cache: StepCache | None = None) -> BaseLaye
 def _build_into(ctx: BuildContext, cache: StepCache, plan: BasePlan, staging: Path) -> None:
     rep = ctx.reporter
     work = cache.work_dir("rootfs-base", plan.key)
-    shutil.rmtree(work, ignore_errors=True)
     (work / "sandbox/etc/apt/sources.list.d").mkdir(parents=True)
     (work / "sandbox/etc/apt/apt.conf.d").mkdir(parents=True)
     (work / "sandbox/etc/apt/sources.list.d/mkosi.sources").write_text(plan.sources)

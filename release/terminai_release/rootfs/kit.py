@@ -62,7 +62,6 @@ def build_kit_wheel(ctx: BuildContext, override: KitOverride | None = None, *, c
         if hit is None:
             with cache.staging("kit-wheel", key) as staging:
                 work = cache.work_dir("kit-wheel", key)
-                shutil.rmtree(work, ignore_errors=True)
                 shutil.copytree(
                     source, work / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "build", "tests")
                 )

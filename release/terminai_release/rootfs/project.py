@@ -96,8 +96,6 @@ def _build_into(
 ) -> None:
     rep = ctx.reporter
     work = cache.work_dir("rootfs", key)
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
     log = work / "build.log"
     tree = work / "tree"
     sde = int(inputs["source_date_epoch"])
