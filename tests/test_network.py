@@ -94,7 +94,7 @@ def test_proxy_looks_up_only_listed_names_and_forwards_one_request_to_the_checke
             pass
 
         def do_GET(self):
-            seen.append((self.path, self.headers.get("Host", "")))
+            seen.append((self.path, self.headers.get("Host", ""), self.headers.get("Connection", "")))
             body = b"ok"
             self.send_response(200)
             self.send_header("Content-Length", "2")
@@ -131,7 +131,7 @@ def test_proxy_looks_up_only_listed_names_and_forwards_one_request_to_the_checke
            f"GET /second HTTP/1.1\r\nHost: other-site.invalid\r\n\r\n").encode()  # fmt: skip
     assert exchange(two).startswith(b"HTTP/1.0 200")
     origin.shutdown()
-    assert seen == [("/first", f"127.0.0.1:{port}")]
+    assert seen == [("/first", f"127.0.0.1:{port}", "close")], "one well-formed request, to the checked host"
     log = [json.loads(line) for line in (tmp_path / "log").read_text().splitlines()]
     assert [r["decision"] for r in log] == ["refuse", "allow"] and all(r["session"] == "unit" for r in log)
 

@@ -202,11 +202,11 @@ def handle(conn: socket.socket, config: ProxyConfig) -> None:
                 conn, "411 Length Required", "terminai proxy: chunked request bodies are not proxied over plain http"
             )
             return
-        try:
-            length = int(fields.get("content-length", "0"))
-        except ValueError:
+        length = int(fields["content-length"]) if fields.get("content-length", "").isdigit() else -1
+        if length < 0 and "content-length" in fields:
             _reply(conn, "400 Bad Request", "terminai proxy: bad Content-Length")
             return
+        length = max(length, 0)
     try:
         target_address = decision.address or host
         if upstream:  # connect through the host's proxy to the address checked here, not a fresh lookup
@@ -229,19 +229,21 @@ def handle(conn: socket.socket, config: ProxyConfig) -> None:
         # Host header is the checked one (no virtual host behind the same
         # address), the body is its declared length, and nothing the client
         # sends after it reaches the server (no pipelined second request).
-        kept = [h for h in headers.split(b"\r\n")
+        kept = [h.decode("latin-1") for h in headers.split(b"\r\n")
                 if h and not h.lower().startswith((b"proxy-", b"connection:", b"host:", b"keep-alive:"))]  # fmt: skip
         authority = f"[{host}]" if ":" in host else host
-        host_line = f"Host: {authority}" + (f":{port}" if port != 80 else "")
-        server.sendall(f"{method} {path} {version}\r\n{host_line}\r\n".encode("latin-1") + b"\r\n".join(kept)
-                       + b"\r\nConnection: close\r\n\r\n")  # fmt: skip
-        body = rest[:length]
-        while len(body) < length:
-            chunk = conn.recv(min(BUFFER, length - len(body)))
+        head_lines = [f"{method} {path} {version}", f"Host: {authority}" + (f":{port}" if port != 80 else ""),
+                      *kept, "Connection: close"]  # fmt: skip
+        server.sendall(("\r\n".join(head_lines) + "\r\n\r\n").encode("latin-1"))
+        sent = rest[:length]
+        server.sendall(sent)
+        remaining = length - len(sent)
+        while remaining > 0:
+            chunk = conn.recv(min(BUFFER, remaining))
             if not chunk:
                 break
-            body += chunk
-        server.sendall(body)
+            server.sendall(chunk)
+            remaining -= len(chunk)
         try:
             server.shutdown(socket.SHUT_WR)
         except OSError:
