@@ -478,7 +478,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 5, figsize=(25, 4.5))
+    fig, axes = plt.subplots(1, 6, figsize=(30, 4.5))
     if "kernel" in results:
         k = results["kernel"]["boot_to_marker"]
         axes[0].bar(["ours (PVH)", "ours (bzImage)", "stock cloud"],
@@ -510,6 +510,11 @@ def plot(results: dict[str, Any], path: Path) -> None:
         medians = [cold["microvm_tcg"]["median"], cold["container"]["median"]]
         axes[4].bar(["cold run: microVM", "cold run: container"], medians)
         axes[4].set_title(f"container tier: {c['cold_speedup']:.1f}x sooner (target 5x)")
+    if "network" in results:
+        n = results["network"]["download_mb_s"]
+        axes[5].bar(["through the proxy", "open"], [n["proxy"], n["open"]])
+        axes[5].set_title(f"100 MB download (MB/s): proxy costs {results['network']['proxy_cost'] * 100:.0f} % "
+                          "(target 20 %)")  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=90)
 
