@@ -125,13 +125,22 @@ def _read_pointer(
                          hint="inspect the store; it was written by another signer or damaged") from None  # fmt: skip
 
 
+def _holds(store: Store, key: str, size: int, sha256: str) -> bool | None:
+    """Whether the object at ``key`` has this size and sha256 (None: there is
+    none). The recorded digest is used when the object carries one; the
+    bytes are read back only when it does not."""
+    info = store.head(key)
+    if info is None:
+        return None
+    return info.size == size and (info.sha256 or store.digest(key)) == sha256
+
+
 def _put_once(store: Store, key: str, path: Path, headers: Headers) -> bool:
     """Write-once: True when uploaded, False when already there with these bytes."""
     digest = sha256_file(path)
-    info = store.head(key)
-    if info is not None:
-        same = info.size == path.stat().st_size and (info.sha256 or store.digest(key)) == digest
-        if same:
+    holds = _holds(store, key, path.stat().st_size, digest)
+    if holds is not None:
+        if holds:
             return False
         raise StoreError(
             f"{store.url}/{key} already exists with different content: refusing to overwrite it",
@@ -195,7 +204,8 @@ def publish(
     store = open_store(store_url)
     with contextlib.ExitStack() as stack:
         s = stack.enter_context(signer(ctx, keyless=keyless, trust_config=trust_config))
-        manifest = Manifest.from_json((directory / MANIFEST).read_bytes())
+        manifest_bytes = (directory / MANIFEST).read_bytes()
+        manifest = Manifest.from_json(manifest_bytes)
         channel = channel or manifest.channel
         if channel != manifest.channel:
             raise BuildError(f"release {manifest.release} was built for channel {manifest.channel}, not {channel}",
@@ -204,7 +214,6 @@ def publish(
         _verify_local(directory, policy)
         store.check()
         current, token = _read_pointer(store, channel, policy)
-        manifest_bytes = (directory / MANIFEST).read_bytes()
         ours = (manifest.release, sha256_bytes(manifest_bytes))
         if (
             current is not None
@@ -297,11 +306,8 @@ def promote(
         except Exception as exc:
             raise BuildError(f"release {version} in the store does not verify: {exc}",
                              hint="refusing to promote it; publish a good release") from None  # fmt: skip
-        missing = []
-        for a in manifest.artifacts:
-            info = store.head(blob_key(a.sha256))
-            if info is None or info.size != a.size or (info.sha256 or store.digest(blob_key(a.sha256))) != a.sha256:
-                missing.append(f"{a.name} ({blob_key(a.sha256)})")
+        missing = [f"{a.name} ({blob_key(a.sha256)})" for a in manifest.artifacts
+                   if not _holds(store, blob_key(a.sha256), a.size, a.sha256)]  # fmt: skip
         if missing:
             raise BuildError(f"release {version} is incomplete in the store: {', '.join(missing)}",
                              hint="publish it again (it uploads only what is missing), then promote")  # fmt: skip
