@@ -71,10 +71,13 @@ def choose_backend(
             if network == "allowlist":
                 skipped.append("the container tier has no allowlist networking")
                 continue
+            if not has_image:  # nothing to run there: no need to ask the engine
+                skipped.append("no container image to run (release or `inv container`)")
+                continue
             answers, why = engine_answers()
-            if answers and has_image:
+            if answers:
                 return BackendChoice("container", why + "; " + "; ".join(skipped) if skipped else why)
-            skipped.append(why if not answers else "no container image to run (release or `inv container`)")
+            skipped.append(why)
         elif tier == "microvm-tcg":
             return BackendChoice("qemu", "microVM under TCG; " + "; ".join(skipped) if skipped else "microVM under TCG")
     raise ConfigError("no backend in TERMINAI_BACKEND_ORDER can run here: " + "; ".join(skipped),
