@@ -55,6 +55,7 @@ class RawAgent:
 
     def __init__(self, config: BootConfig) -> None:
         self.runtime = new_runtime_dir()
+        self.runtime.empty_share.mkdir(exist_ok=True)  # the 9p device needs a directory behind it
         argv = command_line(config, choose_accel(config.accel), self.runtime)
         self.started = time.monotonic()
         self.proc = subprocess.Popen(
