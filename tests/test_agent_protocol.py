@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import subprocess
 import sys
 import threading
 import time
@@ -65,6 +66,66 @@ def test_decoder_refuses_oversized_and_bad_headers():
     codes = [x.code for x in out if isinstance(x, P.ProtocolError)]
     assert P.FRAME_TOO_LARGE in codes and codes.count(P.BAD_FRAME) >= 2
     assert isinstance(out[-1], P.Frame) and out[-1].header["op"] == "ping"
+
+
+HEADERS = [
+    {"kind": "req", "id": 1, "op": "exec", "argv": ["echo", "a b", "'q'", '"dq"', "\\", "\u00e9\u4e2d\U0001f600"]},
+    {"id": 2**62, "neg": -7, "f": 1.5, "e": 1e-300, "t": True, "n": None, "empty": {}, "list": [[], [{}]]},
+    {"ctl": "\x00\x1f\x7f", "key with space": "v", "1": 1, "nested": {"a": {"b": {"c": [1, 2, 3]}}}},
+]
+
+
+@pytest.mark.parametrize("header", HEADERS)
+def test_header_codec_matches_the_json_package(header):
+    """The C-level codec the agent uses must write and read exactly what
+    the json package does, and the fallback must agree with it."""
+    text = P.dumps_header(header)
+    assert text == json.dumps(header, separators=(",", ":"))
+    assert P.loads_header(text.encode()) == header == json.loads(text)
+    spaced = json.dumps(header, indent=2).encode()
+    assert P.loads_header(b" \n" + spaced + b"\r\n\t") == header
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"", b"   ", b"{", b'{"a":1} x', b'{"a":NaN}', b'{"a":Infinity}', b'{"a":"\x01"}', b"\xff\xfe{}", b"[1,]"],
+)
+def test_header_codec_refuses_what_is_not_strict_json(raw):
+    with pytest.raises(ValueError):
+        P.loads_header(raw)
+
+
+def test_header_codec_refuses_unencodable_values():
+    with pytest.raises(ValueError):
+        P.dumps_header({"x": float("nan")})
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        P.dumps_header({"x": b"bytes"})
+    loop: dict = {}
+    loop["self"] = loop
+    with pytest.raises(ValueError):
+        P.dumps_header(loop)
+
+
+def test_header_codec_fallback_without_the_c_module(monkeypatch):
+    """An interpreter without ``_json`` gets the json package: same bytes."""
+    monkeypatch.setitem(sys.modules, "_json", None)
+    dumps, loads = P._json_codec()
+    for header in HEADERS:
+        assert dumps(header) == P.dumps_header(header)
+        assert loads(dumps(header).encode()) == header
+    with pytest.raises(ValueError):
+        dumps({"x": float("inf")})
+
+
+def test_agent_boot_path_imports_no_heavy_modules():
+    """Every module the agent imports before it serves is boot time under
+    TCG: the import chain must stay free of json/re/enum/typing."""
+    agent = os.path.join(os.path.dirname(__file__), "..", "images", "agent")
+    code = f"import sys; sys.path.append({agent!r}); import terminai_agent.main; print(*sys.modules)"
+    out = subprocess.run([PY, "-I", "-S", "-c", code], capture_output=True, text=True, check=True)
+    loaded = set(out.stdout.split())
+    assert "terminai_agent.server" in loaded
+    assert not loaded & {"json", "re", "enum", "functools", "collections", "typing", "signal", "socket"}, loaded
 
 
 def test_encode_refuses_oversized():

@@ -13,8 +13,12 @@ emulation, and the agent needs none of its generality.
 from __future__ import annotations
 
 import os
-import signal
 import time
+
+try:  # the C module: signal.py wraps it in enums, and enum's imports cost ~0.2 s of boot under TCG
+    import _signal as signal
+except ImportError:  # another Python: the same calls through the public module
+    import signal  # type: ignore[no-redef]
 
 TYPE_CHECKING = False  # not typing's: importing typing costs ~15 ms at boot
 if TYPE_CHECKING:
@@ -132,6 +136,13 @@ def spawn(argv: list[str], cwd: str | None, env: dict[str, str]) -> tuple[int, t
     return pid, (in_w, out_r, err_r)
 
 
+def wake_on_sigchld(fd: int) -> None:
+    """A byte on ``fd`` for every SIGCHLD, so the event loop (not a signal
+    handler) reaps children."""
+    signal.set_wakeup_fd(fd)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+
+
 def parse_signal(value: Any) -> int:
     if isinstance(value, int) and not isinstance(value, bool):
         return value
@@ -139,7 +150,8 @@ def parse_signal(value: Any) -> int:
         name = value.upper()
         if not name.startswith("SIG"):
             name = "SIG" + name
-        sig = getattr(signal, name, None)
+        # SIG_DFL, SIG_IGN, SIG_BLOCK...: constants of the module, not signals
+        sig = getattr(signal, name, None) if "_" not in name else None
         if isinstance(sig, int):
             return int(sig)
     raise ValueError(f"unknown signal {value!r}")

@@ -14,7 +14,6 @@ its own (a virtio-serial port).
 
 from __future__ import annotations
 
-import json
 import struct
 
 TYPE_CHECKING = False  # not typing's: importing typing costs ~15 ms at boot
@@ -57,6 +56,68 @@ IO_ERROR = "IO_ERROR"
 INTERNAL = "INTERNAL"
 
 
+class _StrictJSON:
+    """The settings CPython's C scanner reads from a ``json.JSONDecoder``:
+    plain dicts, ``float``/``int`` numbers, strict strings, and no NaN or
+    Infinity (they are not JSON, and no message of this protocol has them)."""
+
+    def __init__(self) -> None:
+        self.strict = True
+        self.object_hook = None
+        self.object_pairs_hook = None
+        self.parse_float = float
+        self.parse_int = int
+        self.parse_constant = self._refuse
+
+    @staticmethod
+    def _refuse(name: str) -> Any:
+        raise ValueError(f"{name} is not JSON")
+
+
+def _not_serializable(value: object) -> Any:
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+def _json_codec() -> tuple[Any, Any]:
+    """Headers are read and written by CPython's own C JSON scanner and
+    encoder, the very code ``json.loads``/``json.dumps`` run, but without the
+    ``json`` package's Python layer: that imports ``re``, ``enum``,
+    ``functools`` and ``collections``, about 0.1 s of the agent's start under
+    TCG. An interpreter without ``_json`` (or with another signature) gets
+    the ``json`` package instead: same bytes, slower start."""
+    try:
+        from _json import encode_basestring_ascii, make_encoder, make_scanner
+
+        encoder = make_encoder({}, _not_serializable, encode_basestring_ascii, None, ":", ",", False, False, False)
+        scanner = make_scanner(_StrictJSON())
+    except (ImportError, TypeError):
+        import json
+
+        def dumps(value: Any) -> str:
+            return json.dumps(value, separators=(",", ":"), allow_nan=False)
+
+        return dumps, json.loads
+
+    def c_dumps(value: Any) -> str:
+        return "".join(encoder(value, 0))
+
+    def c_loads(data: bytes) -> Any:
+        text = data.decode("utf-8")
+        start = len(text) - len(text.lstrip(" \t\n\r"))
+        try:
+            value, end = scanner(text, start)
+        except StopIteration:
+            raise ValueError(f"expecting a JSON value at offset {start}") from None
+        if text[end:].strip(" \t\n\r"):
+            raise ValueError(f"extra data after the JSON value at offset {end}")
+        return value
+
+    return c_dumps, c_loads
+
+
+dumps_header, loads_header = _json_codec()
+
+
 class ProtocolError(Exception):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
@@ -88,7 +149,7 @@ class Frame:
 
 
 def encode(header: dict[str, Any], body: bytes = b"", max_frame: int = DEFAULT_MAX_FRAME) -> bytes:
-    head = json.dumps(header, separators=(",", ":")).encode()
+    head = dumps_header(header).encode()
     total = len(head) + len(body)
     if total > max_frame:
         raise ProtocolError(FRAME_TOO_LARGE, f"frame of {total} bytes exceeds the limit of {max_frame}")
@@ -160,7 +221,7 @@ class Decoder:
             body = bytes(buf[PREFIX_SIZE + head_len : PREFIX_SIZE + total])
             del buf[: PREFIX_SIZE + total]
             try:
-                header = json.loads(head)
+                header = loads_header(head)
             except (ValueError, RecursionError) as exc:
                 out.append(ProtocolError(BAD_FRAME, f"frame header is not JSON: {exc}"))
                 continue

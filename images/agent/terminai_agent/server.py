@@ -12,14 +12,13 @@ from __future__ import annotations
 import errno
 import os
 import select
-import signal
 import stat
 import sys
 import time
 
 from . import __version__
 from . import protocol as P
-from .procs import EXIT_GRACE, Process, base_env, parse_signal, proxy_env, spawn
+from .procs import EXIT_GRACE, Process, base_env, parse_signal, proxy_env, spawn, wake_on_sigchld
 
 TYPE_CHECKING = False  # not typing's: importing typing costs ~15 ms at boot
 if TYPE_CHECKING:
@@ -97,8 +96,7 @@ class Server:
         self.lo_pending = config.pid1
         rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.sigchld_fd = rfd
-        signal.set_wakeup_fd(wfd)
-        signal.signal(signal.SIGCHLD, lambda *_: None)
+        wake_on_sigchld(wfd)
         self._want(rfd, READ, ("sigchld", None))
 
     # -- registration -------------------------------------------------------
