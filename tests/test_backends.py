@@ -21,7 +21,7 @@ from terminai_shim._internal.backends.firecracker import (
     snapshot_load_request,
     vm_config,
 )
-from terminai_shim._internal.backends.qemu import Channel, command_line
+from terminai_shim._internal.backends.qemu import TCG_CPU, Channel, command_line
 from terminai_shim.errors import BootError, ConfigError
 from terminai_shim.models import AccelChoice, BootConfig
 
@@ -39,7 +39,7 @@ def test_qemu_command_line(tmp_path):
     argv = command_line(_cfg(memory_mib=256, cpus=2), TCG, rt)
     joined = " ".join(argv)
     assert argv[argv.index("-M") + 1] == "microvm,acpi=off,pit=on,pic=on,rtc=on"
-    assert argv[argv.index("-accel") + 1] == "tcg" and argv[argv.index("-cpu") + 1] == "max"
+    assert argv[argv.index("-accel") + 1] == "tcg" and argv[argv.index("-cpu") + 1] == TCG_CPU
     assert argv[argv.index("-m") + 1] == "256" and argv[argv.index("-smp") + 1] == "2"
     assert "-no-reboot" in argv and "-nodefaults" in argv
     assert "file=/r/root.squashfs,format=raw,if=none,readonly=on" in joined
@@ -47,6 +47,9 @@ def test_qemu_command_line(tmp_path):
     append = argv[argv.index("-append") + 1]
     assert "rootfstype=squashfs" in append and "terminai_channel=virtio-serial:agent" in append
     assert "tsc_early_khz=" in append and " -- " not in append
+    assert "noapictimer" not in append, "two CPUs need their local APIC timers"
+    one = command_line(_cfg(cpus=1), TCG, rt)
+    assert "noapictimer" in one[one.index("-append") + 1], "one CPU under TCG skips the 0.2 s APIC calibration"
     for net in ("-netdev", "-nic", "-net"):
         assert net not in argv, "no network device unless asked"
     # Without a workspace the 9p device exports an empty directory: the
@@ -66,7 +69,7 @@ def test_qemu_workspace_kvm_and_vsock(tmp_path):
     assert "virtio-9p-device,fsdev=ws,mount_tag=workspace" in joined
     append = argv[argv.index("-append") + 1]
     assert "terminai_workspace" not in append, "the agent mounts the workspace on request, after boot"
-    assert "tsc_early_khz" not in append
+    assert "tsc_early_khz" not in append and "noapictimer" not in append
     assert "vhost-vsock-device,guest-cid=1234" in joined and "virtserialport" not in joined
     assert "terminai_channel=vsock:1024" in append
     assert Channel.choose("virtio-serial").kind == "virtio-serial"
