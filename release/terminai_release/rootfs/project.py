@@ -25,7 +25,7 @@ from .base import BaseLayer, build_base
 from .kit import KitOverride, build_kit_wheel
 from .sbom import write_sbom
 
-RECIPE = 2
+RECIPE = 3
 FORMATS = ("squashfs", "erofs")
 EROFS_UUID = "5e1f0c3a-7a2b-4d3c-9e4f-1a2b3c4d5e6f"
 PY_DIRS = ("/usr/lib/python3.11", "/usr/lib/python3/dist-packages", "/usr/lib/terminai")
@@ -132,12 +132,17 @@ def _build_into(
 
     fmt = str(inputs["format"])
     image = staging / f"rootfs-{version}.{fmt}"
+    stored = [_interpreter(tree)] if fmt == "squashfs" else []
     rep.info("rootfs", f"packing the {fmt} image")
-    run_logged(_mkfs_argv(fmt, tree, image, sde), log=log, reporter=rep, step="rootfs", env=_mkfs_env(fmt))
+    run_logged(
+        _mkfs_argv(fmt, tree, image, sde, _actions(work, stored)), log=log, reporter=rep, step="rootfs",
+        env=_mkfs_env(fmt),
+    )  # fmt: skip
     sbom = staging / f"rootfs-{version}.spdx.json"
     write_sbom(sbom, name=f"terminai-rootfs-{version}", version=version, sde=sde, debian=base.packages, tree=tree)
+    digest, size = sha256_file(image), image.stat().st_size
     outputs = {
-        "image": {"file": image.name, "sha256": sha256_file(image), "size": image.stat().st_size, "format": fmt},
+        "image": {"file": image.name, "sha256": digest, "size": size, "format": fmt, "uncompressed": stored},
         "sbom": {"file": sbom.name, "sha256": sha256_file(sbom), "size": sbom.stat().st_size},
     }
     tree_size = sum(f.stat().st_size for f in tree.rglob("*") if f.is_file() and not f.is_symlink())
@@ -167,12 +172,40 @@ def _clamp_times(tree: Path, sde: int) -> None:
     os.utime(tree, (sde, sde))
 
 
-def _mkfs_argv(fmt: str, tree: Path, image: Path, sde: int) -> list[str]:
+def _interpreter(tree: Path) -> str:
+    """The guest's Python binary, relative to the tree (``usr/bin/python3``
+    is a symbolic link to it, relative or absolute within the guest)."""
+    link = tree / "usr/bin/python3"
+    target = os.readlink(link) if link.is_symlink() else "python3"
+    path = os.path.normpath(os.path.join("/usr/bin", target)).lstrip("/")
+    if not (tree / path).is_file():
+        raise BuildError(f"the guest's python3 ({path}) is not in the tree", hint="check the base layer's packages")
+    return path
+
+
+def _actions(work: Path, stored: list[str]) -> Path | None:
+    """mksquashfs actions that store ``stored`` uncompressed.
+
+    Every boot reads the whole interpreter (6.8 MB) before the agent can
+    answer, and under TCG the guest kernel's zstd decompresses it at a few
+    tens of MB/s: stored as is, boot-to-ready is about 0.4 s shorter for
+    4 MB more image. Only the interpreter: storing libc, libm and the boot
+    modules too saves another 0.1 s but breaks the 30 MB size budget."""
+    if not stored:
+        return None
+    path = work / "mksquashfs.actions"
+    expr = " || ".join(f"pathname({p})" for p in stored)
+    path.write_text(f"uncompressed @ {expr}\n")
+    return path
+
+
+def _mkfs_argv(fmt: str, tree: Path, image: Path, sde: int, actions: Path | None = None) -> list[str]:
     if fmt == "squashfs":
         return [
             "mksquashfs", str(tree), str(image), "-noappend", "-no-progress", "-comp", "zstd",
             "-Xcompression-level", "19", "-b", "256K", "-all-root", "-no-xattrs",
             "-mkfs-time", str(sde), "-all-time", str(sde),
+            *(["-action-file", str(actions)] if actions else []),
         ]  # fmt: skip
     return [
         "mkfs.erofs",
