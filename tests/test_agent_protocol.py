@@ -316,3 +316,28 @@ def test_stdin_is_paced_by_the_command(host_agent, tmp_path):
     writer.join(60)
     out = b"".join(chunk for _, chunk in proc.output())
     assert int(out) == len(data)
+
+
+def test_restore_requests_go_out_behind_hello(host_agent, tmp_path):
+    """hello, freshen and mount are sent before any answer; the agent runs
+    them in order. The host agent is not PID 1: freshen sets the session id
+    and leaves this machine's clock, host name and entropy pool alone."""
+    import socket as socketlib
+    from types import SimpleNamespace
+
+    from terminai_shim._internal.client import AgentClient
+    from terminai_shim.errors import AgentError
+    from terminai_shim.models import BootConfig
+    from terminai_shim.session import _Restore
+
+    hostname = socketlib.gethostname()
+    client = AgentClient(host_agent.connect())
+    restore = _Restore(BootConfig(workspace=tmp_path))
+    restore.greet(client, time.monotonic() + 10)
+    assert client.hello_info["version"] == P.PROTOCOL_VERSION
+    assert [c.op for c in restore.calls] == ["freshen", "mount"]
+    with pytest.raises(AgentError, match="init only"):  # refused on the host; the error reaches the caller
+        restore.finish(SimpleNamespace(client=client), 10)
+    assert client.ping()["session"] == restore.session_id
+    assert socketlib.gethostname() == hostname
+    client.close()

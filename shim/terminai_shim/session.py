@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import tempfile
-import threading
 import time
 import warnings
 from pathlib import Path
@@ -22,7 +21,7 @@ from ._internal.accel import choose_accel
 from ._internal.backends import select_backend
 from ._internal.backends.base import Backend, Machine, RuntimeDir
 from ._internal.backends.qemu import WORKSPACE_TAG, Channel, QemuBackend, device_layout
-from ._internal.client import AgentClient
+from ._internal.client import AgentClient, Call
 from ._internal.fsutil import cache_root, write_atomic
 from ._internal.netpolicy import Allowlist
 from ._internal.process import pid_alive
@@ -90,7 +89,6 @@ class Session:
         self.boot_seconds = 0.0
         self.restored_from: str | None = None
         self.snapshot: Any = None  # the snapshot saved by this cold boot, if any
-        self._mount_error: ShimError | None = None
         self._closed = False
 
     @classmethod
@@ -128,21 +126,15 @@ class Session:
             if snap is not None:
                 problem = snap.verify()
                 if problem is None:
+                    restore = _Restore(config)
                     try:
-                        session = cls._start(config, accel, backend, started, incoming=snap.state)
+                        session = cls._start(config, accel, backend, started, incoming=snap.state, prelude=restore)
                     except ShimError as exc:
                         problem = f"restore failed: {exc.message}"
                     else:
                         try:
                             session.restored_from = snap_key
-                            # Both go out at once: the agent runs them in order, the
-                            # host waits for one round trip instead of two.
-                            mount = threading.Thread(target=session._mount_workspace_quietly)
-                            mount.start()
-                            session._freshen()
-                            mount.join()
-                            if session._mount_error is not None:
-                                raise session._mount_error
+                            restore.finish(session, max(0.1, started + config.boot_timeout - time.monotonic()))
                             session._open_network()
                         except BaseException:
                             session.close()  # the snapshot is fine; this session is not
@@ -171,8 +163,15 @@ class Session:
 
     @classmethod
     def _start(
-        cls, config: BootConfig, accel: AccelChoice, backend: Backend, started: float, incoming: Path | None = None
+        cls,
+        config: BootConfig,
+        accel: AccelChoice,
+        backend: Backend,
+        started: float,
+        incoming: Path | None = None,
+        prelude: _Restore | None = None,
     ) -> Session:
+        """Start the VM and greet its agent (a restored one through ``prelude``)."""
         runtime = new_runtime_dir()
         deadline = started + config.boot_timeout
         machine: Machine | None = None
@@ -181,7 +180,10 @@ class Session:
             sock = machine.connect_agent(deadline)
             client = AgentClient(sock)
             try:
-                client.hello(timeout=max(0.1, deadline - time.monotonic()))
+                if prelude is not None:
+                    prelude.greet(client, deadline)
+                else:
+                    client.hello(timeout=max(0.1, deadline - time.monotonic()))
             except (ChannelClosed, TimeoutExpired) as exc:
                 client.close()
                 machine.wait(2.0)  # a panicking guest is about to take QEMU down
@@ -196,14 +198,6 @@ class Session:
             shutil.rmtree(runtime.path, ignore_errors=True)
             raise
         return cls(config, accel, machine, runtime, client, backend)
-
-    def _freshen(self) -> None:
-        """Every restored VM starts from the same memory: give it new
-        randomness, the current time and its own identity before anything runs."""
-        session_id = os.urandom(16).hex()
-        self.client.call("freshen", os.urandom(64), time=time.time(), hostname=f"terminai-{session_id[:8]}",
-                         session=session_id)  # fmt: skip
-        self.client.hello_info["session"] = session_id
 
     @property
     def session_id(self) -> str:
@@ -231,15 +225,9 @@ class Session:
             warnings.warn(f"session {self.session_id}: the guest can reach everything this host can "
                           "(network open)", stacklevel=3)  # fmt: skip
 
-    def _mount_workspace_quietly(self) -> None:
-        try:
-            self._mount_workspace()
-        except ShimError as exc:
-            self._mount_error = exc
-
     def _mount_workspace(self) -> None:
         if self.config.workspace is not None and not self.backend.shares_workspace_at_start:
-            self.client.call("mount", source=WORKSPACE_TAG, target=self.config.workspace_mount, fstype="9p")
+            self.client.call("mount", **_mount_fields(self.config))
 
     def describe(self) -> dict[str, Any]:
         """The CLI's descriptor fields: which isolation is in force."""
@@ -292,3 +280,39 @@ class Session:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+def _mount_fields(config: BootConfig) -> dict[str, Any]:
+    return {"source": WORKSPACE_TAG, "target": config.workspace_mount, "fstype": "9p"}
+
+
+class _Restore:
+    """What a restored VM needs before anything runs. Every restored VM
+    starts from the same memory: it gets new randomness, the current time
+    and its own identity, then the workspace.
+
+    All of it goes out right behind ``hello``, before the answer: the agent
+    handles the lot in one wake-up, and under TCG each round trip after a
+    restore runs on cold code (QEMU translates every guest instruction anew)."""
+
+    def __init__(self, config: BootConfig) -> None:
+        self.config = config
+        self.session_id = os.urandom(16).hex()
+        self.calls: list[Call] = []
+
+    def greet(self, client: AgentClient, deadline: float) -> None:
+        hello = client.submit_hello()
+        hostname = f"terminai-{self.session_id[:8]}"
+        self.calls.append(
+            client.submit("freshen", os.urandom(64), time=time.time(), hostname=hostname, session=self.session_id)
+        )
+        if self.config.workspace is not None:  # the QEMU backend shares it through 9p, mounted on request
+            self.calls.append(client.submit("mount", **_mount_fields(self.config)))
+        client.accept_hello(hello.result(max(0.1, deadline - time.monotonic())))
+
+    def finish(self, session: Session, timeout: float) -> None:
+        """Wait for the answers; the first error is raised."""
+        deadline = time.monotonic() + timeout
+        for call in self.calls:
+            call.result(max(0.1, deadline - time.monotonic()))
+        session.client.hello_info["session"] = self.session_id

@@ -18,6 +18,7 @@ import struct
 
 TYPE_CHECKING = False  # not typing's: importing typing costs ~15 ms at boot
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any
 
 MAGIC = b"TAI1"
@@ -78,7 +79,7 @@ def _not_serializable(value: object) -> Any:
     raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
-def _json_codec() -> tuple[Any, Any]:
+def _json_codec() -> tuple[Callable[[Any], str], Callable[[bytes], Any]]:
     """Headers are read and written by CPython's own C JSON scanner and
     encoder, the very code ``json.loads``/``json.dumps`` run, but without the
     ``json`` package's Python layer: that imports ``re``, ``enum``,
@@ -89,7 +90,7 @@ def _json_codec() -> tuple[Any, Any]:
         from _json import encode_basestring_ascii, make_encoder, make_scanner
 
         encoder = make_encoder({}, _not_serializable, encode_basestring_ascii, None, ":", ",", False, False, False)
-        scanner = make_scanner(_StrictJSON())
+        scanner = make_scanner(_StrictJSON())  # type: ignore[arg-type]  # typeshed wants a JSONDecoder
     except (ImportError, TypeError):
         import json
 

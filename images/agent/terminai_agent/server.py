@@ -307,9 +307,11 @@ class Server:
                 max_frame=self.config.max_frame,
                 python=sys.executable,
                 pid1=self.config.pid1,
-                uptime=round(time.monotonic() - self.started, 3),
-                kernel_uptime=_kernel_uptime(),
-                marks={k: round(v, 3) for k, v in self.config.marks.items()},
+                # Milliseconds as integers: the first answer of a restored VM
+                # runs on cold code, and float formatting is a lot of it.
+                uptime_ms=int((time.monotonic() - self.started) * 1000),
+                kernel_uptime_ms=int(time.clock_gettime(time.CLOCK_BOOTTIME) * 1000),
+                marks_ms={k: int(v * 1000) for k, v in self.config.marks.items()},
             ),
         )
 
@@ -496,6 +498,8 @@ class Server:
     # -- system ------------------------------------------------------------------------
     def op_mount(self, conn: Conn, rid: int, h: dict[str, Any], body: bytes) -> None:
         fstype = h.get("fstype", "9p")
+        if not self.config.pid1:  # a container's engine mounts; a test's host is not to be touched
+            raise P.ProtocolError(P.BAD_REQUEST, "mount is done by the VM's init only")
         if fstype not in ("9p", "virtiofs", "tmpfs"):
             raise P.ProtocolError(P.BAD_REQUEST, f"fstype {fstype!r} is not allowed")
         from .init import mount
@@ -507,15 +511,19 @@ class Server:
         self._send(conn, P.result(rid, target=target))
 
     def op_freshen(self, conn: Conn, rid: int, h: dict[str, Any], body: bytes) -> None:
-        """New randomness, clock and identity for a VM restored from a snapshot."""
-        from .init import add_entropy, set_hostname
+        """New randomness, clock and identity for a VM restored from a snapshot.
+        Only the VM's init owns the machine's entropy pool, clock and host
+        name: an agent that is not PID 1 (tests on the host) takes the
+        session id alone."""
+        if self.config.pid1:
+            from .init import add_entropy, set_hostname
 
-        if body:
-            add_entropy(body)
-        if h.get("time"):
-            time.clock_settime(time.CLOCK_REALTIME, float(h["time"]))
-        if h.get("hostname"):
-            set_hostname(str(h["hostname"]))
+            if body:
+                add_entropy(body)
+            if h.get("time"):
+                time.clock_settime(time.CLOCK_REALTIME, float(h["time"]))
+            if h.get("hostname"):
+                set_hostname(str(h["hostname"]))
         self.config.session = str(h.get("session") or new_session_id())
         self._send(conn, P.result(rid, session=self.config.session))
 
@@ -634,14 +642,6 @@ class Server:
             os.write(2, f"terminai-agent: {message}\n".encode())
         except OSError:
             pass
-
-
-def _kernel_uptime() -> float | None:
-    try:
-        with open("/proc/uptime") as f:
-            return float(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def _stat_fields(st: os.stat_result) -> dict[str, Any]:

@@ -105,6 +105,29 @@ class RemoteProcess:
         self.client.call("signal", target=self.id, signal=sig, group=group)
 
 
+class Call:
+    """A request on the wire whose answer is still to come."""
+
+    def __init__(self, client: AgentClient, op: str, rid: int, pending: _Pending) -> None:
+        self.client = client
+        self.op = op
+        self.id = rid
+        self._pending = pending
+
+    def result(self, timeout: float | None = 60.0) -> P.Frame:
+        if not self._pending.done.wait(timeout):
+            with self.client._lock:
+                self.client._pending.pop(self.id, None)
+            raise TimeoutExpired(f"agent did not answer {self.op} within {timeout}s", ran=self.op == "exec")
+        frame = self._pending.frame
+        if frame is None:
+            raise ChannelClosed(f"the agent channel closed during {self.op}", ran=self.op == "exec")
+        if frame.kind == P.ERROR:
+            h = frame.header
+            raise AgentError(str(h.get("code")), str(h.get("message")), ran=bool(h.get("ran")))
+        return frame
+
+
 class AgentClient:
     def __init__(self, sock: socket.socket, max_frame: int = P.DEFAULT_MAX_FRAME) -> None:
         self.sock = sock
@@ -191,7 +214,9 @@ class AgentClient:
         with self._send_lock:
             self.sock.sendall(data)
 
-    def call(self, op: str, body: bytes = b"", *, timeout: float | None = 60.0, **fields: Any) -> P.Frame:
+    def submit(self, op: str, body: bytes = b"", **fields: Any) -> Call:
+        """Send a request now and read its answer later (``Call.result``):
+        requests sent back to back cost the guest one wake-up, not one each."""
         rid = next(self._ids)
         pending = _Pending()
         with self._lock:
@@ -208,24 +233,22 @@ class AgentClient:
             with self._lock:
                 self._pending.pop(rid, None)
             raise ChannelClosed(f"cannot send to the agent: {exc}") from None
-        if not pending.done.wait(timeout):
-            with self._lock:
-                self._pending.pop(rid, None)
-            raise TimeoutExpired(f"agent did not answer {op} within {timeout}s", ran=op == "exec")
-        frame = pending.frame
-        if frame is None:
-            raise ChannelClosed(f"the agent channel closed during {op}", ran=op == "exec")
-        if frame.kind == P.ERROR:
-            h = frame.header
-            raise AgentError(str(h.get("code")), str(h.get("message")), ran=bool(h.get("ran")))
-        return frame
+        return Call(self, op, rid, pending)
+
+    def call(self, op: str, body: bytes = b"", *, timeout: float | None = 60.0, **fields: Any) -> P.Frame:
+        return self.submit(op, body, **fields).result(timeout)
 
     # -- operations -------------------------------------------------------------
-    def hello(self, timeout: float | None = 60.0) -> dict[str, Any]:
-        frame = self.call("hello", timeout=timeout, versions=list(P.SUPPORTED_VERSIONS), max_frame=self.max_frame)
+    def submit_hello(self) -> Call:
+        return self.submit("hello", versions=list(P.SUPPORTED_VERSIONS), max_frame=self.max_frame)
+
+    def accept_hello(self, frame: P.Frame) -> dict[str, Any]:
         self.peer_max = int(frame.header.get("max_frame", P.DEFAULT_MAX_FRAME))
         self.hello_info = frame.header
         return frame.header
+
+    def hello(self, timeout: float | None = 60.0) -> dict[str, Any]:
+        return self.accept_hello(self.submit_hello().result(timeout))
 
     def ping(self, timeout: float | None = 10.0) -> dict[str, Any]:
         return self.call("ping", timeout=timeout).header
