@@ -94,6 +94,11 @@ class Server:
         # Bringing up lo needs the socket module: done before the first
         # command rather than on the boot path.
         self.lo_pending = config.pid1
+        self.random_fd: int | None = None
+        if config.pid1:
+            from .init import open_random
+
+            self.random_fd = open_random()
         rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.sigchld_fd = rfd
         wake_on_sigchld(wfd)
@@ -318,7 +323,7 @@ class Server:
     def op_ping(self, conn: Conn, rid: int, h: dict[str, Any], body: bytes) -> None:
         self._send(
             conn,
-            P.result(rid, pong=True, time=time.time(), session=self.config.session),
+            P.result(rid, pong=True, time_ms=time.time_ns() // 1_000_000, session=self.config.session),
         )
 
     def op_exec(self, conn: Conn, rid: int, h: dict[str, Any], body: bytes) -> None:
@@ -516,10 +521,12 @@ class Server:
         name: an agent that is not PID 1 (tests on the host) takes the
         session id alone."""
         if self.config.pid1:
-            from .init import add_entropy, set_hostname
+            from .init import add_entropy, open_random, set_hostname
 
             if body:
-                add_entropy(body)
+                if self.random_fd is None:
+                    self.random_fd = open_random()
+                add_entropy(self.random_fd, body)
             if h.get("time"):
                 time.clock_settime(time.CLOCK_REALTIME, float(h["time"]))
             if h.get("hostname"):
