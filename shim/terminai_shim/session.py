@@ -311,8 +311,13 @@ class _Restore:
         client.accept_hello(hello.result(max(0.1, deadline - time.monotonic())))
 
     def finish(self, session: Session, timeout: float) -> None:
-        """Wait for the answers; the first error is raised."""
+        """Wait for the answers (the first error is raised), then set the
+        clock once more: the first ``freshen`` waited in QEMU's queue while
+        the VM was loading, so its time is a fraction of a second old. Now
+        the agent answers at once, and the clock is off by half a round trip."""
         deadline = time.monotonic() + timeout
         for call in self.calls:
             call.result(max(0.1, deadline - time.monotonic()))
+        session.client.call("freshen", timeout=max(0.1, deadline - time.monotonic()), time=time.time(),
+                            session=self.session_id)  # fmt: skip
         session.client.hello_info["session"] = self.session_id
