@@ -29,22 +29,22 @@ def default_cache_root() -> Path:
     return Path(base) / "terminai-build"
 
 
+def fsync_path(path: str | Path) -> None:
+    """Flush a file, or a directory's entries (after a rename into it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def fsync_tree(root: Path) -> None:
     for dirpath, _dirs, files in os.walk(root):
         for name in files:
             path = os.path.join(dirpath, name)
-            if os.path.islink(path):
-                continue
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fd = os.open(dirpath, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            if not os.path.islink(path):
+                fsync_path(path)
+        fsync_path(dirpath)
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -102,11 +102,7 @@ class StepCache:
             if final.exists():
                 shutil.rmtree(final)
             os.rename(tmp, final)
-            dfd = os.open(final.parent, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            fsync_path(final.parent)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 

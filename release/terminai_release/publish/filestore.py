@@ -13,6 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
+from ..cache import fsync_path, write_atomic
 from ..digest import sha256_bytes, sha256_file
 from .store import Conflict, Headers, ObjectInfo, Store, StoreError
 
@@ -74,17 +75,10 @@ class FileStore(Store):
         if sha256_file(tmp) != sha256:
             tmp.unlink()
             raise StoreError(f"{key} changed while it was written", hint="check the disk; publish again")
-        meta = path.with_name(f".{path.name}.meta")
-        meta_tmp = meta.with_name(meta.name + f".tmp{os.getpid()}")
-        meta_tmp.write_text(json.dumps({"sha256": sha256, "contentType": headers.content_type,
-                                        "cacheControl": headers.cache_control}))  # fmt: skip
-        os.replace(meta_tmp, meta)
+        meta = {"sha256": sha256, "contentType": headers.content_type, "cacheControl": headers.cache_control}
+        write_atomic(path.with_name(f".{path.name}.meta"), json.dumps(meta).encode())
         os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        fsync_path(path.parent)
 
     def put_file(self, key: str, path: Path, sha256: str, headers: Headers) -> None:
         self._write(key, path, sha256, headers)
