@@ -13,7 +13,7 @@ import fcntl
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,6 +72,22 @@ class StepCache:
         path = self.entry(step, key) / RECORD
         data: dict[str, Any] = json.loads(path.read_text())
         return data
+
+    def obtain(self, step: str, key: str, build: Callable[[Path], None]) -> tuple[Path, bool]:
+        """The entry for ``key`` and whether it was cached; ``build`` fills a
+        staging directory only when the entry is missing. The lookup before
+        the lock keeps a no-op cheap; the one under it lets concurrent
+        builders share one build."""
+        found = self.lookup(step, key)
+        if found is not None:
+            return found, True
+        with self.lock(step, key):
+            found = self.lookup(step, key)  # another builder may have finished meanwhile
+            if found is not None:
+                return found, True
+            with self.staging(step, key) as staging:
+                build(staging)
+            return self.entry(step, key), False
 
     @contextlib.contextmanager
     def lock(self, step: str, key: str) -> Iterator[None]:

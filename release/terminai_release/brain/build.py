@@ -146,50 +146,51 @@ def build_brain(ctx: BuildContext, inputs: BrainInputs | None = None) -> BrainAr
     }
     key = digest_inputs(key_inputs)
     cache = ctx.cache
-    with cache.lock("brain", key):
-        hit = cache.lookup("brain", key)
-        if hit is not None:
-            ctx.reporter.done("brain", f"brain bundle from cache ({key[:12]})")
-            return BrainArtifacts(hit, cache.record("brain", key))
-        with cache.staging("brain", key) as staging:
-            work = cache.work_dir("brain", key)
-            if inputs.sign_cert and inputs.sign_key:
-                for name, src in list(files.items()):
-                    if name.endswith((".node", ".exe")):
-                        signed = work / name.replace("/", "_")
-                        authenticode_sign(src, signed, inputs.sign_cert, inputs.sign_key, sde, work / "sign.log")
-                        files[name] = signed
-            doc = {
-                "mediaType": MEDIA_TYPE,
-                "schemaVersion": 1,
-                "name": "terminai-brain",
-                "version": version,
-                "entrypoint": ENTRYPOINT,
-                "module": _module_entry(files),
-                "node": {"required": NODE_REQUIRED, "bundled": "node/node.exe" if "node/node.exe" in files else None},
-                "appContainerProfile": PROFILE,
-                "capabilities": [{"name": n, "sid": sid} for n, sid in CAPABILITIES.items()],
-                "brokerProtocol": BROKER_PROTOCOL,
-                "authenticode": bool(inputs.sign_cert),
-                "files": [{"path": n, "size": p.stat().st_size, "sha256": sha256_file(p)}
-                          for n, p in sorted(files.items())],
-            }  # fmt: skip
-            out = staging / f"terminai-brain-{version}.zip"
-            stamp = time.gmtime(max(sde, 315532800))[:6]  # zip times start in 1980
-            with zipfile.ZipFile(out, "w") as zf:
-                entries = [(BUNDLE_JSON, json.dumps(doc, indent=2, sort_keys=True).encode())]
-                entries += [(n, p.read_bytes()) for n, p in sorted(files.items())]
-                for name, data in entries:
-                    info = zipfile.ZipInfo(name, date_time=stamp)
-                    info.external_attr = 0o100644 << 16
-                    info.create_system = 3
-                    info.compress_type = zipfile.ZIP_DEFLATED
-                    zf.writestr(info, data, compresslevel=9)
-            record = {"artifact": "brain", "key": key, "inputs": key_inputs,
-                      "outputs": {"bundle": {"file": out.name, "sha256": sha256_file(out), "size": out.stat().st_size,
-                                             "files": len(files)}}}  # fmt: skip
-            write_atomic(staging / RECORD, canonical_json(record))
-            shutil.rmtree(work, ignore_errors=True)
-    art = BrainArtifacts(cache.entry("brain", key), cache.record("brain", key))
-    ctx.reporter.done("brain", f"built {art.zip.name} ({len(files)} files)")
+
+    def build(staging: Path) -> None:
+        work = cache.work_dir("brain", key)
+        if inputs.sign_cert and inputs.sign_key:
+            for name, src in list(files.items()):
+                if name.endswith((".node", ".exe")):
+                    signed = work / name.replace("/", "_")
+                    authenticode_sign(src, signed, inputs.sign_cert, inputs.sign_key, sde, work / "sign.log")
+                    files[name] = signed
+        doc = {
+            "mediaType": MEDIA_TYPE,
+            "schemaVersion": 1,
+            "name": "terminai-brain",
+            "version": version,
+            "entrypoint": ENTRYPOINT,
+            "module": _module_entry(files),
+            "node": {"required": NODE_REQUIRED, "bundled": "node/node.exe" if "node/node.exe" in files else None},
+            "appContainerProfile": PROFILE,
+            "capabilities": [{"name": n, "sid": sid} for n, sid in CAPABILITIES.items()],
+            "brokerProtocol": BROKER_PROTOCOL,
+            "authenticode": bool(inputs.sign_cert),
+            "files": [{"path": n, "size": p.stat().st_size, "sha256": sha256_file(p)}
+                      for n, p in sorted(files.items())],
+        }  # fmt: skip
+        out = staging / f"terminai-brain-{version}.zip"
+        stamp = time.gmtime(max(sde, 315532800))[:6]  # zip times start in 1980
+        with zipfile.ZipFile(out, "w") as zf:
+            entries = [(BUNDLE_JSON, json.dumps(doc, indent=2, sort_keys=True).encode())]
+            entries += [(n, p.read_bytes()) for n, p in sorted(files.items())]
+            for name, data in entries:
+                info = zipfile.ZipInfo(name, date_time=stamp)
+                info.external_attr = 0o100644 << 16
+                info.create_system = 3
+                info.compress_type = zipfile.ZIP_DEFLATED
+                zf.writestr(info, data, compresslevel=9)
+        record = {"artifact": "brain", "key": key, "inputs": key_inputs,
+                  "outputs": {"bundle": {"file": out.name, "sha256": sha256_file(out), "size": out.stat().st_size,
+                                         "files": len(files)}}}  # fmt: skip
+        write_atomic(staging / RECORD, canonical_json(record))
+        shutil.rmtree(work, ignore_errors=True)
+
+    entry, cached = cache.obtain("brain", key, build)
+    art = BrainArtifacts(entry, cache.record("brain", key))
+    if cached:
+        ctx.reporter.done("brain", f"brain bundle from cache ({key[:12]})")
+    else:
+        ctx.reporter.done("brain", f"built {art.zip.name} ({len(files)} files)")
     return art

@@ -67,39 +67,40 @@ def build_container(ctx: BuildContext, *, cache: StepCache | None = None) -> Con
     }
     key = digest_inputs(inputs)
     cache = cache or ctx.cache
-    with cache.lock("container", key):
-        hit = cache.lookup("container", key)
-        if hit is not None:
-            ctx.reporter.done("container", f"OCI image from cache ({key[:12]})")
-            return ContainerArtifacts(hit, cache.record("container", key))
-        with cache.staging("container", key) as staging:
-            work = cache.work_dir("container", key)
-            tree = work / "tree"
-            log = work / "build.log"
-            ctx.reporter.info("container", f"unpacking {root.image.name}")
-            if image["format"] == "squashfs":
-                argv = ["unsquashfs", "-no-progress", "-d", str(tree), str(root.image)]
-            else:
-                argv = ["fsck.erofs", f"--extract={tree}", str(root.image)]
-            run_logged(argv, log=log, reporter=ctx.reporter, step="container")
-            if not (tree / "usr/lib/terminai/init").is_file():
-                raise BuildError("the root image has no /usr/lib/terminai/init", log=str(log))
-            spec = ImageSpec(ENTRYPOINT, ENV, {"org.opencontainers.image.version": version,
-                                               "org.terminai.rootfs.sha256": image["sha256"]},
-                             f"terminai/runtime:{version}")  # fmt: skip
-            ctx.reporter.info("container", "writing the OCI archive (sorted, clamped, uncompressed layer)")
-            out = write_archive(tree, spec, staging / f"terminai-runtime-{version}.oci.tar", work, sde)
-            record = {
-                "artifact": "container",
-                "key": key,
-                "inputs": inputs,
-                "outputs": {"archive": {"file": out.archive.name, "sha256": sha256_file(out.archive),
-                                        "size": out.archive.stat().st_size, "imageId": out.image_id,
-                                        "layer": out.layer_digest, "mediaType": ARCHIVE_MEDIA}},
-            }  # fmt: skip
-            write_atomic(staging / RECORD, canonical_json(record))
-            shutil.rmtree(work, ignore_errors=True)
-    art = ContainerArtifacts(cache.entry("container", key), cache.record("container", key))
+
+    def build(staging: Path) -> None:
+        work = cache.work_dir("container", key)
+        tree = work / "tree"
+        log = work / "build.log"
+        ctx.reporter.info("container", f"unpacking {root.image.name}")
+        if image["format"] == "squashfs":
+            argv = ["unsquashfs", "-no-progress", "-d", str(tree), str(root.image)]
+        else:
+            argv = ["fsck.erofs", f"--extract={tree}", str(root.image)]
+        run_logged(argv, log=log, reporter=ctx.reporter, step="container")
+        if not (tree / "usr/lib/terminai/init").is_file():
+            raise BuildError("the root image has no /usr/lib/terminai/init", log=str(log))
+        spec = ImageSpec(ENTRYPOINT, ENV, {"org.opencontainers.image.version": version,
+                                           "org.terminai.rootfs.sha256": image["sha256"]},
+                         f"terminai/runtime:{version}")  # fmt: skip
+        ctx.reporter.info("container", "writing the OCI archive (sorted, clamped, uncompressed layer)")
+        out = write_archive(tree, spec, staging / f"terminai-runtime-{version}.oci.tar", work, sde)
+        record = {
+            "artifact": "container",
+            "key": key,
+            "inputs": inputs,
+            "outputs": {"archive": {"file": out.archive.name, "sha256": sha256_file(out.archive),
+                                    "size": out.archive.stat().st_size, "imageId": out.image_id,
+                                    "layer": out.layer_digest, "mediaType": ARCHIVE_MEDIA}},
+        }  # fmt: skip
+        write_atomic(staging / RECORD, canonical_json(record))
+        shutil.rmtree(work, ignore_errors=True)
+
+    entry, cached = cache.obtain("container", key, build)
+    art = ContainerArtifacts(entry, cache.record("container", key))
+    if cached:
+        ctx.reporter.done("container", f"OCI image from cache ({key[:12]})")
+        return art
     size = art.archive.stat().st_size
     ctx.reporter.done("container", f"built {art.archive.name}: {size} bytes, image {art.image_id}")
     return art

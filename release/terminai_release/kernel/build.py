@@ -106,19 +106,10 @@ def build_kernel(ctx: BuildContext, arch: str = "x86_64", *, cache: StepCache | 
     cache = cache or ctx.cache
     plan = plan_kernel(ctx, arch)
     key = plan.key
-    hit = cache.lookup("kernel", key)
-    if hit is not None:
+    entry, cached = cache.obtain("kernel", key, lambda staging: _build_into(ctx, cache, plan, staging))
+    if cached:
         ctx.reporter.done("kernel", f"linux {plan.name} from cache ({key[:12]})")
-        return KernelArtifacts(hit, cache.record("kernel", key), cached=True)
-    with cache.lock("kernel", key):
-        hit = cache.lookup("kernel", key)  # another builder may have finished meanwhile
-        if hit is not None:
-            ctx.reporter.done("kernel", f"linux {plan.name} from cache ({key[:12]})")
-            return KernelArtifacts(hit, cache.record("kernel", key), cached=True)
-        with cache.staging("kernel", key) as staging:
-            _build_into(ctx, cache, plan, staging)
-        entry = cache.entry("kernel", key)
-        return KernelArtifacts(entry, cache.record("kernel", key), cached=False)
+    return KernelArtifacts(entry, cache.record("kernel", key), cached=cached)
 
 
 def _build_into(ctx: BuildContext, cache: StepCache, plan: KernelPlan, staging: Path) -> None:

@@ -88,14 +88,10 @@ def build_base(ctx: BuildContext, *, cache: StepCache | None = None) -> BaseLaye
     cache = cache or ctx.cache
     plan = plan_base(ctx)
     key = plan.key
-    with cache.lock("rootfs-base", key):
-        hit = cache.lookup("rootfs-base", key)
-        if hit is not None:
-            ctx.reporter.done("rootfs-base", f"Debian base layer from cache ({key[:12]})")
-            return BaseLayer(hit, cache.record("rootfs-base", key), cached=True)
-        with cache.staging("rootfs-base", key) as staging:
-            _build_into(ctx, cache, plan, staging)
-    return BaseLayer(cache.entry("rootfs-base", key), cache.record("rootfs-base", key), cached=False)
+    entry, cached = cache.obtain("rootfs-base", key, lambda staging: _build_into(ctx, cache, plan, staging))
+    if cached:
+        ctx.reporter.done("rootfs-base", f"Debian base layer from cache ({key[:12]})")
+    return BaseLayer(entry, cache.record("rootfs-base", key), cached=cached)
 
 
 def _build_into(ctx: BuildContext, cache: StepCache, plan: BasePlan, staging: Path) -> None:

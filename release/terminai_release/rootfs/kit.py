@@ -57,43 +57,42 @@ def build_kit_wheel(ctx: BuildContext, override: KitOverride | None = None, *, c
     key = digest_inputs(
         {"recipe": RECIPE, "tree": sha256_tree(source), "sde": sde, "python": sys.version, "backend": backend}
     )
-    with cache.lock("kit-wheel", key):
-        hit = cache.lookup("kit-wheel", key)
-        if hit is None:
-            with cache.staging("kit-wheel", key) as staging:
-                work = cache.work_dir("kit-wheel", key)
-                shutil.copytree(
-                    source, work / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "build", "tests")
-                )
-                env = dict(os.environ, SOURCE_DATE_EPOCH=str(sde))
-                run_logged(
-                    [
-                        sys.executable,
-                        "-m",
-                        "pip",
-                        "wheel",
-                        "--no-deps",
-                        "--no-build-isolation",
-                        "--no-index",
-                        "-w",
-                        str(staging),
-                        str(work / "src"),
-                    ],
-                    log=work / "build.log",
-                    reporter=ctx.reporter,
-                    step="kit",
-                    env=env,
-                )
-                wheels = list(staging.glob("*.whl"))
-                write_atomic(
-                    staging / RECORD,
-                    canonical_json(
-                        {"artifact": "kit-wheel", "key": key, "wheel": wheels[0].name, "sha256": sha256_file(wheels[0])}
-                    ),
-                )
-                shutil.rmtree(work, ignore_errors=True)
-            hit = cache.entry("kit-wheel", key)
-    wheel = hit / cache.record("kit-wheel", key)["wheel"]
+
+    def build(staging: Path) -> None:
+        work = cache.work_dir("kit-wheel", key)
+        shutil.copytree(
+            source, work / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "build", "tests")
+        )
+        env = dict(os.environ, SOURCE_DATE_EPOCH=str(sde))
+        run_logged(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "wheel",
+                "--no-deps",
+                "--no-build-isolation",
+                "--no-index",
+                "-w",
+                str(staging),
+                str(work / "src"),
+            ],
+            log=work / "build.log",
+            reporter=ctx.reporter,
+            step="kit",
+            env=env,
+        )
+        wheels = list(staging.glob("*.whl"))
+        write_atomic(
+            staging / RECORD,
+            canonical_json(
+                {"artifact": "kit-wheel", "key": key, "wheel": wheels[0].name, "sha256": sha256_file(wheels[0])}
+            ),
+        )
+        shutil.rmtree(work, ignore_errors=True)
+
+    entry, _ = cache.obtain("kit-wheel", key, build)
+    wheel = entry / cache.record("kit-wheel", key)["wheel"]
     return _check_wheel(wheel, version)
 
 

@@ -75,14 +75,12 @@ def build_rootfs(
         "source_date_epoch": sde,
     }
     key = digest_inputs(inputs)
-    with cache.lock("rootfs", key):
-        hit = cache.lookup("rootfs", key)
-        if hit is not None:
-            ctx.reporter.done("rootfs", f"root image from cache ({key[:12]})")
-            return RootfsArtifacts(hit, cache.record("rootfs", key), cached=True)
-        with cache.staging("rootfs", key) as staging:
-            _build_into(ctx, cache, key, inputs, base, wheel, staging)
-    return RootfsArtifacts(cache.entry("rootfs", key), cache.record("rootfs", key), cached=False)
+    entry, cached = cache.obtain(
+        "rootfs", key, lambda staging: _build_into(ctx, cache, key, inputs, base, wheel, staging)
+    )
+    if cached:
+        ctx.reporter.done("rootfs", f"root image from cache ({key[:12]})")
+    return RootfsArtifacts(entry, cache.record("rootfs", key), cached=cached)
 
 
 def _build_into(
