@@ -94,7 +94,7 @@ class Server:
         # Bringing up lo needs the socket module: done before the first
         # command rather than on the boot path.
         self.lo_pending = config.pid1
-        self.random_fd: int | None = None
+        self.random_fd = -1  # the VM's init keeps /dev/random open for freshen
         if config.pid1:
             from .init import open_random
 
@@ -521,11 +521,9 @@ class Server:
         name: an agent that is not PID 1 (tests on the host) takes the
         session id alone."""
         if self.config.pid1:
-            from .init import add_entropy, open_random, set_hostname
+            from .init import add_entropy, set_hostname
 
             if body:
-                if self.random_fd is None:
-                    self.random_fd = open_random()
                 add_entropy(self.random_fd, body)
             if h.get("time"):
                 time.clock_settime(time.CLOCK_REALTIME, float(h["time"]))
