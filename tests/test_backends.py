@@ -54,7 +54,12 @@ def test_qemu_command_line(tmp_path):
         assert net not in argv, "no network device unless asked"
     # Without a workspace the 9p device exports an empty directory: the
     # device layout stays the same, so one saved VM serves every session.
-    assert f"local,id=ws,path={rt.empty_share},security_model=none" in joined
+    assert f"local,id=ws,path={rt.empty_share},security_model=mapped-xattr,readonly=on" in joined
+    assert f"local,id=git,path={rt.empty_share},security_model=mapped-xattr,readonly=on" in joined
+    # QEMU confined: seccomp with no process starts (no allowlist here), console through the capped pipe.
+    assert argv[argv.index("-sandbox") + 1].startswith("on,obsolete=deny,")
+    assert "spawn=deny" in argv[argv.index("-sandbox") + 1] and "resourcecontrol=deny" in joined
+    assert argv[argv.index("-serial") + 1] == "chardev:console" and "file:" not in joined
     assert "-incoming" not in argv
     restore = command_line(_cfg(), TCG, rt, incoming_fd=7)
     assert restore[-2:] == ["-incoming", "fd:7"]
@@ -65,7 +70,8 @@ def test_qemu_workspace_kvm_and_vsock(tmp_path):
     argv = command_line(_cfg(workspace=tmp_path), KVM, rt, channel=Channel("vsock", 1234))
     joined = " ".join(argv)
     assert argv[argv.index("-cpu") + 1] == "host"
-    assert f"local,id=ws,path={tmp_path},security_model=none" in joined
+    assert f"local,id=ws,path={tmp_path},security_model=mapped-xattr" in joined
+    assert "security_model=none" not in joined and "passthrough" not in joined
     assert "virtio-9p-device,fsdev=ws,mount_tag=workspace" in joined
     append = argv[argv.index("-append") + 1]
     assert "terminai_workspace" not in append, "the agent mounts the workspace on request, after boot"

@@ -108,11 +108,8 @@ def test_proxy_looks_up_only_listed_names_and_forwards_one_request_to_the_checke
     real = netproxy._resolve
     monkeypatch.setattr(netproxy, "_resolve", lambda host, p: looked_up.append(host) or real(host, p))
     config = netproxy.ProxyConfig("unit", Allowlist.parse([f"127.0.0.1:{port}"]), str(tmp_path / "log"), {})
-    ready = threading.Event()
-    address: list = []
-    threading.Thread(target=netproxy.serve, args=(("127.0.0.1", 0), config),
-                     kwargs={"ready": lambda a: (address.append(a), ready.set())}, daemon=True).start()  # fmt: skip
-    assert ready.wait(10)
+    server = netproxy.ProxyServer(config)
+    address = [server.listen_tcp(("127.0.0.1", 0))]
 
     def exchange(raw: bytes) -> bytes:
         import socket

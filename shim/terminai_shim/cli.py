@@ -75,6 +75,17 @@ def _boot_args(p: argparse.ArgumentParser) -> None:
                    help="allowlist entry: HOST[:PORT], *.DOMAIN[:PORT], an IP, or a CIDR range that permits "
                    "non-public addresses (repeatable)")  # fmt: skip
     p.add_argument("--cold", action="store_true", help="boot cold: neither restore nor save a snapshot")
+    p.add_argument("--user", choices=("user", "root"), default="user",
+                   help="who commands run as in the guest: user (uid 0 without capabilities: the default) or root "
+                   "(every capability)")  # fmt: skip
+    p.add_argument("--writable-git", action="store_true",
+                   help="let the guest write the workspace's .git (read-only by default: hooks and config there "
+                   "run on the host's next git command)")  # fmt: skip
+    p.add_argument(
+        "--require-microvm",
+        action="store_true",
+        help="refuse any tier weaker than a microVM (auto never falls back to a container)",
+    )
 
 
 def _store_args(p: argparse.ArgumentParser) -> None:
@@ -167,6 +178,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _boot_config(args: argparse.Namespace) -> BootConfig:
+    import dataclasses
+
+    return dataclasses.replace(_artifacts_config(args), user=args.user, writable_git=args.writable_git,
+                               require_microvm=args.require_microvm)  # fmt: skip
+
+
+def _artifacts_config(args: argparse.Namespace) -> BootConfig:
     from .errors import ConfigError
     from .models import BootConfig
 
@@ -222,8 +240,8 @@ def _network(args: argparse.Namespace) -> NetworkPolicy:
 
     mode = getattr(args, "network", "none")
     allow = tuple(getattr(args, "allow", []) or ())
-    if allow and mode != "allowlist":
-        raise ConfigError("--allow needs --network allowlist")
+    if allow and mode == "none":
+        raise ConfigError("--allow needs --network allowlist (or open, to lift its loopback or link-local block)")
     return NetworkPolicy(mode, allow)
 
 

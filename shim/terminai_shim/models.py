@@ -47,6 +47,16 @@ class BootConfig:
     # ACPI describes the devices instead of the kernel command line: for
     # kernels without VIRTIO_MMIO_CMDLINE_DEVICES (Debian's stock kernels).
     acpi: bool = False
+    # The workspace's .git is read-only to the guest unless this is set: a
+    # writable .git lets guest code plant hooks or core.fsmonitor that the
+    # host's next `git status` runs.
+    writable_git: bool = False
+    # Who commands run as in the guest by default: "user" (uid 0 without
+    # capabilities: it can write what root owns, but not reach PID 1, the
+    # kernel or the network setup) or "root" (every capability, on request).
+    user: str = "user"
+    # Refuse any tier weaker than a microVM (the container tier shares the host's kernel).
+    require_microvm: bool = False
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,10 @@ from __future__ import annotations
 import os
 import sys
 import threading
-from typing import Any
+from typing import Any, BinaryIO
 
-from .errors import ShimError
+from ._internal.termsafe import TerminalFilter
+from .errors import ChannelClosed, ShimError
 from .models import BootConfig
 from .session import Session
 
@@ -33,33 +34,84 @@ def _pump_stdin(proc: Any) -> None:
         pass
 
 
-def run_command(config: BootConfig, command: list[str], *, shell: bool, timeout: float | None, verbose: bool) -> int:
+class GuestOutput:
+    """Where one of the guest command's streams goes: our stdout or stderr.
+
+    On a terminal the bytes pass through a TerminalFilter, unless ``raw``
+    (a PTY session, where the guest is meant to drive the terminal)."""
+
+    def __init__(self, stream: BinaryIO, *, raw: bool) -> None:
+        self.stream = stream
+        self.filter = None if raw or not stream.isatty() else TerminalFilter()
+        self._lock = threading.Lock()  # output arrives on the channel's thread; finish() runs on ours
+
+    def write(self, data: bytes) -> None:
+        with self._lock:
+            if self.filter is not None:
+                data = self.filter.feed(data)
+            self.stream.write(data)
+            self.stream.flush()
+
+    def finish(self) -> None:
+        """Show what the filter still holds (an incomplete character); never raises."""
+        try:
+            with self._lock:
+                if self.filter is not None:
+                    self.stream.write(self.filter.flush())
+                    self.stream.flush()
+        except (OSError, ValueError):  # the terminal went away: an error here would hide the one that matters
+            pass
+
+
+def run_command(
+    config: BootConfig,
+    command: list[str],
+    *,
+    shell: bool,
+    timeout: float | None,
+    verbose: bool,
+    raw_output: bool = False,
+) -> int:
+    """``raw_output`` sends the guest's bytes to a terminal unfiltered (for a PTY session)."""
     if verbose:
         print("terminai-shim: starting the isolation tier ...", file=sys.stderr)
     with Session.boot(config) as session:
+        notice = session.weaker_tier_notice()
+        if notice:
+            print(f"terminai-shim: {notice}", file=sys.stderr)
         if verbose:
             what = session.describe()["displayName"]
             why = session.accel.reason if session.backend.isolation == "microvm" else "a Docker engine answers"
             print(f"terminai-shim: {what} ready in {session.boot_seconds:.2f}s ({why})", file=sys.stderr)
-        out = sys.stdout.buffer
-        err = sys.stderr.buffer
+        out = GuestOutput(sys.stdout.buffer, raw=raw_output)
+        err = GuestOutput(sys.stderr.buffer, raw=raw_output)
 
         def on_event(name: str, value: Any) -> None:
             stream = out if name == "stdout" else err if name == "stderr" else None
             if stream is not None:
                 stream.write(value)
-                stream.flush()
 
         interactive_stdin = not sys.stdin.closed and not sys.stdin.isatty() if sys.stdin else False
         kwargs: dict[str, Any] = {"timeout": timeout, "stdin_open": interactive_stdin, "on_event": on_event,
                                   "cwd": config.workspace_mount if config.workspace else None}  # fmt: skip
-        if shell:
-            proc = session.client.exec(command=" ".join(command), shell=True, **kwargs)
-        else:
-            proc = session.client.exec(command, **kwargs)
-        if interactive_stdin:
-            threading.Thread(target=_pump_stdin, args=(proc,), daemon=True).start()
-        status = proc.wait()
+        try:
+            if shell:
+                proc = session.client.exec(command=" ".join(command), shell=True, **kwargs)
+            else:
+                proc = session.client.exec(command, **kwargs)
+            if interactive_stdin:
+                threading.Thread(target=_pump_stdin, args=(proc,), daemon=True).start()
+            try:
+                status = proc.wait()
+            except ChannelClosed:
+                if proc.host_timed_out:  # the guest ignored the timeout: the host's deadline stopped the VM
+                    print(f"terminai-shim: command timed out after {timeout}s; the guest did not end it, so the VM "
+                          "was stopped", file=sys.stderr)  # fmt: skip
+                    return TIMEOUT_EXIT
+                raise
+        finally:
+            out.finish()
+            err.finish()
         if status.timed_out:
             print(f"terminai-shim: command timed out after {timeout}s and was killed", file=sys.stderr)
             return TIMEOUT_EXIT

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import codecs
+import dataclasses
 import itertools
 import json
 import shlex
@@ -25,7 +26,7 @@ from typing import Any, TextIO
 
 from . import __version__
 from ._internal.client import RemoteProcess
-from .errors import AgentError, ConfigError, ShimError
+from .errors import AgentError, ChannelClosed, ConfigError, ShimError
 from .models import BootConfig, NetworkPolicy
 from .session import Session
 from .verify import (
@@ -207,6 +208,10 @@ class Server:
                     "(kernel and rootfs, or image)",
                     hint="pass manifest: <release URL or directory>",
                 )
+            config = dataclasses.replace(
+                config, user=str(p.get("user", "user")), writable_git=bool(p.get("writableGit")),
+                require_microvm=bool(p.get("requireMicrovm")),
+            )  # fmt: skip
             self.session = Session.boot(config)
             s = self.session
             return {
@@ -277,6 +282,10 @@ class Server:
         except AgentError as exc:
             if exc.agent_code == "SPAWN_FAILED":
                 return {"stdout": "", "stderr": "", "exitCode": 127, "runtimeError": exc.to_dict()}
+            raise
+        except ChannelClosed as exc:
+            if "outlived its timeout" in exc.message:  # the host's deadline stopped a VM that ignored the timeout
+                return {"stdout": "", "stderr": "", "exitCode": None, "timedOut": True, "runtimeError": exc.to_dict()}
             raise
         result: dict[str, Any] = {
             "stdout": out.decode("utf-8", "replace"),

@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -19,10 +21,17 @@ from typing import Any
 
 from ._internal.accel import choose_accel
 from ._internal.backends import select_backend
-from ._internal.backends.base import Backend, Machine, RuntimeDir
-from ._internal.backends.qemu import WORKSPACE_TAG, Channel, QemuBackend, device_layout
+from ._internal.backends.base import Backend, Machine, ProcessMachine, RuntimeDir, git_share
+from ._internal.backends.qemu import (
+    GIT_TAG,
+    WORKSPACE_TAG,
+    Channel,
+    QemuBackend,
+    device_layout,
+    open_mode_allows,
+)
 from ._internal.client import AgentClient, Call
-from ._internal.fsutil import cache_root, write_atomic
+from ._internal.fsutil import cache_root
 from ._internal.netpolicy import Allowlist
 from ._internal.process import pid_alive
 from .errors import BootError, ChannelClosed, ConfigError, ShimError, TimeoutExpired
@@ -38,11 +47,50 @@ def network_log() -> Path:
     return path
 
 
+def _private_dir(path: Path) -> bool:
+    """A real directory (not a link), ours, that nobody else can enter or write."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and st.st_mode & 0o077 == 0
+
+
 def runtime_base() -> Path:
-    base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
-    path = Path(base) / f"terminai-{os.getuid()}"
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return path
+    """Where per-VM directories live: sockets, the console, the empty share.
+
+    Without XDG_RUNTIME_DIR (sudo, cron, CI) the base sits in a shared
+    temporary directory, where another local user can create the name
+    first and swap what is inside for links: QEMU would then write its
+    console or export a share wherever that user chose. A base that is not
+    a private directory of ours is never used; a fresh private one is made
+    instead (mkdtemp: random name, mode 0700, created atomically)."""
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    base = Path(xdg) if xdg and _private_dir(Path(xdg)) else Path(tempfile.gettempdir())
+    path = base / f"terminai-{os.geteuid()}"
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    except OSError:
+        return Path(tempfile.mkdtemp(prefix=f"terminai-{os.geteuid()}-", dir=base))
+    if _private_dir(path):
+        return path
+    warnings.warn(f"{path} is not a private directory of this user; using a fresh one", stacklevel=2)
+    return Path(tempfile.mkdtemp(prefix=f"terminai-{os.geteuid()}-", dir=base))
+
+
+def _owner(entry: Path) -> int | None:
+    try:
+        fd = os.open(entry / OWNER_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        return int(os.read(fd, 32))
+    except (OSError, ValueError):
+        return None
+    finally:
+        os.close(fd)
 
 
 def clean_stale_runtime_dirs(base: Path) -> list[Path]:
@@ -52,11 +100,8 @@ def clean_stale_runtime_dirs(base: Path) -> list[Path]:
     """
     removed = []
     for entry in base.glob("vm-*"):
-        try:
-            owner = int((entry / OWNER_FILE).read_text())
-        except (OSError, ValueError):
-            continue
-        if not pid_alive(owner):
+        owner = _owner(entry)
+        if owner is not None and not entry.is_symlink() and not pid_alive(owner):
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry)
     return removed
@@ -66,8 +111,96 @@ def new_runtime_dir() -> RuntimeDir:
     base = runtime_base()
     clean_stale_runtime_dirs(base)
     path = Path(tempfile.mkdtemp(prefix="vm-", dir=base))
-    (path / OWNER_FILE).write_text(str(os.getpid()))
+    fd = os.open(path / OWNER_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, str(os.getpid()).encode())
+    finally:
+        os.close(fd)
     return RuntimeDir(path)
+
+
+class Watchdog:
+    """The host's own view of a running VM, independent of what its agent says.
+
+    A guest can halt itself, freeze its agent, or fill its memory until
+    nothing answers; its agent can ignore a command's timeout. None of that
+    may hang the shim. While commands run, the agent must answer a ping at
+    least every ``PING_EVERY`` seconds, and no command may outlive its
+    timeout plus ``HOST_GRACE``; QEMU's own events (the guest shut down,
+    stopped, panicked, reset) end the VM at once. Whatever the cause, the VM
+    is stopped, and every waiting command fails with the reason."""
+
+    PING_EVERY = 5.0
+    PING_TIMEOUT = 10.0
+    STOP_EVENTS = ("SHUTDOWN", "STOP", "GUEST_PANICKED", "RESET", "POWERDOWN")
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.reason: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="watchdog", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _events(self) -> Any:
+        """QEMU's event stream (QMP), or None where there is none (containers)."""
+        control = self.session.runtime.control_socket
+        if not isinstance(self.session.machine, ProcessMachine) or not control.exists():
+            return None
+        from ._internal.qmp import Qmp, QmpError
+
+        try:
+            return Qmp(str(control), time.monotonic() + 2)
+        except (QmpError, OSError, ValueError):
+            return None
+
+    def _run(self) -> None:
+        session = self.session
+        qmp = self._events()
+        last_answer = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                if qmp is not None:
+                    event = qmp.next_event(1.0)
+                    if event in self.STOP_EVENTS:
+                        self._fail(f"the guest {event.lower().replace('_', ' ')} (QEMU event {event})")
+                        return
+                elif self._stop.wait(1.0):
+                    return
+                if session.client.closed or self._stop.is_set():
+                    return
+                now = time.monotonic()
+                running = session.client.running()
+                late = [p for p in running if p.host_deadline is not None and now > p.host_deadline]
+                if late:
+                    for proc in late:
+                        proc.host_timed_out = True
+                    self._fail("a command outlived its timeout and the guest did not end it")
+                    return
+                if running and now - last_answer >= self.PING_EVERY:
+                    try:
+                        session.client.ping(timeout=self.PING_TIMEOUT)
+                        last_answer = time.monotonic()
+                    except ShimError:
+                        if not self._stop.is_set():
+                            self._fail(f"the guest agent stopped answering (no reply in {self.PING_TIMEOUT:.0f}s)")
+                        return
+                elif not running:
+                    last_answer = now
+        finally:
+            if qmp is not None:
+                qmp.close()
+
+    def _fail(self, reason: str) -> None:
+        self.reason = reason
+        for proc in self.session.client.running():
+            proc.failure = f"{reason}; the VM was stopped and the command's outcome is unknown"
+        self.session.machine.kill()
+        self.session.client.close()
 
 
 class Session:
@@ -90,6 +223,8 @@ class Session:
         self.restored_from: str | None = None
         self.snapshot: Any = None  # the snapshot saved by this cold boot, if any
         self._closed = False
+        self.watchdog = Watchdog(self)
+        client.default_user = config.user
 
     @classmethod
     def boot(cls, config: BootConfig, backend: Backend | None = None) -> Session:
@@ -105,6 +240,10 @@ class Session:
         backend.check(config)
         if config.network.mode == "allowlist":
             Allowlist.parse(config.network.allow)  # a bad entry is refused before anything starts
+        elif config.network.mode == "open":
+            open_mode_allows(config.network.allow)
+        if config.user not in ("user", "root"):
+            raise ConfigError(f"unknown guest user {config.user!r}", hint="use user (the default) or root")
         if config.workspace is not None and not Path(config.workspace).is_dir():
             raise ConfigError(
                 f"workspace {config.workspace} is not a directory", hint="create it or pass an existing one"
@@ -140,6 +279,7 @@ class Session:
                             session.close()  # the snapshot is fine; this session is not
                             raise
                         session.boot_seconds = time.monotonic() - started
+                        session.watchdog.start()
                         return session
                 warnings.warn(f"snapshot {snap_key[:12]} not used ({problem}); booting cold", stacklevel=2)
                 store.remove(snap_key)
@@ -159,6 +299,7 @@ class Session:
             session.close()
             raise
         session.boot_seconds = time.monotonic() - started
+        session.watchdog.start()
         return session
 
     @classmethod
@@ -204,40 +345,53 @@ class Session:
         return str(self.client.hello_info.get("session"))
 
     def _open_network(self) -> None:
-        """Before any command runs: the allowlist proxy learns the session's
-        rules and id (it is spawned per connection and reads them then);
-        ``open`` is logged as the explicit choice it is."""
+        """Before any command runs: the allowlist proxy (listening since
+        before the VM started) learns the session's id for its log; ``open``
+        is logged as the explicit choice it is."""
         policy = self.config.network
         if policy.mode == "none":
             return
         log = network_log()
-        if policy.mode == "allowlist":
-            from ._internal.netproxy import upstream_from_env
-
-            doc = {"session": self.session_id, "allow": list(policy.allow), "log": str(log),
-                   "upstream": upstream_from_env(dict(os.environ))}  # fmt: skip
-            write_atomic(self.runtime.proxy_config, json.dumps(doc).encode())
+        proxy = getattr(self.machine, "proxy", None)
+        if proxy is not None:
+            proxy.set_session(self.session_id, str(log))
         record = {"time": round(time.time(), 3), "session": self.session_id, "decision": "network",
                   "mode": policy.mode, "allow": list(policy.allow), "backend": self.backend.name}  # fmt: skip
         with log.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if policy.mode == "open":
-            warnings.warn(f"session {self.session_id}: the guest can reach everything this host can "
-                          "(network open)", stacklevel=3)  # fmt: skip
+            lifted = f" (host loopback/link-local lifted: {', '.join(policy.allow)})" if policy.allow else ""
+            warnings.warn(f"session {self.session_id}: the guest can reach everything this host can, except its "
+                          f"loopback and link-local addresses (network open){lifted}", stacklevel=3)  # fmt: skip
 
     def _mount_workspace(self) -> None:
-        if self.config.workspace is not None and not self.backend.shares_workspace_at_start:
-            self.client.call("mount", **_mount_fields(self.config))
+        if not self.backend.shares_workspace_at_start:
+            for fields in _mounts(self.config):
+                self.client.call("mount", **fields)
 
     def describe(self) -> dict[str, Any]:
         """The CLI's descriptor fields: which isolation is in force."""
-        return {
+        out: dict[str, Any] = {
             "type": self.backend.isolation,
             "isIsolated": True,
             "backend": self.backend.name,
             "displayName": self.backend.describe(self.accel),
             "network": {"mode": self.config.network.mode, "allow": list(self.config.network.allow)},
+            "guestUser": self.config.user,
+            "gitReadOnly": not self.config.writable_git and git_share(self.config.workspace) is not None,
         }
+        notice = self.weaker_tier_notice()
+        if notice:
+            out["notice"] = notice
+        return out
+
+    def weaker_tier_notice(self) -> str | None:
+        """Said once, on stderr and in ``initialize``: a tier weaker than a
+        microVM was chosen (never silently: an engine that appears changes ``auto``)."""
+        if self.backend.isolation == "microvm":
+            return None
+        return (f"running in the {self.backend.isolation} tier, which shares this host's kernel: weaker than a "
+                "microVM (require one with --require-microvm, or requireMicrovm in initialize)")  # fmt: skip
 
     def health(self) -> dict[str, Any]:
         """A real round trip: ping, then import the survival kit in the guest."""
@@ -261,6 +415,7 @@ class Session:
         if self._closed:
             return
         self._closed = True
+        self.watchdog.stop()
         try:
             if self.machine.alive() and not self.client.closed:
                 try:
@@ -282,8 +437,17 @@ class Session:
         self.close()
 
 
-def _mount_fields(config: BootConfig) -> dict[str, Any]:
-    return {"source": WORKSPACE_TAG, "target": config.workspace_mount, "fstype": "9p"}
+def _mounts(config: BootConfig) -> list[dict[str, Any]]:
+    """The workspace, then its ``.git`` read-only over it (unless asked to be
+    writable): guest code must not plant hooks or ``core.fsmonitor`` that
+    the host's next ``git`` command in the workspace would run."""
+    if config.workspace is None:
+        return []
+    mounts: list[dict[str, Any]] = [{"source": WORKSPACE_TAG, "target": config.workspace_mount, "fstype": "9p"}]
+    if not config.writable_git and git_share(config.workspace) is not None:
+        mounts.append({"source": GIT_TAG, "target": f"{config.workspace_mount}/.git", "fstype": "9p",
+                       "readonly": True})  # fmt: skip
+    return mounts
 
 
 class _Restore:
@@ -306,8 +470,8 @@ class _Restore:
         self.calls.append(
             client.submit("freshen", os.urandom(64), time=time.time(), hostname=hostname, session=self.session_id)
         )
-        if self.config.workspace is not None:  # the QEMU backend shares it through 9p, mounted on request
-            self.calls.append(client.submit("mount", **_mount_fields(self.config)))
+        for fields in _mounts(self.config):  # the QEMU backend shares it through 9p, mounted on request
+            self.calls.append(client.submit("mount", **fields))
         client.accept_hello(hello.result(max(0.1, deadline - time.monotonic())))
 
     def finish(self, session: Session, timeout: float) -> None:

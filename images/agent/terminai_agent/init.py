@@ -16,7 +16,16 @@ MS_RDONLY = 0x1
 MS_NOSUID = 0x2
 MS_NODEV = 0x4
 MS_NOEXEC = 0x8
+MS_REMOUNT = 0x20
+MS_BIND = 0x1000
 MS_MOVE = 0x2000
+PR_SET_DUMPABLE = 4
+# Shares of guest memory for each tmpfs: together below the whole, so that
+# files alone cannot take the memory the agent needs to answer.
+OVERLAY_SIZE, TMP_SIZE, SHM_SIZE, RUN_SIZE = "35%", "25%", "10%", "5%"
+# What a command with uid 0 but no capabilities could still write to reach
+# PID 1 or the kernel: made read-only before the first command (``seal``).
+SEALED = ("/proc/sys", "/sys", "/sys/fs/cgroup", "/usr/lib/python3.11", "/usr/lib/terminai")
 RB_AUTOBOOT = 0x01234567
 RB_POWER_OFF = 0x4321FEDC
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -39,7 +48,7 @@ def _mount_quiet(source: str, target: str, fstype: str, flags: int = 0, data: st
 
 def _overlay_root() -> None:
     """Switch to a tmpfs-backed overlay of the read-only root."""
-    _mount_quiet("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755")
+    _mount_quiet("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, f"mode=0755,size={OVERLAY_SIZE}")
     for d in ("/run/ovl/upper", "/run/ovl/work", "/run/ovl/root"):
         os.makedirs(d, exist_ok=True)
     mount("overlay", "/run/ovl/root", "overlay", 0, "lowerdir=/,upperdir=/run/ovl/upper,workdir=/run/ovl/work")
@@ -51,7 +60,7 @@ def _overlay_root() -> None:
     mount(".", "/", "", MS_MOVE)
     os.chroot(".")
     os.chdir("/")
-    mount("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755")
+    mount("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, f"mode=0755,size={RUN_SIZE}")
 
 
 def setup_pid1() -> None:
@@ -61,12 +70,28 @@ def setup_pid1() -> None:
     if _root_is_readonly():
         _overlay_root()
     _mount_quiet("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "gid=5,mode=620,ptmxmode=666")
-    _mount_quiet("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
-    _mount_quiet("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+    _mount_quiet("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, f"mode=1777,size={SHM_SIZE}")
+    _mount_quiet("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"mode=1777,size={TMP_SIZE}")
     try:
         _mount_quiet("cgroup2", "/sys/fs/cgroup", "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     except OSError:
         pass  # a kernel without cgroup2 still serves commands
+
+
+def seal() -> None:
+    """Before the first command: PID 1 becomes untraceable (not dumpable),
+    and what a command with uid 0 but no capabilities could otherwise write
+    to reach it or the kernel (sysctls, sysfs, the code the agent may still
+    import) is mounted read-only; without CAP_SYS_ADMIN nothing undoes it.
+    Every module the agent uses is loaded by now (``socket`` by the network
+    set-up just before)."""
+    _libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+    for path in SEALED:
+        if not os.path.isdir(path):
+            continue
+        if not os.path.ismount(path):
+            mount(path, path, "", MS_BIND)
+        mount(path, path, "", MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
 
 
 def _root_is_readonly() -> bool:
@@ -96,10 +121,12 @@ def loopback_up() -> None:
         fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))
 
 
-def configure_network(spec: str) -> None:
+def configure_network(spec: str, deny: str | None = None) -> None:
     """``ADDR/PREFIX,GATEWAY,DNS``: set up eth0 from what the host passed on the
     kernel command line (no DHCP, nothing to wait for). DNS ``none``: no
-    resolver (the allowlist proxy resolves names on the host)."""
+    resolver (the allowlist proxy resolves names on the host). ``deny``:
+    comma-separated networks that get reject routes (commands, without
+    CAP_NET_ADMIN, cannot remove them)."""
     import socket
 
     SIOCSIFADDR, SIOCSIFNETMASK, SIOCGIFFLAGS, SIOCSIFFLAGS, SIOCADDRT = 0x8916, 0x891C, 0x8913, 0x8914, 0x890B
@@ -123,6 +150,15 @@ def configure_network(spec: str) -> None:
         route = struct.pack("@L16s16s16sHhLPhPLLH", 0, sin("0.0.0.0"), sin(gateway), sin("0.0.0.0"),
                             RTF_UP | RTF_GATEWAY, 0, 0, 0, 0, 0, 0, 0, 0)  # fmt: skip
         fcntl.ioctl(s, SIOCADDRT, route)
+        RTF_REJECT = 0x0200
+        for net in (deny or "").split(","):
+            if not net:
+                continue
+            dst, _, bits = net.partition("/")
+            netmask = socket.inet_ntoa(struct.pack(">I", (0xFFFFFFFF << (32 - int(bits or 32))) & 0xFFFFFFFF))
+            reject = struct.pack("@L16s16s16sHhLPhPLLH", 0, sin(dst), sin("0.0.0.0"), sin(netmask),
+                                 RTF_UP | RTF_REJECT, 0, 0, 0, 0, 0, 0, 0, 0)  # fmt: skip
+            fcntl.ioctl(s, SIOCADDRT, reject)
     with open("/etc/resolv.conf", "w") as f:
         f.write(f"nameserver {dns}\n" if dns != "none" else "# no resolver: names are resolved by the proxy\n")
 

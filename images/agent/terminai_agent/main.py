@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None, marks: dict[str, float] | None = None) -
     else:
         settings = _settings(argv)
     config = AgentConfig(pid1=pid1, workspace=settings.get("workspace"), network=settings.get("net"),
-                         proxy=settings.get("proxy"))  # fmt: skip
+                         proxy=settings.get("proxy"), deny=settings.get("deny"))  # fmt: skip
     config.marks = dict(marks or {})
     config.marks["mounted"] = _boottime()
     server = Server(config)

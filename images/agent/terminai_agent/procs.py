@@ -84,8 +84,31 @@ def proxy_env(proxy: str) -> dict[str, str]:
             "NO_PROXY": no_proxy, "no_proxy": no_proxy}  # fmt: skip
 
 
-def spawn(argv: list[str], cwd: str | None, env: dict[str, str]) -> tuple[int, tuple[int, int, int]]:
-    """Start ``argv`` in a new session with piped stdio.
+PR_CAPBSET_DROP = 24
+PR_SET_NO_NEW_PRIVS = 38
+CAP_LAST = 40
+
+
+def drop_privileges() -> None:
+    """In the child, before exec: no capabilities, ever (empty bounding set,
+    ``no_new_privs``). The command keeps uid 0, so it reads and writes what
+    root owns (the image, the workspace as the host maps it), but it cannot
+    trace PID 1 or take its descriptors (the agent channel), load code into
+    the kernel, reconfigure the network, mount, or reboot."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in range(CAP_LAST + 1):
+        libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)
+    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "no_new_privs")
+
+
+def spawn(
+    argv: list[str], cwd: str | None, env: dict[str, str], confine: bool = False
+) -> tuple[int, tuple[int, int, int]]:
+    """Start ``argv`` in a new session with piped stdio; ``confine`` drops
+    every capability first (``drop_privileges``).
 
     Returns the pid and the parent's (stdin, stdout, stderr) ends, all
     non-blocking. Raises OSError, with the child's errno, if the command
@@ -110,6 +133,8 @@ def spawn(argv: list[str], cwd: str | None, env: dict[str, str]) -> tuple[int, t
             for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD):
                 signal.signal(sig, signal.SIG_DFL)
             signal.pthread_sigmask(signal.SIG_SETMASK, [])
+            if confine:
+                drop_privileges()
             if cwd:
                 os.chdir(cwd)
             os.execvpe(argv[0], argv, env)

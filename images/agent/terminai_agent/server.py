@@ -59,8 +59,10 @@ class AgentConfig:
         workspace: str | None = None,
         network: str | None = None,
         proxy: str | None = None,
+        deny: str | None = None,
     ):
         self.pid1 = pid1
+        self.deny = deny  # networks commands may not reach (open mode): reject routes
         self.max_frame = max_frame
         self.session = new_session_id()
         self.workspace = workspace
@@ -349,6 +351,9 @@ class Server:
         cwd = h.get("cwd") or None
         if cwd is not None and not isinstance(cwd, str):
             raise P.ProtocolError(P.BAD_REQUEST, "cwd must be a string")
+        user = h.get("user", "user")
+        if user not in ("user", "root"):
+            raise P.ProtocolError(P.BAD_REQUEST, "user must be 'user' (no capabilities) or 'root'")
         # Everything is checked before the fork: a refused request never leaves a process behind.
         timeout = float(h["timeout"]) if h.get("timeout") else None
         cap = int(h["output_cap"]) if h.get("output_cap") is not None else DEFAULT_OUTPUT_CAP
@@ -356,16 +361,9 @@ class Server:
             raise P.ProtocolError(P.BAD_REQUEST, "timeout must be positive and output_cap not negative")
         if self.lo_pending:
             self.lo_pending = False
-            from .init import configure_network, loopback_up
-
-            try:
-                loopback_up()
-                if self.config.network:
-                    configure_network(self.config.network)
-            except OSError as exc:
-                self._log(f"cannot set up the network: {exc}")
+            self._before_first_command()
         try:
-            pid, fds = spawn(argv, cwd, env)
+            pid, fds = spawn(argv, cwd, env, confine=self.config.pid1 and user == "user")
         except OSError as exc:
             self._send(conn, P.error(rid, P.SPAWN_FAILED, f"cannot run {argv[0]!r}: {exc.strerror or exc}", ran=False))
             return
@@ -382,6 +380,25 @@ class Server:
         self.procs[(conn.fd, rid)] = proc
         self._send(conn, P.result(rid, pid=pid))
         self._write_stdin(proc)
+
+    def _before_first_command(self) -> None:
+        """The VM's init, once, before anything the host asked for runs (off
+        the boot path): the network, and the places a command without
+        capabilities but with uid 0 could still reach PID 1 through are
+        closed (``init.seal``)."""
+        from .init import configure_network, loopback_up, seal
+
+        try:
+            loopback_up()
+            if self.config.network:
+                configure_network(self.config.network, self.config.deny)
+        except OSError as exc:
+            self._log(f"cannot set up the network: {exc}")
+        try:
+            seal()
+        except OSError as exc:  # refuse to run commands in a VM that could not be sealed
+            self._log(f"cannot seal the VM: {exc}")
+            raise
 
     def _target(self, conn: Conn, h: dict[str, Any]) -> Process:
         proc = self.procs.get((conn.fd, h.get("target")))  # type: ignore[arg-type]
@@ -479,9 +496,13 @@ class Server:
         path = h["path"]
         if stat.S_ISDIR(os.lstat(path).st_mode):
             if h.get("recursive"):
-                import shutil
-
-                shutil.rmtree(path)
+                for root, dirs, files in os.walk(path, topdown=False):
+                    for name in files:
+                        os.unlink(os.path.join(root, name))
+                    for name in dirs:  # a link to a directory is listed here too: unlink it, never follow
+                        full = os.path.join(root, name)
+                        os.unlink(full) if os.path.islink(full) else os.rmdir(full)
+                os.rmdir(path)
             else:
                 os.rmdir(path)
         else:
@@ -507,12 +528,15 @@ class Server:
             raise P.ProtocolError(P.BAD_REQUEST, "mount is done by the VM's init only")
         if fstype not in ("9p", "virtiofs", "tmpfs"):
             raise P.ProtocolError(P.BAD_REQUEST, f"fstype {fstype!r} is not allowed")
-        from .init import mount
+        from .init import MS_NODEV, MS_NOSUID, MS_RDONLY, mount
 
         target = h["target"]
+        flags = MS_NOSUID | MS_NODEV | (MS_RDONLY if h.get("readonly") else 0)
+        if h.get("readonly") and not os.path.isdir(target):
+            raise P.ProtocolError(P.NOT_FOUND, f"{target} is not a directory to cover")
         os.makedirs(target, exist_ok=True)
         options = h.get("options", "trans=virtio,version=9p2000.L,msize=512000" if fstype == "9p" else "")
-        mount(h["source"], target, fstype, 0, options)
+        mount(h["source"], target, fstype, flags, options)
         self._send(conn, P.result(rid, target=target))
 
     def op_freshen(self, conn: Conn, rid: int, h: dict[str, Any], body: bytes) -> None:

@@ -7,6 +7,7 @@ process handle with that id. Calls from many threads share one stream.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import queue
 import socket
@@ -21,6 +22,8 @@ from terminai_agent import protocol as P
 from ..errors import AgentError, ChannelClosed, TimeoutExpired
 
 STDIN_HIGH_WATER = 4 << 20
+# The guest enforces a command's timeout; the host enforces its own, this much later, whatever the guest does.
+HOST_GRACE = 5.0
 
 
 @dataclass
@@ -39,6 +42,34 @@ class ExitStatus:
         return 128 + (self.signal or 0)
 
 
+MAX_PROTOCOL_ERRORS = 32  # kept for diagnostics; the guest cannot grow the list without bound
+MAX_ERROR_TEXT = 1000
+DEFAULT_OUTPUT_CAP = 256 << 20  # per stream, enforced here whatever the guest claims
+
+
+def _bounded_text(value: Any) -> str:
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= MAX_ERROR_TEXT else text[:MAX_ERROR_TEXT] + "..."
+
+
+def exit_status(h: dict[str, Any]) -> ExitStatus | None:
+    """An exit event's fields, checked: the guest is not trusted to send
+    well-formed ones. None if any field has the wrong type or range."""
+    code, sig, timed_out = h.get("code"), h.get("signal"), h.get("timed_out", False)
+    truncated, duration = h.get("truncated", []), h.get("duration", 0)
+    if code is not None and (type(code) is not int or not 0 <= code <= 255):
+        return None
+    if sig is not None and (type(sig) is not int or not 1 <= sig <= 64):
+        return None
+    if (code is None) == (sig is None) or type(timed_out) is not bool:
+        return None
+    if not isinstance(truncated, list) or not all(t in ("stdout", "stderr") for t in truncated) or len(truncated) > 2:
+        return None
+    if type(duration) not in (int, float) or not 0 <= duration < 1e9:
+        return None
+    return ExitStatus(code, sig, timed_out, list(truncated), float(duration))
+
+
 @dataclass
 class _Pending:
     done: threading.Event = field(default_factory=threading.Event)
@@ -48,7 +79,7 @@ class _Pending:
 class RemoteProcess:
     """A command running in the guest. Output arrives as (stream, bytes) events."""
 
-    def __init__(self, client: AgentClient, rid: int, pid: int) -> None:
+    def __init__(self, client: AgentClient, rid: int, pid: int, output_cap: int = DEFAULT_OUTPUT_CAP) -> None:
         self.client = client
         self.id = rid
         self.pid = pid
@@ -56,8 +87,28 @@ class RemoteProcess:
         self.status: ExitStatus | None = None
         self._exited = threading.Event()
         self.on_event: Callable[[str, Any], None] | None = None
+        self.output_cap = output_cap
+        self.received = {"stdout": 0, "stderr": 0}
+        self.cut: set[str] = set()
+        self.host_deadline: float | None = None  # the shim's own limit: the guest's timeout plus a grace
+        self.failure: str | None = None  # why the host gave up on it (a bad exit event, a hung VM)
+        self.host_timed_out = False  # the host's deadline ended it (the guest did not)
 
     def _deliver(self, name: str, value: Any) -> None:
+        if name in ("stdout", "stderr"):
+            # The cap is the host's: whatever the guest says it sent, no more is kept or passed on.
+            room = self.output_cap - self.received[name]
+            if room <= 0:
+                self.cut.add(name)
+                return
+            if len(value) > room:
+                value = value[:room]
+                self.cut.add(name)
+            self.received[name] += len(value)
+        elif name not in ("exit", "gone"):
+            return  # an event this host does not know: dropped
+        if name == "exit" and self.cut:
+            value.truncated = sorted(set(value.truncated) | self.cut)
         if name in ("exit", "gone"):
             self.status = value
             self._exited.set()
@@ -80,7 +131,8 @@ class RemoteProcess:
         if not self._exited.wait(timeout):
             raise TimeoutExpired(f"process {self.id} still running after {timeout}s", ran=True)
         if self.status is None:
-            raise ChannelClosed("the VM went away while the command ran; its outcome is unknown", ran=True)
+            raise ChannelClosed(self.failure or "the VM went away while the command ran; its outcome is unknown",
+                                ran=True)  # fmt: skip
         return self.status
 
     def write_stdin(self, data: bytes) -> None:
@@ -139,8 +191,9 @@ class AgentClient:
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()
         self._closed = False
-        self.protocol_errors: list[str] = []
+        self.protocol_errors: collections.deque[str] = collections.deque(maxlen=MAX_PROTOCOL_ERRORS)
         self.hello_info: dict[str, Any] = {}
+        self.default_user = "user"  # who commands run as in the guest unless a call says otherwise
         self._reader = threading.Thread(target=self._read_loop, name="agent-reader", daemon=True)
         self._reader.start()
 
@@ -154,7 +207,7 @@ class AgentClient:
                     break
                 for item in decoder.feed(data):
                     if isinstance(item, P.ProtocolError):
-                        self.protocol_errors.append(item.message)
+                        self.protocol_errors.append(_bounded_text(item.message))
                     else:
                         self._route(item)
         except OSError:
@@ -173,22 +226,18 @@ class AgentClient:
             if name == "exit":
                 with self._lock:
                     self._procs.pop(rid, None)
-                h = frame.header
-                proc._deliver(
-                    "exit",
-                    ExitStatus(
-                        h.get("code"),
-                        h.get("signal"),
-                        bool(h.get("timed_out")),
-                        list(h.get("truncated", [])),
-                        float(h.get("duration", 0)),
-                    ),
-                )
+                status = exit_status(frame.header)
+                if status is None:
+                    proc.failure = "the guest sent a malformed exit status; the outcome is unknown"
+                    self.protocol_errors.append(_bounded_text(f"malformed exit event: {frame.header!r}"))
+                    proc._deliver("gone", None)
+                else:
+                    proc._deliver("exit", status)
             else:
                 proc._deliver(name, frame.body)
             return
         if kind == P.ERROR and rid == 0:
-            self.protocol_errors.append(str(frame.header.get("message")))
+            self.protocol_errors.append(_bounded_text(frame.header.get("message")))
             return
         with self._lock:
             pending = self._pending.pop(rid, None)
@@ -209,6 +258,10 @@ class AgentClient:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    def running(self) -> list[RemoteProcess]:
+        with self._lock:
+            return list(self._procs.values())
 
     def send_raw(self, data: bytes) -> None:
         with self._send_lock:
@@ -243,9 +296,12 @@ class AgentClient:
         return self.submit("hello", versions=list(P.SUPPORTED_VERSIONS), max_frame=self.max_frame)
 
     def accept_hello(self, frame: P.Frame) -> dict[str, Any]:
-        self.peer_max = int(frame.header.get("max_frame", P.DEFAULT_MAX_FRAME))
-        self.hello_info = frame.header
-        return frame.header
+        peer_max = frame.header.get("max_frame", P.DEFAULT_MAX_FRAME)
+        if type(peer_max) is not int:
+            peer_max = P.DEFAULT_MAX_FRAME
+        self.peer_max = min(max(peer_max, P.MIN_MAX_FRAME), P.DEFAULT_MAX_FRAME)
+        self.hello_info = {k: v for k, v in frame.header.items() if isinstance(k, str)}
+        return self.hello_info
 
     def hello(self, timeout: float | None = 60.0) -> dict[str, Any]:
         return self.accept_hello(self.submit_hello().result(timeout))
@@ -266,9 +322,11 @@ class AgentClient:
         stdin_open: bool = False,
         output_cap: int | None = None,
         on_event: Callable[[str, Any], None] | None = None,
+        user: str | None = None,
     ) -> RemoteProcess:
         rid = next(self._ids)
-        fields: dict[str, Any] = {"cwd": cwd, "env": env or {}, "timeout": timeout, "stdin_open": stdin_open}
+        fields: dict[str, Any] = {"cwd": cwd, "env": env or {}, "timeout": timeout, "stdin_open": stdin_open,
+                                  "user": user or self.default_user}  # fmt: skip
         if shell:
             fields.update(shell=True, command=command)
         else:
@@ -279,8 +337,10 @@ class AgentClient:
         if rest:
             fields["stdin_open"] = True
         pending = _Pending()
-        proc = RemoteProcess(self, rid, 0)
+        proc = RemoteProcess(self, rid, 0, DEFAULT_OUTPUT_CAP if output_cap is None else output_cap)
         proc.on_event = on_event
+        if timeout is not None:
+            proc.host_deadline = time.monotonic() + timeout + HOST_GRACE
         with self._lock:
             if self._closed:
                 raise ChannelClosed("the agent channel is closed", hint="the VM has stopped; start a new session")
@@ -304,7 +364,8 @@ class AgentClient:
                 self._procs.pop(rid, None)
             h = frame.header
             raise AgentError(str(h.get("code")), str(h.get("message")), ran=bool(h.get("ran")))
-        proc.pid = int(frame.header.get("pid", 0))
+        pid = frame.header.get("pid", 0)
+        proc.pid = pid if type(pid) is int and 0 < pid < 1 << 22 else 0
         if rest:
             try:
                 proc.write_stdin(rest)

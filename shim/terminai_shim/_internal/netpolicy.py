@@ -32,6 +32,7 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 class Entry:
     host: str  # lower-case name, "*.suffix", or an IP literal
     ports: tuple[int, ...]
+    explicit_port: bool = False  # the entry named its port (CONNECT may then tunnel to it)
 
     def matches(self, host: str, port: int) -> bool:
         if port not in self.ports:
@@ -62,7 +63,7 @@ class Allowlist:
             host, port = _split(item, raw)
             if not host or any(c in host for c in " \t/@") or ("*" in host and not host.startswith("*.")):
                 raise ConfigError(f"allowlist entry {raw!r} is not HOST[:PORT], *.DOMAIN[:PORT] or a CIDR range")
-            entries.append(Entry(host, (port,) if port else DEFAULT_PORTS))
+            entries.append(Entry(host, (port,) if port else DEFAULT_PORTS, port is not None))
         return cls(tuple(entries), tuple(ranges))
 
 

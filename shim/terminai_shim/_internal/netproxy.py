@@ -6,38 +6,58 @@ absolute form. Each connection's target is decided by ``netpolicy.decide``
 proxy connects to exactly the address it checked and relays bytes. Every
 decision is one JSON line in the session's log, with the session id.
 
-Two ways to run it, both standard library only:
+One long-lived ``ProxyServer`` per session, started before the guest runs,
+inside the shim's own process: a guest connection never makes the host
+import, execute or read anything, so a workspace full of the guest's files
+(``terminai_shim/__init__.py`` included) changes nothing on the host. QEMU's
+restricted user networking cannot hand several guest connections to one
+listener, so for each guest connection it starts ``CONNECTOR``: the
+system's Python in isolated mode (``-I -S``: no current directory, no
+site packages, no environment), from the session's private directory, with
+its code inline. It passes the connection's descriptor to the server over
+a Unix socket and exits; the server counts it against the session's limit
+before doing anything else.
 
-- ``--inetd CONFIG``: one connection on stdin. QEMU's restricted user
-  networking spawns this for every guest connection to the proxy address
-  (``guestfwd=...-cmd:``), so the guest reaches nothing else at all.
-- ``--listen HOST:PORT CONFIG``: a small threaded server (tests; a proxy in
-  front of a container).
+``--listen HOST:PORT CONFIG`` runs the same server on TCP (tests, and a
+proxy in front of a container).
 
-When the host itself sits behind a proxy (``upstream`` in the config, taken
-from the shim's own ``HTTPS_PROXY``/``HTTP_PROXY``/``NO_PROXY``), allowed
+When the host itself sits behind a proxy (``upstream``, taken from the
+shim's own ``HTTPS_PROXY``/``HTTP_PROXY``/``NO_PROXY``), allowed
 connections go through it; a name the host cannot resolve is then left to
 the upstream proxy to resolve.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
+import select
 import socket
 import sys
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+from .httphead import HeadError, RequestHead, parse_request_head, split_head
 from .netpolicy import Allowlist, Decision, decide, decide_name
 
-MAX_HEADER = 64 << 10
 BUFFER = 256 << 10
+MAX_CONNECTIONS = 64  # per session, counted before any work: a guest cannot make the host spend without bound
+HEAD_TIMEOUT = 30.0  # to send a whole request head
+IDLE_TIMEOUT = 300.0  # a relayed connection with no byte either way for this long is closed
+CONNECT_PORT = 443  # CONNECT is a raw tunnel: to 443 only, unless an entry names another port itself
+
+# Run by QEMU for each guest connection (argv, no shell): pass our stdin, the
+# guest's connection, to the session's server, wait until it has it, exit.
+CONNECTOR = (
+    "import socket,sys\n"
+    "s=socket.socket(socket.AF_UNIX,socket.SOCK_STREAM)\n"
+    "s.connect(sys.argv[1])\n"
+    "socket.send_fds(s,[b'c'],[0])\n"
+    "s.recv(1)\n"
+)
 
 
 @dataclass(frozen=True)
@@ -78,7 +98,7 @@ def _log(config: ProxyConfig, decision: Decision, method: str, host: str, port: 
               "address": decision.address, "reason": decision.reason}  # fmt: skip
     line = (json.dumps(record) + "\n").encode()
     if config.log:
-        fd = os.open(config.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        fd = os.open(config.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             os.write(fd, line)  # one write with O_APPEND: lines from concurrent connections never interleave
         finally:
@@ -87,37 +107,27 @@ def _log(config: ProxyConfig, decision: Decision, method: str, host: str, port: 
         sys.stderr.buffer.write(line)
 
 
-def _read_head(conn: socket.socket) -> tuple[bytes, bytes]:
+def _read_head(conn: socket.socket, deadline: float) -> tuple[bytes, bytes]:
+    """The request head (strictly delimited) and what followed it, within ``deadline``."""
     data = b""
-    while b"\r\n\r\n" not in data:
+    while True:
+        found = split_head(data)
+        if found is not None:
+            return found
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise HeadError("408 Request Timeout", "the request head did not arrive in time")
+        conn.settimeout(left)
         chunk = conn.recv(8192)
         if not chunk:
             raise ConnectionError("the client closed before sending a request")
         data += chunk
-        if len(data) > MAX_HEADER:
-            raise ValueError("request header too large")
-    head, _, rest = data.partition(b"\r\n\r\n")
-    return head, rest
 
 
 def _reply(conn: socket.socket, status: str, text: str) -> None:
     body = (text + "\n").encode()
     conn.sendall(f"HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {len(body)}\r\n"
                  f"Connection: close\r\n\r\n".encode() + body)  # fmt: skip
-
-
-def _target(method: str, target: str) -> tuple[str, int, str]:
-    """host, port and the origin-form path for a request line's target."""
-    if method == "CONNECT":
-        host, sep, port = target.rpartition(":")
-        if not sep or not port.isdigit():
-            raise ValueError(f"CONNECT target {target!r} is not HOST:PORT")
-        return host.strip("[]"), int(port), ""
-    url = urllib.parse.urlsplit(target)
-    if url.scheme != "http" or not url.hostname:
-        raise ValueError(f"only absolute http:// URLs and CONNECT are proxied, not {target!r}")
-    path = url.path or "/"
-    return url.hostname, url.port or 80, path + (f"?{url.query}" if url.query else "")
 
 
 def _resolve(host: str, port: int) -> list[str]:
@@ -138,7 +148,11 @@ def _connect_upstream(proxy: str, host: str, port: int) -> socket.socket:
     sock = socket.create_connection((url.hostname or "127.0.0.1", url.port or 3128), timeout=30)
     authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     sock.sendall(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
-    head, rest = _read_head(sock)
+    try:
+        head, rest = _read_head(sock, time.monotonic() + 30)
+    except (HeadError, OSError) as exc:
+        sock.close()
+        raise ConnectionError(f"the upstream proxy did not answer CONNECT {authority}: {exc}") from None
     first = head.split(b"\r\n", 1)[0]
     status = first.split()
     if len(status) < 2 or status[1] != b"200" or rest:
@@ -147,97 +161,117 @@ def _connect_upstream(proxy: str, host: str, port: int) -> socket.socket:
     return sock
 
 
-def _splice(a: socket.socket, b: socket.socket) -> None:
-    def pump(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while chunk := src.recv(BUFFER):
-                dst.sendall(chunk)
-        except OSError:
-            pass
-        finally:
+def _relay(a: socket.socket, b: socket.socket, idle: float = IDLE_TIMEOUT) -> None:
+    """Bytes both ways on one thread until both sides have finished, or
+    nothing moved for ``idle`` seconds."""
+    a.setblocking(False)
+    b.setblocking(False)
+    peer = {a: b, b: a}
+    reading = {a, b}
+    while reading:
+        ready, _, _ = select.select(list(reading), [], [], idle)
+        if not ready:
+            return
+        for src in ready:
             try:
-                dst.shutdown(socket.SHUT_WR)
+                chunk = src.recv(BUFFER)
+            except BlockingIOError:
+                continue
             except OSError:
-                pass
+                chunk = b""
+            dst = peer[src]
+            if not chunk:
+                reading.discard(src)
+                try:
+                    dst.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
+                continue
+            try:
+                dst.setblocking(True)
+                dst.settimeout(idle)
+                dst.sendall(chunk)
+            except OSError:
+                return
+            finally:
+                dst.setblocking(False)
 
-    other = threading.Thread(target=pump, args=(b, a), daemon=True)
-    other.start()
-    pump(a, b)
-    other.join()
+
+def _connect_allowed(req: RequestHead, config: ProxyConfig) -> Decision:
+    """The policy's answer for this request: name first (an unlisted name is
+    never even looked up: a lookup alone could carry data out through DNS),
+    then every address the name resolves to."""
+    if (
+        req.method == "CONNECT"
+        and req.port != CONNECT_PORT
+        and not any(e.explicit_port and e.matches(req.host, req.port) for e in config.allowlist.entries)
+    ):
+        return Decision(False, f"CONNECT to port {req.port} needs an entry that names the port")
+    decision = decide_name(config.allowlist, req.host, req.port)
+    if decision.allowed:
+        addresses = _resolve(req.host, req.port)
+        if addresses or not _upstream(req, config):
+            decision = decide(config.allowlist, req.host, req.port, addresses)
+        # else: the host cannot resolve it; the upstream proxy will (name rule only, documented)
+    return decision
+
+
+def _upstream(req: RequestHead, config: ProxyConfig) -> str | None:
+    if _bypasses(config.upstream, req.host):
+        return None
+    return config.upstream.get("https" if req.method == "CONNECT" else "http")
 
 
 def handle(conn: socket.socket, config: ProxyConfig) -> None:
-    conn.settimeout(60)
+    """One guest connection: one request (or one tunnel), then close."""
     try:
-        head, rest = _read_head(conn)
-        request_line, _, headers = head.partition(b"\r\n")
-        method, target, version = request_line.decode("latin-1").split(" ", 2)
-        host, port, path = _target(method, target)
-    except (ValueError, ConnectionError, OSError) as exc:
-        try:
-            _reply(conn, "400 Bad Request", f"terminai proxy: {exc}")
-        except OSError:
-            pass
+        head, rest = _read_head(conn, time.monotonic() + HEAD_TIMEOUT)
+        req = parse_request_head(head)
+    except HeadError as exc:
+        _reply(conn, exc.status, f"terminai proxy: {exc.message}")
         return
-    host = host.lower().rstrip(".")
-    upstream = None if _bypasses(config.upstream, host) else config.upstream.get("https" if method == "CONNECT"
-                                                                                 else "http")  # fmt: skip
-    # The name rule first: a name that is not listed is never even looked up
-    # (a lookup alone could carry data out through DNS).
-    decision = decide_name(config.allowlist, host, port)
-    if decision.allowed:
-        addresses = _resolve(host, port)
-        if addresses or not upstream:
-            decision = decide(config.allowlist, host, port, addresses)
-        # else: the host cannot resolve it; the upstream proxy will (name rule only, documented)
-    _log(config, decision, method, host, port)
+    except (ConnectionError, OSError):
+        return
+    decision = _connect_allowed(req, config)
+    _log(config, decision, req.method, req.host, req.port)
     if not decision.allowed:
         _reply(conn, "403 Forbidden", f"terminai proxy: refused: {decision.reason}")
         return
-    length = 0
-    if method != "CONNECT":
-        fields = _fields(headers)
-        if "chunked" in fields.get("transfer-encoding", "").lower():
-            _reply(
-                conn, "411 Length Required", "terminai proxy: chunked request bodies are not proxied over plain http"
-            )
-            return
-        length = int(fields["content-length"]) if fields.get("content-length", "").isdigit() else -1
-        if length < 0 and "content-length" in fields:
-            _reply(conn, "400 Bad Request", "terminai proxy: bad Content-Length")
-            return
-        length = max(length, 0)
-    try:
-        target_address = decision.address or host
-        if upstream:  # connect through the host's proxy to the address checked here, not a fresh lookup
-            server = _connect_upstream(upstream, target_address, port)
-        else:
-            server = socket.create_connection((target_address, port), timeout=30)
-    except OSError as exc:
-        _reply(conn, "502 Bad Gateway", f"terminai proxy: cannot reach {host}:{port}: {exc}")
+    if req.chunked:
+        _reply(conn, "411 Length Required", "terminai proxy: chunked request bodies are not proxied over plain http")
         return
-    conn.settimeout(None)
-    server.settimeout(None)
+    upstream = _upstream(req, config)
+    try:
+        target_address = decision.address or req.host
+        if upstream:  # connect through the host's proxy to the address checked here, not a fresh lookup
+            server = _connect_upstream(upstream, target_address, req.port)
+        else:
+            server = socket.create_connection((target_address, req.port), timeout=30)
+    except OSError as exc:
+        _reply(conn, "502 Bad Gateway", f"terminai proxy: cannot reach {req.host}:{req.port}: {exc}")
+        return
     with server:
-        if method == "CONNECT":
+        if req.method == "CONNECT":
             conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
             if rest:
                 server.sendall(rest)
-            _splice(conn, server)
+            _relay(conn, server)
             return
         # Plain HTTP: exactly one request, to the host that was checked. The
         # Host header is the checked one (no virtual host behind the same
         # address), the body is its declared length, and nothing the client
         # sends after it reaches the server (no pipelined second request).
-        kept = [h.decode("latin-1") for h in headers.split(b"\r\n")
-                if h and not h.lower().startswith((b"proxy-", b"connection:", b"host:", b"keep-alive:"))]  # fmt: skip
-        authority = f"[{host}]" if ":" in host else host
-        head_lines = [f"{method} {path} {version}", f"Host: {authority}" + (f":{port}" if port != 80 else ""),
-                      *kept, "Connection: close"]  # fmt: skip
+        hop = ("proxy-connection", "proxy-authorization", "connection", "host", "keep-alive", "te", "upgrade")
+        kept = [f"{name}: {value}" for name, value in req.headers if name.lower() not in hop]
+        authority = f"[{req.host}]" if ":" in req.host else req.host
+        head_lines = [f"{req.method} {req.path} {req.version}",
+                      f"Host: {authority}" + (f":{req.port}" if req.port != 80 else ""), *kept,
+                      "Connection: close"]  # fmt: skip
         server.sendall(("\r\n".join(head_lines) + "\r\n\r\n").encode("latin-1"))
-        sent = rest[:length]
+        sent = rest[: req.content_length]
         server.sendall(sent)
-        remaining = length - len(sent)
+        remaining = req.content_length - len(sent)
+        conn.settimeout(IDLE_TIMEOUT)
         while remaining > 0:
             chunk = conn.recv(min(BUFFER, remaining))
             if not chunk:
@@ -248,83 +282,120 @@ def handle(conn: socket.socket, config: ProxyConfig) -> None:
             server.shutdown(socket.SHUT_WR)
         except OSError:
             pass
+        server.settimeout(IDLE_TIMEOUT)
         while chunk := server.recv(BUFFER):
             conn.sendall(chunk)
 
 
-def _fields(headers: bytes) -> dict[str, str]:
-    out = {}
-    for line in headers.split(b"\r\n"):
-        name, sep, value = line.partition(b":")
-        if sep:
-            out[name.strip().lower().decode("latin-1")] = value.strip().decode("latin-1")
-    return out
+class ProxyServer:
+    """One session's proxy: a listener, a bounded number of connections,
+    each handled on its own thread; ``close`` ends the listener."""
 
+    def __init__(self, config: ProxyConfig, max_connections: int = MAX_CONNECTIONS) -> None:
+        self.config = config
+        self.max_connections = max_connections
+        self.active = 0
+        self.refused = 0
+        self._lock = threading.Lock()
+        self._listener: socket.socket | None = None
+        self._thread: threading.Thread | None = None
 
-MAX_CONNECTIONS = 64  # per session: a guest cannot make the host spawn proxies without bound
+    def set_session(self, session: str, log: str) -> None:
+        """The session id is known once the agent answered (before any command runs)."""
+        self.config = replace(self.config, session=session, log=log)
 
+    def listen_unix(self, path: str) -> None:
+        """Connectors hand guest connections over this socket (descriptor passing)."""
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(path)
+        listener.listen(128)
+        self._start(listener, self._take_passed)
 
-@contextlib.contextmanager
-def _slot(config_path: str) -> Iterator[bool]:
-    """One of MAX_CONNECTIONS lock files beside the session's config, or none."""
-    import fcntl
+    def listen_tcp(self, address: tuple[str, int]) -> tuple[str, int]:
+        listener = socket.create_server(address)
+        self._start(listener, lambda conn: self._admit(conn))
+        name: tuple[str, int] = listener.getsockname()[:2]
+        return name
 
-    base = os.path.dirname(config_path)
-    for i in range(MAX_CONNECTIONS):
-        fd = os.open(os.path.join(base, f".proxy-slot-{i}"), os.O_RDWR | os.O_CREAT, 0o600)
+    def _start(self, listener: socket.socket, take: Any) -> None:
+        self._listener = listener
+
+        def loop() -> None:
+            while True:
+                try:
+                    conn, _ = listener.accept()
+                except OSError:
+                    return  # closed
+                try:
+                    take(conn)
+                except Exception:
+                    conn.close()
+
+        self._thread = threading.Thread(target=loop, name="netproxy", daemon=True)
+        self._thread.start()
+
+    def _take_passed(self, carrier: socket.socket) -> None:
+        with carrier:
+            carrier.settimeout(5)
+            try:
+                _, fds, _, _ = socket.recv_fds(carrier, 1, 1)
+            except OSError:
+                return
+            for extra in fds[1:]:
+                os.close(extra)
+            if not fds:
+                return
+            try:
+                carrier.sendall(b"k")
+            except OSError:
+                pass
+        self._admit(socket.socket(fileno=fds[0]))
+
+    def _admit(self, conn: socket.socket) -> None:
+        with self._lock:
+            full = self.active >= self.max_connections
+            if full:
+                self.refused += 1
+            else:
+                self.active += 1
+        if full:
+            with conn:
+                try:
+                    conn.setblocking(False)
+                    conn.send(b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
+                except OSError:
+                    pass
+            return
+        threading.Thread(target=self._serve_one, args=(conn,), daemon=True).start()
+
+    def _serve_one(self, conn: socket.socket) -> None:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            continue
-        try:
-            yield True
+            with conn:
+                handle(conn, self.config)
+        except Exception:
+            pass  # the guest sees the connection close; it never sees a traceback
         finally:
-            os.close(fd)
-        return
-    yield False
+            with self._lock:
+                self.active -= 1
 
-
-def serve(address: tuple[str, int], config: ProxyConfig, ready: Any = None) -> None:
-    listener = socket.create_server(address)
-    if ready is not None:
-        ready(listener.getsockname())
-    while True:
-        conn, _ = listener.accept()
-        threading.Thread(target=lambda c=conn: _handle_closing(c, config), daemon=True).start()
-
-
-def _handle_closing(conn: socket.socket, config: ProxyConfig) -> None:
-    with conn:
-        handle(conn, config)
+    def close(self) -> None:
+        if self._listener is not None:
+            try:
+                self._listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self._listener.close()
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) == 2 and argv[0] == "--inetd":
-        # QEMU hands the guest's connection over as stdin, stdout and stderr:
-        # nothing but protocol bytes may ever be written to it.
-        conn = socket.socket(fileno=os.dup(0))
-        devnull = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(devnull, fd)
-        with conn:
-            try:
-                config = ProxyConfig.load(argv[1])
-                with _slot(argv[1]) as free:
-                    if free:
-                        handle(conn, config)
-                    else:
-                        _reply(conn, "503 Service Unavailable", "terminai proxy: too many connections at once")
-            except BaseException:
-                pass  # the guest sees the connection close; it never sees a traceback
-        return 0
     if len(argv) == 3 and argv[0] == "--listen":
         host, _, port = argv[1].rpartition(":")
-        serve((host, int(port)), ProxyConfig.load(argv[2]),
-              ready=lambda a: print(f"listening {a[0]}:{a[1]}", flush=True))  # fmt: skip
+        server = ProxyServer(ProxyConfig.load(argv[2]))
+        bound = server.listen_tcp((host, int(port)))
+        print(f"listening {bound[0]}:{bound[1]}", flush=True)
+        threading.Event().wait()
         return 0
-    print("usage: python -m terminai_shim._internal.netproxy --inetd CONFIG | --listen HOST:PORT CONFIG",
-          file=sys.stderr)  # fmt: skip
+    print("usage: python -m terminai_shim._internal.netproxy --listen HOST:PORT CONFIG", file=sys.stderr)
     return 2
 
 

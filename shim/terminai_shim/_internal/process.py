@@ -32,3 +32,24 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+PR_CAPBSET_DROP = 24
+PR_SET_NO_NEW_PRIVS = 38
+CAP_LAST = 63
+
+
+def keep_only_capabilities(keep: tuple[int, ...]) -> None:
+    """In a child about to exec (a preexec_fn): remove every capability but
+    ``keep`` from the bounding set, and forbid gaining any back
+    (``no_new_privs``). A root process that then execs keeps uid 0 but only
+    these capabilities. Raises OSError if the kernel refuses."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in range(CAP_LAST + 1):
+        if cap not in keep and libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            err = ctypes.get_errno()
+            if err != 22:  # EINVAL: a capability this kernel does not know
+                raise OSError(err, os.strerror(err))
+    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))

@@ -50,6 +50,35 @@ class Qmp:
             raise QmpError(f"QEMU refused {command}: {reply['error'].get('desc')}")
         return reply.get("return")
 
+    def execute_with_fd(self, command: str, fd: int, **arguments: Any) -> Any:
+        """A command that takes a file descriptor with it (``getfd``): QEMU
+        then writes into a file the shim opened, and never has to start a
+        process (its seccomp filter forbids that)."""
+        request: dict[str, Any] = {"execute": command, "arguments": arguments}
+        self.file.flush()
+        socket.send_fds(self.sock, [json.dumps(request).encode() + b"\n"], [fd])
+        reply = self._read()
+        if "error" in reply:
+            raise QmpError(f"QEMU refused {command}: {reply['error'].get('desc')}")
+        return reply.get("return")
+
+    def next_event(self, timeout: float) -> str | None:
+        """The name of the next event QEMU sends within ``timeout``, or None."""
+        self.sock.settimeout(timeout)
+        try:
+            line = self.file.readline()
+        except TimeoutError:
+            return None
+        finally:
+            self.sock.settimeout(None)
+        if not line:
+            return "SHUTDOWN"  # QEMU closed its monitor: it is gone
+        try:
+            msg = json.loads(line)
+        except ValueError:
+            return None
+        return str(msg.get("event")) if isinstance(msg, dict) and "event" in msg else None
+
     def close(self) -> None:
         try:
             self.file.close()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import shutil
 import time
 from dataclasses import dataclass
@@ -142,7 +141,12 @@ class SnapshotStore:
         qmp = Qmp(str(control_socket), time.monotonic() + 10)
         completed = False
         try:
-            qmp.execute("migrate", uri="exec:cat > " + shlex.quote(str(target)))
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            try:
+                qmp.execute_with_fd("getfd", fd, fdname="snapshot")
+            finally:
+                os.close(fd)
+            qmp.execute("migrate", uri="fd:snapshot")
             deadline = time.monotonic() + timeout
             while True:
                 status = qmp.execute("query-migrate").get("status")

@@ -53,10 +53,15 @@ def choose_backend(
     has_image: bool = True,
     order: tuple[str, ...] | None = None,
     network: str = "none",
+    require_microvm: bool = False,
 ) -> BackendChoice:
-    """Which backend runs, and why (``doctor`` shows the reason)."""
+    """Which backend runs, and why (``doctor`` shows the reason).
+    ``require_microvm``: a policy that never settles for a shared kernel."""
     if requested not in NAMES:
         raise ConfigError(f"unknown backend {requested!r}", hint=f"choose one of {', '.join(NAMES)}")
+    if require_microvm and requested == "container":
+        raise ConfigError("the container tier was requested, but the policy requires a microVM",
+                          hint="choose --backend qemu, or drop --require-microvm")  # fmt: skip
     if requested != "auto":
         return BackendChoice(requested, "requested")
     skipped = []
@@ -68,6 +73,9 @@ def choose_backend(
         elif tier == "container":
             from .container import engine_answers
 
+            if require_microvm:
+                skipped.append("the policy requires a microVM")
+                continue
             if network == "allowlist":
                 skipped.append("the container tier has no allowlist networking")
                 continue
@@ -95,5 +103,6 @@ def make_backend(name: str) -> Backend:
 
 
 def select_backend(accel: AccelChoice, config: BootConfig) -> Backend:
-    choice = choose_backend(accel, config.backend, has_image=config.image is not None, network=config.network.mode)
+    choice = choose_backend(accel, config.backend, has_image=config.image is not None, network=config.network.mode,
+                            require_microvm=config.require_microvm)  # fmt: skip
     return make_backend(choice.name)

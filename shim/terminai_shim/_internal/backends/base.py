@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import abc
+import os
 import socket
 import subprocess
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,8 +38,68 @@ class RuntimeDir:
 
     @property
     def empty_share(self) -> Path:
-        """What the 9p device exports when the session has no workspace."""
+        """What a 9p device exports when there is nothing to share (read-only)."""
         return self.path / "no-workspace"
+
+    @property
+    def proxy_socket(self) -> Path:
+        """Where the allowlist proxy takes guest connections from QEMU's connectors."""
+        return self.path / "proxy.sock"
+
+
+class ConsoleCapture:
+    """The guest's serial console, kept within bounds.
+
+    The guest writes its console as fast as it likes; a file QEMU writes
+    directly would grow without limit (in XDG_RUNTIME_DIR: memory). QEMU
+    writes into a pipe instead; a thread keeps the first ``head`` bytes in
+    ``console.log`` (boot messages, a panic) and the last ``tail`` bytes,
+    appended when the guest stops, with a line saying how much was dropped."""
+
+    def __init__(self, path: Path, head: int = 1 << 20, tail: int = 64 << 10) -> None:
+        self.path = path
+        self.head = head
+        self.tail = tail
+        self.dropped = 0
+        read_end, self.write_fd = os.pipe2(os.O_CLOEXEC)
+        self._thread = threading.Thread(target=self._pump, args=(read_end,), name="console", daemon=True)
+        self._thread.start()
+
+    def child_started(self) -> None:
+        """The VMM holds the write end now: drop ours, so its exit ends the pump."""
+        if self.write_fd >= 0:
+            os.close(self.write_fd)
+            self.write_fd = -1
+
+    def _pump(self, read_end: int) -> None:
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        written = 0
+        ring = bytearray()
+        try:
+            while data := os.read(read_end, 65536):
+                if written < self.head:
+                    part = data[: self.head - written]
+                    os.write(fd, part)
+                    written += len(part)
+                    data = data[len(part) :]
+                if data:
+                    self.dropped += len(data)
+                    ring += data
+                    del ring[: -self.tail]
+            if self.dropped:
+                kept = len(ring)
+                note = f"\n[terminai: {self.dropped - kept} bytes of console output dropped; the last {kept} follow]\n"
+                os.write(fd, note.encode() + bytes(ring))
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+            os.close(read_end)
+
+    def finish(self, timeout: float = 2.0) -> None:
+        """Wait until everything the VMM wrote is in the file (it has exited)."""
+        self.child_started()
+        self._thread.join(timeout)
 
 
 class Machine(abc.ABC):
@@ -73,9 +135,12 @@ class Machine(abc.ABC):
 class ProcessMachine(Machine):
     """A VMM child process."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], runtime: RuntimeDir) -> None:
+    def __init__(
+        self, proc: subprocess.Popen[bytes], runtime: RuntimeDir, console: ConsoleCapture | None = None
+    ) -> None:
         self.proc = proc
         self.runtime = runtime
+        self.console = console
 
     @property
     def pid(self) -> int:
@@ -91,6 +156,13 @@ class ProcessMachine(Machine):
             self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             pass
+        if self.console is not None:
+            self.console.finish()
+
+    def diagnostics(self) -> str:
+        if self.console is not None and self.proc.poll() is not None:
+            self.console.finish()
+        return super().diagnostics()
 
     def wait(self, timeout: float) -> int | None:
         try:
@@ -139,3 +211,12 @@ def console_tail(path: Path, lines: int = 12) -> str:
     panic = next((line.strip() for line in all_lines if "Kernel panic" in line), None)
     head = f"the guest kernel panicked: {panic}\n" if panic else ""
     return head + ("guest console:\n  " + "\n  ".join(tail) if tail else "(no console output)")
+
+
+def git_share(workspace: Path | None) -> Path | None:
+    """The workspace's ``.git`` directory, if it has one (a ``.git`` file, as
+    in a worktree, points elsewhere and is left as it is)."""
+    if workspace is None:
+        return None
+    git = workspace / ".git"
+    return git if git.is_dir() and not git.is_symlink() else None

@@ -31,7 +31,7 @@ from ...errors import BootError, ConfigError
 from ...models import AccelChoice, BootConfig
 from ..fsutil import cache_root, file_digest, locked
 from ..process import pid_alive
-from .base import Backend, Machine, RuntimeDir
+from .base import Backend, Machine, RuntimeDir, git_share
 
 AGENT_DIR = "/run/terminai"  # where the image's agent listens (TERMINAI_CHANNEL in the image config)
 LABEL = "org.terminai.shim"
@@ -269,6 +269,9 @@ class ContainerBackend(Backend):
         mounts = [Mount(AGENT_DIR, str(agent_dir), type="bind")]
         if config.workspace is not None:
             mounts.append(Mount(config.workspace_mount, str(config.workspace), type="bind"))
+            git = git_share(config.workspace)
+            if git is not None and not config.writable_git:  # hooks and config there would run on the host
+                mounts.append(Mount(f"{config.workspace_mount}/.git", str(git), type="bind", read_only=True))
         uid, gid = os.getuid(), os.getgid()
         try:
             container = self.client().containers.create(

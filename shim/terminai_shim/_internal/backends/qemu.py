@@ -3,8 +3,14 @@
 The whole QEMU command line is built in ``command_line`` and nowhere else.
 The guest gets: the PVH ``vmlinux``; the read-only root image on
 virtio-blk; the agent channel on a virtio-serial port backed by a Unix
-socket; virtio-rng; the workspace on virtio-9p when one is given; no
-network device. ``acpi=off`` makes QEMU append the virtio-mmio device list
+socket; virtio-rng; the workspace on virtio-9p (owners and modes mapped
+into extended attributes: nothing the guest does makes a setuid file or a
+foreign owner on the host); a second, read-only 9p share for the
+workspace's ``.git``; no network device unless asked for.
+
+QEMU itself runs confined: seccomp (``-sandbox``), and never as root with
+root's powers (``vmm_identity``). Its console goes through a pipe the shim
+caps (``ConsoleCapture``). ``acpi=off`` makes QEMU append the virtio-mmio device list
 to the kernel command line, so every init parameter is a ``key=value``
 kernel parameter rather than something after ``--``.
 """
@@ -20,17 +26,31 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from ...errors import BootError, ConfigError
 from ...models import AccelChoice, BootConfig
 from ..accel import host_tsc_khz
-from ..process import die_with_parent
-from .base import Backend, Machine, ProcessMachine, RuntimeDir, check_vm_artifacts, console_tail
+from ..process import die_with_parent, keep_only_capabilities
+from .base import Backend, ConsoleCapture, Machine, ProcessMachine, RuntimeDir, check_vm_artifacts, git_share
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from ..netproxy import ProxyServer
 
 QEMU = "qemu-system-x86_64"
 WORKSPACE_TAG = "workspace"
+GIT_TAG = "workspace-git"  # the workspace's .git, exported read-only
+CONSOLE_FDSET = 1
+# The host's loopback as the guest sees it (QEMU's user networking maps the
+# gateway to 127.0.0.1) and link-local (cloud metadata services): refused in
+# ``open`` mode unless listed, by reject routes PID 1 installs and commands
+# (without CAP_NET_ADMIN) cannot remove.
+OPEN_MODE_BLOCKS = {"127.0.0.1": "10.0.2.2/32", "169.254.0.0/16": "169.254.0.0/16"}
+CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER = 1, 2, 3
+NOBODY = "65534:65534"
 
 
 AGENT_VSOCK_PORT = 1024
@@ -101,28 +121,112 @@ def kernel_cmdline(config: BootConfig, accel: AccelChoice, channel: Channel = Ch
     mode = config.network.mode
     if mode != "none":
         args.append(f"terminai_net={GUEST_ADDRESS},{GATEWAY},{RESOLVER if mode == 'open' else 'none'}")
+    if mode == "open":
+        blocked = [net for name, net in OPEN_MODE_BLOCKS.items() if name not in config.network.allow]
+        if blocked:
+            args.append(f"terminai_deny={','.join(blocked)}")
     if mode == "allowlist":
         args.append(f"terminai_proxy=http://{PROXY_ADDRESS}:{PROXY_PORT}")
     args.extend(config.kernel_args)
     return " ".join(args)
 
 
+def open_mode_allows(allow: tuple[str, ...]) -> None:
+    """``open`` lifts its blocks by address only (routes know no ports)."""
+    for entry in allow:
+        if entry not in OPEN_MODE_BLOCKS:
+            raise ConfigError(f"--allow {entry!r} does not apply to network open",
+                              hint="open mode reaches everything public; it lifts only its blocks: --allow 127.0.0.1 "
+                              "(the host's loopback, as 10.0.2.2) or --allow 169.254.0.0/16 (link-local)")  # fmt: skip
+
+
+def connector_python(workspace: Path | None) -> str:
+    """The interpreter QEMU starts for each allowlisted guest connection:
+    the system's, by its real path, never one the guest could have written."""
+    candidate = os.path.realpath(sys.executable) if not getattr(sys, "frozen", False) else shutil.which("python3")
+    if not candidate:
+        raise ConfigError("network allowlist needs a Python 3 interpreter on the host", hint="apt-get install python3")
+    path = Path(candidate)
+    if workspace is not None and path.is_relative_to(workspace.resolve()):
+        raise ConfigError(f"the interpreter {path} is inside the workspace, which the guest can write",
+                          hint="run the shim from an interpreter outside the workspace")  # fmt: skip
+    for part in (path, *path.parents):
+        st = part.stat()
+        if st.st_mode & 0o022 and not (part.is_dir() and st.st_mode & 0o1000):
+            raise ConfigError(f"{part} is writable by other users: it cannot serve the allowlist proxy",
+                              hint="use an interpreter in a directory only root or you can write")  # fmt: skip
+        if st.st_uid not in (0, os.geteuid()):
+            raise ConfigError(f"{part} belongs to uid {st.st_uid}: it cannot serve the allowlist proxy")
+    return str(path)
+
+
 def network_args(config: BootConfig, runtime: RuntimeDir) -> list[str]:
-    """``open``: QEMU's user networking, NAT to whatever the host reaches.
+    """``open``: QEMU's user networking, NAT to whatever the host reaches
+    (less the host's loopback and link-local, see ``OPEN_MODE_BLOCKS``).
     ``allowlist``: the same, restricted (``restrict=on``: the guest reaches
     nothing, not even DNS) except one forward: every connection to the proxy
-    address spawns the session's allowlist proxy on the host, which decides."""
+    address is handed to the session's proxy server in the shim."""
     mode = config.network.mode
     if mode == "none":
         return []
     netdev = f"user,id=net0,net=10.0.2.0/24,host={GATEWAY},dns={RESOLVER},ipv6=off"
     if mode == "allowlist":
-        proxy = shlex.join([sys.executable, "-m", "terminai_shim._internal.netproxy", "--inetd",
-                            str(runtime.proxy_config)])  # fmt: skip
-        netdev += f",restrict=on,guestfwd=tcp:{PROXY_ADDRESS}:{PROXY_PORT}-cmd:{_opt(proxy)}"
-    elif mode != "open":
+        from ..netproxy import CONNECTOR
+
+        python = connector_python(config.workspace) if runtime.path.name != "RUNTIME" else "python3"
+        connector = shlex.join([python, "-I", "-S", "-c", CONNECTOR.replace("\n", ";"), str(runtime.proxy_socket)])
+        netdev += f",restrict=on,guestfwd=tcp:{PROXY_ADDRESS}:{PROXY_PORT}-cmd:{_opt(connector)}"
+    elif mode == "open":
+        open_mode_allows(config.network.allow)
+    else:
         raise ConfigError(f"unknown network mode {mode!r}", hint="use none, allowlist or open")
     return ["-netdev", netdev, "-device", "virtio-net-device,netdev=net0,mac=52:54:00:12:34:56"]
+
+
+@dataclass(frozen=True)
+class VmmIdentity:
+    """Who QEMU runs as. Never root with root's powers: a bug in QEMU's
+    device emulation must not be root on the host.
+
+    Started by a user: that user. Started as root: the workspace's owner
+    (``-runas``, after QEMU has opened its files), or nobody when there is
+    no workspace; when root owns the workspace, QEMU keeps uid 0 (it must
+    read and write root's files) but only the capabilities file access
+    needs, and nothing can give it more (``no_new_privs``)."""
+
+    runas: str | None
+    keep_caps: tuple[int, ...] | None
+    reason: str
+
+    @property
+    def uid(self) -> int:
+        return int(self.runas.split(":")[0]) if self.runas else os.geteuid()
+
+    @property
+    def gid(self) -> int:
+        return int(self.runas.split(":")[1]) if self.runas else os.getegid()
+
+
+def vmm_identity(workspace: Path | None) -> VmmIdentity:
+    if os.geteuid() != 0:
+        return VmmIdentity(None, None, f"the invoking user (uid {os.geteuid()})")
+    if workspace is None:
+        return VmmIdentity(NOBODY, None, "nobody (started as root, no workspace)")
+    st = os.stat(workspace)
+    if st.st_uid != 0:
+        owner = f"uid {st.st_uid}, the workspace's owner (started as root)"
+        return VmmIdentity(f"{st.st_uid}:{st.st_gid}", None, owner)
+    return VmmIdentity(None, (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER),
+                       "uid 0 with file-access capabilities only (the workspace belongs to root)")  # fmt: skip
+
+
+def sandbox_arg(config: BootConfig, identity: VmmIdentity) -> str:
+    """QEMU's seccomp filter. ``spawn`` stays allowed only for an allowlist
+    (QEMU starts the connector); ``elevateprivileges`` only for ``-runas``,
+    whose setuid happens after the filter is in place."""
+    spawn = "allow" if config.network.mode == "allowlist" else "deny"
+    elevate = "allow" if identity.runas else "deny"
+    return f"on,obsolete=deny,elevateprivileges={elevate},spawn={spawn},resourcecontrol=deny"
 
 
 def command_line(
@@ -132,14 +236,18 @@ def command_line(
     qemu: str = QEMU,
     channel: Channel = Channel(),
     incoming_fd: int | None = None,
+    console_fd: int = 3,
+    identity: VmmIdentity | None = None,
 ) -> list[str]:
     """The whole QEMU command line.
 
-    The 9p device is always there (backed by an empty directory when there
-    is no workspace) and is mounted by the agent on request, after boot: so
-    the device layout is the same with or without a workspace, and a VM
-    saved before any mount can be restored for any workspace.
+    Both 9p devices are always there (backed by an empty, read-only
+    directory when there is nothing to share) and are mounted by the agent
+    on request, after boot: so the device layout is the same with or
+    without a workspace, and a VM saved before any mount can be restored
+    for any workspace.
     """
+    identity = identity or vmm_identity(config.workspace)
     argv = [
         qemu,
         "-accel", accel.accel,
@@ -148,7 +256,10 @@ def command_line(
         "-m", str(config.memory_mib),
         "-smp", str(config.cpus),
         "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
-        "-serial", f"file:{_opt(runtime.console_log)}",
+        "-sandbox", sandbox_arg(config, identity),
+        "-add-fd", f"fd={console_fd},set={CONSOLE_FDSET}",
+        "-chardev", f"file,id=console,path=/dev/fdset/{CONSOLE_FDSET},append=on",
+        "-serial", "chardev:console",
         "-kernel", str(config.kernel),
         "-append", kernel_cmdline(config, accel, channel),
         *(["-initrd", str(config.initrd)] if config.initrd else []),
@@ -158,6 +269,8 @@ def command_line(
         "-device", "virtio-rng-device,rng=rng",
         "-qmp", f"unix:{_opt(runtime.control_socket)},server=on,wait=off",
     ]  # fmt: skip
+    if identity.runas:
+        argv += ["-runas", identity.runas]
     if channel.kind == "vsock":
         argv += ["-device", f"vhost-vsock-device,guest-cid={channel.cid}"]
     else:
@@ -166,10 +279,17 @@ def command_line(
             "-chardev", f"socket,id=agent,path={_opt(runtime.agent_socket)},server=on,wait=off",
             "-device", "virtserialport,chardev=agent,name=agent",
         ]  # fmt: skip
+    # mapped-xattr: the guest's owners, modes and special files live in
+    # extended attributes; on the host every file it makes is a plain file
+    # of QEMU's user (no setuid bit, no foreign owner, no device or FIFO).
     share = config.workspace if config.workspace is not None else runtime.empty_share
+    git = git_share(config.workspace) if not config.writable_git else None
     argv += [
-        "-fsdev", f"local,id=ws,path={_opt(share)},security_model=none",
+        "-fsdev", f"local,id=ws,path={_opt(share)},security_model=mapped-xattr"
+        + (",readonly=on" if config.workspace is None else ""),
         "-device", f"virtio-9p-device,fsdev=ws,mount_tag={WORKSPACE_TAG}",
+        "-fsdev", f"local,id=git,path={_opt(git or runtime.empty_share)},security_model=mapped-xattr,readonly=on",
+        "-device", f"virtio-9p-device,fsdev=git,mount_tag={GIT_TAG}",
     ]  # fmt: skip
     argv += network_args(config, runtime)
     if incoming_fd is not None:  # QEMU reads the saved state straight from the open file
@@ -181,13 +301,27 @@ def device_layout(config: BootConfig, accel: AccelChoice, channel: Channel = Cha
     """The command line with every host path replaced: what a saved VM state
     depends on, independent of where this session keeps its files."""
     neutral = dataclasses.replace(config, kernel=Path("KERNEL"), rootfs=Path("ROOTFS"), workspace=None)
-    return command_line(neutral, accel, RuntimeDir(Path("RUNTIME")), "qemu", channel)
+    return command_line(neutral, accel, RuntimeDir(Path("RUNTIME")), "qemu", channel,
+                        identity=VmmIdentity(None, None, ""))  # fmt: skip
 
 
 class QemuMachine(ProcessMachine):
-    def __init__(self, proc: subprocess.Popen[bytes], runtime: RuntimeDir, channel: Channel = Channel()) -> None:
-        super().__init__(proc, runtime)
+    def __init__(
+        self,
+        proc: subprocess.Popen[bytes],
+        runtime: RuntimeDir,
+        channel: Channel = Channel(),
+        console: ConsoleCapture | None = None,
+        proxy: ProxyServer | None = None,
+    ) -> None:
+        super().__init__(proc, runtime, console)
         self.channel = channel
+        self.proxy = proxy
+
+    def kill(self) -> None:
+        super().kill()
+        if self.proxy is not None:
+            self.proxy.close()
 
     def connect_agent(self, deadline: float) -> socket.socket:
         if self.channel.kind == "vsock":
@@ -196,7 +330,7 @@ class QemuMachine(ProcessMachine):
         while True:
             if not self.alive():
                 raise BootError(f"QEMU exited with code {self.proc.returncode} before the agent channel opened: "
-                                + console_tail(self.runtime.console_log))  # fmt: skip
+                                + self.diagnostics())  # fmt: skip
             try:
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 sock.connect(path)
@@ -211,7 +345,7 @@ class QemuMachine(ProcessMachine):
         """The guest listens only once the agent runs: retry until then."""
         while True:
             if not self.alive():
-                raise BootError("QEMU exited before the agent listened: " + console_tail(self.runtime.console_log))
+                raise BootError("QEMU exited before the agent listened: " + self.diagnostics())
             sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
             try:
                 sock.connect((self.channel.cid, AGENT_VSOCK_PORT))
@@ -242,22 +376,62 @@ class QemuBackend(Backend):
         if not self.available():
             raise BootError(f"{self.qemu} is not installed", hint="apt-get install qemu-system-x86")
         channel = Channel.choose(config.channel)
-        runtime.empty_share.mkdir(exist_ok=True)
-        state = os.open(incoming, os.O_RDONLY) if incoming is not None else None
-        argv = command_line(config, accel, runtime, self.qemu, channel, state)
-        log = (runtime.path / "qemu.log").open("wb")
+        identity = vmm_identity(config.workspace)
+        runtime.empty_share.mkdir(mode=0o555, exist_ok=True)
+        if identity.runas:  # QEMU reaches its sockets and the empty share as that user
+            os.chown(runtime.path, identity.uid, identity.gid)
+            os.chmod(runtime.path.parent, 0o711)
+        proxy = None
+        if config.network.mode == "allowlist":  # listening before the guest can connect
+            from ..netpolicy import Allowlist
+            from ..netproxy import ProxyConfig, ProxyServer, upstream_from_env
+
+            proxy = ProxyServer(ProxyConfig("starting", Allowlist.parse(config.network.allow), None,
+                                            upstream_from_env(dict(os.environ))))  # fmt: skip
+            proxy.listen_unix(str(runtime.proxy_socket))
+            os.chmod(runtime.proxy_socket, 0o666)  # the directory is the gate: QEMU's user only
+        console = ConsoleCapture(runtime.console_log)
+        state = os.open(incoming, os.O_RDONLY | os.O_CLOEXEC) if incoming is not None else None
+        argv = command_line(config, accel, runtime, self.qemu, channel, state, console.write_fd, identity)
+        log_fd = os.open(runtime.path / "qemu.log", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         try:
             proc = subprocess.Popen(
                 argv,
                 stdin=subprocess.DEVNULL,
-                stdout=log,
+                stdout=log_fd,
                 stderr=subprocess.STDOUT,
-                preexec_fn=die_with_parent(),
+                preexec_fn=_vmm_preexec(identity),
                 close_fds=True,
-                pass_fds=(state,) if state is not None else (),
+                pass_fds=(console.write_fd, *((state,) if state is not None else ())),
+                cwd=runtime.path,  # what QEMU starts (the connector) starts here, never in the workspace
+                env=vmm_environment(),
             )
+        except BaseException:
+            console.finish(0)
+            if proxy is not None:
+                proxy.close()
+            raise
         finally:
-            log.close()
+            os.close(log_fd)
             if state is not None:
                 os.close(state)
-        return QemuMachine(proc, runtime, channel)
+        console.child_started()
+        return QemuMachine(proc, runtime, channel, console, proxy)
+
+
+def vmm_environment() -> dict[str, str]:
+    """QEMU, and what it starts, get a fixed environment: nothing of ours
+    (PYTHONPATH, LD_PRELOAD, proxy credentials) reaches them."""
+    return {"PATH": "/usr/local/bin:/usr/bin:/bin", "LC_ALL": "C.UTF-8"}
+
+
+def _vmm_preexec(identity: VmmIdentity) -> Callable[[], None]:
+    die = die_with_parent()
+    keep = identity.keep_caps
+
+    def preexec() -> None:
+        die()
+        if keep is not None:
+            keep_only_capabilities(keep)
+
+    return preexec
