@@ -18,9 +18,9 @@ SCHEMA = json.loads((Path(__file__).resolve().parents[1] / "docs/shim-protocol.s
 
 
 class ShimProc:
-    def __init__(self, env: dict[str, str] | None = None) -> None:
+    def __init__(self, env: dict[str, str] | None = None, cwd: str | None = None) -> None:
         self.proc = subprocess.Popen([SHIM, "serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, env=env,
+                                     stderr=subprocess.PIPE, env=env, cwd=cwd,
                                      text=True, bufsize=1)  # fmt: skip
         self.ids = itertools.count(1)
         self.responses: dict[Any, queue.Queue[dict[str, Any]]] = {}

@@ -27,11 +27,12 @@ def _artifact_defaults() -> tuple[Path | None, Path | None, str]:
     developer's path through ``inv kernel rootfs``.
     """
     root = _build_dir()
-    kernel = next(iter(sorted((root / "kernel").glob("vmlinux-*"))), None)
-    rootfs = next(
-        iter(sorted((root / "rootfs").glob("rootfs-*.squashfs")) + sorted((root / "rootfs").glob("rootfs-*.erofs"))),
-        None,
-    )
+    try:
+        kernel = next(iter(sorted((root / "kernel").glob("vmlinux-*"))), None)
+        rootfs = next(iter(sorted((root / "rootfs").glob("rootfs-*.squashfs"))
+                           + sorted((root / "rootfs").glob("rootfs-*.erofs"))), None)  # fmt: skip
+    except OSError:  # a build directory this user cannot read: no defaults
+        return None, None, "squashfs"
     fmt = rootfs.suffix.lstrip(".") if rootfs else "squashfs"
     return kernel, rootfs, fmt
 
@@ -415,6 +416,11 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.fn(args))
     except ShimError as exc:
         print(f"terminai-shim: {exc}", file=sys.stderr)
+        return 125
+    except OSError as exc:  # the host refused something the shim needed: named, never a traceback
+        name = f" {exc.filename}" if exc.filename else ""
+        print(f"terminai-shim: {exc.strerror or exc}{name} (next: check that path and its permissions)",
+              file=sys.stderr)  # fmt: skip
         return 125
     except KeyboardInterrupt:
         return 130

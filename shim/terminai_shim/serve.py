@@ -167,6 +167,13 @@ class Server:
         return argv, None
 
     @staticmethod
+    def _user(params: dict[str, Any]) -> str | None:
+        user = params.get("user")
+        if user is not None and user not in ("user", "root"):
+            raise RequestError("INVALID_PARAMS", "user must be 'user' or 'root'")
+        return None if user is None else str(user)
+
+    @staticmethod
     def _timeout(params: dict[str, Any]) -> float | None:
         ms = params.get("timeout")
         return float(ms) / 1000 if ms else None
@@ -277,7 +284,7 @@ class Server:
             status, out, err = session.client.run(
                 argv, command=command, shell=command is not None, cwd=p.get("cwd"), env=env,
                 timeout=self._timeout(p), stdin=str(p.get("stdin", "")).encode(),
-                output_cap=int(p.get("outputCap", DEFAULT_EXEC_OUTPUT_CAP)),
+                output_cap=int(p.get("outputCap", DEFAULT_EXEC_OUTPUT_CAP)), user=self._user(p),
             )  # fmt: skip
         except AgentError as exc:
             if exc.agent_code == "SPAWN_FAILED":
@@ -316,7 +323,7 @@ class Server:
 
         spawned.proc = session.client.exec(
             argv, command=command, shell=command is not None, cwd=p.get("cwd"), env=p.get("env") or {},
-            timeout=self._timeout(p), stdin_open=True, on_event=on_event,
+            timeout=self._timeout(p), stdin_open=True, on_event=on_event, user=self._user(p),
         )  # fmt: skip
         self.procs[pid_name] = spawned
 

@@ -38,6 +38,7 @@ from .errors import BootError, ChannelClosed, ConfigError, ShimError, TimeoutExp
 from .models import AccelChoice, BootConfig
 
 OWNER_FILE = "owner.pid"
+MAX_BASE = 60
 
 
 def network_log() -> Path:
@@ -48,12 +49,14 @@ def network_log() -> Path:
 
 
 def _private_dir(path: Path) -> bool:
-    """A real directory (not a link), ours, that nobody else can enter or write."""
+    """A real directory (not a link), ours, that nobody else can write. (It
+    may be traversable: QEMU, dropped to the workspace's owner, reaches its
+    own directory inside by name.)"""
     try:
         st = os.lstat(path)
     except OSError:
         return False
-    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and st.st_mode & 0o077 == 0
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and st.st_mode & 0o022 == 0
 
 
 def runtime_base() -> Path:
@@ -67,6 +70,8 @@ def runtime_base() -> Path:
     instead (mkdtemp: random name, mode 0700, created atomically)."""
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     base = Path(xdg) if xdg and _private_dir(Path(xdg)) else Path(tempfile.gettempdir())
+    if len(str(base)) > MAX_BASE:  # Unix socket paths are short (108 bytes) and live below it
+        base = Path("/tmp")
     path = base / f"terminai-{os.geteuid()}"
     try:
         os.mkdir(path, 0o700)
@@ -151,11 +156,11 @@ class Watchdog:
         control = self.session.runtime.control_socket
         if not isinstance(self.session.machine, ProcessMachine) or not control.exists():
             return None
-        from ._internal.qmp import Qmp, QmpError
+        from ._internal.qmp import QmpError, QmpEvents
 
         try:
-            return Qmp(str(control), time.monotonic() + 2)
-        except (QmpError, OSError, ValueError):
+            return QmpEvents(str(control))
+        except QmpError:
             return None
 
     def _run(self) -> None:

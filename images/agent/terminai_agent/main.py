@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None, marks: dict[str, float] | None = None) -
     else:
         settings = _settings(argv)
     config = AgentConfig(pid1=pid1, workspace=settings.get("workspace"), network=settings.get("net"),
-                         proxy=settings.get("proxy"), deny=settings.get("deny"))  # fmt: skip
+                         proxy=settings.get("proxy"), deny=settings.get("deny"),
+                         container=os.environ.get("TERMINAI_CONTAINER") == "1")  # fmt: skip
     config.marks = dict(marks or {})
     config.marks["mounted"] = _boottime()
     server = Server(config)

@@ -105,10 +105,11 @@ def drop_privileges() -> None:
 
 
 def spawn(
-    argv: list[str], cwd: str | None, env: dict[str, str], confine: bool = False
+    argv: list[str], cwd: str | None, env: dict[str, str], confine: bool = False, syscall_filter: Any = None
 ) -> tuple[int, tuple[int, int, int]]:
     """Start ``argv`` in a new session with piped stdio; ``confine`` drops
-    every capability first (``drop_privileges``).
+    every capability first (``drop_privileges``), ``syscall_filter`` (a
+    ``seccomp.Filter``) is installed last before exec.
 
     Returns the pid and the parent's (stdin, stdout, stderr) ends, all
     non-blocking. Raises OSError, with the child's errno, if the command
@@ -137,6 +138,8 @@ def spawn(
                 drop_privileges()
             if cwd:
                 os.chdir(cwd)
+            if syscall_filter is not None:
+                syscall_filter.install()
             os.execvpe(argv[0], argv, env)
         except OSError as exc:
             os.write(report_w, str(exc.errno or 0).encode())

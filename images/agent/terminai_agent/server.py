@@ -60,8 +60,10 @@ class AgentConfig:
         network: str | None = None,
         proxy: str | None = None,
         deny: str | None = None,
+        container: bool = False,
     ):
         self.pid1 = pid1
+        self.container = container
         self.deny = deny  # networks commands may not reach (open mode): reject routes
         self.max_frame = max_frame
         self.session = new_session_id()
@@ -97,6 +99,11 @@ class Server:
         # command rather than on the boot path.
         self.lo_pending = config.pid1
         self.random_fd = -1  # the VM's init keeps /dev/random open for freshen
+        self.syscall_filter = None
+        if config.container:  # a shared kernel and a bind-mounted workspace: no setuid files (seccomp.py)
+            from .seccomp import for_commands
+
+            self.syscall_filter = for_commands()
         if config.pid1:
             from .init import open_random
 
@@ -363,7 +370,8 @@ class Server:
             self.lo_pending = False
             self._before_first_command()
         try:
-            pid, fds = spawn(argv, cwd, env, confine=self.config.pid1 and user == "user")
+            pid, fds = spawn(argv, cwd, env, confine=self.config.pid1 and user == "user",
+                             syscall_filter=self.syscall_filter)  # fmt: skip
         except OSError as exc:
             self._send(conn, P.error(rid, P.SPAWN_FAILED, f"cannot run {argv[0]!r}: {exc.strerror or exc}", ran=False))
             return

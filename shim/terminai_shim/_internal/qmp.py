@@ -62,26 +62,70 @@ class Qmp:
             raise QmpError(f"QEMU refused {command}: {reply['error'].get('desc')}")
         return reply.get("return")
 
-    def next_event(self, timeout: float) -> str | None:
-        """The name of the next event QEMU sends within ``timeout``, or None."""
-        self.sock.settimeout(timeout)
-        try:
-            line = self.file.readline()
-        except TimeoutError:
-            return None
-        finally:
-            self.sock.settimeout(None)
-        if not line:
-            return "SHUTDOWN"  # QEMU closed its monitor: it is gone
-        try:
-            msg = json.loads(line)
-        except ValueError:
-            return None
-        return str(msg.get("event")) if isinstance(msg, dict) and "event" in msg else None
-
     def close(self) -> None:
         try:
             self.file.close()
             self.sock.close()
         except OSError:
             pass
+
+
+class QmpEvents:
+    """A second look at QEMU: its event stream alone, read with a deadline
+    (the watchdog's). Its own connection, raw reads, its own line buffer."""
+
+    def __init__(self, path: str, timeout: float = 2.0) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.buffer = bytearray()
+        try:
+            self.sock.settimeout(timeout)
+            self.sock.connect(path)
+            self.sock.setblocking(False)
+            if self._reply(timeout) is None:  # the greeting
+                raise QmpError("QEMU sent no greeting")
+            self.sock.sendall(b'{"execute": "qmp_capabilities"}\n')
+            if self._reply(timeout) is None:
+                raise QmpError("QEMU did not accept qmp_capabilities")
+        except OSError as exc:
+            self.sock.close()
+            raise QmpError(f"QEMU's monitor {path}: {exc}") from None
+
+    def _reply(self, timeout: float) -> dict[str, Any] | None:
+        deadline = time.monotonic() + timeout
+        while True:
+            msg = self._message(deadline)
+            if msg is None or "event" not in msg:
+                return msg
+
+    def _message(self, deadline: float) -> dict[str, Any] | None:
+        import select
+
+        while b"\n" not in self.buffer:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.sock], [], [], left)[0]:
+                return None
+            try:
+                data = self.sock.recv(65536)
+            except BlockingIOError:
+                continue
+            except OSError:
+                data = b""
+            if not data:
+                return {"event": "SHUTDOWN"}  # a closed monitor: QEMU is gone
+            self.buffer += data
+        line, _, rest = bytes(self.buffer).partition(b"\n")
+        self.buffer = bytearray(rest)
+        try:
+            msg = json.loads(line)
+        except ValueError:
+            return {}
+        return msg if isinstance(msg, dict) else {}
+
+    def next_event(self, timeout: float) -> str | None:
+        """The name of the next event within ``timeout``, or None. A closed
+        monitor reads as ``SHUTDOWN``: QEMU is gone."""
+        msg = self._message(time.monotonic() + timeout)
+        return str(msg["event"]) if msg and "event" in msg else None
+
+    def close(self) -> None:
+        self.sock.close()

@@ -160,9 +160,15 @@ class ProcessMachine(Machine):
             self.console.finish()
 
     def diagnostics(self) -> str:
+        """The console's tail, and what the VMM itself said when it failed."""
         if self.console is not None and self.proc.poll() is not None:
             self.console.finish()
-        return super().diagnostics()
+        said = ""
+        try:
+            said = (self.runtime.path / "qemu.log").read_text(errors="replace").strip()[-600:]
+        except OSError:
+            pass
+        return super().diagnostics() + (f"\nthe VMM said: {said}" if said else "")
 
     def wait(self, timeout: float) -> int | None:
         try:

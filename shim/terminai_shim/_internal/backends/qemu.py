@@ -49,7 +49,7 @@ CONSOLE_FDSET = 1
 # ``open`` mode unless listed, by reject routes PID 1 installs and commands
 # (without CAP_NET_ADMIN) cannot remove.
 OPEN_MODE_BLOCKS = {"127.0.0.1": "10.0.2.2/32", "169.254.0.0/16": "169.254.0.0/16"}
-CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER = 1, 2, 3
+CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER, CAP_SETGID, CAP_SETUID = 1, 2, 3, 6, 7
 NOBODY = "65534:65534"
 
 
@@ -192,7 +192,8 @@ class VmmIdentity:
     (``-runas``, after QEMU has opened its files), or nobody when there is
     no workspace; when root owns the workspace, QEMU keeps uid 0 (it must
     read and write root's files) but only the capabilities file access
-    needs, and nothing can give it more (``no_new_privs``)."""
+    needs. Started as root, nothing can give it more (``no_new_privs``,
+    and a bounding set of just ``keep_caps``)."""
 
     runas: str | None
     keep_caps: tuple[int, ...] | None
@@ -210,22 +211,26 @@ class VmmIdentity:
 def vmm_identity(workspace: Path | None) -> VmmIdentity:
     if os.geteuid() != 0:
         return VmmIdentity(None, None, f"the invoking user (uid {os.geteuid()})")
+    switch = (CAP_SETGID, CAP_SETUID)  # -runas needs them once; they are gone with uid 0
     if workspace is None:
-        return VmmIdentity(NOBODY, None, "nobody (started as root, no workspace)")
+        return VmmIdentity(NOBODY, switch, "nobody (started as root, no workspace)")
     st = os.stat(workspace)
     if st.st_uid != 0:
         owner = f"uid {st.st_uid}, the workspace's owner (started as root)"
-        return VmmIdentity(f"{st.st_uid}:{st.st_gid}", None, owner)
+        return VmmIdentity(f"{st.st_uid}:{st.st_gid}", switch, owner)
     return VmmIdentity(None, (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER),
                        "uid 0 with file-access capabilities only (the workspace belongs to root)")  # fmt: skip
 
 
 def sandbox_arg(config: BootConfig, identity: VmmIdentity) -> str:
     """QEMU's seccomp filter. ``spawn`` stays allowed only for an allowlist
-    (QEMU starts the connector); ``elevateprivileges`` only for ``-runas``,
-    whose setuid happens after the filter is in place."""
-    spawn = "allow" if config.network.mode == "allowlist" else "deny"
-    elevate = "allow" if identity.runas else "deny"
+    (QEMU starts the connector, whose set-up calls ``setsid``);
+    ``elevateprivileges`` only then and for ``-runas``, whose setuid
+    happens after the filter is in place. Either way QEMU holds no
+    capability that would let a set*id call gain anything."""
+    allowlist = config.network.mode == "allowlist"
+    spawn = "allow" if allowlist else "deny"
+    elevate = "allow" if identity.runas or allowlist else "deny"
     return f"on,obsolete=deny,elevateprivileges={elevate},spawn={spawn},resourcecontrol=deny"
 
 
@@ -378,8 +383,8 @@ class QemuBackend(Backend):
         channel = Channel.choose(config.channel)
         identity = vmm_identity(config.workspace)
         runtime.empty_share.mkdir(mode=0o555, exist_ok=True)
-        if identity.runas:  # QEMU reaches its sockets and the empty share as that user
-            os.chown(runtime.path, identity.uid, identity.gid)
+        if identity.runas:  # after the switch QEMU reaches the empty share and the proxy's socket by name
+            os.chmod(runtime.path, 0o711)
             os.chmod(runtime.path.parent, 0o711)
         proxy = None
         if config.network.mode == "allowlist":  # listening before the guest can connect
@@ -389,7 +394,9 @@ class QemuBackend(Backend):
             proxy = ProxyServer(ProxyConfig("starting", Allowlist.parse(config.network.allow), None,
                                             upstream_from_env(dict(os.environ))))  # fmt: skip
             proxy.listen_unix(str(runtime.proxy_socket))
-            os.chmod(runtime.proxy_socket, 0o666)  # the directory is the gate: QEMU's user only
+            os.chmod(runtime.proxy_socket, 0o600)  # QEMU's connectors, as QEMU's user, and nobody else
+            if identity.runas:
+                os.chown(runtime.proxy_socket, identity.uid, identity.gid)
         console = ConsoleCapture(runtime.console_log)
         state = os.open(incoming, os.O_RDONLY | os.O_CLOEXEC) if incoming is not None else None
         argv = command_line(config, accel, runtime, self.qemu, channel, state, console.write_fd, identity)

@@ -1,0 +1,655 @@
+"""Attacks on the isolation boundary, each from where the attacker sits.
+
+Every test here reproduces a way out that was found (docs/security.md lists
+them) and asserts the host is untouched: no file outside the workspace
+changed, no setuid file or foreign owner in it, no host process started
+from a place the guest can write, the shim's memory bounded, timeouts
+honoured. The guest side runs in real VMs under TCG (and the container
+tier where it applies). Network attacks stay on loopback. A fixed attack
+stays here for good.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import http.server
+import json
+import os
+import pty
+import pwd
+import select
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from shimproc import ShimProc
+
+pytestmark = pytest.mark.attack
+
+SHIM = str(Path(sys.executable).with_name("terminai-shim"))
+UNPRIVILEGED = "terminai-attack"  # a host user the tests create, to attack as and to run the shim as
+
+
+def sh(session, script: str, user: str = "user", timeout: float = 120):
+    status, out, err = session.client.run(["sh", "-c", script], user=user, timeout=timeout)
+    return status.exit_code, out.decode(errors="replace"), err.decode(errors="replace")
+
+
+def py(session, code: str, user: str = "user", timeout: float = 120):
+    status, out, err = session.client.run(["python3", "-c", code], user=user, timeout=timeout)
+    return status.exit_code, out.decode(errors="replace"), err.decode(errors="replace")
+
+
+def boot(boot_config, **changes):
+    from terminai_shim.session import Session
+
+    return Session.boot(dataclasses.replace(boot_config, **changes))
+
+
+def qemu_status(pid: int) -> dict[str, str]:
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return {k: v.strip() for k, _, v in (line.partition(":") for line in lines)}
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                pass
+    return found
+
+
+def unprivileged_user() -> pwd.struct_passwd:
+    """A real, unprivileged host user (created once; the tests attack as it and run the shim as it)."""
+    try:
+        return pwd.getpwnam(UNPRIVILEGED)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", UNPRIVILEGED],
+                       check=True)  # fmt: skip
+        return pwd.getpwnam(UNPRIVILEGED)
+
+
+def as_user(user: pwd.struct_passwd, argv: list[str], env: dict[str, str], **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, env=env, user=user.pw_uid, group=user.pw_gid, extra_groups=[], capture_output=True,
+                          text=True, **kwargs)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def readable_artifacts(boot_config, tmp_path_factory):
+    """The kernel and root image where any user can read them (the build cache is root's)."""
+    d = tmp_path_factory.mktemp("artifacts")
+    d.chmod(0o755)
+    for p in (d.parent, d.parent.parent):
+        p.chmod(p.stat().st_mode | 0o005)
+    kernel, rootfs = d / boot_config.kernel.name, d / boot_config.rootfs.name
+    shutil.copy(boot_config.kernel, kernel)
+    shutil.copy(boot_config.rootfs, rootfs)
+    kernel.chmod(0o644)
+    rootfs.chmod(0o644)
+    return kernel, rootfs
+
+
+# -- 1: the allowlist proxy never runs code from where the guest writes -----------------------------------
+@pytest.mark.vm
+def test_proxy_never_imports_or_runs_from_the_workspace(boot_config, tmp_path):
+    """The shim serves from inside the workspace; the guest plants a package named
+    like the shim's and connects to the proxy. Nothing of it runs on the host."""
+    ws = tmp_path / "ws"
+    marker = tmp_path / "pwned"
+    payload = f"open({str(marker)!r}, 'w').write('host code execution')\n"
+    ws.mkdir()
+    shim = ShimProc(env=dict(os.environ, TERMINAI_CACHE=str(tmp_path / "cache")), cwd=str(ws))
+    try:
+        shim.result("initialize", {"kernel": str(boot_config.kernel), "rootfs": str(boot_config.rootfs),
+                                   "backend": "qemu", "workspace": str(ws),
+                                   "network": {"mode": "allowlist", "allow": ["127.0.0.1:9"]}})  # fmt: skip
+        plant = ("mkdir -p /workspace/terminai_shim/_internal && for m in terminai_shim/__init__ "
+                 "terminai_shim/_internal/__init__ terminai_shim/_internal/netproxy socket json encodings site; do "
+                 f"printf %s {json.dumps(payload)} > /workspace/$m.py; done")  # fmt: skip
+        assert shim.result("execute", {"command": "sh", "args": ["-c", plant]})["exitCode"] == 0
+        code = ("import socket\nfor i in range(3):\n s=socket.create_connection(('10.0.2.100',3128),timeout=20)\n"
+                " s.sendall(b'CONNECT 127.0.0.1:9 HTTP/1.1\\r\\n\\r\\n'); print(s.recv(100)); s.close()")  # fmt: skip
+        out = shim.result("execute", {"command": "python3", "args": ["-c", code]})
+        assert "HTTP/1.1" in out["stdout"], out
+        qemu = [p for p in children(shim.proc.pid) if b"qemu" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        assert qemu and all(not os.readlink(f"/proc/{p}/cwd").startswith(str(ws)) for p in qemu)
+    finally:
+        shim.close()
+    assert not marker.exists(), "code the guest wrote ran on the host"
+
+
+# -- 2: no setuid files, foreign owners or special files in the workspace ------------------------------------
+PLANT_SETUID = """
+cp /bin/sh /workspace/rootshell && chown 0:0 /workspace/rootshell && chmod 4755 /workspace/rootshell
+cp /bin/sh /workspace/groupshell && chmod 2755 /workspace/groupshell
+touch /workspace/foreign && chown 4321:4321 /workspace/foreign
+mknod /workspace/mem c 1 1; mknod /workspace/blk b 7 0; mkfifo /workspace/fifo
+python3 -c 'import socket; socket.socket(socket.AF_UNIX).bind("/workspace/sock")'
+ls -ln /workspace
+"""
+
+
+def _assert_plain_files(ws: Path, owner: int) -> None:
+    for entry in ws.iterdir():
+        st = entry.lstat()
+        assert stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode), f"{entry.name} is a special file on the host"
+        assert not st.st_mode & (stat.S_ISUID | stat.S_ISGID), f"{entry.name} is setuid/setgid on the host"
+        assert st.st_uid == owner, f"{entry.name} is owned by uid {st.st_uid} on the host"
+
+
+@pytest.mark.vm
+def test_guest_root_cannot_make_setuid_or_foreign_files_on_the_host(boot_config, tmp_path):
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    with boot(boot_config, workspace=ws, snapshots="off") as s:
+        _code, out, err = sh(s, PLANT_SETUID, user="root")
+        assert "rootshell" in out, err
+    _assert_plain_files(ws, os.getuid())
+
+
+@pytest.mark.vm
+def test_as_an_unprivileged_host_user_guest_files_stay_that_users(readable_artifacts, tmp_path):
+    """The shim run by an ordinary user; the guest, as root with every
+    capability, tries to give that user's workspace a setuid-root shell."""
+    user = unprivileged_user()
+    kernel, rootfs = readable_artifacts
+    home = Path(tempfile.mkdtemp(prefix="attack-home-"))
+    ws = home / "ws"
+    ws.mkdir()
+    for p in (home, ws):
+        os.chown(p, user.pw_uid, user.pw_gid)
+    env = {"PATH": os.environ["PATH"], "HOME": str(home), "TERMINAI_CACHE": str(home / "cache")}
+    try:
+        argv = [SHIM, "run", "--kernel", str(kernel), "--rootfs", str(rootfs), "--workspace", str(ws), "--cold",
+                "--user", "root", "--", "sh", "-c", PLANT_SETUID]  # fmt: skip
+        done = as_user(user, argv, env, timeout=300)
+        assert "rootshell" in done.stdout, done.stderr
+        _assert_plain_files(ws, user.pw_uid)
+        runtime = Path(tempfile.gettempdir()) / f"terminai-{user.pw_uid}"
+        assert runtime.is_dir() and stat.S_IMODE(runtime.stat().st_mode) & 0o022 == 0
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.mark.vm
+def test_container_tier_refuses_setuid_bits_in_the_workspace(container_image, tmp_path):
+    from terminai_shim.models import BootConfig
+    from terminai_shim.session import Session
+
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    config = BootConfig(image=container_image.archive, backend="container", workspace=ws)
+    with Session.boot(config) as s:
+        _code, out, err = sh(s, "cp /bin/sh /workspace/shell; chmod 4755 /workspace/shell; chmod g+s /workspace/shell;"
+                               "python3 -c 'import os; os.open(\"/workspace/made\", os.O_CREAT|os.O_WRONLY, 0o4755)';"
+                               " ls -ln /workspace")  # fmt: skip
+        assert "Operation not permitted" in err, (out, err)
+        assert sh(s, "chmod 755 /workspace/shell && echo plain-chmod-ok")[1].strip() == "plain-chmod-ok"
+    for entry in ws.iterdir():
+        assert not entry.stat().st_mode & (stat.S_ISUID | stat.S_ISGID), entry
+
+
+# -- 3: a local user who plants the runtime directory gets nothing -------------------------------------------
+@pytest.mark.unit
+def test_runtime_base_refuses_a_directory_another_user_planted(tmp_path, monkeypatch):
+    from terminai_shim import session
+
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    tmp_path = Path(tempfile.mkdtemp(prefix="t", dir="/tmp"))  # short, as a real TMPDIR is
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    planted = tmp_path / f"terminai-{os.geteuid()}"
+    planted.mkdir(mode=0o777)
+    planted.chmod(0o777)
+    with pytest.warns(UserWarning, match="not a private directory"):
+        base = session.runtime_base()
+    assert base != planted and stat.S_IMODE(base.stat().st_mode) == 0o700
+    planted.rmdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    planted.symlink_to(elsewhere)
+    with pytest.warns(UserWarning):
+        assert session.runtime_base() not in (planted, elsewhere)
+    assert list(elsewhere.iterdir()) == []
+
+
+@pytest.mark.vm
+def test_planted_runtime_directory_is_never_used_by_a_booting_shim(boot_config, tmp_path):
+    """Another user creates /tmp/terminai-<uid> first and fills it with links;
+    the shim boots anyway and touches none of it."""
+    user = unprivileged_user()
+    tmp = Path(tempfile.mkdtemp(prefix="t", dir="/tmp"))  # short: socket paths live below it
+    tmp.chmod(0o1777)
+    planted = tmp / f"terminai-{os.geteuid()}"
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    planted.mkdir(mode=0o777)
+    for i in range(64):
+        (planted / f"vm-{i}").symlink_to(victim)
+    os.chown(planted, user.pw_uid, user.pw_gid)
+    env = {k: v for k, v in os.environ.items() if k != "XDG_RUNTIME_DIR"}
+    env.update(TMPDIR=str(tmp), TERMINAI_CACHE=str(tmp_path / "cache"))
+    done = subprocess.run([SHIM, "run", "--kernel", str(boot_config.kernel), "--rootfs", str(boot_config.rootfs),
+                           "--", "echo", "booted"], env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.stdout.strip() == "booted", done.stderr
+    assert victim.read_text() == "precious"
+    assert sorted(p.name for p in planted.iterdir()) == sorted(f"vm-{i}" for i in range(64))
+
+
+# -- 4: QEMU is confined ---------------------------------------------------------------------------------------
+@pytest.mark.vm
+def test_qemu_runs_under_seccomp_and_without_root_powers(boot_config, tmp_path):
+    from terminai_shim._internal.backends.qemu import CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER
+
+    if os.geteuid() != 0:
+        pytest.skip("the privilege drop is what happens when the shim is started as root")
+    owned = tmp_path / "owned"
+    owned.mkdir()
+    os.chown(owned, 4321, 4321)
+    rootws = tmp_path / "rootws"
+    rootws.mkdir()
+    file_caps = (1 << CAP_DAC_OVERRIDE) | (1 << CAP_DAC_READ_SEARCH) | (1 << CAP_FOWNER)
+    for workspace, uid, caps in ((None, 65534, 0), (owned, 4321, 0), (rootws, 0, file_caps)):
+        with boot(boot_config, workspace=workspace, snapshots="off") as s:
+            st = qemu_status(s.machine.pid)
+            assert st["Seccomp"] == "2", "QEMU runs under its seccomp filter"
+            assert st["Uid"].split() == [str(uid)] * 4, (workspace, st["Uid"])
+            assert int(st["CapEff"], 16) == caps and int(st["CapPrm"], 16) == caps, (workspace, st["CapEff"])
+            assert st["NoNewPrivs"] == "1"
+            assert sh(s, "echo ok")[1].strip() == "ok"
+
+
+# -- 5: commands cannot speak for the agent; the host checks what the agent says -------------------------------
+REACH_PID1 = r"""
+import ctypes, os, socket, struct
+libc = ctypes.CDLL(None, use_errno=True)
+def attempt(name, fn):
+    try:
+        fn(); print(name, "SUCCEEDED")
+    except OSError as e:
+        print(name, "refused", e.errno)
+def pidfd_getfd():
+    pidfd = libc.syscall(434, 1, 0)  # pidfd_open(1)
+    if pidfd < 0: raise OSError(ctypes.get_errno(), "pidfd_open")
+    for target in range(3, 64):
+        fd = libc.syscall(438, pidfd, target, 0)  # pidfd_getfd
+        if fd >= 0: return
+    raise OSError(ctypes.get_errno(), "pidfd_getfd")
+def reboot():
+    if libc.reboot(0xCDEF0123) != 0: raise OSError(ctypes.get_errno(), "reboot")
+def mount():
+    if libc.mount(b"none", b"/mnt", b"tmpfs", 0, None) != 0: raise OSError(ctypes.get_errno(), "mount")
+def delroute():
+    import fcntl
+    with socket.socket() as s: fcntl.ioctl(s, 0x890C, b"\0" * 120)
+attempt("vport", lambda: os.open("/dev/vport0p1", os.O_RDWR))
+attempt("pidfd_getfd", pidfd_getfd)
+def proc_fd():
+    for name in os.listdir("/proc/1/fd"):  # the numbers are visible; the descriptors must not be
+        try:
+            os.close(os.open(f"/proc/1/fd/{name}", os.O_RDWR))
+            return
+        except OSError as e:
+            err = e
+    raise err
+attempt("proc_fd", proc_fd)
+attempt("proc_mem", lambda: open("/proc/1/mem", "rb").read(1))
+attempt("sysctl", lambda: open("/proc/sys/kernel/hostname", "w").write("x"))
+attempt("sysfs", lambda: open("/sys/kernel/uevent_helper", "w").write("/tmp/x"))
+attempt("agent_code", lambda: open("/usr/lib/terminai/terminai_agent/server.py", "a").write("#"))
+attempt("stdlib", lambda: open("/usr/lib/python3.11/socket.py", "a").write("#"))
+attempt("reboot", reboot)
+attempt("mount", mount)
+attempt("route", delroute)
+"""
+
+
+@pytest.mark.vm
+def test_commands_cannot_reach_pid1_or_the_kernel(vm):
+    _code, out, err = py(vm, REACH_PID1)
+    results = dict(line.split(" ", 1) for line in out.splitlines())
+    assert len(results) == 11, (out, err)
+    assert not [k for k, v in results.items() if "SUCCEEDED" in v], out
+    # ...and the agent still answers truthfully.
+    assert sh(vm, "exit 7")[0] == 7
+    assert vm.client.ping()["pong"]
+
+
+@pytest.mark.vm
+def test_root_on_request_is_root(vm):
+    """The opposite check: ``user: root`` keeps every capability (so the default is a real restriction)."""
+    assert sh(vm, "grep CapEff /proc/self/status", user="root")[1].split()[1] != "0000000000000000"
+    assert sh(vm, "grep CapEff /proc/self/status")[1].split()[1] == "0000000000000000"
+
+
+class HostileAgent:
+    """A test double for a compromised guest agent: the host end of a socket
+    pair whose other end this test writes, frame by frame (a VM cannot be made
+    to send malformed frames on demand)."""
+
+    def __init__(self) -> None:
+        from terminai_agent import protocol as P
+        from terminai_shim._internal.client import AgentClient
+
+        self.P = P
+        self.guest, host = socket.socketpair()
+        self.client = AgentClient(host)
+        self.decoder = P.Decoder()
+
+    def next_request(self):
+        while True:
+            for item in self.decoder.feed(self.guest.recv(1 << 20)):
+                if isinstance(item, self.P.Frame):
+                    return item
+
+    def greet(self) -> None:
+        hello = self.client.submit_hello()
+        req = self.next_request()
+        self.guest.sendall(self.P.result(req.id, version=1, max_frame=1 << 40, session="x"))
+        self.client.accept_hello(hello.result(5))
+
+
+@pytest.mark.unit
+def test_host_refuses_malformed_exit_events_without_a_traceback():
+    from terminai_shim.errors import ChannelClosed
+
+    agent = HostileAgent()
+    agent.greet()
+    assert agent.client.peer_max == 1 << 20, "a peer's frame limit is clamped to what this host accepts"
+    for bad in ({"code": "0"}, {"code": 7.5}, {"code": 300}, {"code": None, "signal": None}, {"code": 0, "signal": 9},
+                {"code": 0, "truncated": "stdout"}, {"code": 0, "timed_out": "no"}, {"code": True}):  # fmt: skip
+        result: list = []
+        t = threading.Thread(target=lambda result=result: result.append(agent.client.exec(["x"])))
+        t.start()
+        req = agent.next_request()
+        agent.guest.sendall(agent.P.result(req.id, pid=5))
+        t.join(5)
+        agent.guest.sendall(agent.P.event(req.id, "exit", **bad))
+        with pytest.raises(ChannelClosed, match="malformed exit status"):
+            result[0].wait(5)
+
+
+@pytest.mark.unit
+def test_host_bounds_what_a_flooding_agent_can_make_it_hold():
+    agent = HostileAgent()
+    agent.greet()
+    big = "x" * ((1 << 20) - 300)
+    for _ in range(400):
+        agent.guest.sendall(agent.P.encode({"kind": "err", "id": 0, "code": "X", "message": big}))
+    deadline = time.monotonic() + 30
+    while len(agent.client.protocol_errors) < 32 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    errors = list(agent.client.protocol_errors)
+    assert len(errors) <= 32 and all(len(e) <= 1003 for e in errors)
+    # Output over the cap is cut by the host, whatever the guest sends.
+    result: list = []
+    t = threading.Thread(target=lambda: result.append(agent.client.exec(["x"], output_cap=1000)))
+    t.start()
+    req = agent.next_request()
+    agent.guest.sendall(agent.P.result(req.id, pid=5))
+    t.join(5)
+    proc = result[0]
+    got = bytearray()
+    proc.on_event = lambda name, value: got.extend(value) if name == "stdout" else None
+    for _ in range(50):
+        agent.guest.sendall(agent.P.event(req.id, "stdout", b"y" * 60000))
+    agent.guest.sendall(agent.P.event(req.id, "exit", code=0, truncated=[]))
+    status = proc.wait(10)
+    assert len(got) == 1000 and status.truncated == ["stdout"]
+
+
+# -- 6: the host's own deadline ---------------------------------------------------------------------------------
+@pytest.mark.vm
+@pytest.mark.parametrize("how", ["halt", "power-off"])
+def test_a_guest_that_halts_itself_cannot_hang_run(boot_config, tmp_path, how):
+    call = {"halt": "0xCDEF0123", "power-off": "0x4321FEDC"}[how]
+    started = time.monotonic()
+    done = subprocess.run([SHIM, "run", "--kernel", str(boot_config.kernel), "--rootfs", str(boot_config.rootfs),
+                           "--user", "root", "--timeout", "3", "--", "python3", "-c",
+                           f"import ctypes; ctypes.CDLL(None).reboot({call}); import time; time.sleep(60)"],
+                          env=dict(os.environ, TERMINAI_CACHE=str(tmp_path)), capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    took = time.monotonic() - started
+    assert done.returncode in (124, 125), (done.returncode, done.stderr)
+    assert "Traceback" not in done.stderr and ("VM" in done.stderr or "timed out" in done.stderr), done.stderr
+    assert took < 60, f"run took {took:.0f}s"
+
+
+@pytest.mark.vm
+def test_filling_every_tmpfs_leaves_the_agent_answering(vm):
+    _code, out, err = sh(vm, "for d in /tmp /dev/shm /var/tmp; do dd if=/dev/zero of=$d/fill bs=1M 2>/dev/null; done;"
+                            "df -m /tmp /dev/shm / | tail -n +2; echo filled", timeout=600)  # fmt: skip
+    assert "filled" in out, err
+    assert sh(vm, "echo alive")[1].strip() == "alive"
+    sh(vm, "rm -f /tmp/fill /dev/shm/fill /var/tmp/fill")
+
+
+# -- 7, 9: the proxy: request smuggling and connection floods -----------------------------------------------------
+@pytest.fixture(scope="module")
+def origin():
+    seen: list[tuple[str, str]] = []
+
+    class Recorder(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            seen.append((self.path, self.headers.get("Host", "")))
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1], seen
+    server.shutdown()
+
+
+SMUGGLE = r"""
+import socket, sys
+port = int(sys.argv[1])
+def ask(raw):
+    s = socket.create_connection(("10.0.2.100", 3128), timeout=30)
+    s.sendall(raw); out = b""
+    while chunk := s.recv(65536): out += chunk
+    print(out.split(b"\r\n", 1)[0].decode())
+ask(f"GET http://127.0.0.1:{port}/a HTTP/1.1\nHost: evil\n\nGET /smuggled HTTP/1.1\nHost: evil\n\n".encode())
+ask(f"GET http://127.0.0.1:{port}/b HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 40\r\n\r\nhello".encode())
+ask(f"GET http://127.0.0.1:{port}/c HTTP/1.1\r\nX: y\r\n folded: z\r\n\r\n".encode())
+ask(f"GET http://127.0.0.1:{port}/ok HTTP/1.1\r\nHost: evil.invalid\r\n\r\n".encode())
+"""
+
+
+@pytest.mark.vm
+def test_proxy_refuses_smuggled_and_malformed_requests_from_the_guest(boot_config, origin, tmp_path):
+    port, seen = origin
+    seen.clear()
+    with boot(boot_config, network=_allow(f"127.0.0.1:{port}"), snapshots="off") as s:
+        _code, out, err = py_args(s, SMUGGLE, str(port))
+    lines = out.splitlines()
+    assert [line.split()[1] for line in lines] == ["400", "400", "400", "200"], (out, err)
+    assert seen == [("/ok", f"127.0.0.1:{port}")], "only the well-formed request, to the checked host"
+
+
+def py_args(session, code: str, *args: str):
+    status, out, err = session.client.run(["python3", "-c", code, *args], timeout=300)
+    return status.exit_code, out.decode(errors="replace"), err.decode(errors="replace")
+
+
+def _allow(*entries: str):
+    from terminai_shim.models import NetworkPolicy
+
+    return NetworkPolicy("allowlist", tuple(entries))
+
+
+FLOOD = r"""
+import socket, time
+held = []
+for i in range(150):
+    try:
+        held.append(socket.create_connection(("10.0.2.100", 3128), timeout=10))
+    except OSError as e:
+        print("connect failed", e)
+time.sleep(8)
+busy = 0
+for s in held:
+    s.settimeout(0.2)
+    try:
+        busy += s.recv(100).startswith(b"HTTP/1.1 503")
+    except OSError:
+        pass
+print("refused", busy)
+"""
+
+
+@pytest.mark.vm
+def test_connection_flood_is_bounded_before_anything_costly(boot_config, origin, tmp_path):
+    from terminai_shim._internal.netproxy import MAX_CONNECTIONS
+
+    port, _ = origin
+    with boot(boot_config, network=_allow(f"127.0.0.1:{port}"), snapshots="off") as s:
+        proxy = s.machine.proxy
+        peak = {"active": 0, "procs": 0}
+        stop = threading.Event()
+
+        def watch():
+            while not stop.is_set():
+                peak["active"] = max(peak["active"], proxy.active)
+                peak["procs"] = max(peak["procs"], len(children(s.machine.pid)))
+                time.sleep(0.05)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        try:
+            _code, out, _err = py(s, FLOOD, timeout=300)
+        finally:
+            stop.set()
+            watcher.join()
+        refused = int(out.split("refused")[1])
+        assert refused >= 150 - MAX_CONNECTIONS - 5, out
+        assert peak["active"] <= MAX_CONNECTIONS
+        assert peak["procs"] < 40, f"{peak['procs']} host processes at once (connectors must hand over and exit)"
+        # Once the guest lets go, the proxy serves again.
+        again = SMUGGLE.split("\nask(")[0] + f'\nask(b"GET http://127.0.0.1:{port}/x HTTP/1.1\\r\\n\\r\\n")'
+        assert "200" in py_args(s, again, str(port))[1]
+
+
+# -- 8: the console cannot fill the host ---------------------------------------------------------------------------
+@pytest.mark.vm
+def test_console_output_is_capped(boot_config):
+    from terminai_shim._internal.backends.base import ConsoleCapture
+
+    with boot(boot_config, snapshots="off") as s:
+        _code, out, err = sh(s, "head -c 3000000 /dev/zero | tr '\\0' x > /dev/ttyS0; echo done", timeout=600)
+        assert out.strip() == "done", err
+        console = s.runtime.console_log
+        s.close()
+        size = console.stat().st_size if console.exists() else 0
+    capture = ConsoleCapture.__init__.__defaults__
+    assert size <= capture[0] + capture[1] + 200, size
+
+
+# -- 10: open mode does not reach the host's own loopback ------------------------------------------------------------
+@pytest.mark.vm
+def test_open_mode_refuses_host_loopback_and_link_local_unless_listed(boot_config, origin):
+    from terminai_shim.models import NetworkPolicy
+
+    port, _ = origin
+    probe = ("import socket, sys\nfor h, p in (('10.0.2.2', int(sys.argv[1])), ('169.254.169.254', 80)):\n"
+             " try:\n  socket.create_connection((h, p), timeout=5).close(); print(h, 'CONNECTED')\n"
+             " except OSError as e: print(h, 'refused', e.errno)")  # fmt: skip
+    with boot(boot_config, network=NetworkPolicy("open"), snapshots="off") as s:
+        out = py_args(s, probe, str(port))[1]
+        assert "CONNECTED" not in out and out.count("refused") == 2, out
+    with boot(boot_config, network=NetworkPolicy("open", ("127.0.0.1",)), snapshots="off") as s:
+        assert "10.0.2.2 CONNECTED" in py_args(s, probe, str(port))[1]
+
+
+# -- 11: terminal escapes from the guest reach the user's terminal only as visible text ------------------------------
+@pytest.mark.vm
+def test_run_neutralises_escape_sequences_on_a_terminal(boot_config, tmp_path):
+    master, slave = pty.openpty()
+    evil = r"printf '\033]0;owned\007\033]52;c;ZWNobyBwd25lZA==\007\033[2J\233visible\n'"
+    proc = subprocess.Popen([SHIM, "run", "--kernel", str(boot_config.kernel), "--rootfs", str(boot_config.rootfs),
+                             "--shell", "--", evil], stdout=slave, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                            env=dict(os.environ, TERMINAI_CACHE=str(tmp_path)))  # fmt: skip
+    os.close(slave)
+    got = b""
+    while True:
+        ready, _, _ = select.select([master], [], [], 120)
+        if not ready:
+            break
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        got += chunk
+    assert proc.wait(60) == 0
+    assert b"\x1b" not in got and b"\x07" not in got and b"\x9b" not in got, got
+    assert b"^[]0;owned^G" in got and b"visible" in got
+
+
+# -- 12: a weaker tier is never chosen silently -----------------------------------------------------------------------
+@pytest.mark.vm
+def test_falling_back_to_the_container_tier_is_said_and_can_be_refused(boot_config, container_image, tmp_path):
+    env = dict(os.environ, TERMINAI_CACHE=str(tmp_path), TERMINAI_BACKEND_ORDER="container,microvm-tcg")
+    base = [SHIM, "run", "--kernel", str(boot_config.kernel), "--rootfs", str(boot_config.rootfs),
+            "--image", str(container_image.archive)]  # fmt: skip
+    weaker = subprocess.run([*base, "--", "true"], env=env, capture_output=True, text=True, timeout=300)
+    assert weaker.returncode == 0 and "weaker than a microVM" in weaker.stderr, weaker.stderr
+    strict = subprocess.run([*base, "--require-microvm", "--", "cat", "/proc/1/cmdline"], env=env,
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert strict.returncode == 0 and "weaker" not in strict.stderr and "terminai" in strict.stdout, strict.stderr
+
+
+# -- defence in depth: .git stays the host's ---------------------------------------------------------------------------
+PLANT_HOOK = ("printf '#!/bin/sh\\ntouch /tmp/pwned\\n' > /workspace/.git/hooks/post-checkout; "
+              "git config --file /workspace/.git/config core.fsmonitor 'touch /tmp/pwned' 2>&1 || "
+              "echo '[core] fsmonitor = touch /tmp/pwned' >> /workspace/.git/config; "
+              "echo data > /workspace/file; cat /workspace/.git/HEAD")  # fmt: skip
+
+
+def _repo(tmp_path: Path) -> Path:
+    ws = tmp_path / "repo"
+    (ws / ".git" / "hooks").mkdir(parents=True)
+    (ws / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (ws / ".git" / "config").write_text("[core]\n\tbare = false\n")
+    return ws
+
+
+@pytest.mark.vm
+@pytest.mark.parametrize("tier", ["microvm", "container"])
+def test_guest_cannot_plant_git_hooks_or_config(boot_config, request, tmp_path, tier):
+    from terminai_shim.models import BootConfig
+    from terminai_shim.session import Session
+
+    ws = _repo(tmp_path)
+    if tier == "microvm":
+        config = dataclasses.replace(boot_config, workspace=ws)
+    else:
+        image = request.getfixturevalue("container_image")
+        config = BootConfig(image=image.archive, backend="container", workspace=ws)
+    with Session.boot(config) as s:
+        assert s.describe()["gitReadOnly"]
+        _code, out, err = sh(s, PLANT_HOOK)
+        assert "refs/heads/main" in out and "Read-only file system" in (out + err), (out, err)
+    assert (ws / "file").read_text() == "data\n", "the rest of the workspace stays writable"
+    assert list((ws / ".git" / "hooks").iterdir()) == []
+    assert (ws / ".git" / "config").read_text() == "[core]\n\tbare = false\n"
+    with Session.boot(dataclasses.replace(config, writable_git=True)) as s:
+        assert not s.describe()["gitReadOnly"]
+        assert sh(s, "touch /workspace/.git/hooks/allowed && echo ok")[1].strip() == "ok"
