@@ -214,9 +214,9 @@ def test_open_reaches_what_the_host_reaches_and_is_logged(boot_config, servers, 
     (_, a_port), _ = servers
     shim = ShimProc(env=dict(os.environ, TERMINAI_CACHE=str(tmp_path)))
     try:
-        info = _vm(shim, boot_config, "open")
+        # The host's loopback is 10.0.2.2 to the guest (QEMU's user networking): refused unless listed.
+        info = _vm(shim, boot_config, {"mode": "open", "allow": ["127.0.0.1"]})
         assert info["network"]["mode"] == "open"
-        # The host's loopback is 10.0.2.2 to the guest (QEMU's user networking).
         assert _py(shim, FETCH, f"http://10.0.2.2:{a_port}/file.bin", "direct") == f"OK {DIGEST}"
         resolv = shim.result("execute", {"command": "cat", "args": ["/etc/resolv.conf"]})["stdout"]
         assert "nameserver 10.0.2.3" in resolv

@@ -48,6 +48,18 @@ def _validate(path: Path | None) -> str:
     return "valid (sha256 matches its build record)"
 
 
+def _confinement() -> dict[str, str]:
+    """How QEMU is confined here: its seccomp filter, and who it runs as (for a session without a workspace;
+    with one, started as root, it runs as the workspace's owner)."""
+    from ._internal.backends.qemu import sandbox_arg, vmm_identity
+    from .models import BootConfig
+
+    identity = vmm_identity(None)
+    return {"sandbox": sandbox_arg(BootConfig()), "runs_as": identity.reason,
+            "with_a_workspace": "the workspace's owner when started as root (root-owned: uid 0 with file-access "
+            "capabilities only)" if os.geteuid() == 0 else "the invoking user"}  # fmt: skip
+
+
 def report() -> dict[str, Any]:
     from ._internal.backends import backend_order, choose_backend
     from ._internal.backends.container import engine_answers
@@ -71,6 +83,7 @@ def report() -> dict[str, Any]:
     return {
         "accelerator": {"choice": kvm.accel, "reason": kvm.reason},
         "qemu": {"binary": qemu.qemu, "version": _qemu_version(qemu.qemu) if qemu.available() else None},
+        "vmm_confinement": _confinement(),
         "vhost_vsock": vhost_vsock,
         "firecracker": firecracker,
         "container_engine": {"answers": engine, "reason": engine_reason},
@@ -108,6 +121,9 @@ def doctor(json_output: bool = False) -> int:
     acc = info["accelerator"]
     print(f"accelerator:   {acc['choice']} ({acc['reason']})")
     print(f"qemu:          {info['qemu']['version'] or 'missing: apt-get install qemu-system-x86'}")
+    conf = info["vmm_confinement"]
+    print(f"confinement:   -sandbox {conf['sandbox']}; runs as {conf['runs_as']}; with a workspace: "
+          f"{conf['with_a_workspace']}")  # fmt: skip
     print(f"vhost-vsock:   {'yes' if info['vhost_vsock'] else 'no (the agent channel uses virtio-serial)'}")
     print(f"firecracker:   {info['firecracker'] or 'not configured'}")
     print(f"engine:        {info['container_engine']['reason']}")

@@ -50,6 +50,12 @@ def keep_only_capabilities(keep: tuple[int, ...]) -> None:
             err = ctypes.get_errno()
             if err != 22:  # EINVAL: a capability this kernel does not know
                 raise OSError(err, os.strerror(err))
+    no_new_privileges()
+
+
+def no_new_privileges() -> None:
+    """Nothing this process execs can gain privileges (setuid bits, file capabilities)."""
+    libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))

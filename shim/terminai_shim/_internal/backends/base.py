@@ -72,7 +72,7 @@ class ConsoleCapture:
             self.write_fd = -1
 
     def _pump(self, read_end: int) -> None:
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         written = 0
         ring = bytearray()
         try:

@@ -33,7 +33,7 @@ from pathlib import Path
 from ...errors import BootError, ConfigError
 from ...models import AccelChoice, BootConfig
 from ..accel import host_tsc_khz
-from ..process import die_with_parent, keep_only_capabilities
+from ..process import die_with_parent, keep_only_capabilities, no_new_privileges
 from .base import Backend, ConsoleCapture, Machine, ProcessMachine, RuntimeDir, check_vm_artifacts, git_share
 
 TYPE_CHECKING = False
@@ -49,8 +49,8 @@ CONSOLE_FDSET = 1
 # ``open`` mode unless listed, by reject routes PID 1 installs and commands
 # (without CAP_NET_ADMIN) cannot remove.
 OPEN_MODE_BLOCKS = {"127.0.0.1": "10.0.2.2/32", "169.254.0.0/16": "169.254.0.0/16"}
-CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER, CAP_SETGID, CAP_SETUID = 1, 2, 3, 6, 7
-NOBODY = "65534:65534"
+CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER = 1, 2, 3
+NOBODY = (65534, 65534)
 
 
 AGENT_VSOCK_PORT = 1024
@@ -188,50 +188,38 @@ class VmmIdentity:
     """Who QEMU runs as. Never root with root's powers: a bug in QEMU's
     device emulation must not be root on the host.
 
-    Started by a user: that user. Started as root: the workspace's owner
-    (``-runas``, after QEMU has opened its files), or nobody when there is
-    no workspace; when root owns the workspace, QEMU keeps uid 0 (it must
-    read and write root's files) but only the capabilities file access
-    needs. Started as root, nothing can give it more (``no_new_privs``,
-    and a bounding set of just ``keep_caps``)."""
+    Started by a user: that user. Started as root: the workspace's owner,
+    or nobody when there is no workspace (``switch_to``): QEMU is started
+    as that user outright, with the kernel and root image handed over as
+    descriptors the shim opened (``/proc/self/fd/N``), its sockets in a
+    runtime directory it owns, and ``no_new_privs``. When root owns the
+    workspace, QEMU keeps uid 0 (it must read and write root's files) but
+    only the capabilities file access needs (``keep_caps``: its bounding set),
+    and ``no_new_privs``."""
 
-    runas: str | None
+    switch_to: tuple[int, int] | None
     keep_caps: tuple[int, ...] | None
     reason: str
-
-    @property
-    def uid(self) -> int:
-        return int(self.runas.split(":")[0]) if self.runas else os.geteuid()
-
-    @property
-    def gid(self) -> int:
-        return int(self.runas.split(":")[1]) if self.runas else os.getegid()
 
 
 def vmm_identity(workspace: Path | None) -> VmmIdentity:
     if os.geteuid() != 0:
         return VmmIdentity(None, None, f"the invoking user (uid {os.geteuid()})")
-    switch = (CAP_SETGID, CAP_SETUID)  # -runas needs them once; they are gone with uid 0
     if workspace is None:
-        return VmmIdentity(NOBODY, switch, "nobody (started as root, no workspace)")
+        return VmmIdentity(NOBODY, None, "nobody (started as root, no workspace)")
     st = os.stat(workspace)
     if st.st_uid != 0:
-        owner = f"uid {st.st_uid}, the workspace's owner (started as root)"
-        return VmmIdentity(f"{st.st_uid}:{st.st_gid}", switch, owner)
+        return VmmIdentity((st.st_uid, st.st_gid), None, f"uid {st.st_uid}, the workspace's owner (started as root)")
     return VmmIdentity(None, (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER),
                        "uid 0 with file-access capabilities only (the workspace belongs to root)")  # fmt: skip
 
 
-def sandbox_arg(config: BootConfig, identity: VmmIdentity) -> str:
-    """QEMU's seccomp filter. ``spawn`` stays allowed only for an allowlist
-    (QEMU starts the connector, whose set-up calls ``setsid``);
-    ``elevateprivileges`` only then and for ``-runas``, whose setuid
-    happens after the filter is in place. Either way QEMU holds no
-    capability that would let a set*id call gain anything."""
-    allowlist = config.network.mode == "allowlist"
-    spawn = "allow" if allowlist else "deny"
-    elevate = "allow" if identity.runas or allowlist else "deny"
-    return f"on,obsolete=deny,elevateprivileges={elevate},spawn={spawn},resourcecontrol=deny"
+def sandbox_arg(config: BootConfig) -> str:
+    """QEMU's seccomp filter. ``spawn`` and ``elevateprivileges`` stay
+    allowed only for an allowlist: QEMU starts the connector, whose set-up
+    calls ``setsid``. QEMU holds no capability a set*id call could use."""
+    allow = "allow" if config.network.mode == "allowlist" else "deny"
+    return f"on,obsolete=deny,elevateprivileges={allow},spawn={allow},resourcecontrol=deny"
 
 
 def command_line(
@@ -242,7 +230,6 @@ def command_line(
     channel: Channel = Channel(),
     incoming_fd: int | None = None,
     console_fd: int = 3,
-    identity: VmmIdentity | None = None,
 ) -> list[str]:
     """The whole QEMU command line.
 
@@ -252,7 +239,6 @@ def command_line(
     without a workspace, and a VM saved before any mount can be restored
     for any workspace.
     """
-    identity = identity or vmm_identity(config.workspace)
     argv = [
         qemu,
         "-accel", accel.accel,
@@ -261,7 +247,7 @@ def command_line(
         "-m", str(config.memory_mib),
         "-smp", str(config.cpus),
         "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
-        "-sandbox", sandbox_arg(config, identity),
+        "-sandbox", sandbox_arg(config),
         "-add-fd", f"fd={console_fd},set={CONSOLE_FDSET}",
         "-chardev", f"file,id=console,path=/dev/fdset/{CONSOLE_FDSET},append=on",
         "-serial", "chardev:console",
@@ -274,8 +260,6 @@ def command_line(
         "-device", "virtio-rng-device,rng=rng",
         "-qmp", f"unix:{_opt(runtime.control_socket)},server=on,wait=off",
     ]  # fmt: skip
-    if identity.runas:
-        argv += ["-runas", identity.runas]
     if channel.kind == "vsock":
         argv += ["-device", f"vhost-vsock-device,guest-cid={channel.cid}"]
     else:
@@ -306,8 +290,7 @@ def device_layout(config: BootConfig, accel: AccelChoice, channel: Channel = Cha
     """The command line with every host path replaced: what a saved VM state
     depends on, independent of where this session keeps its files."""
     neutral = dataclasses.replace(config, kernel=Path("KERNEL"), rootfs=Path("ROOTFS"), workspace=None)
-    return command_line(neutral, accel, RuntimeDir(Path("RUNTIME")), "qemu", channel,
-                        identity=VmmIdentity(None, None, ""))  # fmt: skip
+    return command_line(neutral, accel, RuntimeDir(Path("RUNTIME")), "qemu", channel)
 
 
 class QemuMachine(ProcessMachine):
@@ -383,23 +366,22 @@ class QemuBackend(Backend):
         channel = Channel.choose(config.channel)
         identity = vmm_identity(config.workspace)
         runtime.empty_share.mkdir(mode=0o555, exist_ok=True)
-        if identity.runas:  # after the switch QEMU reaches the empty share and the proxy's socket by name
-            os.chmod(runtime.path, 0o711)
-            os.chmod(runtime.path.parent, 0o711)
-        proxy = None
-        if config.network.mode == "allowlist":  # listening before the guest can connect
-            from ..netpolicy import Allowlist
-            from ..netproxy import ProxyConfig, ProxyServer, upstream_from_env
-
-            proxy = ProxyServer(ProxyConfig("starting", Allowlist.parse(config.network.allow), None,
-                                            upstream_from_env(dict(os.environ))))  # fmt: skip
-            proxy.listen_unix(str(runtime.proxy_socket))
-            os.chmod(runtime.proxy_socket, 0o600)  # QEMU's connectors, as QEMU's user, and nobody else
-            if identity.runas:
-                os.chown(runtime.proxy_socket, identity.uid, identity.gid)
+        held: list[int] = []  # descriptors QEMU inherits; closed here once it has them
+        try:
+            if identity.switch_to:  # QEMU runs as that user from the start: hand it what root can open
+                os.chown(runtime.path, *identity.switch_to)
+                os.chmod(runtime.path.parent, 0o711)
+                config = _by_descriptor(config, held)
+            proxy = _start_proxy(config, runtime, identity)
+        except BaseException:
+            for fd in held:
+                os.close(fd)
+            raise
         console = ConsoleCapture(runtime.console_log)
         state = os.open(incoming, os.O_RDONLY | os.O_CLOEXEC) if incoming is not None else None
-        argv = command_line(config, accel, runtime, self.qemu, channel, state, console.write_fd, identity)
+        if state is not None:
+            held.append(state)
+        argv = command_line(config, accel, runtime, self.qemu, channel, state, console.write_fd)
         log_fd = os.open(runtime.path / "qemu.log", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         try:
             proc = subprocess.Popen(
@@ -409,9 +391,12 @@ class QemuBackend(Backend):
                 stderr=subprocess.STDOUT,
                 preexec_fn=_vmm_preexec(identity),
                 close_fds=True,
-                pass_fds=(console.write_fd, *((state,) if state is not None else ())),
+                pass_fds=(console.write_fd, *held),
                 cwd=runtime.path,  # what QEMU starts (the connector) starts here, never in the workspace
                 env=vmm_environment(),
+                user=identity.switch_to[0] if identity.switch_to else None,
+                group=identity.switch_to[1] if identity.switch_to else None,
+                extra_groups=[] if identity.switch_to else None,
             )
         except BaseException:
             console.finish(0)
@@ -420,10 +405,44 @@ class QemuBackend(Backend):
             raise
         finally:
             os.close(log_fd)
-            if state is not None:
-                os.close(state)
+            for fd in held:
+                os.close(fd)
         console.child_started()
         return QemuMachine(proc, runtime, channel, console, proxy)
+
+
+def _by_descriptor(config: BootConfig, held: list[int]) -> BootConfig:
+    """The boot files and the workspace as ``/proc/self/fd/N`` of descriptors
+    opened here (the same numbers in QEMU, which inherits them): QEMU,
+    running as another user, reaches exactly these (the link reopens the
+    open file, not the path, and needs no access to the directories above)."""
+
+    def handed(path: Path | None, flags: int = 0) -> Path | None:
+        if path is None:
+            return None
+        fd = os.open(path, os.O_RDONLY | flags)
+        held.append(fd)
+        return Path(f"/proc/self/fd/{fd}")
+
+    return dataclasses.replace(config, kernel=handed(config.kernel), rootfs=handed(config.rootfs),
+                               initrd=handed(config.initrd),
+                               workspace=handed(config.workspace, os.O_DIRECTORY))  # fmt: skip
+
+
+def _start_proxy(config: BootConfig, runtime: RuntimeDir, identity: VmmIdentity) -> ProxyServer | None:
+    """The allowlist proxy, listening before the guest can connect."""
+    if config.network.mode != "allowlist":
+        return None
+    from ..netpolicy import Allowlist
+    from ..netproxy import ProxyConfig, ProxyServer, upstream_from_env
+
+    proxy = ProxyServer(ProxyConfig("starting", Allowlist.parse(config.network.allow), None,
+                                    upstream_from_env(dict(os.environ))))  # fmt: skip
+    proxy.listen_unix(str(runtime.proxy_socket))
+    os.chmod(runtime.proxy_socket, 0o600)  # QEMU's connectors, as QEMU's user, and nobody else
+    if identity.switch_to:
+        os.chown(runtime.proxy_socket, *identity.switch_to)
+    return proxy
 
 
 def vmm_environment() -> dict[str, str]:
@@ -433,6 +452,8 @@ def vmm_environment() -> dict[str, str]:
 
 
 def _vmm_preexec(identity: VmmIdentity) -> Callable[[], None]:
+    """Runs in the child after the user switch (so the parent-death signal,
+    which a credential change clears, is set for good)."""
     die = die_with_parent()
     keep = identity.keep_caps
 
@@ -440,5 +461,7 @@ def _vmm_preexec(identity: VmmIdentity) -> Callable[[], None]:
         die()
         if keep is not None:
             keep_only_capabilities(keep)
+        elif identity.switch_to:
+            no_new_privileges()
 
     return preexec
