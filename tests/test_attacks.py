@@ -653,3 +653,53 @@ def test_guest_cannot_plant_git_hooks_or_config(boot_config, request, tmp_path, 
     with Session.boot(dataclasses.replace(config, writable_git=True)) as s:
         assert not s.describe()["gitReadOnly"]
         assert sh(s, "touch /workspace/.git/hooks/allowed && echo ok")[1].strip() == "ok"
+
+
+class _HostSession:
+    """The parts of a Session the watchdog uses, around a real agent run on the host
+    (the VM's agent code; only the transport differs). ``kill`` stops that agent."""
+
+    def __init__(self, agent, tmp: Path) -> None:
+        from terminai_shim._internal.backends.base import RuntimeDir
+
+        self.agent = agent
+        self.client = agent.client()
+        self.runtime = RuntimeDir(tmp)  # no QMP socket here: the watchdog pings
+        self.machine = self
+        self.killed = False
+
+    def kill(self) -> None:
+        self.killed = True
+        self.agent.proc.kill()
+
+
+@pytest.mark.vm
+def test_watchdog_stops_a_frozen_agent_but_not_a_slow_reader(host_agent, tmp_path):
+    """A frozen agent (SIGSTOP) ends the session within the watchdog's limits; a
+    host consumer that holds the reader for longer than that (a paused pager) does not."""
+    import signal
+
+    from terminai_shim.errors import ChannelClosed
+    from terminai_shim.session import Watchdog
+
+    s = _HostSession(host_agent, tmp_path)
+    dog = Watchdog(s)
+    dog.start()
+    try:
+        held = threading.Event()
+
+        def slow_consumer(name, value):
+            if name == "stdout" and not held.is_set():
+                held.set()
+                time.sleep(Watchdog.PING_EVERY + Watchdog.PING_TIMEOUT + 3)
+
+        proc = s.client.exec(["sh", "-c", "head -c 20000000 /dev/zero"], on_event=slow_consumer)
+        assert proc.wait(120).exit_code == 0 and not s.killed, dog.reason
+        sleeper = s.client.exec(["sleep", "60"])
+        os.kill(host_agent.proc.pid, signal.SIGSTOP)
+        started = time.monotonic()
+        with pytest.raises(ChannelClosed, match="stopped answering"):
+            sleeper.wait(60)
+        assert s.killed and time.monotonic() - started < Watchdog.PING_EVERY + Watchdog.PING_TIMEOUT + 5
+    finally:
+        dog.stop()

@@ -165,8 +165,10 @@ class Watchdog:
 
     def _run(self) -> None:
         session = self.session
+        client = session.client
         qmp = self._events()
-        last_answer = time.monotonic()
+        ping: Call | None = None
+        sent = 0.0
         try:
             while not self._stop.is_set():
                 if qmp is not None:
@@ -176,26 +178,28 @@ class Watchdog:
                         return
                 elif self._stop.wait(1.0):
                     return
-                if session.client.closed or self._stop.is_set():
+                if client.closed or self._stop.is_set():
                     return
                 now = time.monotonic()
-                running = session.client.running()
+                running = client.running()
                 late = [p for p in running if p.host_deadline is not None and now > p.host_deadline]
                 if late:
                     for proc in late:
                         proc.host_timed_out = True
                     self._fail("a command outlived its timeout and the guest did not end it")
                     return
-                if running and now - last_answer >= self.PING_EVERY:
+                if not running:
+                    ping = None
+                elif ping is not None and (ping.done() or client.last_heard > sent or client.delivering):
+                    ping = None  # it answered, or frames flow, or our own reader is held by a slow consumer
+                elif ping is not None and now - sent > self.PING_TIMEOUT:
+                    self._fail(f"the guest agent stopped answering (nothing for {self.PING_TIMEOUT:.0f}s)")
+                    return
+                elif ping is None and now - client.last_heard >= self.PING_EVERY:
                     try:
-                        session.client.ping(timeout=self.PING_TIMEOUT)
-                        last_answer = time.monotonic()
+                        ping, sent = client.submit("ping"), now
                     except ShimError:
-                        if not self._stop.is_set():
-                            self._fail(f"the guest agent stopped answering (no reply in {self.PING_TIMEOUT:.0f}s)")
-                        return
-                elif not running:
-                    last_answer = now
+                        return  # the channel is closed: the waiting commands already know
         finally:
             if qmp is not None:
                 qmp.close()

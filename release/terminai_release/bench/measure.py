@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import statistics
 import subprocess
@@ -56,11 +57,13 @@ class RawAgent:
     def __init__(self, config: BootConfig) -> None:
         self.runtime = new_runtime_dir()
         self.runtime.empty_share.mkdir(exist_ok=True)  # the 9p device needs a directory behind it
-        argv = command_line(config, choose_accel(config.accel), self.runtime)
+        console = os.open(os.devnull, os.O_WRONLY | os.O_APPEND)
+        argv = command_line(config, choose_accel(config.accel), self.runtime, console_fd=console)
         self.started = time.monotonic()
         self.proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, pass_fds=(console,)
         )
+        os.close(console)
         while True:
             try:
                 self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

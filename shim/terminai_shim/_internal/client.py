@@ -166,6 +166,9 @@ class Call:
         self.id = rid
         self._pending = pending
 
+    def done(self) -> bool:
+        return self._pending.done.is_set()
+
     def result(self, timeout: float | None = 60.0) -> P.Frame:
         if not self._pending.done.wait(timeout):
             with self.client._lock:
@@ -194,6 +197,8 @@ class AgentClient:
         self.protocol_errors: collections.deque[str] = collections.deque(maxlen=MAX_PROTOCOL_ERRORS)
         self.hello_info: dict[str, Any] = {}
         self.default_user = "user"  # who commands run as in the guest unless a call says otherwise
+        self.last_heard = time.monotonic()  # when the agent last sent anything (the watchdog's evidence)
+        self.delivering = False
         self._reader = threading.Thread(target=self._read_loop, name="agent-reader", daemon=True)
         self._reader.start()
 
@@ -205,11 +210,14 @@ class AgentClient:
                 data = self.sock.recv(256 * 1024)
                 if not data:
                     break
+                self.last_heard = time.monotonic()
+                self.delivering = True  # a consumer that blocks (a paused pager) holds the reader here
                 for item in decoder.feed(data):
                     if isinstance(item, P.ProtocolError):
                         self.protocol_errors.append(_bounded_text(item.message))
                     else:
                         self._route(item)
+                self.delivering = False
         except OSError:
             pass
         finally:
