@@ -182,6 +182,34 @@ def test_as_an_unprivileged_host_user_guest_files_stay_that_users(readable_artif
         shutil.rmtree(home, ignore_errors=True)
 
 
+# i386 `fchmod(fd, 04755)` through int 0x80 from a 64-bit process: another system call table.
+I386_FCHMOD = r"""
+import ctypes, mmap, os, sys
+fd = os.open("/workspace/abi", os.O_CREAT | os.O_WRONLY, 0o755)
+code = (b"\xb8\x5e\x00\x00\x00" + b"\xbb" + fd.to_bytes(4, "little") + b"\xb9\xed\x09\x00\x00"
+        + b"\x53\xcd\x80\x5b\xc3")  # mov eax,94; mov ebx,fd; mov ecx,04755; push rbx; int 0x80; pop rbx; ret
+buf = mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+buf.write(code)
+fn = ctypes.CFUNCTYPE(ctypes.c_int)(ctypes.addressof(ctypes.c_char.from_buffer(buf)))
+print("i386 fchmod returned", fn())
+"""
+# The agent's own socket, from a command of the same uid: ask the agent to write a setuid file.
+AGENT_SOCKET = r"""
+import socket, sys
+sys.path.insert(0, "/usr/lib/terminai")
+from terminai_agent import protocol as P
+s = socket.socket(socket.AF_UNIX)
+try:
+    s.connect("/run/terminai/agent.sock")
+    s.sendall(P.request(1, "hello", versions=[1]) + P.request(2, "write", b"x", path="/workspace/viaagent",
+              mode=0o4755, truncate=True))
+    s.settimeout(5)
+    print("agent answered", s.recv(100))
+except OSError as e:
+    print("agent refused", e)
+"""
+
+
 @pytest.mark.vm
 def test_container_tier_refuses_setuid_bits_in_the_workspace(container_image, tmp_path):
     from terminai_shim.models import BootConfig
@@ -196,6 +224,11 @@ def test_container_tier_refuses_setuid_bits_in_the_workspace(container_image, tm
                                " ls -ln /workspace")  # fmt: skip
         assert "Operation not permitted" in err, (out, err)
         assert sh(s, "chmod 755 /workspace/shell && echo plain-chmod-ok")[1].strip() == "plain-chmod-ok"
+        out = py(s, I386_FCHMOD)[1]
+        assert "returned -38" in out, out  # ENOSYS: the i386 table is closed
+        out = py(s, AGENT_SOCKET)[1]
+        assert "agent refused" in out or "agent answered b''" in out, out  # closed at once: not the host
+    assert not (ws / "viaagent").exists()
     for entry in ws.iterdir():
         assert not entry.stat().st_mode & (stat.S_ISUID | stat.S_ISGID), entry
 
@@ -703,3 +736,42 @@ def test_watchdog_stops_a_frozen_agent_but_not_a_slow_reader(host_agent, tmp_pat
         assert s.killed and time.monotonic() - started < Watchdog.PING_EVERY + Watchdog.PING_TIMEOUT + 5
     finally:
         dog.stop()
+
+
+@pytest.mark.unit
+def test_proxy_handover_takes_only_stream_sockets_and_close_ends_every_relay(tmp_path):
+    """Descriptors passed to the proxy's socket that are not stream sockets are
+    closed, not kept; closing the server ends the connections it relays."""
+    from terminai_shim._internal.netpolicy import Allowlist
+    from terminai_shim._internal.netproxy import ProxyConfig, ProxyServer
+
+    server = ProxyServer(ProxyConfig("t", Allowlist.parse([]), str(tmp_path / "log"), {}))
+    path = str(tmp_path / "p.sock")
+    server.listen_unix(path)
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(50):
+        r, w = os.pipe()
+        with socket.socket(socket.AF_UNIX) as carrier:
+            carrier.connect(path)
+            socket.send_fds(carrier, [b"c"], [r, w])
+            carrier.settimeout(5)
+            carrier.recv(1)
+        os.close(r)
+        os.close(w)
+    time.sleep(0.5)
+    assert len(os.listdir("/proc/self/fd")) <= before + 2, "passed descriptors leaked"
+    guest, host = socket.socketpair()
+    with socket.socket(socket.AF_UNIX) as carrier:
+        carrier.connect(path)
+        socket.send_fds(carrier, [b"c"], [host.fileno()])
+        carrier.settimeout(5)
+        assert carrier.recv(1) == b"k"
+    host.close()
+    guest.sendall(b"CONNECT 127.0.0.1:9")  # an unfinished head: the proxy waits for the rest
+    deadline = time.monotonic() + 5
+    while server.active != 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert server.active == 1
+    server.close()
+    guest.settimeout(5)
+    assert guest.recv(100) == b"", "a relayed connection outlived its server"

@@ -37,6 +37,12 @@ class Server:
 
             def do_GET(self):
                 outer.requests.append(dict(self.headers))
+                if outer.mode.startswith("redirect:"):
+                    self.send_response(302)
+                    self.send_header("Location", outer.mode.split(":", 1)[1])
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 data = DATA if outer.mode != "other-bytes" else bytes(len(DATA))
                 if outer.mode == "longer":
                     data = DATA + b"extra bytes the manifest does not list"
@@ -150,6 +156,46 @@ def test_modified_cached_blob_is_detected_and_fetched_again(server, tmp_path):
     assert not cache.valid(DIGEST, len(DATA))
     assert cache.fetch(server.source, "blob", DIGEST, len(DATA)).read_bytes() == DATA
     assert server.body_bytes == 2 * len(DATA)
+
+
+def test_blob_flipped_in_place_with_its_mtime_restored_is_detected(server, tmp_path):
+    """A local user (or the same one, by mistake) changes a verified blob and puts its mtime back."""
+    cache = BlobCache(tmp_path)
+    path = cache.fetch(server.source, "blob", DIGEST, len(DATA))
+    st = path.stat()
+    with path.open("r+b") as f:
+        first = f.read(1)
+        f.seek(0)
+        f.write(bytes([first[0] ^ 1]))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert path.stat().st_mtime_ns == st.st_mtime_ns and path.stat().st_size == st.st_size
+    assert not cache.valid(DIGEST, len(DATA)), "a stamp of size, mtime and inode alone would say valid"
+    assert cache.fetch(server.source, "blob", DIGEST, len(DATA)).read_bytes() == DATA
+
+
+@pytest.mark.parametrize("target", ["http://example.invalid/blob", "ftp://127.0.0.1/blob", "file:///etc/passwd"])
+def test_every_redirect_hop_obeys_the_scheme_rule(server, tmp_path, target):
+    server.mode = f"redirect:{target}"
+    with pytest.raises(FetchError, match=r"(?i)refus|redirect"):
+        BlobCache(tmp_path).fetch(server.source, "blob", DIGEST, len(DATA))
+    with pytest.raises(FetchError, match=r"(?i)refus|redirect"):
+        server.source.read("manifest.json")
+
+
+def test_local_release_copies_stop_at_the_listed_size(tmp_path):
+    release = tmp_path / "release"
+    release.mkdir()
+    (release / "zero").symlink_to("/dev/zero")
+    (release / "big").write_bytes(DATA + b"more")
+    (release / "ok").write_bytes(DATA)
+    cache = BlobCache(tmp_path / "cache")
+    source = Source(release.as_uri())
+    with pytest.raises(FetchError, match="not a regular file"):
+        cache.fetch(source, "zero", DIGEST, len(DATA))
+    with pytest.raises(FetchError, match="larger than"):
+        cache.fetch(source, "big", DIGEST, len(DATA))
+    assert _left(cache) == []
+    assert cache.fetch(source, "ok", DIGEST, len(DATA)).read_bytes() == DATA
 
 
 def test_concurrent_fetches_share_one_download(server, tmp_path):

@@ -86,6 +86,7 @@ def test_good_release_verifies_and_records_its_serial(stack, root, tmp_path):
         ("other-bundle", VerificationFailed, "signature of manifest.json does not verify"),
         ("truncated-artifact", VerificationFailed, "bytes; the manifest says"),
         ("missing-artifact", VerificationFailed, "is missing"),
+        ("binary-bundle", VerificationFailed, "not UTF-8 JSON"),
     ],
 )
 def test_tampering_is_named(stack, root, tmp_path, mutate, error, message):
@@ -107,6 +108,8 @@ def test_tampering_is_named(stack, root, tmp_path, mutate, error, message):
         blob.write_bytes(blob.read_bytes()[:100])
     elif mutate == "missing-artifact":
         blob.unlink()
+    elif mutate == "binary-bundle":
+        (rel / "manifest.json.sigstore.json").write_bytes(b"\xff\xfe not utf-8 \x80")
     state = SerialState(tmp_path / "serials.json")
     with pytest.raises(error, match=message):
         verify_release(rel, _policy(root), state=state)
@@ -125,6 +128,21 @@ def test_wrong_signer_issuer_or_trust_root(stack, root, tmp_path):
         foreign.write_text(json.dumps(other.trusted_root()))
         with pytest.raises(VerificationFailed, match="does not verify"):
             verify_release(rel, _policy(foreign), state=state)
+
+
+def test_missing_trust_root_is_a_named_error_through_the_cli(stack, tmp_path):
+    """Not a traceback: the shim's own error, exit 125, naming the file."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    rel = _release(stack, tmp_path / "rel")
+    shim = str(Path(sys.executable).with_name("terminai-shim"))
+    done = subprocess.run([shim, "verify", str(rel), "--trusted-root", str(tmp_path / "nowhere.json"), "--identity",
+                           DEFAULT_IDENTITY, "--issuer", ISSUER], capture_output=True, text=True,
+                          env=dict(os.environ, TERMINAI_CACHE=str(tmp_path / "cache")))  # fmt: skip
+    assert done.returncode == 125 and "Traceback" not in done.stderr, done.stderr
+    assert "nowhere.json cannot be read" in done.stderr
 
 
 def test_expired_newer_shim_and_unsupported_schema(stack, root, tmp_path):

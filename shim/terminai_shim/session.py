@@ -159,7 +159,7 @@ class Watchdog:
         from ._internal.qmp import QmpError, QmpEvents
 
         try:
-            return QmpEvents(str(control))
+            return QmpEvents(str(control), expect_pid=self.session.machine.pid)
         except QmpError:
             return None
 
@@ -295,7 +295,8 @@ class Session:
         session = cls._start(config, accel, backend, started)
         if store is not None and snap_key is not None and description is not None:
             try:
-                session.snapshot = store.save(session.runtime.control_socket, snap_key, description)
+                session.snapshot = store.save(session.runtime.control_socket, snap_key, description,
+                                              vmm_pid=session.machine.pid)  # fmt: skip
             except Exception as exc:  # a VM that could not be saved still serves
                 warnings.warn(f"could not save a snapshot: {exc}", stacklevel=2)
                 if not session.machine.alive() or session.client.closed:

@@ -120,6 +120,13 @@ def check_signature(data: bytes, bundle_json: str, policy: TrustPolicy, what: st
     except ImportError:
         raise VerificationFailed("the sigstore library is not installed", hint="pip install sigstore") from None
     try:
+        Path(policy.trusted_root).read_bytes()
+    except OSError as exc:
+        raise VerificationFailed(
+            f"the trust root {policy.trusted_root} cannot be read: {exc.strerror or exc}",
+            hint="pass --trusted-root with an existing sigstore trusted_root.json",
+        ) from None
+    try:
         root = TrustedRoot.from_file(str(policy.trusted_root))
         bundle = Bundle.from_json(bundle_json)
         rule: Any
@@ -136,6 +143,14 @@ def check_signature(data: bytes, bundle_json: str, policy: TrustPolicy, what: st
             hint=f"check the trust root ({policy.trusted_root}) and the expected signer, {policy.describe()}; "
             "never boot an unverified release",
         ) from None
+
+
+def _bundle_text(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise VerificationFailed(f"{BUNDLE} is not UTF-8 JSON: not a sigstore bundle",
+                                 hint="the release is damaged or forged; never boot it") from None  # fmt: skip
 
 
 class _IdentityPattern:
@@ -244,7 +259,7 @@ def verify_release(
 ) -> VerifiedRelease:
     try:
         data = (directory / MANIFEST).read_bytes()
-        bundle = (directory / BUNDLE).read_text()
+        bundle = _bundle_text((directory / BUNDLE).read_bytes())
     except OSError as exc:
         raise VerificationFailed(f"release in {directory} is incomplete: {exc}") from None
     check_signature(data, bundle, _choose(policy, data))
@@ -303,7 +318,7 @@ def fetch_channel(
     pointer = None
     if version is None:
         data = source.read(channel_key(channel))
-        bundle = source.read(pointer_bundle_key(hashlib.sha256(data).hexdigest())).decode()
+        bundle = _bundle_text(source.read(pointer_bundle_key(hashlib.sha256(data).hexdigest())))
         check_signature(data, bundle, policy or pinned_policy(channel), what=channel_key(channel))
         pointer = ChannelPointer.from_json(data)
         pointer.check_current(channel, now)
@@ -340,7 +355,7 @@ def _fetch(
             f"(sha256 {hashlib.sha256(data).hexdigest()}, pointer says {pointer.manifest_sha256})",
             hint="the store is being published right now or was tampered with; try again shortly",
         )
-    bundle = manifest_source.read(BUNDLE).decode()
+    bundle = _bundle_text(manifest_source.read(BUNDLE))
     check_signature(data, bundle, _choose(policy, data))
     manifest = Manifest.from_json(data)
     manifest.check_usable(__version__, P.PROTOCOL_VERSION, time.time() if now is None else now)

@@ -78,3 +78,24 @@ def listen(spec: ChannelSpec) -> socket.socket:
     sock.listen(16)
     sock.setblocking(False)
     return sock
+
+
+VMADDR_CID_HOST = 2
+SO_PEERCRED = 17
+
+
+def from_host(client: socket.socket, peer: object, container: bool) -> bool:
+    """Whether an accepted connection comes from the host, not from a command
+    in this guest: a vsock peer must be the host's CID (a command can reach
+    the agent's port through vsock loopback); in a container, a Unix-socket
+    peer must be outside the container's PID namespace (the kernel reports
+    its pid as 0), since commands run as the uid that owns the socket."""
+    import socket
+    import struct
+
+    if client.family == socket.AF_VSOCK:
+        return isinstance(peer, tuple) and peer[0] == VMADDR_CID_HOST
+    if container and client.family == socket.AF_UNIX:
+        pid, _uid, _gid = struct.unpack("3i", client.getsockopt(socket.SOL_SOCKET, SO_PEERCRED, 12))
+        return pid == 0
+    return True

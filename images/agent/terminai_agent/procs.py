@@ -24,6 +24,9 @@ TYPE_CHECKING = False  # not typing's: importing typing costs ~15 ms at boot
 if TYPE_CHECKING:
     from typing import Any
 
+DEFAULT_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD, signal.SIGINT, signal.SIGHUP, signal.SIGTERM,
+                   signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)  # fmt: skip
+
 # After the main process exits, its pipes are read this long at most; then
 # the rest of its process group is killed, so nothing outlives the command.
 EXIT_GRACE = 0.5
@@ -131,7 +134,7 @@ def spawn(
             os.dup2(in_r, 0)
             os.dup2(out_w, 1)
             os.dup2(err_w, 2)
-            for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD):
+            for sig in DEFAULT_SIGNALS:  # the agent ignores some; a command starts with none ignored
                 signal.signal(sig, signal.SIG_DFL)
             signal.pthread_sigmask(signal.SIG_SETMASK, [])
             if confine:

@@ -8,8 +8,9 @@ and an empty capability set do not stop an owner from setting those bits
 on its own files. This filter, stacked on Docker's, refuses every way to
 create or mark a file setuid or setgid (EPERM), and the interfaces that
 would bypass a filter on arguments (``openat2`` takes its mode in a struct
-the filter cannot read; io_uring opens files without system calls): those
-get ENOSYS, so libc falls back to the plain calls.
+the filter cannot read; io_uring opens files without system calls; other
+ABIs, i386 and x32, whose calls have other numbers): those get ENOSYS, so
+libc falls back to the plain calls.
 
 Standard library only; the filter is assembled once, installed in each
 command's child between fork and exec (``install``).
@@ -36,6 +37,8 @@ SPECIAL_BITS = 0o6000  # S_ISUID | S_ISGID
 # BPF opcodes
 LD_W_ABS = 0x20
 JEQ_K = 0x15
+JGE_K = 0x35
+X32_BIT = 0x40000000
 AND_K = 0x54
 RET_K = 0x06
 
@@ -68,8 +71,10 @@ def program(machine: str | None = None) -> bytes | None:
     out = [
         _insn(LD_W_ABS, 0, 0, 4),  # seccomp_data.arch
         _insn(JEQ_K, 1, 0, audit),
-        _insn(RET_K, 0, 0, SECCOMP_RET_ALLOW),  # another ABI (e.g. x32): not ours to judge
+        _insn(RET_K, 0, 0, SECCOMP_RET_ERRNO | ENOSYS),  # another ABI (i386 int 0x80): none here
         _insn(LD_W_ABS, 0, 0, 0),  # seccomp_data.nr
+        _insn(JGE_K, 0, 1, X32_BIT),
+        _insn(RET_K, 0, 0, SECCOMP_RET_ERRNO | ENOSYS),  # x32 system calls: the same numbers, another table
     ]
     for nr in refused:
         out += [_insn(JEQ_K, 0, 1, nr), _insn(RET_K, 0, 0, SECCOMP_RET_ERRNO | ENOSYS)]

@@ -98,6 +98,7 @@ class Server:
         # Bringing up lo needs the socket module: done before the first
         # command rather than on the boot path.
         self.lo_pending = config.pid1
+        self.unsafe: str | None = None  # why no command may run here (a set-up step that failed)
         self.random_fd = -1  # the VM's init keeps /dev/random open for freshen
         self.syscall_filter = None
         if config.container:  # a shared kernel and a bind-mounted workspace: no setuid files (seccomp.py)
@@ -205,9 +206,15 @@ class Server:
 
     # -- connections ------------------------------------------------------------
     def _accept(self, sock: socket.socket) -> None:
+        from .channels import from_host
+
         try:
-            client, _ = sock.accept()
+            client, peer = sock.accept()
         except BlockingIOError:
+            return
+        if not from_host(client, peer, self.config.container):
+            self._log(f"refused a connection from inside the guest ({peer!r})")
+            client.close()
             return
         client.setblocking(False)
         self.add_conn(client.fileno(), False, client)
@@ -366,6 +373,8 @@ class Server:
         cap = int(h["output_cap"]) if h.get("output_cap") is not None else DEFAULT_OUTPUT_CAP
         if (timeout is not None and timeout <= 0) or cap < 0:
             raise P.ProtocolError(P.BAD_REQUEST, "timeout must be positive and output_cap not negative")
+        if self.unsafe:
+            raise P.ProtocolError(P.SPAWN_FAILED, f"commands are refused in this VM: {self.unsafe}")
         if self.lo_pending:
             self.lo_pending = False
             self._before_first_command()
@@ -400,13 +409,15 @@ class Server:
             loopback_up()
             if self.config.network:
                 configure_network(self.config.network, self.config.deny)
-        except OSError as exc:
-            self._log(f"cannot set up the network: {exc}")
+        except OSError as exc:  # without its reject routes the network policy would not hold
+            self.unsafe = f"the network policy could not be set up ({exc})"
         try:
             seal()
-        except OSError as exc:  # refuse to run commands in a VM that could not be sealed
-            self._log(f"cannot seal the VM: {exc}")
-            raise
+        except OSError as exc:
+            self.unsafe = f"the VM could not be sealed ({exc})"
+        if self.unsafe:  # fail closed: this command and every later one
+            self._log(self.unsafe)
+            raise P.ProtocolError(P.SPAWN_FAILED, f"commands are refused in this VM: {self.unsafe}")
 
     def _target(self, conn: Conn, h: dict[str, Any]) -> Process:
         proc = self.procs.get((conn.fd, h.get("target")))  # type: ignore[arg-type]

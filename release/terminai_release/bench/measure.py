@@ -57,6 +57,7 @@ class RawAgent:
     def __init__(self, config: BootConfig) -> None:
         self.runtime = new_runtime_dir()
         self.runtime.empty_share.mkdir(exist_ok=True)  # the 9p device needs a directory behind it
+        self.runtime.vmm_dir.mkdir(exist_ok=True)
         console = os.open(os.devnull, os.O_WRONLY | os.O_APPEND)
         argv = command_line(config, choose_accel(config.accel), self.runtime, console_fd=console)
         self.started = time.monotonic()

@@ -18,7 +18,7 @@ import hashlib
 import json
 import os
 import queue
-import shutil
+import stat
 import threading
 import time
 import urllib.error
@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ShimError
-from .fsutil import cache_root, locked, sha256_file, write_atomic
+from .fsutil import cache_root, locked, sha256_file, stamp, write_atomic
 
 CHUNK = 1 << 20
 Progress = Callable[[str, int, int], None]
@@ -72,7 +72,7 @@ class Source:
                 with _open(url, 0, None) as s3:
                     data: bytes = s3.read(limit + 1)
             else:
-                with urllib.request.urlopen(url, timeout=60) as resp:
+                with _urlopen(url, self.allow_http) as resp:
                     data = resp.read(limit + 1)
         except (_Retry, _RangeRefused, OSError, urllib.error.URLError) as exc:
             raise FetchError(f"cannot read {url}: {exc}", hint="check the URL and the network") from None
@@ -98,15 +98,14 @@ class BlobCache:
             st = path.stat()
         except FileNotFoundError:
             return False
-        stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
         try:
-            if json.loads(self._stamp_file(digest).read_text()) == stamp and st.st_size == size:
+            if json.loads(self._stamp_file(digest).read_text()) == stamp(st) and st.st_size == size:
                 return True
         except (OSError, ValueError):
             pass
         if st.st_size != size or sha256_file(path) != digest:
             return False
-        write_atomic(self._stamp_file(digest), json.dumps(stamp).encode())
+        write_atomic(self._stamp_file(digest), json.dumps(stamp(path.stat())).encode())
         return True
 
     def fetch(self, source: Source, location: str, digest: str, size: int, progress: Progress | None = None) -> Path:
@@ -137,7 +136,7 @@ class BlobCache:
             partial.unlink()
             have = 0
         try:
-            resp = _open(url, have if validator else 0, validator)
+            resp = _open(url, have if validator else 0, validator, source.allow_http)
         except _RangeRefused:  # our partial is not a prefix of what the store has now
             partial.unlink(missing_ok=True)
             raise _Retry("416 on resume: starting over") from None
@@ -191,27 +190,45 @@ class BlobCache:
                 raise FetchError(f"{url} has sha256 {actual}; the manifest says {digest}", hint="nothing was kept")
             os.replace(partial, self.path(digest))
             meta.unlink(missing_ok=True)
-            st = self.path(digest).stat()
-            write_atomic(self._stamp_file(digest), json.dumps([st.st_size, st.st_mtime_ns, st.st_ino]).encode())
+            write_atomic(self._stamp_file(digest), json.dumps(stamp(self.path(digest).stat())).encode())
             return self.path(digest)
         finally:
             h.close()
 
     def _copy_local(self, path: str, digest: str, size: int) -> Path:
+        """A local release's file, copied and hashed in one pass, never past
+        the size the manifest lists (a link to /dev/zero stops there)."""
         tmp = self.root / f".{digest}.partial"
+        h = hashlib.sha256()
+        copied = 0
         try:
-            shutil.copyfile(path, tmp)
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO must not hang us
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise FetchError(f"{path} is not a regular file", hint="the release directory is wrong")
+            with os.fdopen(fd, "rb") as src, open(tmp, "wb") as out:
+                while chunk := src.read(min(CHUNK, size + 1 - copied)):
+                    copied += len(chunk)
+                    if copied > size:
+                        raise FetchError(f"{path} is larger than the {size} bytes the manifest lists",
+                                         hint="the release directory is wrong; nothing was kept")  # fmt: skip
+                    h.update(chunk)
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+        except FetchError:
+            tmp.unlink(missing_ok=True)
+            raise
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             if exc.errno == errno.ENOSPC:
                 raise FetchError(f"disk full while copying {path} into {self.root}") from None
             raise FetchError(f"cannot read {path}: {exc}") from None
-        if tmp.stat().st_size != size or sha256_file(tmp) != digest:
+        if copied != size or h.hexdigest() != digest:
             tmp.unlink()
             raise FetchError(f"{path} does not match the manifest (size {size}, sha256 {digest})")
-        with tmp.open("rb") as f:
-            os.fsync(f.fileno())
         os.replace(tmp, self.path(digest))
+        write_atomic(self._stamp_file(digest), json.dumps(stamp(self.path(digest).stat())).encode())
         return self.path(digest)
 
 
@@ -243,7 +260,26 @@ class _Response:
         self.body.close()
 
 
-def _open(url: str, offset: int, validator: str | None) -> _Response:
+class _SameRules(urllib.request.HTTPRedirectHandler):
+    """Every redirect hop must satisfy the rule the first URL did: https
+    (plain http only to loopback, and only when allowed)."""
+
+    def __init__(self, allow_http: bool) -> None:
+        self.allow_http = allow_http
+
+    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> Any:
+        target = urllib.parse.urlparse(newurl)
+        if target.scheme not in ("https", "http"):
+            raise FetchError(f"{req.full_url} redirects to {newurl}: refused", hint="only https redirects are followed")
+        Source(newurl, allow_http=self.allow_http)  # raises FetchError for plain http off loopback
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _urlopen(request: Any, allow_http: bool = False, timeout: float = 60) -> Any:
+    return urllib.request.build_opener(_SameRules(allow_http)).open(request, timeout=timeout)
+
+
+def _open(url: str, offset: int, validator: str | None, allow_http: bool = False) -> _Response:
     """GET ``url`` from ``offset`` (Range with If-Range / IfMatch), over HTTP(S) or S3."""
     parsed = urllib.parse.urlparse(url)
     if parsed.scheme == "s3":
@@ -253,12 +289,15 @@ def _open(url: str, offset: int, validator: str | None) -> _Response:
         request.add_header("Range", f"bytes={offset}-")
         request.add_header("If-Range", validator)
     try:
-        resp = urllib.request.urlopen(request, timeout=60)
+        resp = _urlopen(request, allow_http)
     except urllib.error.HTTPError as exc:
         if exc.code == 416:
             raise _RangeRefused from None
         if exc.code >= 500 or exc.code == 429:  # the store's trouble, not ours: retried with backoff
             raise _Retry(f"HTTP {exc.code}") from None
+        if 300 <= exc.code < 400:
+            raise FetchError(f"{url}: redirect refused (HTTP {exc.code} to {exc.headers.get('Location')!r})",
+                             hint="only https redirects are followed") from None  # fmt: skip
         raise FetchError(f"{url}: HTTP {exc.code}", hint="check the release store") from None
     except (OSError, urllib.error.URLError) as exc:
         raise _Retry(str(exc)) from None

@@ -71,22 +71,30 @@ def locked(path: Path, shared: bool = False) -> Iterator[None]:
             _unlock(handle)
 
 
+def stamp(st: os.stat_result) -> list[int]:
+    """What changes whenever a file's bytes can have: size, mtime, inode and
+    ctime. A writer can put mtime back; ctime it cannot set (the kernel moves
+    it on every write and on every mtime change), so a stamp that matches
+    means the bytes are those that were hashed."""
+    return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
+
+
 def file_digest(path: Path, index_dir: Path | None = None) -> str:
-    """sha256 of ``path``, remembered per (realpath, size, mtime, inode)."""
+    """sha256 of ``path``, remembered per (realpath, ``stamp``)."""
     index_dir = index_dir or cache_root()
     index = index_dir / "digests.json"
     real = os.path.realpath(path)
     st = os.stat(real)
-    stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
+    stamp_now = stamp(st)
     with locked(index_dir / ".digests.lock"):
         try:
             known = json.loads(index.read_text())
         except (OSError, ValueError):
             known = {}
         entry = known.get(real)
-        if entry and entry.get("stamp") == stamp:
+        if entry and entry.get("stamp") == stamp_now:
             return str(entry["sha256"])
         digest = sha256_file(Path(real))
-        known[real] = {"stamp": stamp, "sha256": digest}
+        known[real] = {"stamp": stamp_now, "sha256": digest}
         write_atomic(index, json.dumps(known).encode())
         return digest

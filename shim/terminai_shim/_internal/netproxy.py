@@ -40,7 +40,7 @@ import urllib.parse
 from dataclasses import dataclass, replace
 from typing import Any
 
-from .httphead import HeadError, RequestHead, parse_request_head, split_head
+from .httphead import MAX_HEAD, HeadError, RequestHead, parse_request_head, split_head
 from .netpolicy import Allowlist, Decision, decide, decide_name
 
 BUFFER = 256 << 10
@@ -54,6 +54,7 @@ CONNECT_PORT = 443  # CONNECT is a raw tunnel: to 443 only, unless an entry name
 CONNECTOR = (
     "import socket,sys\n"
     "s=socket.socket(socket.AF_UNIX,socket.SOCK_STREAM)\n"
+    "s.settimeout(10)\n"
     "s.connect(sys.argv[1])\n"
     "socket.send_fds(s,[b'c'],[0])\n"
     "s.recv(1)\n"
@@ -108,12 +109,12 @@ def _log(config: ProxyConfig, decision: Decision, method: str, host: str, port: 
 
 
 def _read_head(conn: socket.socket, deadline: float) -> tuple[bytes, bytes]:
-    """The request head (strictly delimited) and what followed it, within ``deadline``."""
-    data = b""
+    """The request head (strictly delimited) and what followed it, within
+    ``deadline``. The buffer is searched only where new bytes arrived, so a
+    head sent a byte at a time costs linear, not quadratic, work."""
+    data = bytearray()
     while True:
-        found = split_head(data)
-        if found is not None:
-            return found
+        start = max(0, len(data) - 3)
         left = deadline - time.monotonic()
         if left <= 0:
             raise HeadError("408 Request Timeout", "the request head did not arrive in time")
@@ -122,6 +123,10 @@ def _read_head(conn: socket.socket, deadline: float) -> tuple[bytes, bytes]:
         if not chunk:
             raise ConnectionError("the client closed before sending a request")
         data += chunk
+        if data.find(b"\r\n\r\n", start) >= 0 or len(data) > MAX_HEAD:
+            found = split_head(bytes(data))
+            if found is not None:
+                return found
 
 
 def _reply(conn: socket.socket, status: str, text: str) -> None:
@@ -163,32 +168,36 @@ def _connect_upstream(proxy: str, host: str, port: int) -> socket.socket:
 
 def _relay(a: socket.socket, b: socket.socket, idle: float = IDLE_TIMEOUT) -> None:
     """Bytes both ways on one thread until both sides have finished, or
-    nothing moved for ``idle`` seconds."""
-    a.setblocking(False)
-    b.setblocking(False)
-    peer = {a: b, b: a}
-    reading = {a, b}
-    while reading:
-        ready, _, _ = select.select(list(reading), [], [], idle)
+    nothing moved for ``idle`` seconds. (poll, not select: a shim serving
+    many sessions has descriptors above 1024.)"""
+    peer = {a.fileno(): (a, b), b.fileno(): (b, a)}
+    open_ends = set(peer)
+    poller = select.poll()
+    for fd in open_ends:
+        poller.register(fd, select.POLLIN)
+    for s in (a, b):
+        s.setblocking(False)
+    while open_ends:
+        ready = poller.poll(idle * 1000)
         if not ready:
             return
-        for src in ready:
+        for fd, _ in ready:
+            src, dst = peer[fd]
             try:
                 chunk = src.recv(BUFFER)
             except BlockingIOError:
                 continue
             except OSError:
                 chunk = b""
-            dst = peer[src]
             if not chunk:
-                reading.discard(src)
+                open_ends.discard(fd)
+                poller.unregister(fd)
                 try:
                     dst.shutdown(socket.SHUT_WR)
                 except OSError:
                     pass
                 continue
             try:
-                dst.setblocking(True)
                 dst.settimeout(idle)
                 dst.sendall(chunk)
             except OSError:
@@ -299,6 +308,7 @@ class ProxyServer:
         self._lock = threading.Lock()
         self._listener: socket.socket | None = None
         self._thread: threading.Thread | None = None
+        self._conns: set[socket.socket] = set()
 
     def set_session(self, session: str, log: str) -> None:
         """The session id is known once the agent answered (before any command runs)."""
@@ -335,21 +345,39 @@ class ProxyServer:
         self._thread.start()
 
     def _take_passed(self, carrier: socket.socket) -> None:
-        with carrier:
-            carrier.settimeout(5)
-            try:
-                _, fds, _, _ = socket.recv_fds(carrier, 1, 1)
-            except OSError:
-                return
-            for extra in fds[1:]:
-                os.close(extra)
-            if not fds:
-                return
-            try:
-                carrier.sendall(b"k")
-            except OSError:
-                pass
-        self._admit(socket.socket(fileno=fds[0]))
+        """A connector's hand-over, on its own thread (a silent one must not
+        hold up the others): one descriptor, which must be a stream socket."""
+
+        def take() -> None:
+            with carrier:
+                carrier.settimeout(5)
+                try:
+                    _, fds, _, _ = socket.recv_fds(carrier, 1, 4)
+                except OSError:
+                    return
+                conn = None
+                for fd in fds:
+                    if conn is None:
+                        try:
+                            conn = socket.socket(fileno=fd)
+                            if conn.type != socket.SOCK_STREAM:
+                                raise OSError("not a stream")
+                            continue
+                        except OSError:
+                            if conn is not None:
+                                conn.close()
+                                conn = None
+                                continue
+                    os.close(fd)
+                if conn is None:
+                    return
+                try:
+                    carrier.sendall(b"k")
+                except OSError:
+                    pass
+            self._admit(conn)
+
+        threading.Thread(target=take, name="netproxy-handover", daemon=True).start()
 
     def _admit(self, conn: socket.socket) -> None:
         with self._lock:
@@ -369,6 +397,8 @@ class ProxyServer:
         threading.Thread(target=self._serve_one, args=(conn,), daemon=True).start()
 
     def _serve_one(self, conn: socket.socket) -> None:
+        with self._lock:
+            self._conns.add(conn)
         try:
             with conn:
                 handle(conn, self.config)
@@ -377,14 +407,23 @@ class ProxyServer:
         finally:
             with self._lock:
                 self.active -= 1
+                self._conns.discard(conn)
 
     def close(self) -> None:
+        """The listener, and every connection still relayed: nothing of the session outlives it."""
         if self._listener is not None:
             try:
                 self._listener.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
             self._listener.close()
+        with self._lock:
+            conns = list(self._conns)
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
 
 def main(argv: list[str]) -> int:

@@ -14,8 +14,16 @@ class QmpError(ShimError):
     code = "VMM_ERROR"
 
 
+def _check_peer(sock: socket.socket, expect_pid: int | None, path: str) -> None:
+    from .process import peer_pid
+
+    if expect_pid is not None and peer_pid(sock) != expect_pid:
+        sock.close()
+        raise QmpError(f"{path} is not QEMU's monitor: the runtime directory was tampered with")
+
+
 class Qmp:
-    def __init__(self, path: str, deadline: float) -> None:
+    def __init__(self, path: str, deadline: float, expect_pid: int | None = None) -> None:
         while True:
             self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
@@ -26,6 +34,7 @@ class Qmp:
                 if time.monotonic() > deadline:
                     raise QmpError(f"QEMU's control socket {path} did not open") from None
                 time.sleep(0.005)
+        _check_peer(self.sock, expect_pid, path)
         self.file = self.sock.makefile("rwb")
         self._read()  # greeting
         self.execute("qmp_capabilities")
@@ -74,12 +83,13 @@ class QmpEvents:
     """A second look at QEMU: its event stream alone, read with a deadline
     (the watchdog's). Its own connection, raw reads, its own line buffer."""
 
-    def __init__(self, path: str, timeout: float = 2.0) -> None:
+    def __init__(self, path: str, timeout: float = 2.0, expect_pid: int | None = None) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.buffer = bytearray()
         try:
             self.sock.settimeout(timeout)
             self.sock.connect(path)
+            _check_peer(self.sock, expect_pid, path)
             self.sock.setblocking(False)
             if self._reply(timeout) is None:  # the greeting
                 raise QmpError("QEMU sent no greeting")

@@ -24,7 +24,7 @@ from terminai_agent import protocol as P
 
 from .. import __version__
 from ..models import AccelChoice, BootConfig
-from .fsutil import cache_root, file_digest, locked, sha256_file, write_atomic
+from .fsutil import cache_root, file_digest, locked, sha256_file, stamp, write_atomic
 from .qmp import Qmp, QmpError
 
 STATE = "state.bin"
@@ -39,8 +39,7 @@ def qemu_identity(binary: str) -> str:
 
 
 def _stamp(path: Path) -> list[int]:
-    st = path.stat()
-    return [st.st_size, st.st_mtime_ns, st.st_ino]
+    return stamp(path.stat())
 
 
 def describe(config: BootConfig, accel: AccelChoice, qemu: str, devices: list[str]) -> dict[str, Any]:
@@ -81,8 +80,9 @@ class Snapshot:
     def verify(self) -> str | None:
         """None if intact; else what is wrong (a truncated or corrupted file).
 
-        The state is re-hashed unless its size, modification time and inode
-        are exactly those recorded at save time (any write changes them)."""
+        The state is re-hashed unless its size, modification time, inode and
+        change time are exactly those recorded at save time (a write can put
+        the modification time back, never the change time)."""
         try:
             stamp = _stamp(self.state)
         except OSError as exc:
@@ -135,10 +135,10 @@ class SnapshotStore:
         return removed
 
     @staticmethod
-    def _migrate(control_socket: Path, target: Path, timeout: float) -> None:
+    def _migrate(control_socket: Path, target: Path, timeout: float, vmm_pid: int | None) -> None:
         """Stream the running VM's state into ``target``; the VM runs on afterwards,
         whether the migration completed, failed or timed out."""
-        qmp = Qmp(str(control_socket), time.monotonic() + 10)
+        qmp = Qmp(str(control_socket), time.monotonic() + 10, expect_pid=vmm_pid)
         completed = False
         try:
             fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
@@ -166,7 +166,14 @@ class SnapshotStore:
                 pass
             qmp.close()
 
-    def save(self, control_socket: Path, key: str, description: dict[str, Any], timeout: float = 120) -> Snapshot:
+    def save(
+        self,
+        control_socket: Path,
+        key: str,
+        description: dict[str, Any],
+        timeout: float = 120,
+        vmm_pid: int | None = None,
+    ) -> Snapshot:
         """Migrate the running VM into the store, then let it continue."""
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.root / f".{key}.tmp{os.getpid()}"
@@ -174,7 +181,7 @@ class SnapshotStore:
         tmp.mkdir()
         started = time.monotonic()
         try:
-            self._migrate(control_socket, tmp / STATE, timeout)
+            self._migrate(control_socket, tmp / STATE, timeout, vmm_pid)
             state = tmp / STATE
             with state.open("rb") as f:
                 os.fsync(f.fileno())

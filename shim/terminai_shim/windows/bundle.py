@@ -135,13 +135,18 @@ def open_bundle(zip_path: Path, signature: Path, policy: Any) -> BrainBundle:
     """Verify (signature, then contents) and unpack into the cache."""
     from ..verify import check_signature
 
-    data = zip_path.read_bytes()
     try:
-        bundle_json = signature.read_text()
+        data = zip_path.read_bytes()
+    except OSError as exc:
+        raise BundleError(f"cannot read the brain bundle: {exc}", hint="check the path") from None
+    try:
+        bundle_json = signature.read_bytes().decode("utf-8")
     except OSError as exc:
         raise BundleError(
             f"no signature for the brain bundle: {exc}", hint="pass the .sigstore.json beside it"
         ) from None
+    except UnicodeDecodeError:
+        raise BundleError(f"{signature} is not UTF-8 JSON: not a sigstore bundle") from None
     # One read: the bytes whose signature verified are the bytes checked and unpacked.
     check_signature(data, bundle_json, policy, what=zip_path.name)
     doc = verify_zip(data)

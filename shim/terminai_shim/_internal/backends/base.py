@@ -20,12 +20,19 @@ class RuntimeDir:
     path: Path
 
     @property
+    def vmm_dir(self) -> Path:
+        """The one place the VMM may write: its sockets. The rest of the
+        directory (console, logs, the proxy's socket) stays the shim's, so a
+        VMM running as another user cannot swap what the shim opens."""
+        return self.path / "vmm"
+
+    @property
     def agent_socket(self) -> Path:
-        return self.path / "agent.sock"
+        return self.vmm_dir / "agent.sock"
 
     @property
     def control_socket(self) -> Path:
-        return self.path / "control.sock"
+        return self.vmm_dir / "control.sock"
 
     @property
     def proxy_config(self) -> Path:
@@ -165,7 +172,10 @@ class ProcessMachine(Machine):
             self.console.finish()
         said = ""
         try:
-            said = (self.runtime.path / "qemu.log").read_text(errors="replace").strip()[-600:]
+            fd = os.open(self.runtime.path / "qemu.log", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            with os.fdopen(fd, "rb") as f:
+                f.seek(max(0, os.fstat(fd).st_size - 600))
+                said = f.read().decode(errors="replace").strip()
         except OSError:
             pass
         return super().diagnostics() + (f"\nthe VMM said: {said}" if said else "")
@@ -209,7 +219,9 @@ def check_vm_artifacts(config: BootConfig) -> None:
 
 def console_tail(path: Path, lines: int = 12) -> str:
     try:
-        text = path.read_text(errors="replace")
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            text = f.read(4 << 20).decode(errors="replace")
     except OSError:
         return "(no console output)"
     all_lines = [line for line in text.splitlines() if line.strip()]

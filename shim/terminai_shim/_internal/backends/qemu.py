@@ -33,7 +33,7 @@ from pathlib import Path
 from ...errors import BootError, ConfigError
 from ...models import AccelChoice, BootConfig
 from ..accel import host_tsc_khz
-from ..process import die_with_parent, keep_only_capabilities, no_new_privileges
+from ..process import die_with_parent, keep_only_capabilities, no_new_privileges, peer_pid
 from .base import Backend, ConsoleCapture, Machine, ProcessMachine, RuntimeDir, check_vm_artifacts, git_share
 
 TYPE_CHECKING = False
@@ -191,8 +191,9 @@ class VmmIdentity:
     Started by a user: that user. Started as root: the workspace's owner,
     or nobody when there is no workspace (``switch_to``): QEMU is started
     as that user outright, with the kernel and root image handed over as
-    descriptors the shim opened (``/proc/self/fd/N``), its sockets in a
-    runtime directory it owns, and ``no_new_privs``. When root owns the
+    descriptors the shim opened (``/proc/self/fd/N``), its sockets in the
+    one subdirectory of the runtime directory it may write (``vmm/``), and
+    ``no_new_privs``. When root owns the
     workspace, QEMU keeps uid 0 (it must read and write root's files) but
     only the capabilities file access needs (``keep_caps``: its bounding set),
     and ``no_new_privs``."""
@@ -322,9 +323,13 @@ class QemuMachine(ProcessMachine):
             try:
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 sock.connect(path)
-                return sock
             except (FileNotFoundError, ConnectionRefusedError):
                 sock.close()
+            else:
+                if peer_pid(sock) != self.proc.pid:  # a socket put there by someone else
+                    sock.close()
+                    raise BootError(f"{path} is not QEMU's: the runtime directory was tampered with")
+                return sock
             if time.monotonic() > deadline:
                 raise BootError("QEMU did not open the agent socket in time", hint="run `terminai-shim doctor`")
             time.sleep(0.005)
@@ -366,16 +371,21 @@ class QemuBackend(Backend):
         channel = Channel.choose(config.channel)
         identity = vmm_identity(config.workspace)
         runtime.empty_share.mkdir(mode=0o555, exist_ok=True)
+        runtime.vmm_dir.mkdir(mode=0o700, exist_ok=True)
         held: list[int] = []  # descriptors QEMU inherits; closed here once it has them
+        proxy = None
         try:
+            proxy = _start_proxy(config, runtime, identity)  # before QEMU's user can touch anything
             if identity.switch_to:  # QEMU runs as that user from the start: hand it what root can open
-                os.chown(runtime.path, *identity.switch_to)
+                os.chown(runtime.vmm_dir, *identity.switch_to, follow_symlinks=False)
+                os.chmod(runtime.path, 0o711)
                 os.chmod(runtime.path.parent, 0o711)
                 config = _by_descriptor(config, held)
-            proxy = _start_proxy(config, runtime, identity)
         except BaseException:
             for fd in held:
                 os.close(fd)
+            if proxy is not None:
+                proxy.close()
             raise
         console = ConsoleCapture(runtime.console_log)
         state = os.open(incoming, os.O_RDONLY | os.O_CLOEXEC) if incoming is not None else None
@@ -438,10 +448,10 @@ def _start_proxy(config: BootConfig, runtime: RuntimeDir, identity: VmmIdentity)
 
     proxy = ProxyServer(ProxyConfig("starting", Allowlist.parse(config.network.allow), None,
                                     upstream_from_env(dict(os.environ))))  # fmt: skip
-    proxy.listen_unix(str(runtime.proxy_socket))
-    os.chmod(runtime.proxy_socket, 0o600)  # QEMU's connectors, as QEMU's user, and nobody else
+    proxy.listen_unix(str(runtime.proxy_socket))  # in the shim's own directory: nobody else can swap it
+    os.chmod(runtime.proxy_socket, 0o600)  # QEMU's connectors, as QEMU's user, only
     if identity.switch_to:
-        os.chown(runtime.proxy_socket, *identity.switch_to)
+        os.chown(runtime.proxy_socket, *identity.switch_to, follow_symlinks=False)
     return proxy
 
 
