@@ -138,3 +138,15 @@ def test_release_writes_verified_content_addressed_blobs(ctx, kernel, rootfs, tm
     assert subjects == {a.name: a.sha256 for a in m.artifacts} | {"manifest.json": hashlib.sha256(data).hexdigest()}
     deps = statement["predicate"]["buildDefinition"]["resolvedDependencies"]
     assert any(d.get("name", "").startswith("kernel-source") for d in deps)
+
+
+@pytest.mark.unit
+def test_release_refuses_a_validity_that_ends_within_a_day(ctx, tmp_path):
+    """Checked before anything is built: a manifest dated from an old commit
+    with a short validity would be signed already expired."""
+    from terminai_release.errors import BuildError
+    from terminai_release.release import build_release
+
+    with pytest.raises(BuildError, match="less than a day from now"):
+        build_release(ctx, valid_days=-1, out=tmp_path)
+    assert list(tmp_path.iterdir()) == []

@@ -46,7 +46,7 @@ def gone(pid: int, seconds: float = 10) -> bool:
 def runtime_dir_of(qemu_pid: int) -> Path:
     cmd = Path(f"/proc/{qemu_pid}/cmdline").read_bytes().split(b"\0")
     sock = next(a for a in cmd if a.startswith(b"socket,id=agent,path="))
-    return Path(sock.split(b"path=")[1].split(b",")[0].decode()).parent
+    return Path(sock.split(b"path=")[1].split(b",")[0].decode()).parent.parent  # <runtime>/vmm/agent.sock
 
 
 @pytest.fixture

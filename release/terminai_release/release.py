@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from .rootfs.project import build_rootfs
 from .sde import source_date_epoch
 from .version import release_version
 
+MIN_VALIDITY = 86400  # a manifest signed now must still be valid tomorrow
 DAY = 86400
 MEDIA = {
     "kernel": "application/vnd.terminai.kernel.vmlinux",
@@ -80,12 +82,23 @@ def build_release(
     ctx: BuildContext, *, channel: str = "dev", serial: int | None = None, valid_days: int = 90, out: Path | None = None
 ) -> Release:
     version = release_version(ctx.repo)
+    created = source_date_epoch(ctx.repo, ".")
+    expires = created + valid_days * DAY
+    if expires < time.time() + MIN_VALIDITY:  # the manifest dates from the commit, which may be old
+        until, since = (
+            time.strftime("%Y-%m-%d %H:%M", time.gmtime(expires)),
+            time.strftime("%Y-%m-%d", time.gmtime(created)),
+        )
+        raise BuildError(
+            f"--valid-days {valid_days} makes the manifest expire at {until} UTC (it dates from the commit, "
+            f"{since}): less than a day from now",
+            hint="pass a --valid-days that reaches at least a day past today",
+        )
     kern = build_kernel(ctx)
     root = build_rootfs(ctx)
     wheel = build_kit_wheel(ctx)
     image = build_container(ctx)
     brain = build_brain(ctx)
-    created = source_date_epoch(ctx.repo, ".")
     directory = (out or ctx.repo / "dist") / version
     directory.mkdir(parents=True, exist_ok=True)
     fmt = root.record["outputs"]["image"]["format"]
@@ -118,7 +131,7 @@ def build_release(
         channel=channel,
         serial=serial if serial is not None else created,
         created=created,
-        expires=created + valid_days * DAY,
+        expires=expires,
         git_commit=_git_commit(ctx.repo),
         min_shim_version=shim_version,
         agent_protocol=agent_protocol.PROTOCOL_VERSION,

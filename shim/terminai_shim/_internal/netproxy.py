@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import select
 import socket
 import sys
@@ -47,6 +48,7 @@ BUFFER = 256 << 10
 MAX_CONNECTIONS = 64  # per session, counted before any work: a guest cannot make the host spend without bound
 HEAD_TIMEOUT = 30.0  # to send a whole request head
 IDLE_TIMEOUT = 300.0  # a relayed connection with no byte either way for this long is closed
+_BARE = re.compile(rb"(?<!\r)\n|\r(?=[^\n])")  # a line ending that is not CRLF (a trailing CR may still be one)
 CONNECT_PORT = 443  # CONNECT is a raw tunnel: to 443 only, unless an entry names another port itself
 
 # Run by QEMU for each guest connection (argv, no shell): pass our stdin, the
@@ -123,8 +125,8 @@ def _read_head(conn: socket.socket, deadline: float) -> tuple[bytes, bytes]:
         if not chunk:
             raise ConnectionError("the client closed before sending a request")
         data += chunk
-        if data.find(b"\r\n\r\n", start) >= 0 or len(data) > MAX_HEAD:
-            found = split_head(bytes(data))
+        if data.find(b"\r\n\r\n", start) >= 0 or len(data) > MAX_HEAD or _BARE.search(data, max(0, start - 1)):
+            found = split_head(bytes(data))  # raises on a bare CR or LF: refused at once, not at the timeout
             if found is not None:
                 return found
 
