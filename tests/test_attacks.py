@@ -775,3 +775,30 @@ def test_proxy_handover_takes_only_stream_sockets_and_close_ends_every_relay(tmp
     server.close()
     guest.settimeout(5)
     assert guest.recv(100) == b"", "a relayed connection outlived its server"
+
+
+# -- what was verified is what boots (issue: "verified is not what boots") --------------------------------------------
+@pytest.mark.vm
+def test_a_kernel_swapped_after_verification_never_boots(boot_config, tmp_path):
+    """A local user who can write the release directory swaps the kernel after
+    the checks passed: the digest is checked again on the very descriptor QEMU
+    is handed, and QEMU never opens the path itself."""
+    import hashlib
+
+    from terminai_shim.errors import BootError
+
+    kernel = tmp_path / "vmlinux"
+    shutil.copy(boot_config.kernel, kernel)
+    verified = hashlib.sha256(kernel.read_bytes()).hexdigest()
+    config = dataclasses.replace(boot_config, kernel=kernel, kernel_sha256=verified, snapshots="off")
+    other = tmp_path / "other"
+    other.write_bytes(kernel.read_bytes()[:-4096] + os.urandom(4096))
+    os.replace(other, kernel)  # the swap, between verification and boot
+    with pytest.raises(BootError, match="is not the file that was verified"):
+        boot(config)
+    shutil.copy(boot_config.kernel, kernel)
+    with boot(config) as s:
+        cmdline = Path(f"/proc/{s.machine.pid}/cmdline").read_bytes().split(b"\0")
+        assert cmdline[cmdline.index(b"-kernel") + 1].startswith(b"/proc/self/fd/"), "QEMU reopens no path"
+        os.replace(tmp_path / "vmlinux", tmp_path / "moved")  # too late to matter
+        assert sh(s, "uname -r")[0] == 0

@@ -36,6 +36,11 @@ class BootConfig:
     # sha256 it must have (from a verified manifest or its build record).
     image: Path | None = None
     image_sha256: str | None = None
+    # What a verified manifest says the kernel and root image are: checked
+    # again on the very descriptors QEMU is handed (None: a developer's own
+    # artifacts, nothing to bind them to).
+    kernel_sha256: str | None = None
+    rootfs_sha256: str | None = None
     channel: str = "auto"  # auto | virtio-serial | vsock
     # auto: restore a matching saved VM, or boot cold and save one; off: always cold.
     snapshots: str = "auto"

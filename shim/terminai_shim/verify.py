@@ -489,6 +489,8 @@ def boot_config(
         rootfs_format=m.artifact("rootfs").media_type.rsplit(".", 1)[-1],
         image=release.path("container-image") if container else None,
         image_sha256=m.artifact("container-image").sha256 if container else None,
+        kernel_sha256=m.artifact("kernel").sha256 if vm else None,
+        rootfs_sha256=m.artifact("rootfs").sha256 if vm else None,
         backend=backend,
         network=network or NetworkPolicy(),
         memory_mib=memory_mib or m.boot.memory_mib,

@@ -98,3 +98,36 @@ def file_digest(path: Path, index_dir: Path | None = None) -> str:
         known[real] = {"stamp": stamp_now, "sha256": digest}
         write_atomic(index, json.dumps(known).encode())
         return digest
+
+
+def fd_digest(fd: int, index_dir: Path | None = None) -> str:
+    """sha256 of the open file ``fd``, remembered per (device, ``stamp``): the
+    file a descriptor holds cannot be swapped for another by renaming, and
+    a write to it moves its ctime, so a remembered digest whose stamp
+    matches is that file's."""
+    index_dir = index_dir or cache_root()
+    st = os.fstat(fd)
+    key = f"fd:{st.st_dev}:{st.st_ino}"
+    with locked(index_dir / ".digests.lock"):
+        try:
+            known = json.loads((index_dir / "digests.json").read_text())
+        except (OSError, ValueError):
+            known = {}
+        entry = known.get(key)
+        if entry and entry.get("stamp") == stamp(st):
+            return str(entry["sha256"])
+    before = stamp(st)
+    h = hashlib.sha256()
+    offset = 0
+    while chunk := os.pread(fd, 1 << 20, offset):
+        h.update(chunk)
+        offset += len(chunk)
+    digest = h.hexdigest()
+    with locked(index_dir / ".digests.lock"):
+        try:
+            known = json.loads((index_dir / "digests.json").read_text())
+        except (OSError, ValueError):
+            known = {}
+        known[key] = {"stamp": before, "sha256": digest}  # a write while hashing moved ctime: re-hashed next time
+        write_atomic(index_dir / "digests.json", json.dumps(known).encode())
+    return digest

@@ -25,11 +25,11 @@ import socket
 import tarfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from ...errors import BootError, ConfigError
 from ...models import AccelChoice, BootConfig
-from ..fsutil import cache_root, file_digest, locked
+from ..fsutil import cache_root, fd_digest, locked
 from ..process import pid_alive
 from .base import Backend, Machine, RuntimeDir, git_share
 
@@ -79,20 +79,21 @@ def engine_answers(timeout: float = 1.0) -> tuple[bool, str]:
     return False, f"the Docker engine on {path} answered {status}"
 
 
-def archive_image_id(archive: Path) -> str:
+def archive_image_id(archive: BinaryIO, name: str = "the image archive") -> str:
     """The image id the engine will report: the config digest the archive names."""
     try:
-        with tarfile.open(archive) as tar:
+        archive.seek(0)
+        with tarfile.open(fileobj=archive) as tar:
             member = tar.extractfile("manifest.json")
             if member is None:
                 raise KeyError("manifest.json")
             entries = json.load(member)
         config = str(entries[0]["Config"])
     except (OSError, KeyError, IndexError, ValueError, tarfile.TarError) as exc:
-        raise ConfigError(f"{archive} is not an image archive: {exc}", hint="build it with `inv container`") from None
+        raise ConfigError(f"{name} is not an image archive: {exc}", hint="build it with `inv container`") from None
     digest = config.rsplit("/", 1)[-1].removesuffix(".json")
     if not digest or len(digest) != 64:
-        raise ConfigError(f"{archive} names no config digest")
+        raise ConfigError(f"{name} names no config digest")
     return f"sha256:{digest}"
 
 
@@ -204,31 +205,34 @@ class ContainerBackend(Backend):
         if config.image is None or not Path(config.image).is_file():
             raise ConfigError(f"container image archive {config.image} does not exist",
                               hint="build it with `inv container` or use a release that lists one")  # fmt: skip
-        if config.image_sha256 is not None:
-            got = file_digest(Path(config.image))
-            if got != config.image_sha256:
-                raise ConfigError(
-                    f"container image archive {config.image} has sha256 {got}, expected {config.image_sha256}: "
-                    "refused before loading it",
-                    hint="the archive was altered or swapped; fetch or build it again",
-                )
 
     def describe(self, accel: AccelChoice) -> str:
         return "Container (Docker)"
 
-    def ensure_image(self, archive: Path) -> str:
-        """The verified archive's image in the engine, by id; loaded if missing."""
+    def ensure_image(self, archive: Path, expected: str | None = None) -> str:
+        """The verified archive's image in the engine, by id; loaded if missing.
+        One open file serves the check, the id and the load: the bytes that
+        were checked are the bytes the engine gets."""
         from docker.errors import ImageNotFound
 
-        image_id = archive_image_id(archive)
-        client = self.client()
-        with locked(cache_root() / "locks" / f"image-{image_id[7:19]}.lock"):
-            try:
-                client.images.get(image_id)
-                return image_id
-            except ImageNotFound:
-                pass
-            with archive.open("rb") as f:
+        with archive.open("rb") as f:
+            if expected is not None:
+                got = fd_digest(f.fileno())
+                if got != expected:
+                    raise ConfigError(
+                        f"container image archive {archive} has sha256 {got}, expected {expected}: "
+                        "refused before loading it",
+                        hint="the archive was altered or swapped; fetch or build it again",
+                    )
+            image_id = archive_image_id(f, str(archive))
+            client = self.client()
+            with locked(cache_root() / "locks" / f"image-{image_id[7:19]}.lock"):
+                try:
+                    client.images.get(image_id)
+                    return image_id
+                except ImageNotFound:
+                    pass
+                f.seek(0)
                 loaded = {image.id for image in client.images.load(f)}
         if image_id not in loaded:
             raise BootError(f"the engine loaded {sorted(loaded)}, not {image_id}", hint="rebuild the archive")
@@ -262,7 +266,7 @@ class ContainerBackend(Backend):
 
         self.check(config)
         assert config.image is not None
-        image_id = self.ensure_image(Path(config.image))
+        image_id = self.ensure_image(Path(config.image), config.image_sha256)
         self.clean_stale()
         agent_dir = runtime.path / "agent"
         agent_dir.mkdir(exist_ok=True)

@@ -33,6 +33,7 @@ from pathlib import Path
 from ...errors import BootError, ConfigError
 from ...models import AccelChoice, BootConfig
 from ..accel import host_tsc_khz
+from ..fsutil import fd_digest
 from ..process import die_with_parent, keep_only_capabilities, no_new_privileges, peer_pid
 from .base import Backend, ConsoleCapture, Machine, ProcessMachine, RuntimeDir, check_vm_artifacts, git_share
 
@@ -376,11 +377,11 @@ class QemuBackend(Backend):
         proxy = None
         try:
             proxy = _start_proxy(config, runtime, identity)  # before QEMU's user can touch anything
-            if identity.switch_to:  # QEMU runs as that user from the start: hand it what root can open
+            if identity.switch_to:  # QEMU runs as that user from the start
                 os.chown(runtime.vmm_dir, *identity.switch_to, follow_symlinks=False)
                 os.chmod(runtime.path, 0o711)
                 os.chmod(runtime.path.parent, 0o711)
-                config = _by_descriptor(config, held)
+            config = _by_descriptor(config, held, share_workspace=identity.switch_to is not None)
         except BaseException:
             for fd in held:
                 os.close(fd)
@@ -421,22 +422,34 @@ class QemuBackend(Backend):
         return QemuMachine(proc, runtime, channel, console, proxy)
 
 
-def _by_descriptor(config: BootConfig, held: list[int]) -> BootConfig:
-    """The boot files and the workspace as ``/proc/self/fd/N`` of descriptors
-    opened here (the same numbers in QEMU, which inherits them): QEMU,
-    running as another user, reaches exactly these (the link reopens the
-    open file, not the path, and needs no access to the directories above)."""
+def _by_descriptor(config: BootConfig, held: list[int], share_workspace: bool) -> BootConfig:
+    """The boot files (and, for QEMU running as another user, the workspace)
+    as ``/proc/self/fd/N`` of descriptors opened here, the same numbers in
+    QEMU, which inherits them. QEMU gets exactly the files opened here: the
+    link reopens the open file, not the path (so no later rename can swap
+    it, and no directory above needs to be reachable by QEMU's user). What
+    a verified manifest says they are is checked on these descriptors."""
 
-    def handed(path: Path | None, flags: int = 0) -> Path | None:
+    def handed(path: Path | None, expected: str | None = None, flags: int = 0) -> Path | None:
         if path is None:
             return None
-        fd = os.open(path, os.O_RDONLY | flags)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | flags)
         held.append(fd)
+        got = fd_digest(fd) if expected is not None else None
+        if got != expected:
+            raise BootError(
+                f"{path} is not the file that was verified (sha256 {got}, the manifest says {expected})",
+                hint="it changed after verification; fetch or verify the release again",
+            )
         return Path(f"/proc/self/fd/{fd}")
 
-    return dataclasses.replace(config, kernel=handed(config.kernel), rootfs=handed(config.rootfs),
-                               initrd=handed(config.initrd),
-                               workspace=handed(config.workspace, os.O_DIRECTORY))  # fmt: skip
+    return dataclasses.replace(
+        config,
+        kernel=handed(config.kernel, config.kernel_sha256),
+        rootfs=handed(config.rootfs, config.rootfs_sha256),
+        initrd=handed(config.initrd),
+        workspace=handed(config.workspace, flags=os.O_DIRECTORY) if share_workspace else config.workspace,
+    )
 
 
 def _start_proxy(config: BootConfig, runtime: RuntimeDir, identity: VmmIdentity) -> ProxyServer | None:
