@@ -145,6 +145,30 @@ def test_missing_trust_root_is_a_named_error_through_the_cli(stack, tmp_path):
     assert "nowhere.json cannot be read" in done.stderr
 
 
+def test_dev_never_trusts_a_root_found_beside_the_release(stack, root, tmp_path):
+    """A forged release signed by a fresh development Sigstore, with that
+    Sigstore's trust root dropped beside it: `--dev` trusts only the
+    developer's own root, so it fails; the genuine release passes."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    shim = str(Path(sys.executable).with_name("terminai-shim"))
+    env = dict(os.environ, TERMINAI_CACHE=str(tmp_path / "cache"), TERMINAI_DEV_TRUSTED_ROOT=str(root))
+    with DevSigstore(tmp_path / "forger") as forger:
+        forged = _release(forger, tmp_path / "forged")
+        (forged / "dev-trusted-root.json").write_text(json.dumps(forger.trusted_root()))
+        for target in (str(forged), forged.as_uri()):
+            done = subprocess.run([shim, "verify", target, "--dev"], env=env, capture_output=True, text=True)
+            assert done.returncode == 125 and "does not verify" in done.stderr, done.stderr
+    genuine = _release(stack, tmp_path / "genuine")
+    done = subprocess.run([shim, "verify", str(genuine), "--dev"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    missing = dict(env, TERMINAI_DEV_TRUSTED_ROOT=str(tmp_path / "none.json"))
+    done = subprocess.run([shim, "verify", str(genuine), "--dev"], env=missing, capture_output=True, text=True)
+    assert done.returncode == 125 and "needs the development trust root" in done.stderr
+
+
 def test_expired_newer_shim_and_unsupported_schema(stack, root, tmp_path):
     state = SerialState(tmp_path / "s.json")
     with pytest.raises(ManifestExpired, match="expired"):

@@ -21,6 +21,7 @@ import jinja2
 from terminai_agent import protocol as agent_protocol
 from terminai_shim import __version__ as shim_version
 from terminai_shim.manifest import BUNDLE_SUFFIX, Artifact, BootDefaults, Manifest
+from terminai_shim.verify import dev_trust_root
 
 from .brain import build_brain
 from .cache import write_atomic
@@ -197,8 +198,10 @@ def sign_release(ctx: BuildContext, rel: Release, *, keyless: bool = False, trus
 
     Keyless (CI): the ambient OIDC identity against ``trust_config``
     (Sigstore's public-good instance when not given). Otherwise the local
-    development stack, whose trust root is written beside the manifest as
-    ``dev-trusted-root.json``: never trusted unless a verifier is told to.
+    development stack, whose trust root goes to the developer's own
+    configuration (``terminai_shim.verify.dev_trust_root``, what ``--dev``
+    trusts) and, as a copy, beside the manifest as ``dev-trusted-root.json``:
+    never trusted unless a verifier is told to use that file.
     """
     from .signing.session import signer
 
@@ -215,8 +218,12 @@ def sign_release(ctx: BuildContext, rel: Release, *, keyless: bool = False, trus
         write_atomic(rel.directory / f"{name}{BUNDLE_SUFFIX}", signature.encode())
     root_path = None
     if s.dev_trusted_root is not None:
-        root_path = rel.directory / DEV_TRUSTED_ROOT
+        # The developer's own trust root, which `terminai-shim --dev` reads; the
+        # copy beside the manifest is for people who pass --trusted-root to it.
+        root_path = dev_trust_root()
+        root_path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(root_path, json.dumps(s.dev_trusted_root, indent=2).encode())
+        write_atomic(rel.directory / DEV_TRUSTED_ROOT, json.dumps(s.dev_trusted_root, indent=2).encode())
     write_atomic(rel.directory / PROVENANCE, provenance.encode())
     out = rel.directory / BUNDLE
     write_atomic(out, bundle.encode())

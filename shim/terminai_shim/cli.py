@@ -107,18 +107,15 @@ def _trust_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _policy(args: argparse.Namespace, directory: Path | None) -> TrustPolicy | None:
+def _policy(args: argparse.Namespace) -> TrustPolicy | None:
     """An explicit policy from the flags, or None: the pinned one for the manifest's channel."""
     from .errors import ConfigError
     from .verify import DEV_IDENTITY, DEV_ISSUER, TrustPolicy, dev_policy
 
-    if args.dev:
+    if args.dev:  # the development identity, against the developer's own trust root (never the release's)
         if args.trusted_root:
             return TrustPolicy(args.trusted_root, DEV_IDENTITY, DEV_ISSUER)
-        if directory is None:
-            raise ConfigError("--dev with a remote release needs --trusted-root",
-                              hint="a trust root is never taken from the server it is meant to check")  # fmt: skip
-        return dev_policy(directory)
+        return dev_policy()
     given = [args.trusted_root, args.identity, args.issuer]
     if not any(given):
         return None
@@ -136,21 +133,11 @@ def _verified(args: argparse.Namespace) -> VerifiedRelease:
     kinds = kinds_for(getattr(args, "backend", "all"), getattr(args, "accel", "auto"), getattr(args, "network", "none"))
     progress = _progress_printer() if sys.stderr.isatty() else None
     if getattr(args, "store", None):
-        if args.dev and not args.trusted_root:
-            raise ConfigError("--dev with --store needs --trusted-root",
-                              hint="a trust root is never taken from the store it is meant to check")  # fmt: skip
-        return open_store(args.store, args.channel, _policy(args, None), version=args.release,
+        return open_store(args.store, args.channel, _policy(args), version=args.release,
                           allow_http=args.allow_http, progress=progress, kinds=kinds)  # fmt: skip
     if not args.manifest:
         raise ConfigError("name a release: a directory or URL, or --store with --channel")
-    target = str(args.manifest)
-    local = None
-    if "://" not in target:
-        local = Path(target).resolve()
-        local = local.parent if local.name == "manifest.json" else local
-    elif target.startswith("file://"):
-        local = Path(target[len("file://") :])
-    return open_release(target, _policy(args, local), allow_http=args.allow_http, progress=progress, kinds=kinds)
+    return open_release(str(args.manifest), _policy(args), allow_http=args.allow_http, progress=progress, kinds=kinds)
 
 
 def _progress_printer() -> Callable[[str, int, int], None]:
@@ -279,7 +266,7 @@ def cmd_brain(args: argparse.Namespace) -> int:
 
     zip_path = Path(args.bundle).resolve()
     signature = Path(args.signature) if args.signature else zip_path.with_name(zip_path.name + ".sigstore.json")
-    policy = _policy(args, zip_path.parent) or pinned_policy(args.channel)
+    policy = _policy(args) or pinned_policy(args.channel)
     bundle = open_bundle(zip_path, signature, policy)
     if args.action == "verify":
         print(f"verified: {zip_path.name} ({len(bundle.doc['files'])} files), signed by {policy.describe()}; "

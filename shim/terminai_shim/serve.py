@@ -245,24 +245,18 @@ class Server:
 
     def _release(self, p: dict[str, Any], kinds: Kinds) -> VerifiedRelease:
         if p.get("store"):
-            if p.get("dev") and not p.get("trustedRoot"):
-                raise ConfigError("dev with a store needs trustedRoot",
-                                  hint="a trust root is never taken from the store it is meant to check")  # fmt: skip
             return open_store(str(p["store"]), str(p.get("channel", "stable")), self._policy(p),
                               version=p.get("release"), allow_http=bool(p.get("allowHttp")), kinds=kinds)  # fmt: skip
         return open_release(str(p["manifest"]), self._policy(p), allow_http=bool(p.get("allowHttp")), kinds=kinds)
 
     @staticmethod
     def _policy(p: dict[str, Any]) -> TrustPolicy | None:
-        """Explicit trust from the request, or None: the signer pinned for the release's channel."""
+        """Explicit trust from the request, or None: the signer pinned for the release's channel.
+        ``dev``: the development identity against the developer's own trust root, never the release's."""
         if p.get("dev"):
-            if not p.get("trustedRoot"):
-                target = str(p["manifest"])
-                if "://" in target and not target.startswith("file://"):
-                    raise ConfigError("dev with a remote release needs trustedRoot")
-                local = Path(target.removeprefix("file://"))
-                return dev_policy(local.parent if local.name == "manifest.json" else local)
-            return TrustPolicy(Path(p["trustedRoot"]), DEV_IDENTITY, DEV_ISSUER)
+            if p.get("trustedRoot"):
+                return TrustPolicy(Path(p["trustedRoot"]), DEV_IDENTITY, DEV_ISSUER)
+            return dev_policy()
         if p.get("trustedRoot") or p.get("identity") or p.get("issuer"):
             return TrustPolicy(Path(p["trustedRoot"]), str(p["identity"]), str(p["issuer"]))
         return None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import time
@@ -26,7 +27,7 @@ from terminai_agent import protocol as P
 from . import __version__
 from ._internal.fetch import BlobCache, Progress, Source
 from ._internal.fsutil import cache_root, locked, write_atomic
-from .errors import ShimError
+from .errors import ConfigError, ShimError
 from .manifest import (
     BUNDLE_SUFFIX,
     Artifact,
@@ -97,8 +98,27 @@ def pinned_policy(channel: str) -> TrustPolicy:
     return TrustPolicy(root, None, doc["issuer"], doc["channels"][channel]["identityPattern"])
 
 
-def dev_policy(directory: Path) -> TrustPolicy:
-    return TrustPolicy(directory / DEV_TRUSTED_ROOT, DEV_IDENTITY, DEV_ISSUER)
+def dev_trust_root() -> Path:
+    """Where the developer's own development trust root lives: written by
+    ``inv release`` when it signs with the local development stack, read by
+    ``--dev``. Never the release's directory or store: a trust root is not
+    taken from the place it is meant to check."""
+    explicit = os.environ.get("TERMINAI_DEV_TRUSTED_ROOT")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "terminai" / DEV_TRUSTED_ROOT
+
+
+def dev_policy() -> TrustPolicy:
+    """The local development identity, against the developer's own trust root."""
+    root = dev_trust_root()
+    if not root.is_file():
+        raise ConfigError(
+            f"--dev needs the development trust root, and {root} does not exist",
+            hint="sign a release with `inv release` (it writes that file), or pass --trusted-root",
+        )
+    return TrustPolicy(root, DEV_IDENTITY, DEV_ISSUER)
 
 
 @dataclass(frozen=True)
