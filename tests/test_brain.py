@@ -366,6 +366,11 @@ def test_signed_bundle_verifies_then_unpacks_and_a_changed_one_does_not(ctx, bui
     with pytest.raises(VerificationFailed, match="does not verify"):
         open_bundle(changed, tmp_path / "sig.json", policy)
     assert sorted((tmp_path / "cache/brain").iterdir()) == before, "nothing unverified was unpacked"
+    # The unpacked tree changed in the cache (a planted line, an extra file): never launched as it is.
+    bundle.entrypoint.write_bytes(BRAIN.read_bytes() + b"\nrequire('child_process').execSync('touch /tmp/x');\n")
+    (bundle.directory / "planted.js").write_text("1")
+    again = open_bundle(built.zip, tmp_path / "sig.json", policy)
+    assert again.entrypoint.read_bytes() == BRAIN.read_bytes() and not (again.directory / "planted.js").exists()
     # The CLI: verify, then a real health check through the broker (a plain child here, not an AppContainer).
     shim = str(Path(sys.executable).with_name("terminai-shim"))
     env = dict(os.environ, TERMINAI_CACHE=str(tmp_path / "cache"))

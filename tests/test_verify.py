@@ -274,3 +274,26 @@ def test_cache_gc_keeps_the_newest_releases_and_their_blobs(stack, root, tmp_pat
     assert newest.path("kernel").exists() and newest.path("rootfs").exists()
     for old in fetched[:2]:
         assert not old.path("kernel").exists()
+
+
+def test_verify_checks_every_artifact_the_manifest_lists(stack, root, tmp_path):
+    """Not only what boots: a flipped SBOM or brain bundle fails `verify`, which names each kind it checked."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    shim = str(Path(sys.executable).with_name("terminai-shim"))
+    env = dict(os.environ, TERMINAI_CACHE=str(tmp_path / "cache"), TERMINAI_DEV_TRUSTED_ROOT=str(root))
+    blobs = {"kernel": os.urandom(4096), "rootfs": os.urandom(8192), "sbom": b'{"spdxVersion": "SPDX-2.3"}',
+             "brain-bundle": os.urandom(2048)}  # fmt: skip
+    rel = _release(stack, tmp_path / "rel", blobs=blobs)
+    done = subprocess.run([shim, "verify", str(rel), "--dev"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and "kernel, rootfs, sbom, brain-bundle match" in done.stdout, done.stderr
+    for kind in ("sbom", "brain-bundle"):
+        m = Manifest.from_json((rel / "manifest.json").read_bytes())
+        blob = rel / m.artifact(kind).location
+        good = blob.read_bytes()
+        blob.write_bytes(bytes([good[0] ^ 1]) + good[1:])
+        done = subprocess.run([shim, "verify", str(rel), "--dev"], env=env, capture_output=True, text=True)
+        assert done.returncode == 125 and "the manifest says" in done.stderr, (kind, done.stderr)
+        blob.write_bytes(good)

@@ -436,8 +436,8 @@ def kinds_for(backend: str, accel: str = "auto", network: str = "none") -> Kinds
     verified manifest offers and what this host can run."""
     if backend == "container":
         return CONTAINER_KINDS
-    if backend == "all":
-        return lambda m: tuple(k for k in (*VM_KINDS, *CONTAINER_KINDS) if any(a.kind == k for a in m.artifacts))
+    if backend == "all":  # verify and fetch: every artifact the manifest lists, whatever boots it or not
+        return lambda m: tuple(dict.fromkeys(a.kind for a in m.artifacts))
     if backend != "auto":
         return VM_KINDS
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from .._internal.fsutil import cache_root, locked
+from .._internal.fsutil import cache_root, file_digest, locked
 from ..errors import ShimError
 
 BUNDLE_JSON = "bundle.json"
@@ -131,8 +131,35 @@ def verify_zip(source: Path | bytes) -> dict[str, Any]:
     return doc
 
 
+def _unpacked_differs(target: Path, doc: dict[str, Any]) -> str | None:
+    """How an unpacked tree differs from the verified bundle's listing, or None.
+    Checked at every launch (digests remembered per size, mtime, inode and
+    ctime, so an untouched tree costs a stat per file)."""
+    try:
+        if json.loads((target / BUNDLE_JSON).read_bytes()) != doc:
+            return "bundle.json differs from the verified one"
+    except (OSError, ValueError):
+        return "bundle.json is unreadable"
+    listed = {f["path"]: f for f in doc["files"]}
+    present = set()
+    for path in target.rglob("*"):
+        rel = path.relative_to(target).as_posix()
+        if path.is_symlink() or not (path.is_file() or path.is_dir()):
+            return f"{rel} is not a regular file"
+        if path.is_file() and rel != BUNDLE_JSON:
+            present.add(rel)
+    if present != set(listed):
+        return f"files differ from bundle.json: {sorted(present ^ set(listed))}"
+    for rel, entry in listed.items():
+        path = target / rel
+        if path.stat().st_size != entry["size"] or file_digest(path) != entry["sha256"]:
+            return f"{rel} does not match bundle.json"
+    return None
+
+
 def open_bundle(zip_path: Path, signature: Path, policy: Any) -> BrainBundle:
-    """Verify (signature, then contents) and unpack into the cache."""
+    """Verify (signature, then contents) and unpack into the cache; an
+    earlier unpack is used only if it still matches the verified listing."""
     from ..verify import check_signature
 
     try:
@@ -153,6 +180,8 @@ def open_bundle(zip_path: Path, signature: Path, policy: Any) -> BrainBundle:
     digest = hashlib.sha256(data).hexdigest()
     target = cache_root() / "brain" / f"{doc.get('version', 'unknown')}-{digest[:16]}"
     with locked(target.with_name(f".{target.name}.lock")):
+        if (target / BUNDLE_JSON).is_file() and _unpacked_differs(target, doc) is not None:
+            shutil.rmtree(target, ignore_errors=True)  # changed in the cache: unpacked again from the verified bytes
         if not (target / BUNDLE_JSON).is_file():
             tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
             shutil.rmtree(tmp, ignore_errors=True)
