@@ -375,6 +375,8 @@ class QemuBackend(Backend):
         runtime.vmm_dir.mkdir(mode=0o700, exist_ok=True)
         held: list[int] = []  # descriptors QEMU inherits; closed here once it has them
         proxy = None
+        console: ConsoleCapture | None = None
+        log_fd = -1
         try:
             proxy = _start_proxy(config, runtime, identity)  # before QEMU's user can touch anything
             if identity.switch_to:  # QEMU runs as that user from the start
@@ -382,19 +384,12 @@ class QemuBackend(Backend):
                 os.chmod(runtime.path, 0o711)
                 os.chmod(runtime.path.parent, 0o711)
             config = _by_descriptor(config, held, share_workspace=identity.switch_to is not None)
-        except BaseException:
-            for fd in held:
-                os.close(fd)
-            if proxy is not None:
-                proxy.close()
-            raise
-        console = ConsoleCapture(runtime.console_log)
-        state = os.open(incoming, os.O_RDONLY | os.O_CLOEXEC) if incoming is not None else None
-        if state is not None:
-            held.append(state)
-        argv = command_line(config, accel, runtime, self.qemu, channel, state, console.write_fd)
-        log_fd = os.open(runtime.path / "qemu.log", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        try:
+            state = os.open(incoming, os.O_RDONLY | os.O_CLOEXEC) if incoming is not None else None
+            if state is not None:
+                held.append(state)
+            console = ConsoleCapture(runtime.console_log)
+            argv = command_line(config, accel, runtime, self.qemu, channel, state, console.write_fd)
+            log_fd = os.open(runtime.path / "qemu.log", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
             proc = subprocess.Popen(
                 argv,
                 stdin=subprocess.DEVNULL,
@@ -410,12 +405,14 @@ class QemuBackend(Backend):
                 extra_groups=[] if identity.switch_to else None,
             )
         except BaseException:
-            console.finish(0)
+            if console is not None:
+                console.finish(0)
             if proxy is not None:
                 proxy.close()
             raise
         finally:
-            os.close(log_fd)
+            if log_fd >= 0:
+                os.close(log_fd)
             for fd in held:
                 os.close(fd)
         console.child_started()
