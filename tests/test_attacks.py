@@ -802,3 +802,48 @@ def test_a_kernel_swapped_after_verification_never_boots(boot_config, tmp_path):
         assert cmdline[cmdline.index(b"-kernel") + 1].startswith(b"/proc/self/fd/"), "QEMU reopens no path"
         os.replace(tmp_path / "vmlinux", tmp_path / "moved")  # too late to matter
         assert sh(s, "uname -r")[0] == 0
+
+
+@pytest.mark.unit
+def test_host_bounds_error_text_and_monitor_lines_from_a_hostile_peer(tmp_path):
+    """An agent's error message and a monitor's line are the peer's to choose:
+    neither may make the host hold or show an unbounded amount."""
+    from terminai_shim._internal.qmp import MAX_LINE, QmpEvents
+    from terminai_shim.errors import AgentError
+
+    agent = HostileAgent()
+    agent.greet()
+    call = agent.client.submit("ping")
+    req = agent.next_request()
+    agent.guest.sendall(agent.P.error(req.id, "X" * 5000, "m" * ((1 << 20) - 20000)))
+    with pytest.raises(AgentError) as caught:
+        call.result(10)
+    assert len(caught.value.message) <= 1003 and len(caught.value.agent_code) <= 1003
+
+    path = str(tmp_path / "qmp.sock")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen(1)
+
+    def monitor():  # a fake QEMU monitor (test double): a greeting, then a line that never ends
+        conn, _ = listener.accept()
+        conn.sendall(b'{"QMP": {}}\n')
+        conn.recv(100)
+        conn.sendall(b'{"return": {}}\n')
+        try:
+            for _ in range(16):  # 16 MiB without a newline, and the connection stays open
+                conn.sendall(b"x" * (1 << 20))
+        except OSError:
+            pass
+        time.sleep(15)
+        conn.close()
+
+    threading.Thread(target=monitor, daemon=True).start()
+    events = QmpEvents(path)
+    deadline = time.monotonic() + 10
+    event = None
+    while event is None and time.monotonic() < deadline:
+        event = events.next_event(1.0)
+    assert event == "SHUTDOWN", "an endless line is a monitor gone wrong: the VM is ended"
+    assert len(events.buffer) <= MAX_LINE + 65536
+    events.close()

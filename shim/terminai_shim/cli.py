@@ -76,6 +76,7 @@ def _boot_args(p: argparse.ArgumentParser) -> None:
                    help="allowlist entry: HOST[:PORT], *.DOMAIN[:PORT], an IP, or a CIDR range that permits "
                    "non-public addresses (repeatable)")  # fmt: skip
     p.add_argument("--cold", action="store_true", help="boot cold: neither restore nor save a snapshot")
+    # models.GUEST_USERS, spelled out: importing models here would slow `--version`, which builds this parser
     p.add_argument("--user", choices=("user", "root"), default="user",
                    help="who commands run as in the guest: user (uid 0 without capabilities: the default) or root "
                    "(every capability)")  # fmt: skip

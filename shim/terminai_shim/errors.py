@@ -54,5 +54,10 @@ class ChannelClosed(ShimError):
     code = "VM_GONE"
 
 
+class DeadlineExceeded(ChannelClosed):
+    """A command outlived its timeout and the guest did not end it: the
+    host's own deadline stopped the VM (so the outcome is unknown)."""
+
+
 class TimeoutExpired(ShimError):
     code = "TIMEOUT"

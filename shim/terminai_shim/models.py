@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# Who commands run as in the guest: "user" (uid 0 without capabilities) or
+# "root" (every capability). The agent checks the same two names.
+GUEST_USERS = ("user", "root")
+
 
 @dataclass(frozen=True)
 class NetworkPolicy:

@@ -13,7 +13,7 @@ import threading
 from typing import Any, BinaryIO
 
 from ._internal.termsafe import TerminalFilter
-from .errors import ChannelClosed, ShimError
+from .errors import DeadlineExceeded, ShimError
 from .models import BootConfig
 from .session import Session
 
@@ -103,12 +103,10 @@ def run_command(
                 threading.Thread(target=_pump_stdin, args=(proc,), daemon=True).start()
             try:
                 status = proc.wait()
-            except ChannelClosed:
-                if proc.host_timed_out:  # the guest ignored the timeout: the host's deadline stopped the VM
-                    print(f"terminai-shim: command timed out after {timeout}s; the guest did not end it, so the VM "
-                          "was stopped", file=sys.stderr)  # fmt: skip
-                    return TIMEOUT_EXIT
-                raise
+            except DeadlineExceeded:  # the guest ignored the timeout: the host's deadline stopped the VM
+                print(f"terminai-shim: command timed out after {timeout}s; the guest did not end it, so the VM "
+                      "was stopped", file=sys.stderr)  # fmt: skip
+                return TIMEOUT_EXIT
         finally:
             out.finish()
             err.finish()

@@ -26,8 +26,8 @@ from typing import Any, TextIO
 
 from . import __version__
 from ._internal.client import RemoteProcess
-from .errors import AgentError, ChannelClosed, ConfigError, ShimError
-from .models import BootConfig, NetworkPolicy
+from .errors import AgentError, ConfigError, DeadlineExceeded, ShimError
+from .models import GUEST_USERS, BootConfig, NetworkPolicy
 from .session import Session
 from .verify import (
     DEV_IDENTITY,
@@ -169,8 +169,8 @@ class Server:
     @staticmethod
     def _user(params: dict[str, Any]) -> str | None:
         user = params.get("user")
-        if user is not None and user not in ("user", "root"):
-            raise RequestError("INVALID_PARAMS", "user must be 'user' or 'root'")
+        if user is not None and user not in GUEST_USERS:
+            raise RequestError("INVALID_PARAMS", f"user must be one of {', '.join(GUEST_USERS)}")
         return None if user is None else str(user)
 
     @staticmethod
@@ -284,10 +284,8 @@ class Server:
             if exc.agent_code == "SPAWN_FAILED":
                 return {"stdout": "", "stderr": "", "exitCode": 127, "runtimeError": exc.to_dict()}
             raise
-        except ChannelClosed as exc:
-            if "outlived its timeout" in exc.message:  # the host's deadline stopped a VM that ignored the timeout
-                return {"stdout": "", "stderr": "", "exitCode": None, "timedOut": True, "runtimeError": exc.to_dict()}
-            raise
+        except DeadlineExceeded as exc:  # the host's deadline stopped a VM that ignored the timeout
+            return {"stdout": "", "stderr": "", "exitCode": None, "timedOut": True, "runtimeError": exc.to_dict()}
         result: dict[str, Any] = {
             "stdout": out.decode("utf-8", "replace"),
             "stderr": err.decode("utf-8", "replace"),

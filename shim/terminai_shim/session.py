@@ -35,7 +35,7 @@ from ._internal.fsutil import cache_root
 from ._internal.netpolicy import Allowlist
 from ._internal.process import pid_alive
 from .errors import BootError, ChannelClosed, ConfigError, ShimError, TimeoutExpired
-from .models import AccelChoice, BootConfig
+from .models import GUEST_USERS, AccelChoice, BootConfig
 
 OWNER_FILE = "owner.pid"
 MAX_BASE = 60
@@ -251,7 +251,7 @@ class Session:
             Allowlist.parse(config.network.allow)  # a bad entry is refused before anything starts
         elif config.network.mode == "open":
             open_mode_allows(config.network.allow)
-        if config.user not in ("user", "root"):
+        if config.user not in GUEST_USERS:
             raise ConfigError(f"unknown guest user {config.user!r}", hint="use user (the default) or root")
         if config.workspace is not None and not Path(config.workspace).is_dir():
             raise ConfigError(

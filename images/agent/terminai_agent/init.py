@@ -78,14 +78,29 @@ def setup_pid1() -> None:
         pass  # a kernel without cgroup2 still serves commands
 
 
-def seal() -> None:
-    """Before the first command: PID 1 becomes untraceable (not dumpable),
-    and what a command with uid 0 but no capabilities could otherwise write
-    to reach it or the kernel (sysctls, sysfs, the code the agent may still
-    import) is mounted read-only; without CAP_SYS_ADMIN nothing undoes it.
-    Every module the agent uses is loaded by now (``socket`` by the network
-    set-up just before)."""
+def untouchable() -> None:
+    """The agent as PID 1 (of the VM or of a container), at start: it ignores
+    the signals a command could send it (Python would raise
+    KeyboardInterrupt on SIGINT and the agent would end), and it is not
+    dumpable, so a command of the same uid cannot trace it or take its
+    descriptors (the agent channel)."""
+    try:
+        import _signal as signal
+    except ImportError:  # another Python
+        import signal  # type: ignore[no-redef]
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
     _libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+
+
+def seal() -> None:
+    """Before the first command: what a command with uid 0 but no
+    capabilities could otherwise write to reach PID 1 or the kernel
+    (sysctls, sysfs, cgroups, the code the agent is made of) is mounted
+    read-only; without CAP_SYS_ADMIN nothing undoes it. Every module the
+    agent uses is loaded by now (``socket`` by the network set-up just
+    before), and none is imported after: a command may move the directory
+    above a sealed one and put its own files where a later import would look."""
     for path in SEALED:
         if not os.path.isdir(path):
             continue

@@ -58,7 +58,9 @@ def main(argv: list[str] | None = None, marks: dict[str, float] | None = None) -
                          proxy=settings.get("proxy"), deny=settings.get("deny"),
                          container=os.environ.get("TERMINAI_CONTAINER") == "1")  # fmt: skip
     if pid1 or config.container:
-        _untouchable()
+        from .init import untouchable
+
+        untouchable()
     config.marks = dict(marks or {})
     config.marks["mounted"] = _boottime()
     server = Server(config)
@@ -82,21 +84,6 @@ def main(argv: list[str] | None = None, marks: dict[str, float] | None = None) -
 
             power_off()
     return 0
-
-
-def _untouchable() -> None:
-    """PID 1 ignores the interrupt a command could send it (Python would
-    raise KeyboardInterrupt and the agent would end), and cannot be traced
-    or have its descriptors taken by a command of the same uid."""
-    import ctypes
-
-    try:
-        import _signal as signal
-    except ImportError:  # another Python
-        import signal  # type: ignore[no-redef]
-    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
-        signal.signal(sig, signal.SIG_IGN)
-    ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE
 
 
 def _boottime() -> float:

@@ -515,12 +515,16 @@ class Server:
         path = h["path"]
         if stat.S_ISDIR(os.lstat(path).st_mode):
             if h.get("recursive"):
+                # Not shutil.rmtree: the agent imports nothing once commands run (init.seal says why).
                 for root, dirs, files in os.walk(path, topdown=False):
                     for name in files:
                         os.unlink(os.path.join(root, name))
                     for name in dirs:  # a link to a directory is listed here too: unlink it, never follow
                         full = os.path.join(root, name)
-                        os.unlink(full) if os.path.islink(full) else os.rmdir(full)
+                        if os.path.islink(full):
+                            os.unlink(full)
+                        else:
+                            os.rmdir(full)
                 os.rmdir(path)
             else:
                 os.rmdir(path)

@@ -19,7 +19,7 @@ from typing import Any
 
 from terminai_agent import protocol as P
 
-from ..errors import AgentError, ChannelClosed, TimeoutExpired
+from ..errors import AgentError, ChannelClosed, DeadlineExceeded, TimeoutExpired
 
 STDIN_HIGH_WATER = 4 << 20
 # The guest enforces a command's timeout; the host enforces its own, this much later, whatever the guest does.
@@ -131,8 +131,8 @@ class RemoteProcess:
         if not self._exited.wait(timeout):
             raise TimeoutExpired(f"process {self.id} still running after {timeout}s", ran=True)
         if self.status is None:
-            raise ChannelClosed(self.failure or "the VM went away while the command ran; its outcome is unknown",
-                                ran=True)  # fmt: skip
+            reason = self.failure or "the VM went away while the command ran; its outcome is unknown"
+            raise (DeadlineExceeded if self.host_timed_out else ChannelClosed)(reason, ran=True)
         return self.status
 
     def write_stdin(self, data: bytes) -> None:
@@ -179,7 +179,7 @@ class Call:
             raise ChannelClosed(f"the agent channel closed during {self.op}", ran=self.op == "exec")
         if frame.kind == P.ERROR:
             h = frame.header
-            raise AgentError(str(h.get("code")), str(h.get("message")), ran=bool(h.get("ran")))
+            raise AgentError(_bounded_text(h.get("code")), _bounded_text(h.get("message")), ran=bool(h.get("ran")))
         return frame
 
 
@@ -212,12 +212,14 @@ class AgentClient:
                     break
                 self.last_heard = time.monotonic()
                 self.delivering = True  # a consumer that blocks (a paused pager) holds the reader here
-                for item in decoder.feed(data):
-                    if isinstance(item, P.ProtocolError):
-                        self.protocol_errors.append(_bounded_text(item.message))
-                    else:
-                        self._route(item)
-                self.delivering = False
+                try:
+                    for item in decoder.feed(data):
+                        if isinstance(item, P.ProtocolError):
+                            self.protocol_errors.append(_bounded_text(item.message))
+                        else:
+                            self._route(item)
+                finally:
+                    self.delivering = False
         except OSError:
             pass
         finally:
@@ -308,7 +310,7 @@ class AgentClient:
         if type(peer_max) is not int:
             peer_max = P.DEFAULT_MAX_FRAME
         self.peer_max = min(max(peer_max, P.MIN_MAX_FRAME), P.DEFAULT_MAX_FRAME)
-        self.hello_info = {k: v for k, v in frame.header.items() if isinstance(k, str)}
+        self.hello_info = dict(frame.header)
         return self.hello_info
 
     def hello(self, timeout: float | None = 60.0) -> dict[str, Any]:
@@ -371,7 +373,7 @@ class AgentClient:
             with self._lock:
                 self._procs.pop(rid, None)
             h = frame.header
-            raise AgentError(str(h.get("code")), str(h.get("message")), ran=bool(h.get("ran")))
+            raise AgentError(_bounded_text(h.get("code")), _bounded_text(h.get("message")), ran=bool(h.get("ran")))
         pid = frame.header.get("pid", 0)
         proc.pid = pid if type(pid) is int and 0 < pid < 1 << 22 else 0
         if rest:

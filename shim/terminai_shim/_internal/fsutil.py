@@ -11,7 +11,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 if sys.platform == "win32":  # the brain's broker runs the shim on Windows
     import msvcrt
@@ -80,43 +80,26 @@ def stamp(st: os.stat_result) -> list[int]:
 
 
 def file_digest(path: Path, index_dir: Path | None = None) -> str:
-    """sha256 of ``path``, remembered per (realpath, ``stamp``)."""
-    index_dir = index_dir or cache_root()
-    index = index_dir / "digests.json"
-    real = os.path.realpath(path)
-    st = os.stat(real)
-    stamp_now = stamp(st)
-    with locked(index_dir / ".digests.lock"):
-        try:
-            known = json.loads(index.read_text())
-        except (OSError, ValueError):
-            known = {}
-        entry = known.get(real)
-        if entry and entry.get("stamp") == stamp_now:
-            return str(entry["sha256"])
-        digest = sha256_file(Path(real))
-        known[real] = {"stamp": stamp_now, "sha256": digest}
-        write_atomic(index, json.dumps(known).encode())
-        return digest
+    """sha256 of the file ``path`` names now (see ``fd_digest``)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO in its place must not hang us
+    try:
+        return fd_digest(fd, index_dir)
+    finally:
+        os.close(fd)
 
 
 def fd_digest(fd: int, index_dir: Path | None = None) -> str:
-    """sha256 of the open file ``fd``, remembered per (device, ``stamp``): the
-    file a descriptor holds cannot be swapped for another by renaming, and
-    a write to it moves its ctime, so a remembered digest whose stamp
-    matches is that file's."""
+    """sha256 of the open file ``fd``, remembered per (device, inode) with its
+    ``stamp``: the file a descriptor holds cannot be swapped for another by
+    renaming, and a write to it moves its ctime, so a remembered digest
+    whose stamp matches is that file's."""
     index_dir = index_dir or cache_root()
     st = os.fstat(fd)
-    key = f"fd:{st.st_dev}:{st.st_ino}"
+    key, before = f"fd:{st.st_dev}:{st.st_ino}", stamp(st)
     with locked(index_dir / ".digests.lock"):
-        try:
-            known = json.loads((index_dir / "digests.json").read_text())
-        except (OSError, ValueError):
-            known = {}
-        entry = known.get(key)
-        if entry and entry.get("stamp") == stamp(st):
-            return str(entry["sha256"])
-    before = stamp(st)
+        entry = _digest_index(index_dir).get(key)
+    if entry and entry.get("stamp") == before:
+        return str(entry["sha256"])
     h = hashlib.sha256()
     offset = 0
     while chunk := os.pread(fd, 1 << 20, offset):
@@ -124,10 +107,15 @@ def fd_digest(fd: int, index_dir: Path | None = None) -> str:
         offset += len(chunk)
     digest = h.hexdigest()
     with locked(index_dir / ".digests.lock"):
-        try:
-            known = json.loads((index_dir / "digests.json").read_text())
-        except (OSError, ValueError):
-            known = {}
+        known = _digest_index(index_dir)
         known[key] = {"stamp": before, "sha256": digest}  # a write while hashing moved ctime: re-hashed next time
         write_atomic(index_dir / "digests.json", json.dumps(known).encode())
     return digest
+
+
+def _digest_index(index_dir: Path) -> dict[str, Any]:
+    try:
+        known = json.loads((index_dir / "digests.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return known if isinstance(known, dict) else {}

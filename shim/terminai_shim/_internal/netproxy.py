@@ -298,6 +298,19 @@ def handle(conn: socket.socket, config: ProxyConfig) -> None:
             conn.sendall(chunk)
 
 
+def _stream_socket(fd: int) -> socket.socket | None:
+    """The passed descriptor as a stream socket, or None (and closed) if it is anything else."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:  # not a socket at all
+        os.close(fd)
+        return None
+    if sock.type != socket.SOCK_STREAM:
+        sock.close()
+        return None
+    return sock
+
+
 class ProxyServer:
     """One session's proxy: a listener, a bounded number of connections,
     each handled on its own thread; ``close`` ends the listener."""
@@ -357,20 +370,9 @@ class ProxyServer:
                     _, fds, _, _ = socket.recv_fds(carrier, 1, 4)
                 except OSError:
                     return
-                conn = None
-                for fd in fds:
-                    if conn is None:
-                        try:
-                            conn = socket.socket(fileno=fd)
-                            if conn.type != socket.SOCK_STREAM:
-                                raise OSError("not a stream")
-                            continue
-                        except OSError:
-                            if conn is not None:
-                                conn.close()
-                                conn = None
-                                continue
-                    os.close(fd)
+                conn = _stream_socket(fds[0]) if fds else None
+                for extra in fds[1:]:
+                    os.close(extra)
                 if conn is None:
                     return
                 try:

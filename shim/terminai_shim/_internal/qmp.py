@@ -1,4 +1,4 @@
-"""A minimal QMP client: just what snapshots need (migrate, query, cont, quit)."""
+"""A minimal QMP client: what snapshots need (migrate, query, cont), and the event stream the watchdog reads."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import time
 from typing import Any
 
 from ..errors import ShimError
+
+MAX_LINE = 1 << 20
 
 
 class QmpError(ShimError):
@@ -123,6 +125,8 @@ class QmpEvents:
             if not data:
                 return {"event": "SHUTDOWN"}  # a closed monitor: QEMU is gone
             self.buffer += data
+            if len(self.buffer) > MAX_LINE:  # no message is this long: not QEMU speaking
+                return {"event": "SHUTDOWN"}
         line, _, rest = bytes(self.buffer).partition(b"\n")
         self.buffer = bytearray(rest)
         try:

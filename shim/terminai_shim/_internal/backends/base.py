@@ -35,11 +35,6 @@ class RuntimeDir:
         return self.vmm_dir / "control.sock"
 
     @property
-    def proxy_config(self) -> Path:
-        """The allowlist proxy's configuration (netproxy), written once the session has an id."""
-        return self.path / "proxy.json"
-
-    @property
     def console_log(self) -> Path:
         return self.path / "console.log"
 

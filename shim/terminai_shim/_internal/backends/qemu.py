@@ -161,12 +161,14 @@ def connector_python(workspace: Path | None) -> str:
     return str(path)
 
 
-def network_args(config: BootConfig, runtime: RuntimeDir) -> list[str]:
+def network_args(config: BootConfig, runtime: RuntimeDir, python: str = "python3") -> list[str]:
     """``open``: QEMU's user networking, NAT to whatever the host reaches
     (less the host's loopback and link-local, see ``OPEN_MODE_BLOCKS``).
     ``allowlist``: the same, restricted (``restrict=on``: the guest reaches
     nothing, not even DNS) except one forward: every connection to the proxy
-    address is handed to the session's proxy server in the shim."""
+    address is handed to the session's proxy server in the shim, by a
+    connector run with ``python`` (``connector_python``; a neutral name in
+    the device layout)."""
     mode = config.network.mode
     if mode == "none":
         return []
@@ -174,7 +176,6 @@ def network_args(config: BootConfig, runtime: RuntimeDir) -> list[str]:
     if mode == "allowlist":
         from ..netproxy import CONNECTOR
 
-        python = connector_python(config.workspace) if runtime.path.name != "RUNTIME" else "python3"
         connector = shlex.join([python, "-I", "-S", "-c", CONNECTOR.replace("\n", ";"), str(runtime.proxy_socket)])
         netdev += f",restrict=on,guestfwd=tcp:{PROXY_ADDRESS}:{PROXY_PORT}-cmd:{_opt(connector)}"
     elif mode == "open":
@@ -232,6 +233,7 @@ def command_line(
     channel: Channel = Channel(),
     incoming_fd: int | None = None,
     console_fd: int = 3,
+    python: str = "python3",
 ) -> list[str]:
     """The whole QEMU command line.
 
@@ -282,7 +284,7 @@ def command_line(
         "-fsdev", f"local,id=git,path={_opt(git or runtime.empty_share)},security_model=mapped-xattr,readonly=on",
         "-device", f"virtio-9p-device,fsdev=git,mount_tag={GIT_TAG}",
     ]  # fmt: skip
-    argv += network_args(config, runtime)
+    argv += network_args(config, runtime, python)
     if incoming_fd is not None:  # QEMU reads the saved state straight from the open file
         argv += ["-incoming", f"fd:{incoming_fd}"]
     return argv
@@ -370,7 +372,8 @@ class QemuBackend(Backend):
         if not self.available():
             raise BootError(f"{self.qemu} is not installed", hint="apt-get install qemu-system-x86")
         channel = Channel.choose(config.channel)
-        identity = vmm_identity(config.workspace)
+        workspace = config.workspace  # the path, before it is handed over as a descriptor
+        identity = vmm_identity(workspace)
         runtime.empty_share.mkdir(mode=0o555, exist_ok=True)
         runtime.vmm_dir.mkdir(mode=0o700, exist_ok=True)
         held: list[int] = []  # descriptors QEMU inherits; closed here once it has them
@@ -388,7 +391,8 @@ class QemuBackend(Backend):
             if state is not None:
                 held.append(state)
             console = ConsoleCapture(runtime.console_log)
-            argv = command_line(config, accel, runtime, self.qemu, channel, state, console.write_fd)
+            python = connector_python(workspace) if config.network.mode == "allowlist" else "python3"
+            argv = command_line(config, accel, runtime, self.qemu, channel, state, console.write_fd, python)
             log_fd = os.open(runtime.path / "qemu.log", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
             proc = subprocess.Popen(
                 argv,
