@@ -66,13 +66,22 @@ def listen(spec: ChannelSpec) -> socket.socket:
         sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
         sock.bind((socket.VMADDR_CID_ANY, int(spec.address)))
     elif spec.kind == "unix":
-        try:
-            os.unlink(spec.address)
-        except FileNotFoundError:
-            pass
+        # Bound and listening under a temporary name, then renamed into
+        # place: whoever sees the path can connect (no refusal between bind
+        # and listen).
+        staging = f"{spec.address}.{os.getpid()}.tmp"
+        for stale in (spec.address, staging):
+            try:
+                os.unlink(stale)
+            except FileNotFoundError:
+                pass
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(spec.address)
-        os.chmod(spec.address, 0o600)
+        sock.bind(staging)
+        os.chmod(staging, 0o600)
+        sock.listen(16)
+        os.rename(staging, spec.address)
+        sock.setblocking(False)
+        return sock
     else:
         raise ValueError(f"{spec.kind} is not a listening channel")
     sock.listen(16)
