@@ -136,7 +136,7 @@ def build_release(
         git_commit=_git_commit(ctx.repo),
         min_shim_version=shim_version,
         agent_protocol=agent_protocol.PROTOCOL_VERSION,
-        boot=BootDefaults(kernel_args=(), memory_mib=512, cpus=1),
+        boot=BootDefaults(),
         artifacts=tuple(artifacts),
     )
     write_atomic(directory / "manifest.json", manifest.to_json())

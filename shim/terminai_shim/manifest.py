@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from .errors import ShimError
+from .models import DEFAULT_CPUS, DEFAULT_MEMORY_MIB
 
 SCHEMA_VERSION = 1
 MEDIA_TYPE = "application/vnd.terminai.manifest.v1+json"
@@ -68,11 +69,13 @@ class Artifact:
 
 @dataclass(frozen=True)
 class BootDefaults:
+    """What a release asks of the VM by default; a caller's request wins.
+    (How the host reaches the agent is not the release's to say: the boot
+    contract fixes the port, the shim picks the transport the host has.)"""
+
     kernel_args: tuple[str, ...] = ()
-    memory_mib: int = 512
-    cpus: int = 1
-    agent_channel: str = "virtio-serial"
-    agent_port: int = 1024
+    memory_mib: int = DEFAULT_MEMORY_MIB
+    cpus: int = DEFAULT_CPUS
 
 
 @dataclass(frozen=True)
@@ -105,8 +108,6 @@ class Manifest:
                 "kernelArgs": list(self.boot.kernel_args),
                 "memoryMib": self.boot.memory_mib,
                 "cpus": self.boot.cpus,
-                "agentChannel": self.boot.agent_channel,
-                "agentPort": self.boot.agent_port,
             },
             "artifacts": [a.to_dict() for a in self.artifacts],
         }
@@ -147,8 +148,6 @@ class Manifest:
                     kernel_args=tuple(str(x) for x in _list(boot, "kernelArgs")),
                     memory_mib=_int(boot, "memoryMib"),
                     cpus=_int(boot, "cpus"),
-                    agent_channel=_str(boot, "agentChannel"),
-                    agent_port=_int(boot, "agentPort"),
                 ),
                 artifacts=artifacts,
             )

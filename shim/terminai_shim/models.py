@@ -8,6 +8,10 @@ from pathlib import Path
 # Who commands run as in the guest: "user" (uid 0 without capabilities) or
 # "root" (every capability). The agent checks the same two names.
 GUEST_USERS = ("user", "root")
+# A VM's size when neither the caller nor the release says: the one place
+# these numbers live (a release's manifest carries its own, the caller's win).
+DEFAULT_MEMORY_MIB = 512
+DEFAULT_CPUS = 1
 
 
 @dataclass(frozen=True)
@@ -30,8 +34,8 @@ class BootConfig:
     kernel: Path | None = None
     rootfs: Path | None = None
     rootfs_format: str = "squashfs"
-    memory_mib: int = 512
-    cpus: int = 1
+    memory_mib: int = DEFAULT_MEMORY_MIB
+    cpus: int = DEFAULT_CPUS
     workspace: Path | None = None
     workspace_mount: str = "/workspace"
     accel: str = "auto"  # auto | kvm | tcg

@@ -16,23 +16,21 @@ from __future__ import annotations
 import os
 import sys
 
+from . import bootcontract as boot
 from .channels import ChannelSpec, listen, open_virtio_port
 from .server import AgentConfig, Server
-
-DEFAULT_CHANNEL = "virtio-serial:agent"
 
 
 def _cmdline() -> dict[str, str]:
     try:
         with open("/proc/cmdline") as f:
-            words = f.read().split()
+            return boot.params_from_cmdline(f.read().split())
     except OSError:
         return {}
-    return dict(w.split("=", 1) for w in words if "=" in w)
 
 
 def _settings(argv: list[str]) -> dict[str, str]:
-    settings = {k[len("TERMINAI_") :].lower(): v for k, v in os.environ.items() if k.startswith("TERMINAI_")}
+    settings = boot.params_from_environ(dict(os.environ))
     for arg in argv:
         if arg.startswith("--") and "=" in arg:
             key, value = arg[2:].split("=", 1)
@@ -48,7 +46,7 @@ def main(argv: list[str] | None = None, marks: dict[str, float] | None = None) -
         from .init import setup_pid1
 
         setup_pid1()  # /proc/cmdline is readable only after this
-        settings = {k[len("terminai_") :]: v for k, v in _cmdline().items() if k.startswith("terminai_")}
+        settings = _cmdline()
         from .init import set_hostname
 
         set_hostname(settings.get("hostname", "terminai"))
@@ -64,7 +62,7 @@ def main(argv: list[str] | None = None, marks: dict[str, float] | None = None) -
     config.marks = dict(marks or {})
     config.marks["mounted"] = _boottime()
     server = Server(config)
-    spec = ChannelSpec.parse(settings.get("channel", DEFAULT_CHANNEL))
+    spec = ChannelSpec.parse(settings.get("channel", boot.DEFAULT_CHANNEL))
     if spec.kind == "virtio-serial":
         server.add_conn(open_virtio_port(spec.address), reconnectable=True)
     else:

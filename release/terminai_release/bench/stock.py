@@ -10,6 +10,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from terminai_agent import bootcontract as boot
+
 from ..cache import StepCache
 from ..errors import BuildError
 
@@ -94,7 +96,7 @@ def stock_initramfs(kernel: StockKernel, dest: Path, *, then: str) -> Path:
         if then == "marker"
         else "while [ ! -b /dev/vda ]; do sleep 0.01; done\n"
         "mount -t squashfs -o ro /dev/vda /newroot\nmount --move /dev /newroot/dev\numount /proc /sys\n"
-        "exec switch_root /newroot /usr/lib/terminai/init\n"
+        f"exec switch_root /newroot {boot.INIT}\n"
     )
     (root / "init").write_text(
         "#!/bin/busybox sh\n/bin/busybox --install -s /bin\n"

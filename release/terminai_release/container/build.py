@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from terminai_agent import bootcontract as boot
+
 from ..cache import RECORD, StepCache, write_atomic
 from ..context import BuildContext
 from ..digest import canonical_json, digest_inputs, sha256_file
@@ -23,13 +25,9 @@ from .oci import ARCHIVE_MEDIA, ImageSpec, write_archive
 
 RECIPE = 1
 # The agent as PID 1, serving on a Unix socket in a directory the shim
-# bind-mounts at /run/terminai (terminai_agent.main reads TERMINAI_*).
-ENTRYPOINT = ("/usr/lib/terminai/init",)
-ENV = (
-    "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-    "TERMINAI_CONTAINER=1",
-    "TERMINAI_CHANNEL=unix:/run/terminai/agent.sock",
-)
+# bind-mounts (the boot contract names it; terminai_agent.main reads TERMINAI_*).
+ENTRYPOINT = (boot.INIT,)
+ENV = ("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", *boot.container_environment())
 
 
 @dataclass(frozen=True)
@@ -78,8 +76,8 @@ def build_container(ctx: BuildContext, *, cache: StepCache | None = None) -> Con
         else:
             argv = ["fsck.erofs", f"--extract={tree}", str(root.image)]
         run_logged(argv, log=log, reporter=ctx.reporter, step="container")
-        if not (tree / "usr/lib/terminai/init").is_file():
-            raise BuildError("the root image has no /usr/lib/terminai/init", log=str(log))
+        if not (tree / boot.INIT.lstrip("/")).is_file():
+            raise BuildError(f"the root image has no {boot.INIT}", log=str(log))
         spec = ImageSpec(ENTRYPOINT, ENV, {"org.opencontainers.image.version": version,
                                            "org.terminai.rootfs.sha256": image["sha256"]},
                          f"terminai/runtime:{version}")  # fmt: skip

@@ -27,13 +27,14 @@ import time
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from terminai_agent import bootcontract as boot
+
 from ...errors import BootError, ConfigError
 from ...models import AccelChoice, BootConfig
 from ..fsutil import cache_root, fd_digest, locked
 from ..process import pid_alive
 from .base import Backend, Machine, RuntimeDir, git_share
 
-AGENT_DIR = "/run/terminai"  # where the image's agent listens (TERMINAI_CHANNEL in the image config)
 LABEL = "org.terminai.shim"
 OWNER_PID = "org.terminai.owner-pid"
 OWNER_HOST = "org.terminai.owner-host"
@@ -105,7 +106,7 @@ class ContainerMachine(Machine):
 
     @property
     def agent_socket(self) -> Path:
-        return self.runtime.path / "agent" / "agent.sock"
+        return self.runtime.path / "agent" / boot.CONTAINER_AGENT_SOCKET
 
     @property
     def pid(self) -> int:
@@ -270,7 +271,7 @@ class ContainerBackend(Backend):
         self.clean_stale()
         agent_dir = runtime.path / "agent"
         agent_dir.mkdir(exist_ok=True)
-        mounts = [Mount(AGENT_DIR, str(agent_dir), type="bind")]
+        mounts = [Mount(boot.CONTAINER_AGENT_DIR, str(agent_dir), type="bind")]
         if config.workspace is not None:
             mounts.append(Mount(config.workspace_mount, str(config.workspace), type="bind"))
             git = git_share(config.workspace)

@@ -19,25 +19,26 @@ import time
 from pathlib import Path
 from typing import Any
 
+from terminai_agent import bootcontract as boot
+
 from ...errors import BootError, ConfigError
 from ...models import AccelChoice, BootConfig
 from ..process import die_with_parent
 from .base import Backend, Machine, ProcessMachine, RuntimeDir, check_vm_artifacts, console_tail
 
-AGENT_PORT = 1024
 GUEST_CID = 3
 
 
 def kernel_args(config: BootConfig) -> str:
     args = [
-        "console=ttyS0",
+        f"console={boot.CONSOLE}",
         "reboot=k",
         "panic=1",
         "pci=off",
         "quiet",
         f"rootfstype={config.rootfs_format}",
-        "init=/usr/lib/terminai/init",
-        f"terminai_channel=vsock:{AGENT_PORT}",
+        f"init={boot.INIT}",
+        boot.param("channel", boot.vsock_channel()),
         *config.kernel_args,
     ]
     return " ".join(args)
@@ -130,7 +131,7 @@ class FirecrackerMachine(ProcessMachine):
     def connect_agent(self, deadline: float) -> socket.socket:
         if not self.alive():
             raise BootError("Firecracker exited before the agent answered: " + console_tail(self.runtime.console_log))
-        return hybrid_vsock_connect(str(self.runtime.path / "vsock.sock"), AGENT_PORT, deadline)
+        return hybrid_vsock_connect(str(self.runtime.path / "vsock.sock"), boot.VSOCK_PORT, deadline)
 
 
 class FirecrackerBackend(Backend):

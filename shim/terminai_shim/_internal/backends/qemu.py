@@ -30,6 +30,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from terminai_agent import bootcontract as boot
+
 from ...errors import BootError, ConfigError
 from ...models import AccelChoice, BootConfig
 from ..accel import host_tsc_khz
@@ -42,8 +44,7 @@ if TYPE_CHECKING:
     from ..netproxy import ProxyServer
 
 QEMU = "qemu-system-x86_64"
-WORKSPACE_TAG = "workspace"
-GIT_TAG = "workspace-git"  # the workspace's .git, exported read-only
+WORKSPACE_TAG, GIT_TAG = boot.WORKSPACE_TAG, boot.GIT_TAG
 CONSOLE_FDSET = 1
 # The host's loopback as the guest sees it (QEMU's user networking maps the
 # gateway to 127.0.0.1) and link-local (cloud metadata services): refused in
@@ -53,8 +54,6 @@ OPEN_MODE_BLOCKS = {"127.0.0.1": "10.0.2.2/32", "169.254.0.0/16": "169.254.0.0/1
 CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER = 1, 2, 3
 NOBODY = (65534, 65534)
 
-
-AGENT_VSOCK_PORT = 1024
 # User-mode networking (no root, no bridge, nothing changed on the host).
 # The guest's side, set up by the agent from terminai_net= (no DHCP).
 GUEST_ADDRESS, GATEWAY, RESOLVER = "10.0.2.15/24", "10.0.2.2", "10.0.2.3"
@@ -84,11 +83,7 @@ class Channel:
 
     @property
     def kernel_arg(self) -> str:
-        return (
-            f"terminai_channel=vsock:{AGENT_VSOCK_PORT}"
-            if self.kind == "vsock"
-            else "terminai_channel=virtio-serial:agent"
-        )
+        return boot.param("channel", boot.vsock_channel() if self.kind == "vsock" else boot.virtio_channel())
 
 
 def _opt(path: object) -> str:
@@ -99,14 +94,14 @@ def _opt(path: object) -> str:
 
 def kernel_cmdline(config: BootConfig, accel: AccelChoice, channel: Channel = Channel()) -> str:
     args = [
-        "console=ttyS0",
+        f"console={boot.CONSOLE}",
         "reboot=t",
         "panic=-1",
         "quiet",
         "root=/dev/vda",
         "ro",
         f"rootfstype={config.rootfs_format}",
-        "init=/usr/lib/terminai/init",
+        f"init={boot.INIT}",
         channel.kernel_arg,
     ]
     if accel.accel == "tcg":
@@ -121,13 +116,13 @@ def kernel_cmdline(config: BootConfig, accel: AccelChoice, channel: Channel = Ch
             args += ["noapictimer", "noreplace-smp"]
     mode = config.network.mode
     if mode != "none":
-        args.append(f"terminai_net={GUEST_ADDRESS},{GATEWAY},{RESOLVER if mode == 'open' else 'none'}")
+        args.append(boot.param("net", f"{GUEST_ADDRESS},{GATEWAY},{RESOLVER if mode == 'open' else 'none'}"))
     if mode == "open":
         blocked = [net for name, net in OPEN_MODE_BLOCKS.items() if name not in config.network.allow]
         if blocked:
-            args.append(f"terminai_deny={','.join(blocked)}")
+            args.append(boot.param("deny", ",".join(blocked)))
     if mode == "allowlist":
-        args.append(f"terminai_proxy=http://{PROXY_ADDRESS}:{PROXY_PORT}")
+        args.append(boot.param("proxy", f"http://{PROXY_ADDRESS}:{PROXY_PORT}"))
     args.extend(config.kernel_args)
     return " ".join(args)
 
@@ -270,7 +265,7 @@ def command_line(
         argv += [
             "-device", "virtio-serial-device",
             "-chardev", f"socket,id=agent,path={_opt(runtime.agent_socket)},server=on,wait=off",
-            "-device", "virtserialport,chardev=agent,name=agent",
+            "-device", f"virtserialport,chardev=agent,name={boot.VIRTIO_PORT}",
         ]  # fmt: skip
     # mapped-xattr: the guest's owners, modes and special files live in
     # extended attributes; on the host every file it makes is a plain file
@@ -344,7 +339,7 @@ class QemuMachine(ProcessMachine):
                 raise BootError("QEMU exited before the agent listened: " + self.diagnostics())
             sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
             try:
-                sock.connect((self.channel.cid, AGENT_VSOCK_PORT))
+                sock.connect((self.channel.cid, boot.VSOCK_PORT))
                 return sock
             except OSError:
                 sock.close()

@@ -1,0 +1,70 @@
+"""The guest boot contract: what the host and the guest agree on before the
+agent speaks its protocol.
+
+Where the init lives, which kernel command line parameters carry the
+agent's settings, where the agent listens (virtio-serial port, vsock port,
+Unix socket in the container tier) and the 9p tags the workspace arrives
+under. The agent, every shim backend and the image builds import this one
+module (as they share ``protocol.py``), so a name changes in one place.
+
+Standard library only, and cheap: the agent imports it at boot.
+"""
+
+from __future__ import annotations
+
+# The agent as init (VM) or entry point (container): installed by the root image.
+INIT = "/usr/lib/terminai/init"
+CONSOLE = "ttyS0"
+
+# Settings ride on the kernel command line as ``terminai_<key>=<value>``:
+# plain words, because dotted ``a.b=`` parameters are taken for module options.
+PARAM_PREFIX = "terminai_"
+# In the container tier (no command line) the same keys come from the
+# environment as ``TERMINAI_<KEY>``.
+ENV_PREFIX = "TERMINAI_"
+
+# Where the agent serves.
+VIRTIO_PORT = "agent"  # a QEMU virtserialport by this name
+VSOCK_PORT = 1024  # AF_VSOCK (vhost-vsock, Firecracker)
+CONTAINER_AGENT_DIR = "/run/terminai"  # bind-mounted from the host's runtime directory
+CONTAINER_AGENT_SOCKET = "agent.sock"
+
+# 9p tags the shim exports and the agent mounts on request.
+WORKSPACE_TAG = "workspace"
+GIT_TAG = "workspace-git"  # the workspace's .git, exported read-only
+
+
+def virtio_channel(name: str = VIRTIO_PORT) -> str:
+    return f"virtio-serial:{name}"
+
+
+def vsock_channel(port: int = VSOCK_PORT) -> str:
+    return f"vsock:{port}"
+
+
+def container_channel() -> str:
+    return f"unix:{CONTAINER_AGENT_DIR}/{CONTAINER_AGENT_SOCKET}"
+
+
+DEFAULT_CHANNEL = virtio_channel()
+
+
+def param(key: str, value: str) -> str:
+    """One agent setting as a kernel command line word."""
+    return f"{PARAM_PREFIX}{key}={value}"
+
+
+def params_from_cmdline(words: list[str]) -> dict[str, str]:
+    """The agent's settings from the kernel command line's words."""
+    pairs = (w.split("=", 1) for w in words if "=" in w)
+    return {k[len(PARAM_PREFIX) :]: v for k, v in pairs if k.startswith(PARAM_PREFIX)}
+
+
+def params_from_environ(environ: dict[str, str]) -> dict[str, str]:
+    """The same settings from ``TERMINAI_*`` variables (the container tier, tests)."""
+    return {k[len(ENV_PREFIX) :].lower(): v for k, v in environ.items() if k.startswith(ENV_PREFIX)}
+
+
+def container_environment() -> tuple[str, ...]:
+    """What the container image's configuration sets for the agent."""
+    return (f"{ENV_PREFIX}CONTAINER=1", f"{ENV_PREFIX}CHANNEL={container_channel()}")
