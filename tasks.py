@@ -103,7 +103,7 @@ def container(c: Context, json: bool = False, load: bool = True) -> None:
         link = ctx.publish_link("container", art.directory)
         print(f"container: {link} -> {art.archive.name} (image {art.image_id})")
         if load:
-            from terminai_shim._internal.backends.container import engine_answers
+            from terminai_shim.probes import engine_answers
 
             answers, why = engine_answers()
             if answers:
@@ -148,7 +148,9 @@ def brain(
     """The Windows brain bundle (deterministic zip + bundle.json), sigstore-signed."""
     from terminai_release.brain import BrainInputs, build_brain
     from terminai_release.cache import write_atomic
+    from terminai_release.release import keep_dev_trust_root
     from terminai_release.signing.session import signer
+    from terminai_shim.layout import BUNDLE_SUFFIX
 
     pins = {"win32-x64": _pinned(native_x64, native_x64_sha256, "--native-x64"),
             "win32-arm64": _pinned(native_arm64, native_arm64_sha256, "--native-arm64")}  # fmt: skip
@@ -171,15 +173,13 @@ def brain(
         write_atomic(out_dir / art.zip.name, data)
         with signer(ctx, keyless=keyless, trust_config=Path(trust_config) if trust_config else None) as s:
             signature = s.sign(data)
-        write_atomic(out_dir / f"{art.zip.name}.sigstore.json", signature.encode())
+        write_atomic(out_dir / f"{art.zip.name}{BUNDLE_SUFFIX}", signature.encode())
         if s.dev_trusted_root is not None:
-            import json as jsonlib
-
-            write_atomic(out_dir / "dev-trusted-root.json", jsonlib.dumps(s.dev_trusted_root, indent=2).encode())
+            keep_dev_trust_root(s.dev_trusted_root, out_dir)
     except BuildError as exc:
         _fail(exc)
         return
-    print(f"brain: {out_dir / art.zip.name}\nsignature: {out_dir / art.zip.name}.sigstore.json ({s.kind})")
+    print(f"brain: {out_dir / art.zip.name}\nsignature: {out_dir / art.zip.name}{BUNDLE_SUFFIX} ({s.kind})")
 
 
 @task(

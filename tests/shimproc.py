@@ -73,3 +73,9 @@ class ShimProc:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
+
+    def __enter__(self) -> ShimProc:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

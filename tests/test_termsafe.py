@@ -166,15 +166,16 @@ def test_run_command_filters_each_terminal_stream(monkeypatch, fail: bool, raw_o
         ("exit", b""),
     ]
     session = FakeSession(chunks, fail)
-    monkeypatch.setattr(run.Session, "boot", lambda config: contextlib.nullcontext(session))
+    config = SimpleNamespace(workspace=None, workspace_mount=None)
+    launch = SimpleNamespace(config=config, choice=None, boot=lambda: contextlib.nullcontext(session))
+    monkeypatch.setattr(run, "resolve", lambda request, progress=None: launch)  # a stand-in tier: the filter is tested
     stdout, stderr = FakeTerminal(), FakeTerminal()
     monkeypatch.setattr(run.sys, "stdout", SimpleNamespace(buffer=stdout))
     monkeypatch.setattr(run.sys, "stderr", SimpleNamespace(buffer=stderr))
     monkeypatch.setattr(run.sys, "stdin", SimpleNamespace(closed=False, isatty=lambda: True))
-    config = SimpleNamespace(workspace=None, workspace_mount=None)
 
     def go() -> int:
-        return run.run_command(config, ["x"], shell=False, timeout=None, verbose=False, raw_output=raw_output)  # type: ignore[arg-type]
+        return run.run_command(None, ["x"], shell=False, timeout=None, verbose=False, raw_output=raw_output)  # type: ignore[arg-type]
 
     if fail:
         with pytest.raises(RuntimeError):

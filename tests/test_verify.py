@@ -1,6 +1,7 @@
 """The shim verifies a release before it boots anything: signature, signer,
-issuer, trust root, schema, compatibility, expiry, serial, artifact digests.
-Each bad input gets its own distinct error and leaves the state as it was."""
+issuer, trust root, schema, compatibility, expiry, channel, serial, artifact
+digests. Each bad input gets its own distinct error and leaves the state as
+it was."""
 
 from __future__ import annotations
 
@@ -8,23 +9,38 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 from terminai_release.signing.devstack import DEFAULT_IDENTITY, ISSUER, DevSigstore
 from terminai_release.signing.sign import sign_bytes
+from terminai_shim._internal.releases import SerialState, verify_directory
+from terminai_shim.launch import VM_KINDS
 from terminai_shim.manifest import Artifact, BootDefaults, Manifest, ManifestExpired, NeedsNewerShim, UnsupportedSchema
 from terminai_shim.verify import (
     DEV_IDENTITY,
     DEV_ISSUER,
+    ChannelRefused,
     RollbackRefused,
-    SerialState,
     TrustPolicy,
     VerificationFailed,
-    verify_release,
 )
 
 pytestmark = pytest.mark.unit
+SHIM = str(Path(sys.executable).with_name("terminai-shim"))
+
+
+def verify_release(directory, policy, *, state, channel="dev"):
+    return verify_directory(directory, policy, channel, kinds=VM_KINDS, state=state)
+
+
+def fetch_release(url, policy, *, state=None, channel="dev", allow_http=False):
+    from terminai_shim._internal.releases import fetch_release as fetch
+
+    return fetch(url, policy, channel, kinds=VM_KINDS, state=state, allow_http=allow_http)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +56,8 @@ def root(stack, tmp_path_factory):
     return path
 
 
-def _release(stack, directory, *, serial=10, expires_in=86400, blobs=None, raw=None, min_shim="0.1.0", age=60):
+def _release(stack, directory, *, serial=10, expires_in=86400, blobs=None, raw=None, min_shim="0.1.0", age=60,
+             channel="dev"):  # fmt: skip
     """A signed release with small stand-in blobs (verification never boots them)."""
     directory.mkdir(parents=True, exist_ok=True)
     blobs = blobs or {"kernel": os.urandom(4096), "rootfs": os.urandom(8192)}
@@ -52,7 +69,7 @@ def _release(stack, directory, *, serial=10, expires_in=86400, blobs=None, raw=N
         media = "application/vnd.terminai.rootfs.squashfs"
         arts.append(Artifact(f"{kind}.bin", kind, "linux/amd64", len(data), digest, media, f"blobs/sha256/{digest}"))
     now = int(time.time())
-    m = Manifest("0.1.0", "dev", serial, now - age, now + expires_in, "abcdef0", min_shim, 1, BootDefaults(),
+    m = Manifest("0.1.0", channel, serial, now - age, now + expires_in, "abcdef0", min_shim, 1, BootDefaults(),
                  tuple(arts))  # fmt: skip
     data = raw if raw is not None else m.to_json()
     (directory / "manifest.json").write_bytes(data)
@@ -132,12 +149,8 @@ def test_wrong_signer_issuer_or_trust_root(stack, root, tmp_path):
 
 def test_missing_trust_root_is_a_named_error_through_the_cli(stack, tmp_path):
     """Not a traceback: the shim's own error, exit 125, naming the file."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
     rel = _release(stack, tmp_path / "rel")
-    shim = str(Path(sys.executable).with_name("terminai-shim"))
+    shim = SHIM
     done = subprocess.run([shim, "verify", str(rel), "--trusted-root", str(tmp_path / "nowhere.json"), "--identity",
                            DEFAULT_IDENTITY, "--issuer", ISSUER], capture_output=True, text=True,
                           env=dict(os.environ, TERMINAI_CACHE=str(tmp_path / "cache")))  # fmt: skip
@@ -149,11 +162,7 @@ def test_dev_never_trusts_a_root_found_beside_the_release(stack, root, tmp_path)
     """A forged release signed by a fresh development Sigstore, with that
     Sigstore's trust root dropped beside it: `--dev` trusts only the
     developer's own root, so it fails; the genuine release passes."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    shim = str(Path(sys.executable).with_name("terminai-shim"))
+    shim = SHIM
     env = dict(os.environ, TERMINAI_CACHE=str(tmp_path / "cache"), TERMINAI_DEV_TRUSTED_ROOT=str(root))
     with DevSigstore(tmp_path / "forger") as forger:
         forged = _release(forger, tmp_path / "forged")
@@ -204,8 +213,6 @@ def test_fetch_release_over_http_verifies_before_downloading(stack, root, tmp_pa
     import functools
     import threading
     from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
-
-    from terminai_shim.verify import fetch_release
 
     monkeypatch.setenv("TERMINAI_CACHE", str(tmp_path / "cache"))
     rel = _release(stack, tmp_path / "served")
@@ -260,7 +267,7 @@ def test_identity_patterns_and_the_pinned_policy(stack, root, tmp_path):
 
 
 def test_cache_gc_keeps_the_newest_releases_and_their_blobs(stack, root, tmp_path, monkeypatch):
-    from terminai_shim.verify import fetch_release, gc
+    from terminai_shim._internal.releases import gc
 
     monkeypatch.setenv("TERMINAI_CACHE", str(tmp_path / "cache"))
     state = SerialState(tmp_path / "s.json")
@@ -278,11 +285,7 @@ def test_cache_gc_keeps_the_newest_releases_and_their_blobs(stack, root, tmp_pat
 
 def test_verify_checks_every_artifact_the_manifest_lists(stack, root, tmp_path):
     """Not only what boots: a flipped SBOM or brain bundle fails `verify`, which names each kind it checked."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    shim = str(Path(sys.executable).with_name("terminai-shim"))
+    shim = SHIM
     env = dict(os.environ, TERMINAI_CACHE=str(tmp_path / "cache"), TERMINAI_DEV_TRUSTED_ROOT=str(root))
     blobs = {"kernel": os.urandom(4096), "rootfs": os.urandom(8192), "sbom": b'{"spdxVersion": "SPDX-2.3"}',
              "brain-bundle": os.urandom(2048)}  # fmt: skip
@@ -297,3 +300,78 @@ def test_verify_checks_every_artifact_the_manifest_lists(stack, root, tmp_path):
         done = subprocess.run([shim, "verify", str(rel), "--dev"], env=env, capture_output=True, text=True)
         assert done.returncode == 125 and "the manifest says" in done.stderr, (kind, done.stderr)
         blob.write_bytes(good)
+
+
+def _store(stack, directory, *, channel):
+    """A one-release store in the published layout, without a channel pointer:
+    reached with --release VERSION (what a mirror could serve to anyone)."""
+    _release(stack, directory, channel=channel)
+    folder = directory / "releases" / "0.1.0"
+    folder.mkdir(parents=True)
+    for name in ("manifest.json", "manifest.json.sigstore.json"):
+        (directory / name).rename(folder / name)
+    return directory
+
+
+def test_the_channel_asked_for_is_enforced(stack, root, tmp_path):
+    """Finding 5: a dev-channel release is refused to someone asking for stable,
+    whoever signed it and however it is reached (a directory, file://, a store's
+    pinned --release), through the CLI and through serve; asked for by name it verifies."""
+    from shimproc import ShimProc
+
+    env = dict(os.environ, TERMINAI_CACHE=str(tmp_path / "cache"), TERMINAI_DEV_TRUSTED_ROOT=str(root))
+    rel = _release(stack, tmp_path / "rel", channel="dev")
+    store = _store(stack, tmp_path / "store", channel="dev")
+    explicit = ["--trusted-root", str(root), "--identity", DEFAULT_IDENTITY, "--issuer", ISSUER]
+    refused = [
+        ["verify", str(rel), *explicit],  # the default channel is stable
+        ["verify", str(rel), "--dev", "--channel", "stable"],
+        ["verify", rel.as_uri(), "--dev", "--channel", "stable"],
+        ["verify", "--store", str(store), "--release", "0.1.0", "--channel", "stable", "--dev"],
+        ["verify", "--store", str(store), "--release", "0.1.0", "--channel", "stable", *explicit],
+        ["run", "--manifest", str(rel), "--dev", "--channel", "stable", "--", "true"],
+    ]
+    for argv in refused:
+        done = subprocess.run([SHIM, *argv], env=env, capture_output=True, text=True)
+        assert done.returncode == 125 and "signed for channel dev, not stable" in done.stderr, (argv, done.stderr)
+        assert "Traceback" not in done.stderr
+    # With the pinned signer for stable (no trust flags), the dev identity's signature is refused first.
+    done = subprocess.run([SHIM, "verify", "--store", str(store), "--release", "0.1.0"], env=env, capture_output=True,
+                          text=True)  # fmt: skip
+    assert done.returncode == 125 and "does not verify" in done.stderr, done.stderr
+    for argv in (["verify", str(rel), "--dev"], ["verify", str(rel), *explicit, "--channel", "dev"],
+                 ["verify", "--store", str(store), "--release", "0.1.0", "--dev"]):  # fmt: skip
+        done = subprocess.run([SHIM, *argv], env=env, capture_output=True, text=True)
+        assert done.returncode == 0 and "channel dev" in done.stdout, (argv, done.stderr)
+    with ShimProc(env=env) as shim:
+        for params in ({"manifest": str(rel), "dev": True, "channel": "stable"},
+                       {"store": str(store), "release": "0.1.0", "channel": "stable", "dev": True}):  # fmt: skip
+            err = shim.call("initialize", {**params, "backend": "qemu"})["error"]
+            assert err["code"] == "WRONG_CHANNEL" and "signed for channel dev, not stable" in err["message"], err
+    with pytest.raises(ChannelRefused):
+        verify_release(rel, _policy(root), state=SerialState(tmp_path / "s.json"), channel="stable")
+    assert not (tmp_path / "s.json").exists(), "a refused release must not move the serial"
+
+
+def test_a_bad_request_is_the_same_error_through_either_door(stack, root, tmp_path):
+    """One front door: a trust policy missing its identity is INVALID_CONFIG in
+    serve and exit 125 with the same words from the CLI, before anything is read."""
+    from shimproc import ShimProc
+
+    env = dict(os.environ, TERMINAI_CACHE=str(tmp_path / "cache"))
+    rel = _release(stack, tmp_path / "rel")
+    done = subprocess.run([SHIM, "run", "--manifest", str(rel), "--trusted-root", str(root), "--", "true"], env=env,
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 125 and "needs all of trustedRoot, identity and issuer" in done.stderr, done.stderr
+    with ShimProc(env=env) as shim:
+        bad = [
+            ({"manifest": str(rel), "trustedRoot": str(root)}, "needs all of trustedRoot, identity and issuer"),
+            ({"manifest": str(rel), "store": str(rel)}, "name one release"),
+            ({"manifest": str(rel), "memoryMib": "lots"}, "memoryMib must be a whole number"),
+            ({"manifest": str(rel), "network": {"mode": "none", "allow": ["example.com"]}}, "--allow needs"),
+            ({"manifest": str(rel), "user": "admin"}, "unknown guest user"),
+            ({}, "needs a release"),
+        ]
+        for params, words in bad:
+            err = shim.call("initialize", params)["error"]
+            assert err["code"] == "INVALID_CONFIG" and words in err["message"], (params, err)

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from terminai_shim._internal.backends.container import engine_answers
+from terminai_shim.probes import engine_answers
 
 from .errors import BuildError
 

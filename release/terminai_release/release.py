@@ -20,7 +20,8 @@ from typing import Any
 import jinja2
 from terminai_agent import protocol as agent_protocol
 from terminai_shim import __version__ as shim_version
-from terminai_shim.manifest import BUNDLE_SUFFIX, Artifact, BootDefaults, Manifest
+from terminai_shim.layout import BUNDLE_SUFFIX, DEV_TRUSTED_ROOT, MANIFEST, MANIFEST_BUNDLE, PROVENANCE, RELEASE_NOTES
+from terminai_shim.manifest import Artifact, BootDefaults, Manifest
 from terminai_shim.verify import dev_trust_root
 
 from .brain import build_brain
@@ -54,7 +55,7 @@ class Release:
 
     @property
     def manifest_path(self) -> Path:
-        return self.directory / "manifest.json"
+        return self.directory / MANIFEST
 
 
 def _git_commit(repo: Path) -> str:
@@ -139,21 +140,18 @@ def build_release(
         boot=BootDefaults(),
         artifacts=tuple(artifacts),
     )
-    write_atomic(directory / "manifest.json", manifest.to_json())
+    write_atomic(directory / MANIFEST, manifest.to_json())
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(ctx.repo / "release/templates"), autoescape=False, keep_trailing_newline=True
     )
     notes = env.get_template("release-notes.md.j2").render(
         m=manifest, created=manifest.to_dict()["created"], expires=manifest.to_dict()["expires"]
     )
-    write_atomic(directory / "RELEASE-NOTES.md", notes.encode())
+    write_atomic(directory / RELEASE_NOTES, notes.encode())
     ctx.reporter.done("release", f"release {version} ({channel}, serial {manifest.serial}) in {directory}")
     return Release(directory, manifest)
 
 
-BUNDLE = "manifest.json.sigstore.json"
-PROVENANCE = "provenance.sigstore.json"
-DEV_TRUSTED_ROOT = "dev-trusted-root.json"
 SLSA_PROVENANCE = "https://slsa.dev/provenance/v1"
 
 
@@ -193,6 +191,19 @@ def _provenance(ctx: BuildContext, rel: Release, keyless: bool) -> dict[str, Any
     }
 
 
+def keep_dev_trust_root(root: dict[str, Any], beside: Path) -> Path:
+    """The local development Sigstore's trust root, where `terminai-shim --dev`
+    reads it (the developer's own configuration), and a copy beside what was
+    signed for people who pass it with --trusted-root. The shim never takes
+    it from beside a release."""
+    text = json.dumps(root, indent=2).encode()
+    path = dev_trust_root()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, text)
+    write_atomic(beside / DEV_TRUSTED_ROOT, text)
+    return path
+
+
 def sign_release(ctx: BuildContext, rel: Release, *, keyless: bool = False, trust_config: Path | None = None) -> Path:
     """Sign manifest.json and its provenance; both verify before they are written.
 
@@ -208,7 +219,7 @@ def sign_release(ctx: BuildContext, rel: Release, *, keyless: bool = False, trus
     data = rel.manifest_path.read_bytes()
     with signer(ctx, keyless=keyless, trust_config=trust_config) as s:
         bundle = s.sign(data)
-        subjects = {a.name: a.sha256 for a in rel.manifest.artifacts} | {"manifest.json": sha256_bytes(data)}
+        subjects = {a.name: a.sha256 for a in rel.manifest.artifacts} | {MANIFEST: sha256_bytes(data)}
         provenance = s.attest(subjects, SLSA_PROVENANCE, _provenance(ctx, rel, keyless))
         # The brain bundle carries its own signature too: a Windows broker
         # verifies the zip it launches, not a Linux release manifest.
@@ -216,16 +227,9 @@ def sign_release(ctx: BuildContext, rel: Release, *, keyless: bool = False, trus
                   for a in rel.manifest.artifacts if a.kind == "brain-bundle"}  # fmt: skip
     for name, signature in brains.items():
         write_atomic(rel.directory / f"{name}{BUNDLE_SUFFIX}", signature.encode())
-    root_path = None
-    if s.dev_trusted_root is not None:
-        # The developer's own trust root, which `terminai-shim --dev` reads; the
-        # copy beside the manifest is for people who pass --trusted-root to it.
-        root_path = dev_trust_root()
-        root_path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(root_path, json.dumps(s.dev_trusted_root, indent=2).encode())
-        write_atomic(rel.directory / DEV_TRUSTED_ROOT, json.dumps(s.dev_trusted_root, indent=2).encode())
+    root_path = keep_dev_trust_root(s.dev_trusted_root, rel.directory) if s.dev_trusted_root is not None else None
     write_atomic(rel.directory / PROVENANCE, provenance.encode())
-    out = rel.directory / BUNDLE
+    out = rel.directory / MANIFEST_BUNDLE
     write_atomic(out, bundle.encode())
     ctx.reporter.done(
         "sign", f"signed {rel.manifest_path.name} ({s.kind})" + (f"; dev trust root {root_path}" if root_path else "")

@@ -1,8 +1,12 @@
 """The TerminAI runtime shim: boots the isolation tier and runs commands in it.
 
-Public surface: ``models`` (configuration and results), ``errors``,
-``session`` (a running VM and its agent), ``cli`` (the ``terminai-shim``
-command). Protocol and VMM detail lives under ``_internal``.
+Public surface: ``launch`` (the front door: a request in, a verified,
+resolved launch out), ``verify`` (signatures and trust), ``probes`` (what
+this host can run), ``layout`` (release file names), ``manifest``,
+``models``, ``errors``, ``session`` (a running VM and its agent), ``parts``
+(single pieces, for the benchmark), ``cli`` and ``serve``. Protocol, VMM and
+fetching detail lives under ``_internal``, which nothing outside the
+package imports.
 """
 
 __version__ = "0.1.0"

@@ -7,7 +7,6 @@ often by the CLI to probe for the shim) starts in milliseconds.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -16,43 +15,7 @@ from . import __version__
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from .models import BootConfig, NetworkPolicy
-    from .verify import TrustPolicy, VerifiedRelease
-
-
-def _artifact_defaults() -> tuple[Path | None, Path | None, str]:
-    """Local build outputs (``build/`` of a checkout), if present.
-
-    Released artifacts come from a verified manifest; this is the
-    developer's path through ``inv kernel rootfs``.
-    """
-    root = _build_dir()
-    try:
-        kernel = next(iter(sorted((root / "kernel").glob("vmlinux-*"))), None)
-        rootfs = next(iter(sorted((root / "rootfs").glob("rootfs-*.squashfs"))
-                           + sorted((root / "rootfs").glob("rootfs-*.erofs"))), None)  # fmt: skip
-    except OSError:  # a build directory this user cannot read: no defaults
-        return None, None, "squashfs"
-    fmt = rootfs.suffix.lstrip(".") if rootfs else "squashfs"
-    return kernel, rootfs, fmt
-
-
-def _build_dir() -> Path:
-    return Path(os.environ.get("TERMINAI_BUILD_DIR", Path.cwd() / "build"))
-
-
-def _image_default() -> tuple[Path | None, str | None]:
-    """``build/container`` (``inv container``) and the sha256 its build record gives it."""
-    import json
-
-    image = next(iter(sorted((_build_dir() / "container").glob("*.oci.tar"))), None)
-    if image is None:
-        return None, None
-    try:
-        record = json.loads((image.parent / "build-record.json").read_text())
-        return image.resolve(), str(record["outputs"]["archive"]["sha256"])
-    except (OSError, ValueError, KeyError):
-        return image.resolve(), None
+    from .launch import LaunchRequest, ReleaseSource, Trust
 
 
 def _boot_args(p: argparse.ArgumentParser) -> None:
@@ -92,7 +55,8 @@ def _boot_args(p: argparse.ArgumentParser) -> None:
 
 def _store_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", help="a published store (https://, s3://, file://, a directory): its channel's release")
-    p.add_argument("--channel", default="stable", help="the store's channel to follow (default stable)")
+    p.add_argument("--channel", help="the channel the release must be signed for, and the store's channel to follow "
+                   "(default stable; dev with --dev)")  # fmt: skip
     p.add_argument("--release", help="a version in the store instead of the channel's current one")
 
 
@@ -104,41 +68,28 @@ def _trust_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dev",
         action="store_true",
-        help="accept the local development signing identity and the trust root beside the release",
+        help="accept the local development signing identity, against your own development trust root (written by "
+        "`inv release`; never one found beside a release); the channel defaults to dev",
     )
 
 
-def _policy(args: argparse.Namespace) -> TrustPolicy | None:
-    """An explicit policy from the flags, or None: the pinned one for the manifest's channel."""
-    from .errors import ConfigError
-    from .verify import DEV_IDENTITY, DEV_ISSUER, TrustPolicy, dev_policy
+def _trust(args: argparse.Namespace) -> Trust:
+    from .launch import Trust
 
-    if args.dev:  # the development identity, against the developer's own trust root (never the release's)
-        if args.trusted_root:
-            return TrustPolicy(args.trusted_root, DEV_IDENTITY, DEV_ISSUER)
-        return dev_policy()
-    given = [args.trusted_root, args.identity, args.issuer]
-    if not any(given):
+    return Trust(args.trusted_root, args.identity, args.issuer, dev=args.dev)
+
+
+def _source(args: argparse.Namespace) -> ReleaseSource | None:
+    from .launch import ReleaseSource
+
+    if not (getattr(args, "manifest", None) or getattr(args, "store", None)):
         return None
-    if not all(given):
-        raise ConfigError("an explicit policy needs all of --trusted-root, --identity and --issuer",
-                          hint="or none of them, to use the signer pinned for the release's channel")  # fmt: skip
-    return TrustPolicy(args.trusted_root, args.identity, args.issuer)
+    return ReleaseSource(manifest=args.manifest, store=args.store, channel=args.channel, release=args.release,
+                         allow_http=args.allow_http)  # fmt: skip
 
 
-def _verified(args: argparse.Namespace) -> VerifiedRelease:
-    from .errors import ConfigError
-    from .verify import kinds_for, open_release, open_store
-
-    # verify and fetch cover every artifact a backend could boot; run and serve what they will boot
-    kinds = kinds_for(getattr(args, "backend", "all"), getattr(args, "accel", "auto"), getattr(args, "network", "none"))
-    progress = _progress_printer() if sys.stderr.isatty() else None
-    if getattr(args, "store", None):
-        return open_store(args.store, args.channel, _policy(args), version=args.release,
-                          allow_http=args.allow_http, progress=progress, kinds=kinds)  # fmt: skip
-    if not args.manifest:
-        raise ConfigError("name a release: a directory or URL, or --store with --channel")
-    return open_release(str(args.manifest), _policy(args), allow_http=args.allow_http, progress=progress, kinds=kinds)
+def _progress() -> Callable[[str, int, int], None] | None:
+    return _progress_printer() if sys.stderr.isatty() else None
 
 
 def _progress_printer() -> Callable[[str, int, int], None]:
@@ -159,79 +110,40 @@ def _progress_printer() -> Callable[[str, int, int], None]:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    release = _verified(args)
+    from .errors import ConfigError
+    from .launch import channel_of, verify
+
+    source = _source(args)
+    if source is None:
+        raise ConfigError("name a release: a directory or URL, or --store with --channel")
+    release = verify(source, _trust(args), _progress())
     m = release.manifest
-    print(f"verified: release {m.release} ({m.channel}, serial {m.serial}), signed by the expected identity; "
-          f"{', '.join(release.kinds)} match the manifest")  # fmt: skip
+    print(f"verified: release {m.release} (channel {channel_of(source, _trust(args))}, serial {m.serial}), signed by "
+          f"the expected identity; {', '.join(release.kinds)} match the manifest")  # fmt: skip
     return 0
 
 
-def _boot_config(args: argparse.Namespace) -> BootConfig:
-    import dataclasses
-
-    return dataclasses.replace(_artifacts_config(args), user=args.user, writable_git=args.writable_git,
-                               require_microvm=args.require_microvm)  # fmt: skip
-
-
-def _artifacts_config(args: argparse.Namespace) -> BootConfig:
-    from .errors import ConfigError
-    from .models import BootConfig
-
-    if getattr(args, "manifest", None) or getattr(args, "store", None):
-        from .verify import boot_config
-
-        return boot_config(
-            _verified(args),
-            workspace=args.workspace.resolve() if args.workspace else None,
-            memory_mib=args.memory,
-            cpus=args.cpus,
-            accel=args.accel,
-            snapshots="off" if getattr(args, "cold", False) else "auto",
-            backend=args.backend,
-            network=_network(args),
-        )
-    kernel, rootfs, fmt = _artifact_defaults()
-    kernel = args.kernel or kernel
-    rootfs = args.rootfs or rootfs
-    if args.image:
-        image, image_sha256 = args.image.resolve(), None
-    elif args.kernel or args.rootfs:  # a developer's explicit VM artifacts: no image behind their back
-        image, image_sha256 = None, None
-    else:
-        image, image_sha256 = _image_default()
-    if args.backend == "container" and image is None:
-        raise ConfigError("no container image given", hint="pass --image, or run `inv container` first")
-    if args.backend != "container" and (kernel is None or rootfs is None):
-        raise ConfigError(
-            "no kernel or root image given", hint="pass --kernel and --rootfs, or run `inv kernel rootfs` first"
-        )
-    if args.rootfs:
-        fmt = args.rootfs.suffix.lstrip(".") or "squashfs"
-    return BootConfig(
-        kernel=kernel.resolve() if kernel else None,
-        rootfs=rootfs.resolve() if rootfs else None,
-        rootfs_format=fmt,
-        image=image,
-        image_sha256=image_sha256,
-        backend=args.backend,
-        network=_network(args),
-        memory_mib=args.memory or 512,
-        cpus=args.cpus or 1,
-        workspace=args.workspace.resolve() if args.workspace else None,
-        accel=args.accel,
-        snapshots="off" if getattr(args, "cold", False) else "auto",
-    )
-
-
-def _network(args: argparse.Namespace) -> NetworkPolicy:
-    from .errors import ConfigError
+def _request(args: argparse.Namespace) -> LaunchRequest:
+    """The command line as a launch request; ``launch`` checks and resolves it."""
+    from .launch import LaunchRequest, local_artifacts
     from .models import NetworkPolicy
 
-    mode = getattr(args, "network", "none")
-    allow = tuple(getattr(args, "allow", []) or ())
-    if allow and mode == "none":
-        raise ConfigError("--allow needs --network allowlist (or open, to lift its loopback or link-local block)")
-    return NetworkPolicy(mode, allow)
+    source = _source(args)
+    return LaunchRequest(
+        source=source,
+        trust=_trust(args),
+        local=None if source is not None else local_artifacts(args.kernel, args.rootfs, args.image),
+        backend=args.backend,
+        accel=args.accel,
+        require_microvm=args.require_microvm,
+        memory_mib=args.memory,
+        cpus=args.cpus,
+        network=NetworkPolicy(args.network, tuple(args.allow)),
+        workspace=args.workspace,
+        snapshots="off" if getattr(args, "cold", False) else "auto",
+        user=args.user,
+        writable_git=args.writable_git,
+    )
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -243,7 +155,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not command:
         print("terminai-shim run: give a command after --", file=sys.stderr)
         return 2
-    return run_command(_boot_config(args), command, shell=args.shell, timeout=args.timeout, verbose=args.verbose)
+    return run_command(_request(args), command, shell=args.shell, timeout=args.timeout, verbose=args.verbose,
+                       progress=_progress())  # fmt: skip
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -262,12 +175,13 @@ def cmd_brain(args: argparse.Namespace) -> int:
     """The Windows brain: verify a signed bundle, launch it behind the broker, check its health."""
     import json
 
-    from .verify import pinned_policy
+    from .layout import BUNDLE_SUFFIX
+    from .verify import policy_for
     from .windows.bundle import open_bundle
 
     zip_path = Path(args.bundle).resolve()
-    signature = Path(args.signature) if args.signature else zip_path.with_name(zip_path.name + ".sigstore.json")
-    policy = _policy(args) or pinned_policy(args.channel)
+    signature = Path(args.signature) if args.signature else zip_path.with_name(zip_path.name + BUNDLE_SUFFIX)
+    policy = policy_for(args.channel, _trust(args).policy())
     bundle = open_bundle(zip_path, signature, policy)
     if args.action == "verify":
         print(f"verified: {zip_path.name} ({len(bundle.doc['files'])} files), signed by {policy.describe()}; "
@@ -295,8 +209,8 @@ def cmd_brain(args: argparse.Namespace) -> int:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
+    from ._internal.releases import gc
     from ._internal.snapshot import SnapshotStore
-    from .verify import gc
 
     for item in gc(args.keep) + [f"snapshot {k}" for k in SnapshotStore().gc(args.keep)]:
         print(f"removed {item}")
@@ -310,10 +224,10 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     if args.action == "create":
         import dataclasses
 
-        from .session import Session
+        from .launch import start
 
-        config = _boot_config(args)
-        with Session.boot(dataclasses.replace(config, snapshots="auto", workspace=None)) as session:
+        request = dataclasses.replace(_request(args), snapshots="auto", workspace=None)
+        with start(request, _progress()) as session:
             snap = session.snapshot
             key = snap.key if snap is not None else session.restored_from
             print(f"{'saved' if snap is not None else 'already saved'}: {key}")

@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ._internal.accel import kvm_status
 from ._internal.backends.qemu import QemuBackend
+from .probes import backend_order, choose_backend, engine_answers, kvm_status
 
 
 def _qemu_version(binary: str) -> str | None:
@@ -61,18 +61,17 @@ def _confinement() -> dict[str, str]:
 
 
 def report() -> dict[str, Any]:
-    from ._internal.backends import backend_order, choose_backend
-    from ._internal.backends.container import engine_answers
     from ._internal.netproxy import upstream_from_env
-    from .cli import _artifact_defaults, _image_default
     from .errors import ConfigError
+    from .launch import built_image, built_vm_artifacts
     from .session import network_log
 
     qemu = QemuBackend()
     kvm = kvm_status()
     firecracker = os.environ.get("TERMINAI_FIRECRACKER") or shutil.which("firecracker")
-    kernel, rootfs, fmt = _artifact_defaults()
-    image, _ = _image_default()
+    kernel, rootfs = built_vm_artifacts()
+    fmt = rootfs.suffix.lstrip(".") if rootfs else None
+    image, _ = built_image()
     vhost_vsock = os.path.exists("/dev/vhost-vsock")
     engine, engine_reason = engine_answers()
     try:
@@ -104,7 +103,7 @@ def report() -> dict[str, Any]:
             "kernel_status": _validate(kernel),
             "rootfs": str(rootfs) if rootfs else None,
             "rootfs_status": _validate(rootfs),
-            "rootfs_format": fmt if rootfs else None,
+            "rootfs_format": fmt,
         },
     }
 

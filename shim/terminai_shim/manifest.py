@@ -16,12 +16,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from .errors import ShimError
+from .layout import CHANNEL_MEDIA_TYPE, MANIFEST_MEDIA_TYPE, release_key
 from .models import DEFAULT_CPUS, DEFAULT_MEMORY_MIB
 
 SCHEMA_VERSION = 1
-MEDIA_TYPE = "application/vnd.terminai.manifest.v1+json"
-CHANNEL_MEDIA_TYPE = "application/vnd.terminai.channel.v1+json"
-BUNDLE_SUFFIX = ".sigstore.json"  # a sigstore bundle sits beside what it signs
 KINDS = (
     "kernel", "rootfs", "sbom", "survival-kit-wheel", "agent", "brain-bundle", "container-image", "provenance",
 )  # fmt: skip
@@ -95,7 +93,7 @@ class Manifest:
     # -- writing ------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {
-            "mediaType": MEDIA_TYPE,
+            "mediaType": MANIFEST_MEDIA_TYPE,
             "schemaVersion": self.schema_version,
             "release": self.release,
             "channel": self.channel,
@@ -153,8 +151,8 @@ class Manifest:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ManifestError(f"manifest field {exc}") from None
-        if doc.get("mediaType") != MEDIA_TYPE:
-            raise ManifestError(f"manifest mediaType {doc.get('mediaType')!r} is not {MEDIA_TYPE}")
+        if doc.get("mediaType") != MANIFEST_MEDIA_TYPE:
+            raise ManifestError(f"manifest mediaType {doc.get('mediaType')!r} is not {MANIFEST_MEDIA_TYPE}")
         if manifest.expires <= manifest.created:
             raise ManifestError("manifest expires before it was created")
         names = [a.name for a in artifacts]
@@ -186,34 +184,6 @@ class Manifest:
         if len(found) != 1:
             raise ManifestError(f"manifest has {len(found)} artifacts of kind {kind!r}, expected one")
         return found[0]
-
-
-# -- the store layout ----------------------------------------------------------------
-# One layout for every store (S3, a CDN in front of it, a file:// mirror):
-#   blobs/sha256/<digest>                   every artifact, immutable
-#   releases/<version>/manifest.json        + manifest.json.sigstore.json, provenance, notes
-#   channels/<channel>.json                 the pointer; its bundle at channels/bundles/<sha256 of it>
-# A release directory written by `inv release` is a one-release store whose
-# manifest sits at its root; artifact locations are relative to the store root.
-
-
-def blob_key(sha256: str) -> str:
-    return f"blobs/sha256/{sha256}"
-
-
-def release_key(version: str, name: str = "manifest.json") -> str:
-    return f"releases/{version}/{name}"
-
-
-def channel_key(channel: str) -> str:
-    return f"channels/{channel}.json"
-
-
-def pointer_bundle_key(pointer_sha256: str) -> str:
-    """A pointer's sigstore bundle, named by the pointer's digest: written
-    before the pointer itself, so swapping the pointer is one atomic write
-    and an interrupted publish never leaves a pointer without its bundle."""
-    return f"channels/bundles/{pointer_sha256}{BUNDLE_SUFFIX}"
 
 
 @dataclass(frozen=True)

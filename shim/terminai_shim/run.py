@@ -12,10 +12,10 @@ import sys
 import threading
 from typing import Any, BinaryIO
 
+from ._internal.fetch import Progress
 from ._internal.termsafe import TerminalFilter
 from .errors import DeadlineExceeded, ShimError
-from .models import BootConfig
-from .session import Session
+from .launch import LaunchRequest, resolve
 
 TIMEOUT_EXIT = 124
 
@@ -64,18 +64,22 @@ class GuestOutput:
 
 
 def run_command(
-    config: BootConfig,
+    request: LaunchRequest,
     command: list[str],
     *,
     shell: bool,
     timeout: float | None,
     verbose: bool,
     raw_output: bool = False,
+    progress: Progress | None = None,
 ) -> int:
     """``raw_output`` sends the guest's bytes to a terminal unfiltered (for a PTY session)."""
+    launch = resolve(request, progress)
+    config = launch.config
     if verbose:
-        print("terminai-shim: starting the isolation tier ...", file=sys.stderr)
-    with Session.boot(config) as session:
+        print(f"terminai-shim: starting the isolation tier ({launch.choice.name}: {launch.choice.reason}) ...",
+              file=sys.stderr)  # fmt: skip
+    with launch.boot() as session:
         notice = session.weaker_tier_notice()
         if notice:
             print(f"terminai-shim: {notice}", file=sys.stderr)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import codecs
-import dataclasses
 import itertools
 import json
 import shlex
@@ -27,20 +26,9 @@ from typing import Any, TextIO
 from . import __version__
 from ._internal.client import RemoteProcess
 from .errors import AgentError, ConfigError, DeadlineExceeded, ShimError
-from .models import GUEST_USERS, BootConfig, NetworkPolicy
+from .launch import LaunchRequest, LocalArtifacts, ReleaseSource, Trust, resolve
+from .models import GUEST_USERS, NetworkPolicy
 from .session import Session
-from .verify import (
-    DEV_IDENTITY,
-    DEV_ISSUER,
-    Kinds,
-    TrustPolicy,
-    VerifiedRelease,
-    boot_config,
-    dev_policy,
-    kinds_for,
-    open_release,
-    open_store,
-)
 
 PROTOCOL_VERSION = 1
 DEFAULT_EXEC_OUTPUT_CAP = 16 << 20
@@ -183,44 +171,8 @@ class Server:
         with self.session_lock:
             if self.session is not None:
                 raise RequestError("ALREADY_INITIALIZED", "this shim already runs a VM; dispose it first")
-            workspace = Path(p["workspace"]) if p.get("workspace") else None
-            snapshots = "off" if p.get("cold") else "auto"
-            backend = str(p.get("backend", "auto"))
-            network = self._network(p.get("network"))
-            if p.get("manifest") or p.get("store"):  # the CLI's path: nothing boots that did not verify
-                config = boot_config(
-                    self._release(p, kinds_for(backend, str(p.get("accel", "auto")), network.mode)),
-                    workspace=workspace, memory_mib=p.get("memoryMib"), cpus=p.get("cpus"),
-                    accel=str(p.get("accel", "auto")), snapshots=snapshots, backend=backend, network=network,
-                )  # fmt: skip
-            elif (p.get("kernel") and p.get("rootfs")) or p.get("image"):  # a developer's own artifacts
-                rootfs = Path(p["rootfs"]) if p.get("rootfs") else None
-                config = BootConfig(
-                    kernel=Path(p["kernel"]) if p.get("kernel") else None,
-                    rootfs=rootfs,
-                    rootfs_format=p.get("rootfsFormat") or (rootfs.suffix.lstrip(".") if rootfs else "") or "squashfs",
-                    image=Path(p["image"]) if p.get("image") else None,
-                    image_sha256=p.get("imageSha256"),
-                    backend=backend,
-                    network=network,
-                    workspace=workspace,
-                    memory_mib=int(p.get("memoryMib", 512)),
-                    cpus=int(p.get("cpus", 1)),
-                    accel=str(p.get("accel", "auto")),
-                    snapshots=snapshots,
-                )
-            else:
-                raise ConfigError(
-                    "initialize needs a manifest or store (a verified release), or explicit developer artifacts "
-                    "(kernel and rootfs, or image)",
-                    hint="pass manifest: <release URL or directory>",
-                )
-            config = dataclasses.replace(
-                config, user=str(p.get("user", "user")), writable_git=bool(p.get("writableGit")),
-                require_microvm=bool(p.get("requireMicrovm")),
-            )  # fmt: skip
-            self.session = Session.boot(config)
-            s = self.session
+            launch = resolve(launch_request(p))
+            self.session = s = launch.boot()
             return {
                 "protocolVersion": PROTOCOL_VERSION,
                 "shimVersion": __version__,
@@ -228,38 +180,13 @@ class Server:
                 "pythonPath": s.client.hello_info.get("python"),
                 "accel": s.accel.accel,
                 "accelReason": s.accel.reason,
+                "backendReason": launch.choice.reason,
                 "bootSeconds": round(s.boot_seconds, 3),
                 "restoredFromSnapshot": s.restored_from is not None,
                 "session": s.client.hello_info.get("session"),
-                "workspace": config.workspace_mount if config.workspace else None,
+                "workspace": s.config.workspace_mount if s.config.workspace else None,
+                **({"release": _release_info(launch.release)} if launch.release is not None else {}),
             }
-
-    @staticmethod
-    def _network(value: Any) -> NetworkPolicy:
-        """``"none"``/``"open"``, or ``{"mode": "allowlist", "allow": [...]}``."""
-        if value is None:
-            return NetworkPolicy()
-        if isinstance(value, str):
-            return NetworkPolicy(value)
-        return NetworkPolicy(str(value.get("mode", "none")), tuple(str(x) for x in value.get("allow", [])))
-
-    def _release(self, p: dict[str, Any], kinds: Kinds) -> VerifiedRelease:
-        if p.get("store"):
-            return open_store(str(p["store"]), str(p.get("channel", "stable")), self._policy(p),
-                              version=p.get("release"), allow_http=bool(p.get("allowHttp")), kinds=kinds)  # fmt: skip
-        return open_release(str(p["manifest"]), self._policy(p), allow_http=bool(p.get("allowHttp")), kinds=kinds)
-
-    @staticmethod
-    def _policy(p: dict[str, Any]) -> TrustPolicy | None:
-        """Explicit trust from the request, or None: the signer pinned for the release's channel.
-        ``dev``: the development identity against the developer's own trust root, never the release's."""
-        if p.get("dev"):
-            if p.get("trustedRoot"):
-                return TrustPolicy(Path(p["trustedRoot"]), DEV_IDENTITY, DEV_ISSUER)
-            return dev_policy()
-        if p.get("trustedRoot") or p.get("identity") or p.get("issuer"):
-            return TrustPolicy(Path(p["trustedRoot"]), str(p["identity"]), str(p["issuer"]))
-        return None
 
     def m_healthCheck(self, p: dict[str, Any]) -> dict[str, Any]:
         try:
@@ -411,6 +338,74 @@ class Server:
             session, self.session = self.session, None
         if session is not None:
             session.close()
+
+
+def _text(p: dict[str, Any], key: str) -> str | None:
+    value = p.get(key)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise ConfigError(f"initialize: {key} must be a string")
+    return value
+
+
+def _whole(p: dict[str, Any], key: str) -> int | None:
+    value = p.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"initialize: {key} must be a whole number, not {value!r}")
+    return value
+
+
+def _network(value: Any) -> NetworkPolicy:
+    """``"none"``/``"open"``, or ``{"mode": "allowlist", "allow": [...]}``."""
+    if value is None:
+        return NetworkPolicy()
+    if isinstance(value, str):
+        return NetworkPolicy(value)
+    if not isinstance(value, dict) or not isinstance(value.get("allow", []), list):
+        raise ConfigError("initialize: network is a mode name or {mode, allow: [entries]}")
+    return NetworkPolicy(str(value.get("mode", "none")), tuple(str(x) for x in value.get("allow", [])))
+
+
+def _path(p: dict[str, Any], key: str) -> Path | None:
+    text = _text(p, key)
+    return Path(text) if text is not None else None
+
+
+def launch_request(p: dict[str, Any]) -> LaunchRequest:
+    """``initialize``'s params as a launch request (docs/shim-protocol.md);
+    ``launch`` checks it as a whole, exactly as it checks the command line's."""
+    source = None
+    if p.get("manifest") or p.get("store"):  # the CLI's path: nothing boots that did not verify
+        source = ReleaseSource(manifest=_text(p, "manifest"), store=_text(p, "store"), channel=_text(p, "channel"),
+                               release=_text(p, "release"), allow_http=bool(p.get("allowHttp")))  # fmt: skip
+    local = None
+    if p.get("kernel") or p.get("rootfs") or p.get("image"):  # a developer's own artifacts
+        local = LocalArtifacts(kernel=_path(p, "kernel"), rootfs=_path(p, "rootfs"),
+                               rootfs_format=_text(p, "rootfsFormat"), image=_path(p, "image"),
+                               image_sha256=_text(p, "imageSha256"))  # fmt: skip
+    return LaunchRequest(
+        source=source,
+        trust=Trust(_path(p, "trustedRoot"), _text(p, "identity"), _text(p, "issuer"), dev=bool(p.get("dev"))),
+        local=local,
+        backend=_text(p, "backend") or "auto",
+        accel=_text(p, "accel") or "auto",
+        require_microvm=bool(p.get("requireMicrovm")),
+        memory_mib=_whole(p, "memoryMib"),
+        cpus=_whole(p, "cpus"),
+        network=_network(p.get("network")),
+        workspace=_path(p, "workspace"),
+        snapshots="off" if p.get("cold") else "auto",
+        user=_text(p, "user") or "user",
+        writable_git=bool(p.get("writableGit")),
+    )
+
+
+def _release_info(release: Any) -> dict[str, Any]:
+    m = release.manifest
+    return {"version": m.release, "channel": m.channel, "serial": m.serial, "verified": list(release.kinds)}
 
 
 def serve(stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:

@@ -22,20 +22,12 @@ from typing import Any
 from ._internal.accel import choose_accel
 from ._internal.backends import select_backend
 from ._internal.backends.base import Backend, Machine, ProcessMachine, RuntimeDir, git_share
-from ._internal.backends.qemu import (
-    GIT_TAG,
-    WORKSPACE_TAG,
-    Channel,
-    QemuBackend,
-    device_layout,
-    open_mode_allows,
-)
+from ._internal.backends.qemu import GIT_TAG, WORKSPACE_TAG, Channel, QemuBackend, device_layout
 from ._internal.client import AgentClient, Call
 from ._internal.fsutil import cache_root
-from ._internal.netpolicy import Allowlist
 from ._internal.process import pid_alive
-from .errors import BootError, ChannelClosed, ConfigError, ShimError, TimeoutExpired
-from .models import GUEST_USERS, AccelChoice, BootConfig
+from .errors import BootError, ChannelClosed, ShimError, TimeoutExpired
+from .models import AccelChoice, BootConfig
 
 OWNER_FILE = "owner.pid"
 MAX_BASE = 60
@@ -236,27 +228,19 @@ class Session:
         client.default_user = config.user
 
     @classmethod
-    def boot(cls, config: BootConfig, backend: Backend | None = None) -> Session:
+    def boot(cls, config: BootConfig, backend: Backend | None = None, accel: AccelChoice | None = None) -> Session:
         """Boot (or restore) a VM and return once its agent answers.
 
-        With ``snapshots="auto"`` on the QEMU backend, a saved VM matching
-        every input is restored; if there is none, or it is damaged, the VM
-        boots cold and is saved right after its agent answers, before any
-        workspace is mounted or any command runs.
+        ``launch`` resolves and checks a request and passes the tier and
+        accelerator it decided; without them they are decided here (tests,
+        the benchmark). With ``snapshots="auto"`` on the QEMU backend, a
+        saved VM matching every input is restored; if there is none, or it
+        is damaged, the VM boots cold and is saved right after its agent
+        answers, before any workspace is mounted or any command runs.
         """
-        accel = choose_accel(config.accel)
+        accel = accel or choose_accel(config.accel)
         backend = backend or select_backend(accel, config)
         backend.check(config)
-        if config.network.mode == "allowlist":
-            Allowlist.parse(config.network.allow)  # a bad entry is refused before anything starts
-        elif config.network.mode == "open":
-            open_mode_allows(config.network.allow)
-        if config.user not in GUEST_USERS:
-            raise ConfigError(f"unknown guest user {config.user!r}", hint="use user (the default) or root")
-        if config.workspace is not None and not Path(config.workspace).is_dir():
-            raise ConfigError(
-                f"workspace {config.workspace} is not a directory", hint="create it or pass an existing one"
-            )
         started = time.monotonic()
         snap_key, description, store = None, None, None
         if (

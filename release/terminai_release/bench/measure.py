@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from terminai_agent import protocol as P
-from terminai_shim._internal.accel import choose_accel
-from terminai_shim._internal.backends.qemu import QemuBackend, command_line
 from terminai_shim.models import BootConfig
+from terminai_shim.parts import QemuBackend, qemu_command_line
+from terminai_shim.probes import accelerator
 from terminai_shim.session import new_runtime_dir
 
 
@@ -32,7 +32,7 @@ def boot_to_marker(config: BootConfig, marker: bytes = b"TERMINAI-KERNEL-MARKER"
     """QEMU start to the marker on the serial console."""
     runtime = new_runtime_dir()
     start = time.monotonic()
-    machine = QemuBackend().start(config, choose_accel(config.accel), runtime)
+    machine = QemuBackend().start(config, accelerator(config.accel), runtime)
     try:
         while time.monotonic() - start < timeout:
             try:
@@ -59,7 +59,7 @@ class RawAgent:
         self.runtime.empty_share.mkdir(exist_ok=True)  # the 9p device needs a directory behind it
         self.runtime.vmm_dir.mkdir(exist_ok=True)
         console = os.open(os.devnull, os.O_WRONLY | os.O_APPEND)
-        argv = command_line(config, choose_accel(config.accel), self.runtime, console_fd=console)
+        argv = qemu_command_line(config, accelerator(config.accel), self.runtime, console_fd=console)
         self.started = time.monotonic()
         self.proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, pass_fds=(console,)

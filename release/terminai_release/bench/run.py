@@ -154,7 +154,7 @@ def bench_guest(ctx: BuildContext, runs: int, work: Path) -> dict[str, Any]:
 def _host_agent_throughput(gen: list[str], size: int, work: Path) -> float:
     import socket
 
-    from terminai_shim._internal.client import AgentClient
+    from terminai_shim.parts import AgentClient
 
     path = work / "host-agent.sock"
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[3] / "images/agent"))
@@ -334,8 +334,8 @@ def bench_network(ctx: BuildContext, runs: int, work: Path) -> dict[str, Any]:
 
 def bench_snapshot(ctx: BuildContext, runs: int, work: Path) -> dict[str, Any]:
     """Restore-to-ready against cold-boot-to-ready, same artifacts, same run."""
-    from terminai_shim._internal.snapshot import SnapshotStore
     from terminai_shim.models import BootConfig
+    from terminai_shim.parts import SnapshotStore
     from terminai_shim.session import Session
 
     kern = build_kernel(ctx)
@@ -379,8 +379,7 @@ def bench_fetch(ctx: BuildContext, work: Path) -> dict[str, Any]:
     import hashlib
     import shutil
 
-    from terminai_shim._internal.fetch import BlobCache, Source
-    from terminai_shim._internal.fsutil import sha256_file
+    from terminai_shim.parts import BlobCache, Source, sha256_file
 
     size = 200 << 20
     blob = work / "serve" / "artifact.bin"

@@ -29,16 +29,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from terminai_shim import verify as shim_verify
-from terminai_shim.manifest import (
+from terminai_shim.layout import (
     BUNDLE_SUFFIX,
-    ChannelPointer,
-    Manifest,
-    ManifestError,
+    MANIFEST,
+    MANIFEST_BUNDLE,
+    MANIFEST_MEDIA_TYPE,
+    NOTES_MEDIA_TYPE,
+    PROVENANCE,
+    RELEASE_NOTES,
+    SIGSTORE_BUNDLE_MEDIA_TYPE,
     blob_key,
     channel_key,
     pointer_bundle_key,
     release_key,
 )
+from terminai_shim.manifest import ChannelPointer, Manifest, ManifestError
 
 from ..context import BuildContext
 from ..digest import sha256_bytes, sha256_file
@@ -47,14 +52,13 @@ from ..signing.session import Signer, signer
 from .store import IMMUTABLE, SHORT_LIVED, Headers, Store, StoreError, open_store
 
 DAY = 86400
-MANIFEST = "manifest.json"
 # A release folder's files, in upload order: manifest.json goes last, so a
 # manifest is visible only when what it refers to already is.
 RELEASE_FILES = (
-    ("RELEASE-NOTES.md", "text/markdown; charset=utf-8"),
-    ("provenance.sigstore.json", "application/vnd.dev.sigstore.bundle.v0.3+json"),
-    ("manifest.json.sigstore.json", "application/vnd.dev.sigstore.bundle.v0.3+json"),
-    (MANIFEST, "application/vnd.terminai.manifest.v1+json"),
+    (RELEASE_NOTES, NOTES_MEDIA_TYPE),
+    (PROVENANCE, SIGSTORE_BUNDLE_MEDIA_TYPE),
+    (MANIFEST_BUNDLE, SIGSTORE_BUNDLE_MEDIA_TYPE),
+    (MANIFEST, MANIFEST_MEDIA_TYPE),
 )
 
 
@@ -95,15 +99,14 @@ def _policy(s: Signer, channel: str) -> Iterator[shim_verify.TrustPolicy]:
 
 
 def _verify_local(directory: Path, policy: shim_verify.TrustPolicy) -> Manifest:
-    manifest = Manifest.from_json((directory / MANIFEST).read_bytes())
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            shim_verify.verify_release(directory, policy, kinds=tuple(a.kind for a in manifest.artifacts),
-                                       state=shim_verify.SerialState(Path(tmp) / "serials.json"))  # fmt: skip
-        except Exception as exc:  # ShimError and anything sigstore raises
-            raise BuildError(f"refusing to publish {directory}: {exc}",
-                             hint="sign it again with `inv release`; nothing was uploaded") from None  # fmt: skip
-    return manifest
+    try:
+        # the channel it names: the publisher chose the policy, and which channel a release goes to is checked
+        # by the shim against what its user asked for
+        manifest = Manifest.from_json((directory / MANIFEST).read_bytes())
+        return shim_verify.check_release(directory, policy, manifest.channel)
+    except Exception as exc:  # ShimError, OSError and anything sigstore raises
+        raise BuildError(f"refusing to publish {directory}: {exc}",
+                         hint="sign it again with `inv release`; nothing was uploaded") from None  # fmt: skip
 
 
 def _read_pointer(
@@ -159,7 +162,7 @@ def _published_signature_holds(store: Store, key: str, subject: Path | None, pol
     if found is None:
         return False
     if subject is None:
-        return key.endswith("provenance.sigstore.json")
+        return key.endswith(PROVENANCE)
     try:
         shim_verify.check_signature(subject.read_bytes(), found[0].decode(), policy, what=key)
     except Exception:
@@ -185,7 +188,7 @@ def _write_pointer(ctx: BuildContext, store: Store, s: Signer, pointer: ChannelP
                 hint="run the release workflow from a ref the channel's policy allows",
             ) from None
     store.put_bytes(pointer_bundle_key(sha256_bytes(data)), bundle,
-                    Headers("application/vnd.dev.sigstore.bundle.v0.3+json", IMMUTABLE), replaces=None)  # fmt: skip
+                    Headers(SIGSTORE_BUNDLE_MEDIA_TYPE, IMMUTABLE), replaces=None)  # fmt: skip
     store.put_bytes(channel_key(pointer.channel), data, Headers("application/json", SHORT_LIVED), replaces=replaces)
     ctx.reporter.info("publish", f"channel {pointer.channel} -> {pointer.release} (serial {pointer.serial})",
                       key=channel_key(pointer.channel), serial=pointer.serial)  # fmt: skip
@@ -236,11 +239,11 @@ def publish(
                                   key=blob_key(artifact.sha256), bytes=artifact.size)  # fmt: skip
             ctx.reporter.progress("publish", index + 1, len(manifest.artifacts), f"blobs ({total} bytes in all)")
         brain = [a for a in manifest.artifacts if a.kind == "brain-bundle"]
-        signatures = [(f"{a.name}{BUNDLE_SUFFIX}", RELEASE_FILES[1][1]) for a in brain]
+        signatures = [(f"{a.name}{BUNDLE_SUFFIX}", SIGSTORE_BUNDLE_MEDIA_TYPE) for a in brain]
         # What each signature file signs: a signature already in the store for
         # the same bytes (an earlier, interrupted run signed them too) is kept.
         signed = {f"{a.name}{BUNDLE_SUFFIX}": directory / a.location for a in brain}
-        signed[MANIFEST + BUNDLE_SUFFIX] = directory / MANIFEST
+        signed[MANIFEST_BUNDLE] = directory / MANIFEST
         for name, content_type in [*signatures, *RELEASE_FILES]:
             path = directory / name
             if not (path.exists() or name == MANIFEST or name.endswith(BUNDLE_SUFFIX)):
@@ -290,7 +293,7 @@ def promote(
             raise BuildError(f"channel {source} points at {where}, not {version}: refusing to promote",
                              hint=f"promote what {source} serves, or publish {version} to {source} first")  # fmt: skip
         found_manifest = store.read(release_key(version))
-        found_bundle = store.read(release_key(version, MANIFEST + BUNDLE_SUFFIX))
+        found_bundle = store.read(release_key(version, MANIFEST_BUNDLE))
         if found_manifest is None or found_bundle is None:
             raise BuildError(f"release {version} has no manifest or no signature in {store.url}",
                              hint="publish it again")  # fmt: skip

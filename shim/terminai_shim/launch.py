@@ -1,0 +1,349 @@
+"""The shim's front door: one request in, one resolved and verified launch out.
+
+``cli`` and ``serve`` only parse their input into a ``LaunchRequest`` and
+render what comes back; everything between (trust, the channel, fetching
+and verifying the release, deciding the tier, the accelerator and engine
+probes, the boot configuration) happens here, once, in this order:
+
+1. the request is checked as a whole (nothing has started);
+2. the accelerator is probed, once;
+3. the release's manifest is verified (signer for the channel asked for,
+   expiry, compatibility, channel, rollback) before any artifact byte is
+   read or fetched; the tier is decided by what the verified manifest
+   offers and what the host runs, once;
+4. exactly the artifacts that tier boots are verified (fetched into the
+   content-addressed cache for a URL or store), and the boot configuration
+   carries their digests, which the backend checks again on the very
+   descriptors it hands to QEMU or the engine.
+
+Every failure is a ``ShimError`` with a code; a bad request is a
+``ConfigError`` whichever door it came through.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ._internal.accel import choose_accel
+from ._internal.backends import NAMES, BackendChoice, choose_backend, make_backend
+from ._internal.backends.base import Backend
+from ._internal.fetch import Progress
+from ._internal.netpolicy import Allowlist
+from ._internal.releases import Kinds, VerifiedRelease, every_kind, open_release, open_store
+from .errors import ConfigError
+from .manifest import Manifest
+from .models import DEFAULT_CPUS, DEFAULT_MEMORY_MIB, GUEST_USERS, AccelChoice, BootConfig, NetworkPolicy
+from .verify import DEFAULT_CHANNEL, DEV_CHANNEL, DEV_IDENTITY, DEV_ISSUER, TrustPolicy, dev_policy
+
+if TYPE_CHECKING:
+    from .session import Session
+
+VM_KINDS = ("kernel", "rootfs")
+CONTAINER_KINDS = ("container-image",)
+NETWORK_MODES = ("none", "allowlist", "open")
+SNAPSHOT_MODES = ("auto", "off")
+
+
+@dataclass(frozen=True)
+class Trust:
+    """Who must have signed. Nothing given: the signer pinned in the shim for
+    the channel asked for. ``dev``: the local development identity, against
+    the developer's own trust root (``verify.dev_trust_root``) or an explicit
+    ``trusted_root``, never one found beside a release. Otherwise all three
+    of ``trusted_root``, ``identity`` and ``issuer``."""
+
+    trusted_root: Path | None = None
+    identity: str | None = None
+    issuer: str | None = None
+    dev: bool = False
+
+    def policy(self) -> TrustPolicy | None:
+        if self.dev:
+            if self.trusted_root is not None:
+                return TrustPolicy(self.trusted_root, DEV_IDENTITY, DEV_ISSUER)
+            return dev_policy()
+        given = [self.trusted_root, self.identity, self.issuer]
+        if not any(given):
+            return None
+        if self.trusted_root is None or self.identity is None or self.issuer is None:
+            raise ConfigError("an explicit trust policy needs all of trustedRoot, identity and issuer "
+                              "(--trusted-root, --identity, --issuer)",
+                              hint="or none of them, to use the signer pinned for the channel")  # fmt: skip
+        return TrustPolicy(self.trusted_root, self.identity, self.issuer)
+
+    @property
+    def default_channel(self) -> str:
+        """``stable``; ``dev`` for the development identity, which signs dev builds."""
+        return DEV_CHANNEL if self.dev else DEFAULT_CHANNEL
+
+
+@dataclass(frozen=True)
+class ReleaseSource:
+    """Where a signed release comes from: a release directory or URL
+    (``manifest``), or a published ``store`` followed by ``channel`` (a
+    ``release`` names a version instead of the channel's current one). The
+    channel asked for is enforced either way."""
+
+    manifest: str | None = None
+    store: str | None = None
+    channel: str | None = None
+    release: str | None = None
+    allow_http: bool = False
+
+
+@dataclass(frozen=True)
+class LocalArtifacts:
+    """A developer's own, unsigned build outputs (``inv kernel rootfs
+    container``). Never mixed with a release; ``image_sha256`` binds the
+    image to its build record when known."""
+
+    kernel: Path | None = None
+    rootfs: Path | None = None
+    rootfs_format: str | None = None
+    image: Path | None = None
+    image_sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class LaunchRequest:
+    source: ReleaseSource | None = None
+    trust: Trust = field(default_factory=Trust)
+    local: LocalArtifacts | None = None
+    backend: str = "auto"
+    accel: str = "auto"
+    require_microvm: bool = False
+    memory_mib: int | None = None
+    cpus: int | None = None
+    network: NetworkPolicy = field(default_factory=NetworkPolicy)
+    workspace: Path | None = None
+    snapshots: str = "auto"
+    user: str = "user"
+    writable_git: bool = False
+
+
+@dataclass(frozen=True)
+class Launch:
+    """A request resolved: what boots, on which tier, and why."""
+
+    config: BootConfig
+    accel: AccelChoice
+    choice: BackendChoice
+    backend: Backend
+    release: VerifiedRelease | None
+
+    def boot(self) -> Session:
+        from .session import Session
+
+        return Session.boot(self.config, backend=self.backend, accel=self.accel)
+
+
+def channel_of(source: ReleaseSource, trust: Trust) -> str:
+    return source.channel or trust.default_channel
+
+
+def verify(source: ReleaseSource, trust: Trust, progress: Progress | None = None) -> VerifiedRelease:
+    """Every artifact the release lists, whatever would boot it: ``verify`` and ``fetch``."""
+    _check_source(source)
+    return _open(source, trust, every_kind, progress)
+
+
+def resolve(request: LaunchRequest, progress: Progress | None = None) -> Launch:
+    _check(request)
+    accel = choose_accel(request.accel)
+    if request.source is not None:
+        chosen: list[BackendChoice] = []
+
+        def kinds(manifest: Manifest) -> tuple[str, ...]:
+            has_image = any(a.kind == "container-image" for a in manifest.artifacts)
+            chosen.append(_choose(request, accel, has_image))
+            return CONTAINER_KINDS if chosen[-1].name == "container" else VM_KINDS
+
+        release = _open(request.source, request.trust, kinds, progress)
+        choice = chosen[-1]
+        config = _release_config(request, release, choice.name)
+    else:
+        local = request.local or LocalArtifacts()
+        choice = _choose(request, accel, local.image is not None)
+        release = None
+        config = _local_config(request, local, choice.name)
+    backend = make_backend(choice.name)
+    backend.check(config)
+    return Launch(config, accel, choice, backend, release)
+
+
+def start(request: LaunchRequest, progress: Progress | None = None) -> Session:
+    """Resolve, verify and boot: the VM (or container) answers when this returns."""
+    return resolve(request, progress).boot()
+
+
+# -- the request as a whole ------------------------------------------------------
+
+
+def _check(request: LaunchRequest) -> None:
+    if (request.source is None) == (request.local is None):
+        raise ConfigError(
+            "a launch needs a release (a manifest directory or URL, or a store and channel) or a developer's own "
+            "artifacts (kernel and rootfs, or image), not both and not neither",
+            hint="pass manifest: <release URL or directory> (--manifest), or store and channel (--store)",
+        )
+    if request.source is not None:
+        _check_source(request.source)
+    if request.backend not in NAMES:
+        raise ConfigError(f"unknown backend {request.backend!r}", hint=f"choose one of {', '.join(NAMES)}")
+    if request.user not in GUEST_USERS:
+        raise ConfigError(f"unknown guest user {request.user!r}", hint="use user (the default) or root")
+    if request.snapshots not in SNAPSHOT_MODES:
+        raise ConfigError(f"unknown snapshot mode {request.snapshots!r}", hint="use auto or off")
+    for name, value in (("memory", request.memory_mib), ("cpus", request.cpus)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"{name} must be a positive whole number, not {value!r}")
+    _check_network(request.network)
+    if request.workspace is not None and not Path(request.workspace).is_dir():
+        raise ConfigError(f"workspace {request.workspace} is not a directory", hint="create it or pass an existing one")
+
+
+def _check_source(source: ReleaseSource) -> None:
+    if bool(source.manifest) == bool(source.store):
+        raise ConfigError("name one release: a directory or URL (--manifest), or a store (--store) and its channel")
+    if source.release and not source.store:
+        raise ConfigError("a release version (--release) names one in a store", hint="pass --store as well")
+    if source.channel is not None and not source.channel:
+        raise ConfigError("the channel is empty", hint="omit it for stable, or name one (stable, beta, dev)")
+
+
+def _check_network(policy: NetworkPolicy) -> None:
+    from ._internal.backends.qemu import open_mode_allows
+
+    if policy.mode not in NETWORK_MODES:
+        raise ConfigError(f"unknown network mode {policy.mode!r}", hint=f"use {', '.join(NETWORK_MODES)}")
+    if policy.allow and policy.mode == "none":
+        raise ConfigError("--allow needs --network allowlist (or open, to lift its loopback or link-local block)")
+    if policy.mode == "allowlist":
+        Allowlist.parse(policy.allow)  # a bad entry is refused before anything starts
+    elif policy.mode == "open":
+        open_mode_allows(policy.allow)
+
+
+# -- the tier, once ----------------------------------------------------------------
+
+
+def _choose(request: LaunchRequest, accel: AccelChoice, has_image: bool) -> BackendChoice:
+    return choose_backend(accel, request.backend, has_image=has_image, network=request.network.mode,
+                          require_microvm=request.require_microvm)  # fmt: skip
+
+
+def _open(source: ReleaseSource, trust: Trust, kinds: Kinds, progress: Progress | None) -> VerifiedRelease:
+    policy = trust.policy()
+    channel = channel_of(source, trust)
+    if source.store:
+        return open_store(source.store, channel, policy, version=source.release, allow_http=source.allow_http,
+                          progress=progress, kinds=kinds)  # fmt: skip
+    assert source.manifest is not None
+    return open_release(source.manifest, policy, channel, allow_http=source.allow_http, progress=progress,
+                        kinds=kinds)  # fmt: skip
+
+
+# -- the boot configuration, in one place ------------------------------------------
+
+
+def _common(request: LaunchRequest, backend: str) -> dict[str, object]:
+    return {
+        "backend": backend,
+        "network": request.network,
+        "workspace": Path(request.workspace).resolve() if request.workspace is not None else None,
+        "accel": request.accel,
+        "snapshots": request.snapshots,
+        "user": request.user,
+        "writable_git": request.writable_git,
+        "require_microvm": request.require_microvm,
+    }
+
+
+def _release_config(request: LaunchRequest, release: VerifiedRelease, backend: str) -> BootConfig:
+    """The artifacts that were verified, with the digests the backend checks again on what it opens."""
+    m = release.manifest
+    vm = backend != "container"
+    return BootConfig(
+        kernel=release.path("kernel") if vm else None,
+        rootfs=release.path("rootfs") if vm else None,
+        rootfs_format=m.artifact("rootfs").media_type.rsplit(".", 1)[-1],
+        kernel_sha256=m.artifact("kernel").sha256 if vm else None,
+        rootfs_sha256=m.artifact("rootfs").sha256 if vm else None,
+        image=None if vm else release.path("container-image"),
+        image_sha256=None if vm else m.artifact("container-image").sha256,
+        memory_mib=request.memory_mib or m.boot.memory_mib,
+        cpus=request.cpus or m.boot.cpus,
+        kernel_args=m.boot.kernel_args,
+        **_common(request, backend),  # type: ignore[arg-type]
+    )
+
+
+def _local_config(request: LaunchRequest, local: LocalArtifacts, backend: str) -> BootConfig:
+    if backend == "container" and local.image is None:
+        raise ConfigError("no container image given", hint="pass --image, or run `inv container` first")
+    if backend != "container" and (local.kernel is None or local.rootfs is None):
+        raise ConfigError("no kernel or root image given",
+                          hint="pass --kernel and --rootfs, or run `inv kernel rootfs` first")  # fmt: skip
+    rootfs_format = local.rootfs_format or (local.rootfs.suffix.lstrip(".") if local.rootfs else "") or "squashfs"
+    return BootConfig(
+        kernel=Path(local.kernel).resolve() if local.kernel else None,
+        rootfs=Path(local.rootfs).resolve() if local.rootfs else None,
+        rootfs_format=rootfs_format,
+        image=Path(local.image).resolve() if local.image else None,
+        image_sha256=local.image_sha256,
+        memory_mib=request.memory_mib or DEFAULT_MEMORY_MIB,
+        cpus=request.cpus or DEFAULT_CPUS,
+        **_common(request, backend),  # type: ignore[arg-type]
+    )
+
+
+# -- a developer's build outputs ------------------------------------------------------
+
+
+def build_dir() -> Path:
+    return Path(os.environ.get("TERMINAI_BUILD_DIR", Path.cwd() / "build"))
+
+
+def built_vm_artifacts() -> tuple[Path | None, Path | None]:
+    """The kernel and root image ``inv kernel rootfs`` left in ``build/``, if any."""
+    root = build_dir()
+    try:
+        kernel = next(iter(sorted((root / "kernel").glob("vmlinux-*"))), None)
+        rootfs = next(iter(sorted((root / "rootfs").glob("rootfs-*.squashfs"))
+                           + sorted((root / "rootfs").glob("rootfs-*.erofs"))), None)  # fmt: skip
+    except OSError:  # a build directory this user cannot read: no defaults
+        return None, None
+    return kernel, rootfs
+
+
+def built_image() -> tuple[Path | None, str | None]:
+    """``build/container`` (``inv container``) and the sha256 its build record gives it."""
+    import json
+
+    try:
+        image = next(iter(sorted((build_dir() / "container").glob("*.oci.tar"))), None)
+    except OSError:
+        return None, None
+    if image is None:
+        return None, None
+    try:
+        record = json.loads((image.parent / "build-record.json").read_text())
+        return image.resolve(), str(record["outputs"]["archive"]["sha256"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return image.resolve(), None
+
+
+def local_artifacts(
+    kernel: Path | None = None, rootfs: Path | None = None, image: Path | None = None
+) -> LocalArtifacts:
+    """What the developer named, the rest from ``build/``. Naming a kernel or
+    root image means a VM: no image is picked up behind their back."""
+    built_kernel, built_rootfs = built_vm_artifacts()
+    image_sha256 = None
+    if image is None and kernel is None and rootfs is None:
+        image, image_sha256 = built_image()
+    return LocalArtifacts(kernel=kernel or built_kernel, rootfs=rootfs or built_rootfs, image=image,
+                          image_sha256=image_sha256)  # fmt: skip

@@ -1,0 +1,49 @@
+"""Release layout: the names of a release's files, the keys of a store, and
+their media types. The pipeline writes these names and the shim reads them;
+both import them from here, so a name is defined once.
+
+One layout for every store (S3, a CDN in front of it, a ``file://`` mirror)::
+
+    blobs/sha256/<digest>                   every artifact, immutable
+    releases/<version>/manifest.json        + manifest.json.sigstore.json, provenance, notes
+    channels/<channel>.json                 the pointer; its bundle at channels/bundles/<sha256 of it>
+
+A release directory written by ``inv release`` is a one-release store whose
+manifest sits at its root; artifact locations are relative to the store root.
+"""
+
+from __future__ import annotations
+
+MANIFEST = "manifest.json"
+BUNDLE_SUFFIX = ".sigstore.json"  # a sigstore bundle sits beside what it signs
+MANIFEST_BUNDLE = MANIFEST + BUNDLE_SUFFIX
+PROVENANCE = "provenance.sigstore.json"
+RELEASE_NOTES = "RELEASE-NOTES.md"
+# The local development Sigstore's trust root: written by `inv release` into
+# the developer's configuration (and, as a copy for people, beside the
+# release). The shim reads it only from the developer's configuration.
+DEV_TRUSTED_ROOT = "dev-trusted-root.json"
+
+MANIFEST_MEDIA_TYPE = "application/vnd.terminai.manifest.v1+json"
+CHANNEL_MEDIA_TYPE = "application/vnd.terminai.channel.v1+json"
+SIGSTORE_BUNDLE_MEDIA_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
+NOTES_MEDIA_TYPE = "text/markdown; charset=utf-8"
+
+
+def blob_key(sha256: str) -> str:
+    return f"blobs/sha256/{sha256}"
+
+
+def release_key(version: str, name: str = MANIFEST) -> str:
+    return f"releases/{version}/{name}"
+
+
+def channel_key(channel: str) -> str:
+    return f"channels/{channel}.json"
+
+
+def pointer_bundle_key(pointer_sha256: str) -> str:
+    """A pointer's sigstore bundle, named by the pointer's digest: written
+    before the pointer itself, so swapping the pointer is one atomic write
+    and an interrupted publish never leaves a pointer without its bundle."""
+    return f"channels/bundles/{pointer_sha256}{BUNDLE_SUFFIX}"
