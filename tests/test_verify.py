@@ -375,3 +375,82 @@ def test_a_bad_request_is_the_same_error_through_either_door(stack, root, tmp_pa
         for params, words in bad:
             err = shim.call("initialize", params)["error"]
             assert err["code"] == "INVALID_CONFIG" and words in err["message"], (params, err)
+
+
+STAND_IN_QEMU = """#!/usr/bin/python3 -I
+# A stand-in QEMU (no guest boots here: only what QEMU is handed matters).
+# As it starts it plays the attacker winning the race: the release's kernel
+# is rewritten in place, then it records the sha256 of the kernel it was given.
+# (QEMU starts with a fixed environment: the paths are written in here.)
+import hashlib, sys
+TARGET, RECORD = {target!r}, {record!r}
+argv = sys.argv[1:]
+with open(TARGET, "r+b") as f:
+    f.write(b"rewritten in place after verification")
+with open(argv[argv.index("-kernel") + 1], "rb") as f:
+    digest = hashlib.sha256(f.read()).hexdigest()
+with open(RECORD, "a") as f:
+    f.write(digest + "\\n")
+sys.exit(1)
+"""
+
+
+def test_what_boots_is_what_was_verified_even_if_rewritten_in_place(stack, root, tmp_path):
+    """Finding 1, through the CLI and serve: a kernel that others may write is
+    rewritten in place as QEMU starts (after every check passed). QEMU is
+    handed a sealed private copy of the verified bytes, so what it reads has
+    the manifest's digest. (A stand-in QEMU records what it was handed: a
+    fair double for the race, which a real boot cannot time.)"""
+    import tempfile
+
+    from shimproc import ShimProc
+
+    shared = Path(tempfile.mkdtemp(prefix="terminai-race-"))  # QEMU may run as nobody: reachable by it
+    try:
+        os.chmod(shared, 0o777)
+        rel = _release(stack, shared / "rel")
+        m = Manifest.from_json((rel / "manifest.json").read_bytes())
+        kernel = rel / m.artifact("kernel").location
+        for path in (rel, rel / "blobs", rel / "blobs/sha256"):
+            os.chmod(path, 0o755)
+        qemu = shared / "qemu"
+        record = shared / "record"
+        qemu.write_text(STAND_IN_QEMU.format(target=str(kernel), record=str(record)))
+        qemu.chmod(0o755)
+        env = dict(os.environ, TERMINAI_CACHE=str(tmp_path / "cache"), TERMINAI_DEV_TRUSTED_ROOT=str(root),
+                   TERMINAI_QEMU=str(qemu))  # fmt: skip
+        good = kernel.read_bytes()
+
+        def reset():
+            kernel.write_bytes(good)
+            kernel.chmod(0o666)  # another local user may write it
+            record.write_text("")
+            record.chmod(0o666)
+
+        reset()
+        argv = [
+            SHIM,
+            "run",
+            "--manifest",
+            str(rel),
+            "--dev",
+            "--backend",
+            "qemu",
+            "--accel",
+            "tcg",
+            "--cold",
+            "--",
+            "true",
+        ]
+        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 125 and "Traceback" not in done.stderr, done.stderr  # the stand-in boots nothing
+        assert kernel.read_bytes() != good, "the stand-in did rewrite the kernel in place"
+        assert record.read_text().split() == [m.artifact("kernel").sha256], "QEMU was handed unverified bytes"
+        reset()
+        with ShimProc(env=env) as shim:
+            err = shim.call("initialize", {"manifest": str(rel), "dev": True, "backend": "qemu", "accel": "tcg",
+                                           "cold": True})["error"]  # fmt: skip
+            assert err["code"] == "BOOT_FAILED", err
+        assert record.read_text().split() == [m.artifact("kernel").sha256], "QEMU was handed unverified bytes"
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)

@@ -32,7 +32,7 @@ from ._internal.backends import NAMES, BackendChoice, choose_backend, make_backe
 from ._internal.backends.base import Backend
 from ._internal.fetch import Progress
 from ._internal.netpolicy import Allowlist
-from ._internal.releases import Kinds, VerifiedRelease, every_kind, open_release, open_store
+from ._internal.releases import Kinds, VerifiedRelease, every_kind, fetch_channel, open_release
 from .errors import ConfigError
 from .manifest import Manifest
 from .models import DEFAULT_CPUS, DEFAULT_MEMORY_MIB, GUEST_USERS, AccelChoice, BootConfig, NetworkPolicy
@@ -239,7 +239,7 @@ def _open(source: ReleaseSource, trust: Trust, kinds: Kinds, progress: Progress 
     policy = trust.policy()
     channel = channel_of(source, trust)
     if source.store:
-        return open_store(source.store, channel, policy, version=source.release, allow_http=source.allow_http,
+        return fetch_channel(source.store, channel, policy, version=source.release, allow_http=source.allow_http,
                           progress=progress, kinds=kinds)  # fmt: skip
     assert source.manifest is not None
     return open_release(source.manifest, policy, channel, allow_http=source.allow_http, progress=progress,

@@ -113,6 +113,39 @@ def fd_digest(fd: int, index_dir: Path | None = None) -> str:
     return digest
 
 
+def others_can_write(fd: int) -> bool:
+    """Whether anyone but us (or root) can change this file's bytes in place:
+    another owner, or group/other write bits (an ACL that grants write shows
+    in the group bits). Holding its descriptor does not stop such a writer."""
+    st = os.fstat(fd)
+    return st.st_uid not in (0, os.geteuid()) or bool(st.st_mode & 0o022)
+
+
+def sealed_copy(fd: int, name: str) -> tuple[int, str]:
+    """A private, sealed in-memory copy of an open file and the sha256 of
+    exactly the bytes copied: what someone else could still write to in
+    place becomes a file nobody can change (F_SEAL_WRITE), so the digest
+    checked is the content used."""
+    import fcntl
+
+    copy = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        h = hashlib.sha256()
+        offset = 0
+        while chunk := os.pread(fd, 1 << 20, offset):
+            h.update(chunk)
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(copy, view) :]
+            offset += len(chunk)
+        seals = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL
+        fcntl.fcntl(copy, fcntl.F_ADD_SEALS, seals)
+    except BaseException:
+        os.close(copy)
+        raise
+    return copy, h.hexdigest()
+
+
 def _digest_index(index_dir: Path) -> dict[str, Any]:
     try:
         known = json.loads((index_dir / "digests.json").read_text())

@@ -164,7 +164,7 @@ def fetch_channel(
     now: float | None = None,
     progress: Progress | None = None,
 ) -> VerifiedRelease:
-    """The release a published store's channel points at (or a named version).
+    """The release a published store (a URL, or a local directory) channel points at (or a named version).
 
     The channel pointer is verified like a manifest (signature of the
     channel's signer, expiry, serial never lower than seen before), and the
@@ -172,6 +172,8 @@ def fetch_channel(
     named version skips the pointer, not the channel: its manifest must be
     signed by the channel's signer, for that channel, and pass its rollback
     state."""
+    if "://" not in store:
+        store = Path(store).resolve().as_uri()
     source = Source(store, allow_http=allow_http)
     state = state or SerialState()
     now = time.time() if now is None else now
@@ -286,20 +288,3 @@ def open_release(
     if directory.name == MANIFEST:
         directory = directory.parent
     return verify_directory(directory, policy, channel, kinds=kinds)
-
-
-def open_store(
-    store: str,
-    channel: str,
-    policy: TrustPolicy | None,
-    *,
-    version: str | None = None,
-    allow_http: bool = False,
-    progress: Progress | None = None,
-    kinds: Kinds,
-) -> VerifiedRelease:
-    """A published store (URL or local directory): the channel's release, or a named version."""
-    if "://" not in store:
-        store = Path(store).resolve().as_uri()
-    return fetch_channel(store, channel, policy, version=version, allow_http=allow_http, progress=progress,
-                         kinds=kinds)  # fmt: skip

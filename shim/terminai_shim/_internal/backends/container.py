@@ -19,6 +19,7 @@ The docker SDK is imported only here, and only when this backend is used.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -31,7 +32,7 @@ from terminai_agent import bootcontract as boot
 
 from ...errors import BootError, ConfigError
 from ...models import AccelChoice, BootConfig
-from ..fsutil import cache_root, fd_digest, locked
+from ..fsutil import cache_root, fd_digest, locked, others_can_write, sealed_copy
 from ..process import pid_alive
 from .base import Backend, Machine, RuntimeDir, git_share
 
@@ -213,12 +214,18 @@ class ContainerBackend(Backend):
     def ensure_image(self, archive: Path, expected: str | None = None) -> str:
         """The verified archive's image in the engine, by id; loaded if missing.
         One open file serves the check, the id and the load: the bytes that
-        were checked are the bytes the engine gets."""
+        were checked are the bytes the engine gets (a sealed private copy of
+        them when someone else could still write the archive in place)."""
         from docker.errors import ImageNotFound
 
-        with archive.open("rb") as f:
+        with contextlib.ExitStack() as stack:
+            f = stack.enter_context(archive.open("rb"))
             if expected is not None:
-                got = fd_digest(f.fileno())
+                if others_can_write(f.fileno()):
+                    copy, got = sealed_copy(f.fileno(), archive.name)
+                    f = stack.enter_context(os.fdopen(copy, "rb"))
+                else:
+                    got = fd_digest(f.fileno())
                 if got != expected:
                     raise ConfigError(
                         f"container image archive {archive} has sha256 {got}, expected {expected}: "

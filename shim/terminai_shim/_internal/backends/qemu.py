@@ -35,7 +35,7 @@ from terminai_agent import bootcontract as boot
 from ...errors import BootError, ConfigError
 from ...models import AccelChoice, BootConfig
 from ..accel import host_tsc_khz
-from ..fsutil import fd_digest
+from ..fsutil import fd_digest, others_can_write, sealed_copy
 from ..process import die_with_parent, keep_only_capabilities, no_new_privileges, peer_pid
 from .base import Backend, ConsoleCapture, Machine, ProcessMachine, RuntimeDir, check_vm_artifacts, git_share
 
@@ -424,14 +424,21 @@ def _by_descriptor(config: BootConfig, held: list[int], share_workspace: bool) -
     QEMU, which inherits them. QEMU gets exactly the files opened here: the
     link reopens the open file, not the path (so no later rename can swap
     it, and no directory above needs to be reachable by QEMU's user). What
-    a verified manifest says they are is checked on these descriptors."""
+    a verified manifest says they are is checked on these descriptors; a
+    verified file that someone else could still write in place is handed as
+    a sealed private copy, whose digest is the one checked."""
 
     def handed(path: Path | None, expected: str | None = None, flags: int = 0) -> Path | None:
         if path is None:
             return None
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | flags)
         held.append(fd)
-        got = fd_digest(fd) if expected is not None else None
+        got = None
+        if expected is not None and others_can_write(fd):
+            fd, got = sealed_copy(fd, path.name)
+            held.append(fd)
+        elif expected is not None:
+            got = fd_digest(fd)
         if got != expected:
             raise BootError(
                 f"{path} is not the file that was verified (sha256 {got}, the manifest says {expected})",
