@@ -13,7 +13,16 @@ from ._internal.backends.qemu import QemuBackend
 from ._internal.backends.qemu import command_line as qemu_command_line
 from ._internal.client import AgentClient
 from ._internal.fetch import BlobCache, Source
-from ._internal.fsutil import sha256_file
+from ._internal.fsutil import sealed_copy, sha256_file
 from ._internal.snapshot import SnapshotStore
 
-__all__ = ["AgentClient", "BlobCache", "QemuBackend", "SnapshotStore", "Source", "qemu_command_line", "sha256_file"]
+__all__ = [
+    "AgentClient",
+    "BlobCache",
+    "QemuBackend",
+    "SnapshotStore",
+    "Source",
+    "qemu_command_line",
+    "sealed_copy",
+    "sha256_file",
+]
