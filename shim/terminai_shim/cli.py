@@ -125,14 +125,20 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def _request(args: argparse.Namespace) -> LaunchRequest:
     """The command line as a launch request; ``launch`` checks and resolves it."""
-    from .launch import LaunchRequest, local_artifacts
+    from .launch import LaunchRequest, LocalArtifacts, local_artifacts
     from .models import NetworkPolicy
 
     source = _source(args)
+    if source is None:
+        local: LocalArtifacts | None = local_artifacts(args.kernel, args.rootfs, args.image)
+    elif args.kernel or args.rootfs or args.image:  # both: refused by launch, never one silently ignored
+        local = LocalArtifacts(args.kernel, args.rootfs, image=args.image)
+    else:
+        local = None
     return LaunchRequest(
         source=source,
         trust=_trust(args),
-        local=None if source is not None else local_artifacts(args.kernel, args.rootfs, args.image),
+        local=local,
         backend=args.backend,
         accel=args.accel,
         require_microvm=args.require_microvm,
