@@ -162,7 +162,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print("terminai-shim run: give a command after --", file=sys.stderr)
         return 2
     return run_command(_request(args), command, shell=args.shell, timeout=args.timeout, verbose=args.verbose,
-                       progress=_progress())  # fmt: skip
+                       progress=_progress(), interactive=args.interactive, tty=args.tty)  # fmt: skip
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -268,6 +268,11 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--timeout", type=float, help="kill the command after this many seconds (exit 124)")
     run.add_argument("--shell", action="store_true", help="run COMMAND with /bin/sh -c (explicit: no shell otherwise)")
     run.add_argument("-v", "--verbose", action="store_true", help="report boot progress on stderr")
+    run.add_argument("-i", "--interactive", action="store_true", default=None,
+                     help="forward stdin to the command (the default unless -t alone is given)")  # fmt: skip
+    run.add_argument("-t", "--tty", action="store_true", default=None,
+                     help="run the command on a terminal in the guest, sized like this one (the default when "
+                     "stdin is a terminal, which is then in raw mode until the command ends)")  # fmt: skip
     run.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
     run.set_defaults(fn=cmd_run)
 

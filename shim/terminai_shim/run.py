@@ -3,21 +3,39 @@
 Exit codes follow timeout(1) and env(1): the command's own code; 124 when
 the timeout killed it; 125 when the shim failed before the command ran;
 128+N when a signal N ended it.
+
+Stdin and terminals behave like ``docker run``: ``-i`` forwards stdin as a
+stream, ``-t`` runs the command on a terminal in the guest sized like
+ours. Without either, a terminal on stdin means both (a person at a
+keyboard), anything else means ``-i``. On a terminal, ours is put in raw
+mode (every key goes to the guest, Ctrl-C included, which the guest's
+terminal turns into SIGINT for its foreground job) and restored on every
+way out.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
+from collections.abc import Callable
 from typing import Any, BinaryIO
 
+from ._internal.client import Pty
 from ._internal.fetch import Progress
-from ._internal.termsafe import TerminalFilter
+from ._internal.termsafe import PtyFilter, TerminalFilter
 from .errors import DeadlineExceeded, ShimError
 from .launch import LaunchRequest, resolve
 
 TIMEOUT_EXIT = 124
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream is not None and not stream.closed and stream.isatty())
+    except (OSError, ValueError):
+        return False
 
 
 def _pump_stdin(proc: Any) -> None:
@@ -37,12 +55,16 @@ def _pump_stdin(proc: Any) -> None:
 class GuestOutput:
     """Where one of the guest command's streams goes: our stdout or stderr.
 
-    On a terminal the bytes pass through a TerminalFilter, unless ``raw``
-    (a PTY session, where the guest is meant to drive the terminal)."""
+    On a terminal the bytes pass through a TerminalFilter, or for a PTY
+    session, where the guest is meant to drive the terminal, through the
+    narrower PtyFilter (no clipboard, no pass-through strings); ``raw``
+    passes everything (a caller that filters itself)."""
 
-    def __init__(self, stream: BinaryIO, *, raw: bool) -> None:
+    def __init__(self, stream: BinaryIO, *, raw: bool = False, pty: bool = False) -> None:
         self.stream = stream
-        self.filter = None if raw or not stream.isatty() else TerminalFilter()
+        self.filter: TerminalFilter | PtyFilter | None = None
+        if not raw and stream.isatty():
+            self.filter = PtyFilter() if pty else TerminalFilter()
         self._lock = threading.Lock()  # output arrives on the channel's thread; finish() runs on ours
 
     def write(self, data: bytes) -> None:
@@ -63,6 +85,65 @@ class GuestOutput:
             pass
 
 
+class LocalTerminal:
+    """Our terminal in raw mode for a PTY session, and back as it was on
+    every way out: the command's end, the guest's death, an exception, and
+    SIGTERM or SIGHUP to the shim (turned into an exception, so the same
+    ``finally`` runs). Window-size changes are passed on as they happen."""
+
+    def __init__(self, fd: int, on_resize: Callable[[int, int], None] | None) -> None:
+        self.fd = fd
+        self.on_resize = on_resize
+        self.saved: list[Any] | None = None
+        self.handlers: dict[int, Any] = {}
+
+    def __enter__(self) -> LocalTerminal:
+        import signal
+        import termios
+        import tty
+
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            self.handlers[sig] = signal.signal(sig, _raise_exit)
+        if self.on_resize is not None:
+            self.handlers[signal.SIGWINCH] = signal.signal(signal.SIGWINCH, lambda *_: self._resized())
+        if os.isatty(self.fd):
+            self.saved = termios.tcgetattr(self.fd)
+            tty.setraw(self.fd, termios.TCSANOW)
+        return self
+
+    def _resized(self) -> None:
+        cols, rows = terminal_size()
+        if self.on_resize is not None:
+            threading.Thread(target=self.on_resize, args=(cols, rows), daemon=True).start()  # not in the handler
+
+    def __exit__(self, *exc: object) -> None:
+        import signal
+        import termios
+
+        if self.saved is not None:
+            try:
+                termios.tcsetattr(self.fd, termios.TCSADRAIN, self.saved)
+            except termios.error:
+                pass
+        for sig, handler in self.handlers.items():
+            signal.signal(sig, handler)
+
+
+def _raise_exit(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def terminal_size() -> tuple[int, int]:
+    """Ours, from whichever standard stream is a terminal (80x24 otherwise)."""
+    for fd in (0, 1, 2):
+        try:
+            size = os.get_terminal_size(fd)
+            return size.columns, size.lines
+        except OSError:
+            continue
+    return Pty.cols, Pty.rows
+
+
 def run_command(
     request: LaunchRequest,
     command: list[str],
@@ -72,8 +153,15 @@ def run_command(
     verbose: bool,
     raw_output: bool = False,
     progress: Progress | None = None,
+    interactive: bool | None = None,
+    tty: bool | None = None,
 ) -> int:
-    """``raw_output`` sends the guest's bytes to a terminal unfiltered (for a PTY session)."""
+    """``interactive``/``tty``: ``-i``/``-t`` (None: decided by whether stdin
+    is a terminal). ``raw_output`` sends the guest's bytes unfiltered."""
+    stdin_tty = _isatty(sys.stdin)
+    if interactive is None and tty is None:
+        interactive, tty = True, stdin_tty
+    interactive, tty = bool(interactive), bool(tty)
     launch = resolve(request, progress)
     config = launch.config
     if verbose:
@@ -87,7 +175,7 @@ def run_command(
             what = session.describe()["displayName"]
             why = session.accel.reason if session.backend.isolation == "microvm" else "a Docker engine answers"
             print(f"terminai-shim: {what} ready in {session.boot_seconds:.2f}s ({why})", file=sys.stderr)
-        out = GuestOutput(sys.stdout.buffer, raw=raw_output)
+        out = GuestOutput(sys.stdout.buffer, raw=raw_output, pty=tty)
         err = GuestOutput(sys.stderr.buffer, raw=raw_output)
 
         def on_event(name: str, value: Any) -> None:
@@ -95,22 +183,27 @@ def run_command(
             if stream is not None:
                 stream.write(value)
 
-        interactive_stdin = not sys.stdin.closed and not sys.stdin.isatty() if sys.stdin else False
-        kwargs: dict[str, Any] = {"timeout": timeout, "stdin_open": interactive_stdin, "on_event": on_event,
+        forward = interactive and sys.stdin is not None and not sys.stdin.closed
+        kwargs: dict[str, Any] = {"timeout": timeout, "stdin_open": forward, "on_event": on_event,
                                   "cwd": config.workspace_mount if config.workspace else None}  # fmt: skip
+        if tty:
+            kwargs["pty"] = Pty(*terminal_size(), os.environ.get("TERM") or Pty.term)
         try:
             if shell:
                 proc = session.client.exec(command=" ".join(command), shell=True, **kwargs)
             else:
                 proc = session.client.exec(command, **kwargs)
-            if interactive_stdin:
-                threading.Thread(target=_pump_stdin, args=(proc,), daemon=True).start()
-            try:
-                status = proc.wait()
-            except DeadlineExceeded:  # the guest ignored the timeout: the host's deadline stopped the VM
-                print(f"terminai-shim: command timed out after {timeout}s; the guest did not end it, so the VM "
-                      "was stopped", file=sys.stderr)  # fmt: skip
-                return TIMEOUT_EXIT
+            local = LocalTerminal(0, proc.resize if tty else None) if tty and forward and stdin_tty else None
+            with local or contextlib.nullcontext():
+                if forward:
+                    threading.Thread(target=_pump_stdin, args=(proc,), daemon=True).start()
+                try:
+                    status = proc.wait()
+                except DeadlineExceeded:  # the guest ignored the timeout: the host's deadline stopped the VM
+                    out.finish()
+                    print(f"\r\nterminai-shim: command timed out after {timeout}s; the guest did not end it, so the "
+                          "VM was stopped", file=sys.stderr)  # fmt: skip
+                    return TIMEOUT_EXIT
         finally:
             out.finish()
             err.finish()

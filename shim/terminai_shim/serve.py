@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from . import __version__
-from ._internal.client import RemoteProcess
+from ._internal.client import Pty, RemoteProcess
 from .errors import AgentError, ConfigError, DeadlineExceeded, ShimError
 from .launch import LaunchRequest, LocalArtifacts, ReleaseSource, Trust, resolve
 from .models import GUEST_USERS, NetworkPolicy
@@ -162,6 +162,18 @@ class Server:
         return None if user is None else str(user)
 
     @staticmethod
+    def _pty(value: Any) -> Pty | None:
+        """``{cols, rows, term?}``, or None for pipes."""
+        if value is None or value is False:
+            return None
+        if not isinstance(value, dict):
+            raise RequestError("INVALID_PARAMS", "pty must be an object {cols, rows, term?}")
+        term = value.get("term", Pty.term)
+        if not isinstance(term, str):
+            raise RequestError("INVALID_PARAMS", "pty term must be a string")
+        return Pty(*_window(value.get("cols", Pty.cols), value.get("rows", Pty.rows)), term)
+
+    @staticmethod
     def _timeout(params: dict[str, Any]) -> float | None:
         ms = params.get("timeout")
         return float(ms) / 1000 if ms else None
@@ -230,8 +242,11 @@ class Server:
         names it has been written: a client never sees an unknown processId."""
         session = self._session()
         argv, command = self._argv(p)
+        pty = self._pty(p.get("pty"))
         pid_name = f"p{next(self.proc_ids)}"
-        spawned = _Spawned(None, binary=bool(p.get("binary")))
+        # A terminal's output is bytes (escape sequences may carry any of them, and a character
+        # may be split across reads): always base64, which a client turns back into the bytes.
+        spawned = _Spawned(None, binary=bool(p.get("binary")) or pty is not None)
 
         def on_event(name: str, value: Any) -> None:
             with spawned.lock:
@@ -242,7 +257,7 @@ class Server:
 
         spawned.proc = session.client.exec(
             argv, command=command, shell=command is not None, cwd=p.get("cwd"), env=p.get("env") or {},
-            timeout=self._timeout(p), stdin_open=True, on_event=on_event, user=self._user(p),
+            timeout=self._timeout(p), stdin_open=True, on_event=on_event, user=self._user(p), pty=pty,
         )  # fmt: skip
         self.procs[pid_name] = spawned
 
@@ -298,6 +313,10 @@ class Server:
         self._proc(p).remote.close_stdin()
         return {}
 
+    def m_process_resize(self, p: dict[str, Any]) -> dict[str, Any]:
+        self._proc(p).remote.resize(*_window(p.get("cols"), p.get("rows")))
+        return {}
+
     def m_process_kill(self, p: dict[str, Any]) -> dict[str, Any]:
         self._proc(p).remote.signal(p.get("signal", "SIGTERM"))
         return {}
@@ -338,6 +357,16 @@ class Server:
             session, self.session = self.session, None
         if session is not None:
             session.close()
+
+
+MAX_WINDOW = 10000
+
+
+def _window(cols: Any, rows: Any) -> tuple[int, int]:
+    """A terminal's size, checked: whole numbers from 1 to MAX_WINDOW."""
+    if any(isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_WINDOW for v in (cols, rows)):
+        raise RequestError("INVALID_PARAMS", f"pty cols and rows must be whole numbers from 1 to {MAX_WINDOW}")
+    return int(cols), int(rows)
 
 
 def _text(p: dict[str, Any], key: str) -> str | None:

@@ -1,6 +1,6 @@
 // The CLI's own acceptance sequence against the real shim, on a real VM or
-// a real container: healthCheck -> execute -> spawn (streamed) -> write/read
-// a file -> dispose. Run by tests/test_node_client.py with SHIM, MANIFEST (a
+// a real container: healthCheck -> execute -> spawn (streamed) -> a spawn on a
+// terminal (input, resize, exit) -> write/read a file -> dispose. Run by tests/test_node_client.py with SHIM, MANIFEST (a
 // signed release directory, signed by the local development identity),
 // WORKSPACE and BACKEND (qemu or container) set.
 import { test } from 'node:test';
@@ -42,6 +42,24 @@ test('CLI acceptance sequence', { timeout: 240_000 }, async () => {
     assert.equal(code, 0);
     assert.equal(proc.stdout, 'line one\nline two\nFROM STDIN\n');
     assert.ok(chunks.length >= 2, `output should stream in pieces, got ${JSON.stringify(chunks)}`);
+
+    // An interactive program on a terminal: isatty holds, typed input is read, a resize is seen.
+    const term = await shim.spawn('sh', {
+      args: ['-c', 'test -t 0 && test -t 1 && stty size && read x && echo "got:$x" && read y && stty size'],
+      pty: { cols: 100, rows: 30 },
+    });
+    const seen = (text) => new Promise((resolve) => {
+      const check = () => { if (term.stdout.includes(text)) resolve(); };
+      term.on('stdout', check);
+      check();
+    });
+    await seen('30 100');
+    await term.write('typed\r');
+    await seen('got:typed');
+    await term.resize(120, 40);
+    await term.write('\r');
+    assert.equal(await term.done, 0, term.stdout);
+    assert.match(term.stdout, /40 120/);
 
     await shim.request('fs.writeFile', { path: '/workspace/note.txt', content: 'written through the shim ✓' });
     const read = await shim.request('fs.readFile', { path: '/workspace/note.txt' });

@@ -46,9 +46,10 @@ export class ShimClient {
     return promise;
   }
 
-  // The CLI's runtime contract: spawn(command, {args, cwd, env}) -> a process
-  // with streamed stdout/stderr, stdin, kill(signal), and an exit event.
-  async spawn(command, { args, cwd, env } = {}) {
+  // The CLI's runtime contract: spawn(command, {args, cwd, env, pty}) -> a process
+  // with streamed stdout/stderr, stdin, kill(signal), resize (pty), and an exit event.
+  // A PTY's output arrives base64-encoded (bytes); it is decoded here.
+  async spawn(command, { args, cwd, env, pty } = {}) {
     const listeners = { stdout: [], stderr: [], exit: [] };
     const early = [];
     const proc = {
@@ -56,8 +57,9 @@ export class ShimClient {
       on: (event, fn) => { listeners[event].push(fn); return proc; },
       emit: (method, params) => {
         if (method === 'process.output') {
-          proc[params.stream] += params.data;
-          for (const fn of listeners[params.stream]) fn(params.data);
+          const data = params.encoding === 'base64' ? Buffer.from(params.data, 'base64').toString('utf8') : params.data;
+          proc[params.stream] += data;
+          for (const fn of listeners[params.stream]) fn(data);
         } else {
           proc.exitCode = params.exitCode;
           for (const fn of listeners.exit) fn(params.exitCode, params.signal);
@@ -66,10 +68,11 @@ export class ShimClient {
       write: (data) => this.request('process.write', { processId: proc.id, data }),
       end: () => this.request('process.closeStdin', { processId: proc.id }),
       kill: (signal = 'SIGTERM') => this.request('process.kill', { processId: proc.id, signal }),
+      resize: (cols, rows) => this.request('process.resize', { processId: proc.id, cols, rows }),
       done: null,
     };
     proc.done = new Promise((resolve) => proc.on('exit', (code) => resolve(code)));
-    const result = await this.request('spawn', { command, args, cwd, env });
+    const result = await this.request('spawn', { command, args, cwd, env, ...(pty ? { pty } : {}) });
     proc.id = result.processId;
     this.processes.set(proc.id, proc);
     for (const msg of this.unclaimed.get(proc.id) ?? []) proc.emit(msg.method, msg.params);

@@ -1,7 +1,9 @@
 """Child processes run on the host's behalf.
 
 Each command runs in its own session (so its whole process group can be
-killed), with three pipes. Exit statuses come from the server's SIGCHLD
+killed), with three pipes, or on a pseudo-terminal of its own (``pty``:
+the terminal is its controlling terminal and its stdin, stdout and stderr,
+so programs that check ``isatty`` behave as they do for a person). Exit statuses come from the server's SIGCHLD
 handling, because as PID 1 the agent also reaps orphans and must not lose a
 tracked child's status to that.
 
@@ -33,16 +35,29 @@ EXIT_GRACE = 0.5
 
 
 class Process:
-    """A running command and everything the loop tracks about it."""
+    """A running command and everything the loop tracks about it.
+
+    On a pseudo-terminal ``terminal`` is the master side: its output is one
+    stream (``stdout``) and input goes to a duplicate of it (``stdin``)."""
 
     def __init__(
-        self, id: int, conn: Any, pid: int, fds: tuple[int, int, int], output_cap: int, deadline: float | None
+        self,
+        id: int,
+        conn: Any,
+        pid: int,
+        fds: tuple[int, int, int],
+        output_cap: int,
+        deadline: float | None,
+        terminal: int | None = None,
     ):
         self.id = id
         self.conn = conn  # the connection that owns it (server.Conn)
         self.pid = pid
+        self.terminal = terminal
         stdin, stdout, stderr = fds
-        self.open_fds: dict[int, str] = {stdout: "stdout", stderr: "stderr", stdin: "stdin"}
+        self.open_fds: dict[int, str] = {stdout: "stdout", stdin: "stdin"}
+        if stderr >= 0:
+            self.open_fds[stderr] = "stderr"
         self.output_cap = output_cap
         self.deadline = deadline
         self.started = time.monotonic()
@@ -107,30 +122,67 @@ def drop_privileges() -> None:
         raise OSError(ctypes.get_errno(), "no_new_privs")
 
 
+def set_window(fd: int, cols: int, rows: int) -> None:
+    """The terminal's size; the kernel sends SIGWINCH to its foreground
+    process group when it changes."""
+    import fcntl
+    import struct
+    import termios
+
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def foreground_group(terminal: int, fallback: int) -> int:
+    """Who a keyboard signal reaches: the terminal's foreground process group."""
+    try:
+        return os.tcgetpgrp(terminal)
+    except OSError:
+        return fallback
+
+
 def spawn(
-    argv: list[str], cwd: str | None, env: dict[str, str], confine: bool = False, syscall_filter: Any = None
+    argv: list[str],
+    cwd: str | None,
+    env: dict[str, str],
+    confine: bool = False,
+    syscall_filter: Any = None,
+    window: tuple[int, int] | None = None,
 ) -> tuple[int, tuple[int, int, int]]:
-    """Start ``argv`` in a new session with piped stdio; ``confine`` drops
-    every capability first (``drop_privileges``), ``syscall_filter`` (a
+    """Start ``argv`` in a new session with piped stdio, or on a new
+    pseudo-terminal of ``window`` (cols, rows); ``confine`` drops every
+    capability first (``drop_privileges``), ``syscall_filter`` (a
     ``seccomp.Filter``) is installed last before exec.
 
     Returns the pid and the parent's (stdin, stdout, stderr) ends, all
-    non-blocking. Raises OSError, with the child's errno, if the command
-    could not be executed (so "never ran" is told apart from "ran and failed").
+    non-blocking; on a terminal, stdin is a duplicate of the master side,
+    stdout the master itself, and stderr -1. Raises OSError, with the
+    child's errno, if the command could not be executed (so "never ran" is
+    told apart from "ran and failed").
     """
-    in_r, in_w = os.pipe2(os.O_CLOEXEC)
-    out_r, out_w = os.pipe2(os.O_CLOEXEC)
-    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    if window is not None:
+        master, slave = os.openpty()  # both close-on-exec (PEP 446)
+        set_window(slave, *window)
+        in_r, in_w, out_r, out_w, err_r, err_w = slave, os.dup(master), master, slave, -1, slave
+    else:
+        in_r, in_w = os.pipe2(os.O_CLOEXEC)
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    ends = sorted({in_r, in_w, out_r, out_w, err_r, err_w} - {-1})
     report_r, report_w = os.pipe2(os.O_CLOEXEC)
     try:
         pid = os.fork()
     except OSError:
-        for fd in (in_r, in_w, out_r, out_w, err_r, err_w, report_r, report_w):
+        for fd in (*ends, report_r, report_w):
             os.close(fd)
         raise
     if pid == 0:  # child: nothing here may return
         try:
             os.setsid()
+            if window is not None:  # the new session's controlling terminal
+                import fcntl
+                import termios
+
+                fcntl.ioctl(in_r, termios.TIOCSCTTY, 0)
             os.dup2(in_r, 0)
             os.dup2(out_w, 1)
             os.dup2(err_w, 2)
@@ -150,19 +202,20 @@ def spawn(
             os.write(report_w, b"0")
         finally:
             os._exit(127)
-    for fd in (in_r, out_w, err_w, report_w):
+    for fd in {in_r, out_w, err_w, report_w} - {-1}:
         os.close(fd)
     report = b""
     while chunk := os.read(report_r, 64):
         report += chunk
     os.close(report_r)
+    parent_ends = [fd for fd in (in_w, out_r, err_r) if fd >= 0]
     if report:  # exec failed: the child has exited; collect it now
-        for fd in (in_w, out_r, err_r):
+        for fd in parent_ends:
             os.close(fd)
         os.waitpid(pid, 0)
         code = int(report) or 0
         raise OSError(code, os.strerror(code) if code else "exec failed")
-    for fd in (in_w, out_r, err_r):
+    for fd in parent_ends:
         os.set_blocking(fd, False)
     return pid, (in_w, out_r, err_r)
 

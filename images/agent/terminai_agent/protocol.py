@@ -38,7 +38,7 @@ EVENT = "evt"
 
 # Operations.
 OPS = (
-    "hello", "ping", "exec", "write_stdin", "close_stdin", "signal",
+    "hello", "ping", "exec", "write_stdin", "close_stdin", "signal", "resize",
     "read", "write", "stat", "list", "remove", "mkdir", "rename",
     "mount", "freshen", "shutdown",
 )  # fmt: skip

@@ -18,7 +18,17 @@ import time
 
 from . import __version__
 from . import protocol as P
-from .procs import EXIT_GRACE, Process, base_env, parse_signal, proxy_env, spawn, wake_on_sigchld
+from .procs import (
+    EXIT_GRACE,
+    Process,
+    base_env,
+    foreground_group,
+    parse_signal,
+    proxy_env,
+    set_window,
+    spawn,
+    wake_on_sigchld,
+)
 
 TYPE_CHECKING = False  # not typing's: importing typing costs ~15 ms at boot
 if TYPE_CHECKING:
@@ -355,7 +365,10 @@ class Server:
             raise P.ProtocolError(P.BAD_REQUEST, "a command string runs only with shell=true; send argv instead")
         if not (isinstance(argv, list) and argv and all(isinstance(a, str) for a in argv)):
             raise P.ProtocolError(P.BAD_REQUEST, "argv must be a non-empty list of strings")
+        window = _window(h["pty"]) if h.get("pty") is not None else None
         env = base_env()
+        if window is not None:
+            env["TERM"] = _term(h["pty"])
         if self.config.proxy:
             env.update(proxy_env(self.config.proxy))
         extra = h.get("env") or {}
@@ -380,7 +393,7 @@ class Server:
             self._before_first_command()
         try:
             pid, fds = spawn(argv, cwd, env, confine=self.config.pid1 and user == "user",
-                             syscall_filter=self.syscall_filter)  # fmt: skip
+                             syscall_filter=self.syscall_filter, window=window)  # fmt: skip
         except OSError as exc:
             self._send(conn, P.error(rid, P.SPAWN_FAILED, f"cannot run {argv[0]!r}: {exc.strerror or exc}", ran=False))
             return
@@ -391,9 +404,11 @@ class Server:
             fds=fds,
             output_cap=cap,
             deadline=(time.monotonic() + timeout) if timeout else None,
+            terminal=fds[1] if window is not None else None,
         )
         proc.stdin_buf += body
-        proc.stdin_close = not h.get("stdin_open", False)
+        if window is None:  # a terminal stays open for input while the command runs (close_stdin types ^D)
+            proc.stdin_close = not h.get("stdin_open", False)
         self.procs[(conn.fd, rid)] = proc
         self._send(conn, P.result(rid, pid=pid))
         self._write_stdin(proc)
@@ -435,14 +450,30 @@ class Server:
 
     def op_close_stdin(self, conn: Conn, rid: int, h: dict[str, Any], body: bytes) -> None:
         proc = self._target(conn, h)
-        proc.stdin_close = True
+        if proc.terminal is not None:  # a terminal is not closed: end of input is typed, as a person would
+            proc.stdin_buf += b"\x04"
+        else:
+            proc.stdin_close = True
         self._write_stdin(proc)
+        self._send(conn, P.result(rid))
+
+    def op_resize(self, conn: Conn, rid: int, h: dict[str, Any], body: bytes) -> None:
+        proc = self._target(conn, h)
+        if proc.terminal is None:
+            raise P.ProtocolError(P.BAD_REQUEST, "resize needs a process started with pty")
+        if proc.status is None:
+            set_window(proc.terminal, *_window(h))
         self._send(conn, P.result(rid))
 
     def op_signal(self, conn: Conn, rid: int, h: dict[str, Any], body: bytes) -> None:
         proc = self._target(conn, h)
         sig = parse_signal(h.get("signal", "SIGTERM"))
-        if h.get("group", True):
+        if h.get("group", True) and proc.terminal is not None and proc.status is None:
+            try:  # as the terminal would: its foreground job (a shell's child), else the session
+                os.killpg(foreground_group(proc.terminal, proc.pid), sig)
+            except OSError:
+                proc.kill_group(sig)
+        elif h.get("group", True):
             proc.kill_group(sig)
         elif proc.status is None:
             os.kill(proc.pid, sig)
@@ -694,6 +725,27 @@ class Server:
             os.write(2, f"terminai-agent: {message}\n".encode())
         except OSError:
             pass
+
+
+MAX_WINDOW = 10000
+
+
+def _window(spec: Any) -> tuple[int, int]:
+    """``{cols, rows}`` of a terminal, checked."""
+    if not isinstance(spec, dict):
+        raise P.ProtocolError(P.BAD_REQUEST, "pty must be an object {cols, rows, term?}")
+    cols, rows = spec.get("cols"), spec.get("rows")
+    for value in (cols, rows):
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WINDOW:
+            raise P.ProtocolError(P.BAD_REQUEST, f"pty cols and rows must be whole numbers from 1 to {MAX_WINDOW}")
+    return int(cols), int(rows)  # type: ignore[arg-type]
+
+
+def _term(spec: dict[str, Any]) -> str:
+    term = spec.get("term", "xterm-256color")
+    if not isinstance(term, str) or not term or not term.replace("-", "").replace("+", "").isalnum():
+        raise P.ProtocolError(P.BAD_REQUEST, "pty term must be a terminal name such as xterm-256color")
+    return term
 
 
 def _stat_fields(st: os.stat_result) -> dict[str, Any]:

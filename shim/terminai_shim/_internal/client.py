@@ -42,6 +42,15 @@ class ExitStatus:
         return 128 + (self.signal or 0)
 
 
+@dataclass(frozen=True)
+class Pty:
+    """A pseudo-terminal for a command: its size and the TERM it reports."""
+
+    cols: int = 80
+    rows: int = 24
+    term: str = "xterm-256color"
+
+
 MAX_PROTOCOL_ERRORS = 32  # kept for diagnostics; the guest cannot grow the list without bound
 MAX_ERROR_TEXT = 1000
 DEFAULT_OUTPUT_CAP = 256 << 20  # per stream, enforced here whatever the guest claims
@@ -154,7 +163,12 @@ class RemoteProcess:
         self.client.call("close_stdin", target=self.id)
 
     def signal(self, sig: str | int = "SIGTERM", group: bool = True) -> None:
+        """On a terminal, ``group`` reaches its foreground job, as a keyboard signal would."""
         self.client.call("signal", target=self.id, signal=sig, group=group)
+
+    def resize(self, cols: int, rows: int) -> None:
+        """A terminal's new size (the guest's foreground job gets SIGWINCH)."""
+        self.client.call("resize", target=self.id, cols=cols, rows=rows)
 
 
 class Call:
@@ -333,10 +347,15 @@ class AgentClient:
         output_cap: int | None = None,
         on_event: Callable[[str, Any], None] | None = None,
         user: str | None = None,
+        pty: Pty | None = None,
     ) -> RemoteProcess:
+        """``pty``: run on a pseudo-terminal of that size in the guest (its
+        output is one stream, ``stdout``; its input stays open)."""
         rid = next(self._ids)
         fields: dict[str, Any] = {"cwd": cwd, "env": env or {}, "timeout": timeout, "stdin_open": stdin_open,
                                   "user": user or self.default_user}  # fmt: skip
+        if pty is not None:
+            fields["pty"] = {"cols": pty.cols, "rows": pty.rows, "term": pty.term}
         if shell:
             fields.update(shell=True, command=command)
         else:
