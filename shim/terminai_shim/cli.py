@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--shell", action="store_true", help="run COMMAND with /bin/sh -c (explicit: no shell otherwise)")
     run.add_argument("-v", "--verbose", action="store_true", help="report boot progress on stderr")
     run.add_argument("-i", "--interactive", action="store_true", default=None,
-                     help="forward stdin to the command (the default unless -t alone is given)")  # fmt: skip
+                     help="forward stdin (the default, except -t alone with stdin not a terminal)")  # fmt: skip
     run.add_argument("-t", "--tty", action="store_true", default=None,
                      help="run the command on a terminal in the guest, sized like this one (the default when "
                      "stdin is a terminal, which is then in raw mode until the command ends)")  # fmt: skip

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from ._internal.backends.qemu import QemuBackend
 from ._internal.backends.qemu import command_line as qemu_command_line
-from ._internal.client import AgentClient
+from ._internal.client import AgentClient, Pty
 from ._internal.fetch import BlobCache, Source
 from ._internal.fsutil import sealed_copy, sha256_file
 from ._internal.snapshot import SnapshotStore
@@ -19,6 +19,7 @@ from ._internal.snapshot import SnapshotStore
 __all__ = [
     "AgentClient",
     "BlobCache",
+    "Pty",
     "QemuBackend",
     "SnapshotStore",
     "Source",

@@ -7,7 +7,10 @@ the timeout killed it; 125 when the shim failed before the command ran;
 Stdin and terminals behave like ``docker run``: ``-i`` forwards stdin as a
 stream, ``-t`` runs the command on a terminal in the guest sized like
 ours. Without either, a terminal on stdin means both (a person at a
-keyboard), anything else means ``-i``. On a terminal, ours is put in raw
+keyboard), anything else means ``-i``. Unlike docker, ``-t`` alone still
+forwards the keys of a terminal on stdin (nobody means to type into a
+terminal that ignores them); with stdin not a terminal, ``-t`` alone
+leaves it unread, as docker does. On a terminal, ours is put in raw
 mode (every key goes to the guest, Ctrl-C included, which the guest's
 terminal turns into SIGINT for its foreground job) and restored on every
 way out.
@@ -159,8 +162,10 @@ def run_command(
     """``interactive``/``tty``: ``-i``/``-t`` (None: decided by whether stdin
     is a terminal). ``raw_output`` sends the guest's bytes unfiltered."""
     stdin_tty = _isatty(sys.stdin)
-    if interactive is None and tty is None:
-        interactive, tty = True, stdin_tty
+    if interactive is None:  # -t alone still takes a person's keys (docker's -t would ignore them)
+        interactive = tty is None or stdin_tty
+    if tty is None:
+        tty = stdin_tty
     interactive, tty = bool(interactive), bool(tty)
     launch = resolve(request, progress)
     config = launch.config

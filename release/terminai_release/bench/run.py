@@ -135,6 +135,7 @@ def bench_guest(ctx: BuildContext, runs: int, work: Path) -> dict[str, Any]:
     with Session.boot(ours_cfg) as s:
         ping = summary([_timed(s.client.ping) for _ in range(200)])
         exec_true = summary([_timed(lambda: s.client.run(["true"])) for _ in range(30)])
+        keystroke = _keystroke_echo(s.client, 50)
         guest_tp = size / _timed(lambda: s.client.run(gen))
     # Baseline for throughput: the same agent code on the host over a Unix socket.
     host_tp = _host_agent_throughput(gen, size, work)
@@ -145,10 +146,36 @@ def bench_guest(ctx: BuildContext, runs: int, work: Path) -> dict[str, Any]:
         "ready_ratio_target": 0.5,
         "ping_rtt": ping,
         "exec_true_rtt": exec_true,
+        "keystroke_echo_rtt": keystroke,
+        "keystroke_ratio_vs_exec_true": keystroke["median"] / exec_true["median"],
+        "keystroke_target_p50_seconds": 0.020,
         "stdout_mb_s": guest_tp / 1e6,
         "host_agent_stdout_mb_s": host_tp / 1e6,
         "stdout_ratio_vs_host_agent": guest_tp / host_tp,
     }
+
+
+def _keystroke_echo(client: Any, samples: int) -> dict[str, Any]:
+    """One byte typed into a PTY session (``cat`` on a terminal) until the terminal echoes it."""
+    import queue
+
+    from terminai_shim.parts import Pty
+
+    echoes: queue.Queue[bytes] = queue.Queue()
+    proc = client.exec(["cat"], pty=Pty(), on_event=lambda name, data: echoes.put(data) if name == "stdout" else None)
+
+    def one() -> None:
+        proc.write_stdin(b"k")
+        seen = b""
+        while b"k" not in seen:
+            seen += echoes.get(timeout=10)
+
+    try:
+        one()  # warm: the first keystroke pays for translating the path under TCG
+        return summary([_timed(one) for _ in range(samples)])
+    finally:
+        proc.signal("SIGKILL")
+        proc.wait()
 
 
 def _host_agent_throughput(gen: list[str], size: int, work: Path) -> float:
