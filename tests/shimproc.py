@@ -29,6 +29,7 @@ class ShimProc:
         self.lock = threading.Lock()
         self.schema_errors: list[str] = []
         self.validator = jsonschema.Draft202012Validator(SCHEMA)
+        self.methods: dict[Any, str] = {}  # request id -> method, to check each result against its method's schema
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
@@ -37,6 +38,11 @@ class ShimProc:
             msg = json.loads(line)
             # Every message the shim writes must match the documented schema.
             self.schema_errors += [f"{e.message} in {line.strip()}" for e in self.validator.iter_errors(msg)]
+            method = self.methods.get(msg.get("id"))
+            if "result" in msg and method in SCHEMA["$defs"]["results"]:
+                result_schema = {"$ref": f"#/$defs/results/{method}", "$defs": SCHEMA["$defs"]}
+                errors = jsonschema.Draft202012Validator(result_schema).iter_errors(msg["result"])
+                self.schema_errors += [f"{method} result: {e.message} in {line.strip()}" for e in errors]
             if "method" in msg:
                 self.notifications.put(msg)
                 continue
@@ -54,6 +60,8 @@ class ShimProc:
 
     def start(self, method: str, params: dict[str, Any] | None = None) -> queue.Queue[dict[str, Any]]:
         rid = next(self.ids)
+        self.last_id = rid  # the id of the request just sent (for `cancel`)
+        self.methods[rid] = method
         q: queue.Queue[dict[str, Any]] = queue.Queue()
         with self.lock:
             self.responses[rid] = q

@@ -189,7 +189,7 @@ def test_run_t_is_a_real_terminal_for_a_person(boot_config, tmp_path, tmux_env):
     try:
         tmux.wait_for("# ")
         tmux.keys("stty size; tput cols", "Enter")
-        tmux.wait_for("30 100")
+        tmux.wait_for("30 100\n100")
         tmux.tmux("resize-window", "-t", "0", "-x", "120", "-y", "40")
         tmux.keys("clear; stty size", "Enter")
         tmux.wait_for("40 120")
@@ -207,6 +207,8 @@ def test_run_t_is_a_real_terminal_for_a_person(boot_config, tmp_path, tmux_env):
         tmux.keys("2+2", "Enter")
         tmux.wait_for("4\n>>> ")
         tmux.keys("C-d")
+        tmux.keys("echo python=$?", "Enter")
+        tmux.wait_for("python=0")
         tmux.keys("exit 7", "Enter")
         screen = tmux.wait_for("exit=7")
         assert "icanon" in screen and "-icanon" not in screen and " echo " in screen, "the terminal was not restored"

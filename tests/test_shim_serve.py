@@ -176,3 +176,69 @@ def test_kernel_panic_at_boot_is_a_clear_error(shim, boot_config, tmp_path):
     assert info["type"] == "microvm"
     assert shim.result("dispose") == {}
     assert shim.proc.wait(30) == 0
+
+
+@pytest.mark.unit
+def test_params_are_checked_by_name_and_errors_never_show_python(shim):
+    """A typo never boots a VM without what was meant; a missing or wrong
+    parameter is named, never shown as Python's KeyError."""
+    err = shim.call("initialize", {"kernel": "/k", "rootfs": "/r", "worksapce": "/tmp"})["error"]
+    assert err["code"] == "INVALID_PARAMS" and "'worksapce'" in err["message"] and "workspace" in err["message"]
+    assert not children(shim.proc.pid), "nothing was booted"
+    typos = (("execute", {"command": "true", "cmd": "x"}), ("process.kill", {"pid": 1}),
+             ("fs.readFile", {"path": "/x", "enc": "utf8"}), ("healthCheck", {"deep": True}))  # fmt: skip
+    for method, params in typos:
+        err = shim.call(method, params)["error"]
+        assert err["code"] == "INVALID_PARAMS" and method in err["message"], (method, err)
+    shim.send_line('{"id": 1.5, "method": "healthCheck"}')
+    assert shim.unmatched.get(timeout=10)["error"]["code"] == "INVALID_REQUEST"
+    err = shim.call("process.write", {"processId": "p1"})["error"]
+    assert err["code"] in ("INVALID_PARAMS", "NO_SUCH_PROCESS")
+    for method, params in (("cancel", {}), ("fs.stat", {})):
+        err = shim.call(method, params)["error"]
+        assert "KeyError" not in err["message"] and "Traceback" not in err["message"], err
+        assert err["code"] in ("INVALID_PARAMS", "NOT_INITIALIZED"), err
+
+
+def test_output_cap_cancel_and_control_never_queue_behind_commands(shim, boot_config):
+    shim.result("initialize", init_params(boot_config))
+    # The cap is per stream and keeps the first bytes; a character it would cut is dropped whole.
+    capped = shim.result("execute", {"command": "python3", "args": ["-c", "print('é' * 100)"], "outputCap": 11})
+    assert capped["stdout"] == "é" * 5 and capped["truncated"] == ["stdout"], capped
+    # 70 long commands: more than the command workers; a health check and cancels still go through at once.
+    running = []
+    for _ in range(70):
+        q = shim.start("execute", {"command": "sleep", "args": ["300"]})
+        running.append((shim.last_id, q))
+    time.sleep(2)
+    health = shim.result("healthCheck")
+    assert health["ok"] is True
+    assert all(q.empty() for _, q in running), "a health check waited for the commands"
+    answered: dict[int, dict] = {}
+    deadline = time.monotonic() + 240
+    while len(answered) < len(running):
+        assert time.monotonic() < deadline, f"{len(running) - len(answered)} executes never ended"
+        for rid, q in running:
+            if rid in answered:
+                continue
+            if not q.empty():
+                answered[rid] = q.get()
+                continue
+            shim.call("cancel", {"id": rid})  # a queued one is not running yet: NO_SUCH_REQUEST, tried again
+        time.sleep(0.2)
+    results = [m["result"] for m in answered.values()]
+    assert all(r["signal"] == 9 and r["exitCode"] == 137 for r in results), results[:3]
+    assert shim.call("cancel", {"id": 999})["error"]["code"] == "NO_SUCH_REQUEST"
+
+
+@pytest.mark.unit
+def test_the_schema_and_the_server_agree_on_every_method_and_parameter():
+    import json
+
+    from terminai_shim.serve import PARAMS
+
+    schema = json.loads((Path(__file__).resolve().parents[1] / "docs/shim-protocol.schema.json").read_text())
+    documented = {m: set(s.get("properties", {})) for m, s in schema["$defs"]["params"].items()}
+    assert documented == {m: set(p) for m, p in PARAMS.items()}
+    assert set(schema["$defs"]["results"]) == set(PARAMS)
+    assert set(schema["$defs"]["request"]["properties"]["method"]["enum"]) == set(PARAMS)

@@ -10,6 +10,7 @@ SIGTERM, the VM is shut down and the shim exits 0.
 from __future__ import annotations
 
 import base64
+import binascii
 import codecs
 import itertools
 import json
@@ -32,6 +33,37 @@ from .session import Session
 
 PROTOCOL_VERSION = 1
 DEFAULT_EXEC_OUTPUT_CAP = 16 << 20
+
+# Every method and the parameters it takes: anything else is refused by name
+# (a typo such as ``worksapce`` must not boot a VM without a workspace).
+# docs/shim-protocol.schema.json says the same; a test keeps them equal.
+_COMMAND = frozenset({"command", "args", "shell", "cwd", "env", "timeout", "user"})
+PARAMS: dict[str, frozenset[str]] = {
+    "initialize": frozenset({
+        "manifest", "store", "channel", "release", "dev", "trustedRoot", "identity", "issuer", "allowHttp",
+        "backend", "network", "image", "imageSha256", "kernel", "rootfs", "rootfsFormat", "workspace", "memoryMib",
+        "cpus", "accel", "cold", "user", "writableGit", "requireMicrovm",
+    }),
+    "healthCheck": frozenset(),
+    "execute": _COMMAND | {"stdin", "outputCap"},
+    "spawn": _COMMAND | {"binary", "pty"},
+    "process.write": frozenset({"processId", "data", "encoding"}),
+    "process.closeStdin": frozenset({"processId"}),
+    "process.resize": frozenset({"processId", "cols", "rows"}),
+    "process.kill": frozenset({"processId", "signal"}),
+    "cancel": frozenset({"id"}),
+    "fs.readFile": frozenset({"path", "encoding"}),
+    "fs.writeFile": frozenset({"path", "content", "encoding", "createDirs"}),
+    "fs.stat": frozenset({"path"}),
+    "fs.list": frozenset({"path"}),
+    "fs.remove": frozenset({"path", "recursive"}),
+    "fs.mkdir": frozenset({"path"}),
+    "dispose": frozenset(),
+}  # fmt: skip
+# Requests that steer or watch what runs: served by their own workers, so a
+# health check or a kill never waits behind the user's long commands.
+CONTROL = frozenset({"healthCheck", "process.write", "process.closeStdin", "process.resize", "process.kill", "cancel",
+                     "dispose"})  # fmt: skip
 
 
 class RequestError(ShimError):
@@ -64,7 +96,10 @@ class Server:
         self.procs: dict[str, _Spawned] = {}
         self.proc_ids = itertools.count(1)
         self.pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="req")
+        self.control = ThreadPoolExecutor(max_workers=8, thread_name_prefix="control")
         self.stopping = threading.Event()
+        self.executing: dict[Any, RemoteProcess] = {}  # request id -> its command, for `cancel`
+        self.request_id = threading.local()
 
     # -- output --------------------------------------------------------------
     def send(self, message: dict[str, Any]) -> None:
@@ -95,18 +130,29 @@ class Server:
                 }
             )
             return
-        self.pool.submit(self._dispatch, msg)
+        rid = msg.get("id")
+        if rid is not None and (isinstance(rid, bool) or not isinstance(rid, (int, str))):
+            self.send({"id": None, "error": {"code": "INVALID_REQUEST", "message": "id must be an integer or a string",
+                                             "ran": False}})  # fmt: skip
+            return
+        (self.control if msg["method"] in CONTROL else self.pool).submit(self._dispatch, msg)
 
     def _dispatch(self, msg: dict[str, Any]) -> None:
         rid = msg.get("id")
         method = msg["method"]
         params = msg.get("params") or {}
-        handler = getattr(self, "m_" + method.replace(".", "_"), None)
+        self.request_id.value = rid
+        handler = getattr(self, "m_" + method.replace(".", "_"), None) if method in PARAMS else None
         try:
             if handler is None:
                 raise RequestError("METHOD_NOT_FOUND", f"unknown method {method!r}")
             if not isinstance(params, dict):
-                raise RequestError("INVALID_PARAMS", "params must be an object")
+                raise RequestError("INVALID_PARAMS", f"{method}: params must be an object")
+            unknown = sorted(set(params) - PARAMS[method])
+            if unknown:
+                known = ", ".join(sorted(PARAMS[method])) or "none"
+                raise RequestError("INVALID_PARAMS", f"{method}: unknown parameter {', '.join(map(repr, unknown))} "
+                                   f"(known: {known})")  # fmt: skip
             result = handler(params)
             after = None
             if isinstance(result, tuple):  # (result, what to do once it is written)
@@ -118,10 +164,15 @@ class Server:
                 self.stopping.set()
         except ShimError as exc:
             self.send({"id": rid, "error": exc.to_dict()})
-        except (KeyError, TypeError, ValueError) as exc:
-            self.send({"id": rid, "error": {"code": "INVALID_PARAMS", "message": f"{method}: {exc!r}", "ran": False}})
+        except KeyError as exc:  # a required parameter, named (never Python's own words)
+            message = f"{method}: parameter {exc.args[0]!r} is required"
+            self.send({"id": rid, "error": {"code": "INVALID_PARAMS", "message": message, "ran": False}})
+        except (TypeError, ValueError, binascii.Error) as exc:
+            message = f"{method}: a parameter has the wrong type or value ({exc})"
+            self.send({"id": rid, "error": {"code": "INVALID_PARAMS", "message": message, "ran": False}})
         except Exception as exc:  # the server keeps serving whatever happens
-            self.send({"id": rid, "error": {"code": "INTERNAL", "message": f"{method}: {exc!r}", "ran": False}})
+            message = f"{method} failed inside the shim ({type(exc).__name__}); this is a bug, please report it"
+            self.send({"id": rid, "error": {"code": "INTERNAL", "message": message, "ran": False}})
 
     # -- helpers -----------------------------------------------------------------
     def _session(self) -> Session:
@@ -210,15 +261,27 @@ class Server:
             return {"ok": False, "error": exc.message}
 
     def m_execute(self, p: dict[str, Any]) -> dict[str, Any]:
+        """Runs to the end, or until ``timeout``, or until a ``cancel`` names this request."""
         session = self._session()
         argv, command = self._argv(p)
         env = p.get("env") or {}
+        rid = self.request_id.value
         try:
-            status, out, err = session.client.run(
+            proc = session.client.exec(
                 argv, command=command, shell=command is not None, cwd=p.get("cwd"), env=env,
                 timeout=self._timeout(p), stdin=str(p.get("stdin", "")).encode(),
                 output_cap=int(p.get("outputCap", DEFAULT_EXEC_OUTPUT_CAP)), user=self._user(p),
             )  # fmt: skip
+            if rid is not None:
+                self.executing[rid] = proc
+            try:
+                out: list[bytes] = []
+                err: list[bytes] = []
+                for name, chunk in proc.output():
+                    (out if name == "stdout" else err).append(chunk)
+                status = proc.wait()
+            finally:
+                self.executing.pop(rid, None)
         except AgentError as exc:
             if exc.agent_code == "SPAWN_FAILED":
                 return {"stdout": "", "stderr": "", "exitCode": 127, "runtimeError": exc.to_dict()}
@@ -226,8 +289,8 @@ class Server:
         except DeadlineExceeded as exc:  # the host's deadline stopped a VM that ignored the timeout
             return {"stdout": "", "stderr": "", "exitCode": None, "timedOut": True, "runtimeError": exc.to_dict()}
         result: dict[str, Any] = {
-            "stdout": out.decode("utf-8", "replace"),
-            "stderr": err.decode("utf-8", "replace"),
+            "stdout": _text_of(b"".join(out), "stdout" in status.truncated),
+            "stderr": _text_of(b"".join(err), "stderr" in status.truncated),
             "exitCode": status.exit_code,
             "timedOut": status.timed_out,
         }
@@ -236,6 +299,15 @@ class Server:
         if status.signal is not None:
             result["signal"] = status.signal
         return result
+
+    def m_cancel(self, p: dict[str, Any]) -> dict[str, Any]:
+        """Stop a running ``execute`` by its request id: its process group is killed (SIGKILL) and the
+        execute answers as a command ended by signal 9 would."""
+        proc = self.executing.get(p["id"])
+        if proc is None:
+            raise RequestError("NO_SUCH_REQUEST", f"cancel: no execute with id {p['id']!r} is running")
+        proc.signal("SIGKILL")
+        return {}
 
     def m_spawn(self, p: dict[str, Any]) -> tuple[dict[str, Any], Callable[[], None]]:
         """Notifications for a process are held back until the response that
@@ -360,6 +432,21 @@ class Server:
 
 
 MAX_WINDOW = 10000
+
+
+def _text_of(data: bytes, truncated: bool) -> str:
+    """Output as text. A stream cut at its byte cap may end inside a UTF-8
+    character: the partial character is dropped, never turned into U+FFFD,
+    so the text stays within the cap."""
+    if truncated:
+        tail = data[-3:]
+        for back in range(min(3, len(tail)), 0, -1):  # a lead byte whose character is incomplete
+            byte = tail[-back]
+            need = 2 if byte >> 5 == 0b110 else 3 if byte >> 4 == 0b1110 else 4 if byte >> 3 == 0b11110 else 0
+            if need > back:
+                data = data[:-back]
+                break
+    return data.decode("utf-8", "replace")
 
 
 def _window(cols: Any, rows: Any) -> tuple[int, int]:
