@@ -46,7 +46,22 @@ def test_acceptance_sequence_on_both_tiers(backend, boot_config, container_image
                                           "workspace": str(tmp_path)})  # fmt: skip
         assert info["type"] == ("container" if backend == "container" else "microvm")
         assert info["isIsolated"] is True and info["backend"] == backend
-        assert info["workspace"] == "/workspace"
+        assert info["workspace"] == str(tmp_path) and info["workspaceAlias"] == "/workspace"
+        # Host paths work unchanged: the workspace is at its own path (and at /workspace); a cwd
+        # relative to it, or none, starts there; one outside it is refused by name.
+        (tmp_path / "src").mkdir()
+        (tmp_path / "src" / "mod.py").write_text("print('imported from', __file__)")
+        here = shim.result("execute", {"command": "python3", "args": [str(tmp_path / "src" / "mod.py")],
+                                       "cwd": str(tmp_path / "src")})  # fmt: skip
+        assert here["stdout"] == f"imported from {tmp_path}/src/mod.py\n", here
+        assert shim.result("execute", {"command": "pwd"})["stdout"] == f"{tmp_path}\n"
+        assert shim.result("execute", {"command": "pwd", "cwd": "src"})["stdout"] == f"{tmp_path}/src\n"
+        assert shim.result("execute", {"command": "cat", "args": ["/workspace/src/mod.py"]})["exitCode"] == 0
+        for outside in ("/etc", "..", str(tmp_path.parent)):
+            err = shim.call("execute", {"command": "pwd", "cwd": outside})["error"]
+            assert err["code"] == "INVALID_PARAMS" and "outside the workspace" in err["message"], (outside, err)
+        shim.result("fs.writeFile", {"path": "relative.txt", "content": "into the workspace"})
+        assert (tmp_path / "relative.txt").read_text() == "into the workspace"
         health = shim.result("healthCheck")
         assert health["ok"] is True and health["pythonPath"] == "/usr/bin/python3"
         assert health["taptsVersion"] == "0.1.0"
@@ -125,7 +140,7 @@ def test_the_container_is_locked_down(boot_config, container_image, engine, tmp_
         assert host["ReadonlyRootfs"] is True and host["CapDrop"] == ["ALL"] and not host.get("CapAdd")
         assert "no-new-privileges" in host["SecurityOpt"] and host["NetworkMode"] == "none"
         assert host["Memory"] == 256 << 20 and host["PidsLimit"] == 1024 and not host.get("Privileged")
-        assert {m["Destination"] for m in container.attrs["Mounts"]} == {"/run/terminai", "/workspace"}
+        assert {m["Destination"] for m in container.attrs["Mounts"]} == {"/run/terminai", "/workspace", str(tmp_path)}
         status = shim.result("execute", {"command": "cat", "args": ["/proc/1/status"]})["stdout"]
         fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
         assert fields["CapEff"].strip() == "0000000000000000" and fields["NoNewPrivs"].strip() == "1"

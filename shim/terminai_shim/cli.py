@@ -21,7 +21,9 @@ if TYPE_CHECKING:
 def _boot_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kernel", type=Path, help="guest kernel (vmlinux)")
     p.add_argument("--rootfs", type=Path, help="guest root image (.squashfs or .erofs)")
-    p.add_argument("--workspace", type=Path, help="host directory shared with the guest at /workspace")
+    p.add_argument("--workspace", type=Path,
+                   help="host directory shared with the guest at its own path (and at /workspace)")  # fmt: skip
+    p.add_argument("--workspace-mount", help="where the guest sees the workspace instead of its host path")
     p.add_argument("--manifest", help="a release directory: verify it, then boot its kernel and root image")
     _store_args(p)
     p.add_argument("--memory", type=int, help="guest memory in MiB (default 512, or the manifest's)")
@@ -146,6 +148,7 @@ def _request(args: argparse.Namespace) -> LaunchRequest:
         cpus=args.cpus,
         network=NetworkPolicy(args.network, tuple(args.allow)),
         workspace=args.workspace,
+        workspace_mount=args.workspace_mount,
         snapshots="off" if getattr(args, "cold", False) else "auto",
         user=args.user,
         writable_git=args.writable_git,

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from terminai_agent import bootcontract as boot
+
 from ._internal.accel import choose_accel
 from ._internal.backends import NAMES, BackendChoice, choose_backend, make_backend
 from ._internal.backends.base import Backend
@@ -119,6 +121,9 @@ class LaunchRequest:
     cpus: int | None = None
     network: NetworkPolicy = field(default_factory=NetworkPolicy)
     workspace: Path | None = None
+    # Where the guest sees the workspace (absolute): default, the host's own path
+    # (or /workspace when that path is one of the guest's system directories).
+    workspace_mount: str | None = None
     snapshots: str = "auto"
     user: str = "user"
     writable_git: bool = False
@@ -203,6 +208,13 @@ def _check(request: LaunchRequest) -> None:
     _check_network(request.network)
     if request.workspace is not None and not Path(request.workspace).is_dir():
         raise ConfigError(f"workspace {request.workspace} is not a directory", hint="create it or pass an existing one")
+    if request.workspace_mount is not None:
+        mount = request.workspace_mount
+        if request.workspace is None:
+            raise ConfigError("workspaceMount needs a workspace (--workspace-mount needs --workspace)")
+        if not mount.startswith("/") or os.path.normpath(mount) != mount or boot.workspace_target(mount) != mount:
+            raise ConfigError(f"workspaceMount {mount!r} must be a normalised absolute path outside the guest's system "
+                              f"directories ({', '.join(boot.GUEST_SYSTEM_DIRS)})")  # fmt: skip
 
 
 def _check_source(source: ReleaseSource) -> None:
@@ -250,10 +262,13 @@ def _open(source: ReleaseSource, trust: Trust, kinds: Kinds, progress: Progress 
 
 
 def _common(request: LaunchRequest, backend: str) -> dict[str, object]:
+    workspace = Path(request.workspace).resolve() if request.workspace is not None else None
+    mount = request.workspace_mount or (boot.workspace_target(str(workspace)) if workspace else boot.WORKSPACE_ALIAS)
     return {
         "backend": backend,
         "network": request.network,
-        "workspace": Path(request.workspace).resolve() if request.workspace is not None else None,
+        "workspace": workspace,
+        "workspace_mount": mount,
         "accel": request.accel,
         "snapshots": request.snapshots,
         "user": request.user,

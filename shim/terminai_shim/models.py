@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from terminai_agent.bootcontract import WORKSPACE_ALIAS
+
 # Who commands run as in the guest: "user" (uid 0 without capabilities) or
 # "root" (every capability). The agent checks the same two names.
 GUEST_USERS = ("user", "root")
@@ -37,7 +39,9 @@ class BootConfig:
     memory_mib: int = DEFAULT_MEMORY_MIB
     cpus: int = DEFAULT_CPUS
     workspace: Path | None = None
-    workspace_mount: str = "/workspace"
+    # Where the guest sees it: the host's own path by default (``launch``), so
+    # host paths work unchanged; and always at WORKSPACE_ALIAS as well.
+    workspace_mount: str = WORKSPACE_ALIAS
     accel: str = "auto"  # auto | kvm | tcg
     backend: str = "auto"  # auto | qemu | firecracker | container
     # The root image as an OCI archive, for the container backend, and the
@@ -70,6 +74,18 @@ class BootConfig:
     user: str = "user"
     # Refuse any tier weaker than a microVM (the container tier shares the host's kernel).
     require_microvm: bool = False
+
+    @property
+    def workspace_alias(self) -> str | None:
+        """The second place the workspace appears in the guest, if any."""
+        return None if self.workspace is None or self.workspace_mount == WORKSPACE_ALIAS else WORKSPACE_ALIAS
+
+    @property
+    def workspace_paths(self) -> tuple[str, ...]:
+        """Every guest path the workspace is at."""
+        if self.workspace is None:
+            return ()
+        return (self.workspace_mount,) + ((self.workspace_alias,) if self.workspace_alias else ())
 
 
 @dataclass(frozen=True)

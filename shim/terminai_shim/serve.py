@@ -14,6 +14,7 @@ import binascii
 import codecs
 import itertools
 import json
+import posixpath
 import shlex
 import signal
 import sys
@@ -41,7 +42,8 @@ _COMMAND = frozenset({"command", "args", "shell", "cwd", "env", "timeout", "user
 PARAMS: dict[str, frozenset[str]] = {
     "initialize": frozenset({
         "manifest", "store", "channel", "release", "dev", "trustedRoot", "identity", "issuer", "allowHttp",
-        "backend", "network", "image", "imageSha256", "kernel", "rootfs", "rootfsFormat", "workspace", "memoryMib",
+        "backend", "network", "image", "imageSha256", "kernel", "rootfs", "rootfsFormat", "workspace",
+        "workspaceMount", "memoryMib",
         "cpus", "accel", "cold", "user", "writableGit", "requireMicrovm",
     }),
     "healthCheck": frozenset(),
@@ -205,6 +207,34 @@ class Server:
             raise RequestError("INVALID_PARAMS", f"cannot split command line: {exc}") from None
         return argv, None
 
+    def _cwd(self, params: dict[str, Any]) -> str | None:
+        """Where a command starts: the workspace unless told; a relative cwd is
+        inside the workspace; with a workspace, an absolute cwd must be in it
+        (at its host path or at /workspace), never silently somewhere else."""
+        cwd = params.get("cwd")
+        config = self._session().config
+        if cwd is not None and not isinstance(cwd, str):
+            raise RequestError("INVALID_PARAMS", "cwd must be a string")
+        if not cwd:
+            return config.workspace_mount if config.workspace is not None else None
+        if config.workspace is None:
+            return cwd
+        resolved = posixpath.normpath(posixpath.join(config.workspace_mount, cwd))
+        if not any(resolved == w or resolved.startswith(w.rstrip("/") + "/") for w in config.workspace_paths):
+            raise RequestError("INVALID_PARAMS", f"cwd {cwd} is outside the workspace, which the guest has at "
+                               f"{' and '.join(config.workspace_paths)}",
+                               hint="pass a path inside the workspace (host paths work unchanged)")  # fmt: skip
+        return resolved
+
+    def _fs_path(self, params: dict[str, Any]) -> str:
+        """A file path: absolute as given, relative to the workspace (or / without one)."""
+        path = params["path"]
+        if not isinstance(path, str) or not path:
+            raise RequestError("INVALID_PARAMS", "path must be a non-empty string")
+        config = self._session().config
+        base = config.workspace_mount if config.workspace is not None else "/"
+        return posixpath.join(base, path)
+
     @staticmethod
     def _user(params: dict[str, Any]) -> str | None:
         user = params.get("user")
@@ -248,6 +278,7 @@ class Server:
                 "restoredFromSnapshot": s.restored_from is not None,
                 "session": s.client.hello_info.get("session"),
                 "workspace": s.config.workspace_mount if s.config.workspace else None,
+                "workspaceAlias": s.config.workspace_alias,
                 **({"release": _release_info(launch.release)} if launch.release is not None else {}),
             }
 
@@ -268,7 +299,7 @@ class Server:
         rid = self.request_id.value
         try:
             proc = session.client.exec(
-                argv, command=command, shell=command is not None, cwd=p.get("cwd"), env=env,
+                argv, command=command, shell=command is not None, cwd=self._cwd(p), env=env,
                 timeout=self._timeout(p), stdin=str(p.get("stdin", "")).encode(),
                 output_cap=int(p.get("outputCap", DEFAULT_EXEC_OUTPUT_CAP)), user=self._user(p),
             )  # fmt: skip
@@ -328,7 +359,7 @@ class Server:
                 self._forward(pid_name, spawned, name, value)
 
         spawned.proc = session.client.exec(
-            argv, command=command, shell=command is not None, cwd=p.get("cwd"), env=p.get("env") or {},
+            argv, command=command, shell=command is not None, cwd=self._cwd(p), env=p.get("env") or {},
             timeout=self._timeout(p), stdin_open=True, on_event=on_event, user=self._user(p), pty=pty,
         )  # fmt: skip
         self.procs[pid_name] = spawned
@@ -394,7 +425,7 @@ class Server:
         return {}
 
     def m_fs_readFile(self, p: dict[str, Any]) -> dict[str, Any]:
-        data = self._session().client.read_file(p["path"])
+        data = self._session().client.read_file(self._fs_path(p))
         if p.get("encoding") == "base64":
             return {"content": base64.b64encode(data).decode(), "encoding": "base64"}
         return {"content": data.decode("utf-8", "replace"), "encoding": "utf8"}
@@ -402,22 +433,22 @@ class Server:
     def m_fs_writeFile(self, p: dict[str, Any]) -> dict[str, Any]:
         content = p["content"]
         data = base64.b64decode(content) if p.get("encoding") == "base64" else str(content).encode()
-        self._session().client.write_file(p["path"], data, create_dirs=bool(p.get("createDirs")))
+        self._session().client.write_file(self._fs_path(p), data, create_dirs=bool(p.get("createDirs")))
         return {"bytesWritten": len(data)}
 
     def m_fs_stat(self, p: dict[str, Any]) -> dict[str, Any]:
-        st = self._session().client.stat(p["path"])
+        st = self._session().client.stat(self._fs_path(p))
         return {k: st[k] for k in ("type", "size", "mode", "mtime")}
 
     def m_fs_list(self, p: dict[str, Any]) -> dict[str, Any]:
-        return {"entries": self._session().client.listdir(p["path"])}
+        return {"entries": self._session().client.listdir(self._fs_path(p))}
 
     def m_fs_remove(self, p: dict[str, Any]) -> dict[str, Any]:
-        self._session().client.remove(p["path"], recursive=bool(p.get("recursive")))
+        self._session().client.remove(self._fs_path(p), recursive=bool(p.get("recursive")))
         return {}
 
     def m_fs_mkdir(self, p: dict[str, Any]) -> dict[str, Any]:
-        self._session().client.mkdir(p["path"])
+        self._session().client.mkdir(self._fs_path(p))
         return {}
 
     def m_dispose(self, p: dict[str, Any]) -> dict[str, Any]:
@@ -513,6 +544,7 @@ def launch_request(p: dict[str, Any]) -> LaunchRequest:
         cpus=_whole(p, "cpus"),
         network=_network(p.get("network")),
         workspace=_path(p, "workspace"),
+        workspace_mount=_text(p, "workspaceMount"),
         snapshots="off" if p.get("cold") else "auto",
         user=_text(p, "user") or "user",
         writable_git=bool(p.get("writableGit")),

@@ -434,13 +434,16 @@ class Session:
 def _mounts(config: BootConfig) -> list[dict[str, Any]]:
     """The workspace, then its ``.git`` read-only over it (unless asked to be
     writable): guest code must not plant hooks or ``core.fsmonitor`` that
-    the host's next ``git`` command in the workspace would run."""
+    the host's next ``git`` command in the workspace would run; then the
+    ``/workspace`` alias of both."""
     if config.workspace is None:
         return []
     mounts: list[dict[str, Any]] = [{"source": WORKSPACE_TAG, "target": config.workspace_mount, "fstype": "9p"}]
     if not config.writable_git and git_share(config.workspace) is not None:
         mounts.append({"source": GIT_TAG, "target": f"{config.workspace_mount}/.git", "fstype": "9p",
                        "readonly": True})  # fmt: skip
+    if config.workspace_alias is not None:  # after .git: the alias carries it along (a recursive bind)
+        mounts.append({"source": config.workspace_mount, "target": config.workspace_alias, "fstype": "bind"})
     return mounts
 
 

@@ -29,6 +29,22 @@ VSOCK_PORT = 1024  # AF_VSOCK (vhost-vsock, Firecracker)
 CONTAINER_AGENT_DIR = "/run/terminai"  # bind-mounted from the host's runtime directory
 CONTAINER_AGENT_SOCKET = "agent.sock"
 
+# The workspace appears in the guest at the same absolute path as on the
+# host (so the CLI's host paths work unchanged), and always at this alias.
+# A host path inside one of the guest's own system directories cannot be
+# used that way: the workspace is then at the alias only.
+WORKSPACE_ALIAS = "/workspace"
+GUEST_SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/proc", "/sys", "/dev",
+                     "/run", "/boot", "/var")  # fmt: skip
+
+
+def workspace_target(host_path: str) -> str:
+    """Where a workspace at ``host_path`` on the host is mounted in the guest."""
+    if host_path == "/" or any(host_path == d or host_path.startswith(d + "/") for d in GUEST_SYSTEM_DIRS):
+        return WORKSPACE_ALIAS
+    return host_path
+
+
 # 9p tags the shim exports and the agent mounts on request.
 WORKSPACE_TAG = "workspace"
 GIT_TAG = "workspace-git"  # the workspace's .git, exported read-only

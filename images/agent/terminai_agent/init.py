@@ -19,6 +19,7 @@ MS_NOEXEC = 0x8
 MS_REMOUNT = 0x20
 MS_BIND = 0x1000
 MS_MOVE = 0x2000
+MS_REC = 0x4000
 PR_SET_DUMPABLE = 4
 # Shares of guest memory for each tmpfs: together below the whole, so that
 # files alone cannot take the memory the agent needs to answer.

@@ -580,11 +580,16 @@ class Server:
         fstype = h.get("fstype", "9p")
         if not self.config.pid1:  # a container's engine mounts; a test's host is not to be touched
             raise P.ProtocolError(P.BAD_REQUEST, "mount is done by the VM's init only")
-        if fstype not in ("9p", "virtiofs", "tmpfs"):
+        if fstype not in ("9p", "virtiofs", "tmpfs", "bind"):
             raise P.ProtocolError(P.BAD_REQUEST, f"fstype {fstype!r} is not allowed")
-        from .init import MS_NODEV, MS_NOSUID, MS_RDONLY, mount
+        from .init import MS_BIND, MS_NODEV, MS_NOSUID, MS_RDONLY, MS_REC, mount
 
         target = h["target"]
+        if fstype == "bind":  # a second place for what is already mounted (the workspace's alias), with its submounts
+            os.makedirs(target, exist_ok=True)
+            mount(h["source"], target, "", MS_BIND | MS_REC)
+            self._send(conn, P.result(rid, target=target))
+            return
         flags = MS_NOSUID | MS_NODEV | (MS_RDONLY if h.get("readonly") else 0)
         if h.get("readonly") and not os.path.isdir(target):
             raise P.ProtocolError(P.NOT_FOUND, f"{target} is not a directory to cover")

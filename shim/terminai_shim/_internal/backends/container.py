@@ -279,11 +279,11 @@ class ContainerBackend(Backend):
         agent_dir = runtime.path / "agent"
         agent_dir.mkdir(exist_ok=True)
         mounts = [Mount(boot.CONTAINER_AGENT_DIR, str(agent_dir), type="bind")]
-        if config.workspace is not None:
-            mounts.append(Mount(config.workspace_mount, str(config.workspace), type="bind"))
-            git = git_share(config.workspace)
+        git = git_share(config.workspace) if config.workspace is not None else None
+        for target in config.workspace_paths:  # the host's own path and the alias
+            mounts.append(Mount(target, str(config.workspace), type="bind"))
             if git is not None and not config.writable_git:  # hooks and config there would run on the host
-                mounts.append(Mount(f"{config.workspace_mount}/.git", str(git), type="bind", read_only=True))
+                mounts.append(Mount(f"{target}/.git", str(git), type="bind", read_only=True))
         uid, gid = os.getuid(), os.getgid()
         try:
             container = self.client().containers.create(
