@@ -334,6 +334,7 @@ class Server:
     def m_cancel(self, p: dict[str, Any]) -> dict[str, Any]:
         """Stop a running ``execute`` by its request id: its process group is killed (SIGKILL) and the
         execute answers as a command ended by signal 9 would."""
+        self._session()
         proc = self.executing.get(p["id"])
         if proc is None:
             raise RequestError("NO_SUCH_REQUEST", f"cancel: no execute with id {p['id']!r} is running")
@@ -401,6 +402,7 @@ class Server:
                                                    "ran": True}})  # fmt: skip
 
     def _proc(self, p: dict[str, Any]) -> _Spawned:
+        self._session()  # NOT_INITIALIZED before anything else
         spawned = self.procs.get(str(p.get("processId")))
         if spawned is None:
             raise RequestError("NO_SUCH_PROCESS", f"no running process {p.get('processId')!r}")
