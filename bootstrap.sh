@@ -30,8 +30,11 @@ packages=(
     osslsigncode
     # the pipeline and tests
     git python3 python3-venv python3-dev curl ca-certificates file
+    # the terminal tests drive `terminai-shim run -t` like a person, through tmux
+    tmux
 )
 command -v node >/dev/null 2>&1 || packages+=(nodejs)
+command -v npm >/dev/null 2>&1 || packages+=(npm)
 
 missing=()
 for p in "${packages[@]}"; do

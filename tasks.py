@@ -220,6 +220,17 @@ def demo(c: Context, command: str = "", json: bool = False) -> None:
     c.run(shlex.join(shim), pty=False)
 
 
+@task(help={"json": "emit progress as JSON events on stderr"})
+def client(c: Context, json: bool = False) -> None:
+    """The CLI's TypeScript package (clients/node): pinned dev dependencies, tsc, a consumer type-checked (cached)."""
+    from terminai_release.client import build_client
+
+    try:
+        print(f"client: {build_client(_ctx(json)).dist}")
+    except BuildError as exc:
+        _fail(exc)
+
+
 @task(help={"markers": "pytest -m expression (default: everything)", "args": "extra pytest arguments"})
 def test(c: Context, markers: str = "", args: str = "") -> None:
     """Run the test suite (unit, build, vm and repro tests), with a Docker engine running."""

@@ -25,6 +25,7 @@ class ShimProc:
         self.ids = itertools.count(1)
         self.responses: dict[Any, queue.Queue[dict[str, Any]]] = {}
         self.notifications: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.progress: queue.Queue[dict[str, Any]] = queue.Queue()  # initialize.progress, apart from process events
         self.unmatched: queue.Queue[dict[str, Any]] = queue.Queue()
         self.lock = threading.Lock()
         self.schema_errors: list[str] = []
@@ -43,6 +44,9 @@ class ShimProc:
                 result_schema = {"$ref": f"#/$defs/results/{method}", "$defs": SCHEMA["$defs"]}
                 errors = jsonschema.Draft202012Validator(result_schema).iter_errors(msg["result"])
                 self.schema_errors += [f"{method} result: {e.message} in {line.strip()}" for e in errors]
+            if msg.get("method") == "initialize.progress":
+                self.progress.put(msg["params"])
+                continue
             if "method" in msg:
                 self.notifications.put(msg)
                 continue

@@ -19,6 +19,7 @@ import shlex
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -264,7 +265,10 @@ class Server:
         with self.session_lock:
             if self.session is not None:
                 raise RequestError("ALREADY_INITIALIZED", "this shim already runs a VM; dispose it first")
-            launch = resolve(launch_request(p))
+            request = launch_request(p)
+            self.notify("initialize.progress", {"stage": "verify"})
+            launch = resolve(request, self._download_progress())
+            self.notify("initialize.progress", {"stage": "boot", "backend": launch.choice.name})
             self.session = s = launch.boot()
             return {
                 "protocolVersion": PROTOCOL_VERSION,
@@ -281,6 +285,18 @@ class Server:
                 "workspaceAlias": s.config.workspace_alias,
                 **({"release": _release_info(launch.release)} if launch.release is not None else {}),
             }
+
+    def _download_progress(self) -> Callable[[str, int, int], None]:
+        """Downloads as ``initialize.progress`` notifications, at most ten a second per file (and its end)."""
+        last: dict[str, float] = {}
+
+        def report(name: str, done: int, total: int) -> None:
+            now = time.monotonic()
+            if done == total or now - last.get(name, 0.0) >= 0.1:
+                last[name] = now
+                self.notify("initialize.progress", {"stage": "download", "name": name, "done": done, "total": total})
+
+        return report
 
     def m_healthCheck(self, p: dict[str, Any]) -> dict[str, Any]:
         try:

@@ -1,0 +1,318 @@
+// The CLI's isolation tiers as RuntimeContexts, all through one shim
+// protocol client. The tier is what differs: which backend `initialize`
+// asks for and what `isAvailable` probes.
+import { execFile } from 'node:child_process';
+import { ShimConnection, type ProgressEvent } from './connection.js';
+import { ShimError, ShimNotFound } from './errors.js';
+import { locateShim } from './locate.js';
+import { ShimProcess } from './process.js';
+import type {
+  ExecutionEnvironment,
+  ExecutionOptions,
+  ExecutionResult,
+  HealthCheckResult,
+  RuntimeContext,
+  RuntimeType,
+} from './types.js';
+
+export type NetworkPolicy = 'none' | 'open' | { mode: 'none' | 'allowlist' | 'open'; allow?: string[] };
+
+export interface RuntimeOptions {
+  /** The shim to run; default: TERMINAI_SHIM, the per-platform package, then PATH. */
+  shimPath?: string;
+  /** The signed release to boot: a directory or URL (`manifest`), or a published `store` and its `channel`. */
+  release?: { manifest?: string; store?: string; channel?: string; version?: string; allowHttp?: boolean };
+  /** Who must have signed it; default: the signer pinned in the shim for the channel. */
+  trust?: { dev?: boolean; trustedRoot?: string; identity?: string; issuer?: string };
+  /** A developer's own unsigned build outputs instead of a release. */
+  artifacts?: { kernel?: string; rootfs?: string; image?: string; imageSha256?: string };
+  workspace?: string;
+  workspaceMount?: string;
+  network?: NetworkPolicy;
+  memoryMib?: number;
+  cpus?: number;
+  accel?: 'auto' | 'kvm' | 'tcg';
+  user?: 'user' | 'root';
+  writableGit?: boolean;
+  cold?: boolean;
+  /** Progress of the first start: verification, downloads, boot. */
+  onEvent?: (event: ProgressEvent) => void;
+  /** The shim's environment (default: this process's). */
+  env?: NodeJS.ProcessEnv;
+}
+
+export interface Availability {
+  available: boolean;
+  reason: string;
+  shim?: string;
+}
+
+interface DoctorReport {
+  qemu?: { version?: string | null };
+  accelerator?: { choice?: string; reason?: string };
+  container_engine?: { answers?: boolean; reason?: string };
+}
+
+interface InitializeResult {
+  type: 'microvm' | 'container';
+  displayName: string;
+  pythonPath?: string | null;
+  backend: string;
+  notice?: string;
+}
+
+interface ExecuteResult {
+  stdout: string;
+  stderr: string;
+  exitCode: number | null;
+  runtimeError?: { code: string; message: string };
+}
+
+const DOCTOR_TIMEOUT_MS = 10_000;
+
+function doctor(shim: string, env: NodeJS.ProcessEnv): Promise<DoctorReport> {
+  return new Promise((resolve, reject) => {
+    // `doctor` exits 1 when no local VM artifacts exist; its report is still the answer.
+    execFile(shim, ['doctor', '--json'], { timeout: DOCTOR_TIMEOUT_MS, env }, (error, stdout) => {
+      try {
+        resolve(JSON.parse(stdout) as DoctorReport);
+      } catch {
+        reject(new Error(`terminai-shim doctor did not answer: ${error?.message ?? 'no report'}`));
+      }
+    });
+  });
+}
+
+function cleanEnv(env: NodeJS.ProcessEnv | undefined): Record<string, string> | undefined {
+  if (!env) return undefined;
+  return Object.fromEntries(Object.entries(env).filter((kv): kv is [string, string] => typeof kv[1] === 'string'));
+}
+
+abstract class ShimRuntimeContext implements RuntimeContext {
+  abstract readonly type: RuntimeType;
+  abstract readonly executionEnvironment: ExecutionEnvironment;
+  readonly isIsolated = true;
+  displayName = '';
+  pythonPath = '';
+  taptsVersion = '';
+  /** The tier's own words when it is weaker than a microVM (show them to the user). */
+  notice: string | undefined;
+  protected readonly options: RuntimeOptions;
+  #connection: ShimConnection | undefined;
+
+  constructor(options: RuntimeOptions = {}) {
+    this.options = options;
+  }
+
+  /** What `initialize` asks for on top of the options: the tier. */
+  protected abstract tierParams(): Record<string, unknown>;
+
+  protected get connection(): ShimConnection {
+    if (!this.#connection) throw new ShimError('NOT_INITIALIZED', 'call initialize() first');
+    return this.#connection;
+  }
+
+  async initialize(): Promise<void> {
+    if (this.#connection) throw new ShimError('ALREADY_INITIALIZED', 'this context is already initialized');
+    const o = this.options;
+    const connection = new ShimConnection(locateShim(o.shimPath, o.env ?? process.env), o.env ?? process.env);
+    this.#connection = connection;
+    connection.onProgress = o.onEvent;
+    const params: Record<string, unknown> = {
+      ...(o.release?.manifest ? { manifest: o.release.manifest } : {}),
+      ...(o.release?.store ? { store: o.release.store } : {}),
+      ...(o.release?.channel ? { channel: o.release.channel } : {}),
+      ...(o.release?.version ? { release: o.release.version } : {}),
+      ...(o.release?.allowHttp ? { allowHttp: true } : {}),
+      ...(o.trust?.dev ? { dev: true } : {}),
+      ...(o.trust?.trustedRoot ? { trustedRoot: o.trust.trustedRoot } : {}),
+      ...(o.trust?.identity ? { identity: o.trust.identity } : {}),
+      ...(o.trust?.issuer ? { issuer: o.trust.issuer } : {}),
+      ...(o.artifacts?.kernel ? { kernel: o.artifacts.kernel } : {}),
+      ...(o.artifacts?.rootfs ? { rootfs: o.artifacts.rootfs } : {}),
+      ...(o.artifacts?.image ? { image: o.artifacts.image } : {}),
+      ...(o.artifacts?.imageSha256 ? { imageSha256: o.artifacts.imageSha256 } : {}),
+      ...(o.workspace ? { workspace: o.workspace } : {}),
+      ...(o.workspaceMount ? { workspaceMount: o.workspaceMount } : {}),
+      ...(o.network ? { network: o.network } : {}),
+      ...(o.memoryMib ? { memoryMib: o.memoryMib } : {}),
+      ...(o.cpus ? { cpus: o.cpus } : {}),
+      ...(o.accel ? { accel: o.accel } : {}),
+      ...(o.user ? { user: o.user } : {}),
+      ...(o.writableGit ? { writableGit: true } : {}),
+      ...(o.cold ? { cold: true } : {}),
+      ...this.tierParams(),
+    };
+    try {
+      const info = await connection.request<InitializeResult>('initialize', params);
+      this.displayName = info.displayName;
+      this.pythonPath = info.pythonPath ?? '';
+      this.notice = info.notice;
+      o.onEvent?.({ stage: 'ready', backend: info.backend });
+    } catch (error) {
+      connection.kill();
+      this.#connection = undefined;
+      throw error;
+    }
+  }
+
+  async healthCheck(): Promise<HealthCheckResult> {
+    try {
+      const health = await this.connection.request<{ ok: boolean; error?: string; pythonPath?: string; taptsVersion?: string }>(
+        'healthCheck',
+      );
+      if (health.ok) {
+        this.pythonPath = health.pythonPath ?? this.pythonPath;
+        this.taptsVersion = health.taptsVersion ?? this.taptsVersion;
+        return { ok: true };
+      }
+      return { ok: false, error: health.error ?? 'the isolation tier is not healthy' };
+    } catch (error) {
+      return { ok: false, error: (error as Error).message };
+    }
+  }
+
+  async execute(command: string, options: ExecutionOptions = {}): Promise<ExecutionResult> {
+    try {
+      const result = await this.connection.request<ExecuteResult>('execute', this.#commandParams(command, options));
+      const out: ExecutionResult = { stdout: result.stdout, stderr: result.stderr, exitCode: result.exitCode };
+      if (result.runtimeError) out.runtimeError = `${result.runtimeError.code}: ${result.runtimeError.message}`;
+      return out;
+    } catch (error) {
+      const e = ShimError.from(error);
+      if (e.code === 'INVALID_PARAMS' || e.code === 'NOT_INITIALIZED') throw error;
+      return { stdout: '', stderr: '', exitCode: null, runtimeError: `${e.code}: ${e.message}` };
+    }
+  }
+
+  async spawn(
+    command: string,
+    options: ExecutionOptions & { pty?: { cols: number; rows: number; term?: string } } = {},
+  ): Promise<ShimProcess> {
+    const params = this.#commandParams(command, options);
+    if (options.pty) params['pty'] = options.pty;
+    const result = await this.connection.request<{ processId: string; pid: number }>('spawn', params);
+    const proc = new ShimProcess(this.connection, result.processId, result.pid || undefined);
+    this.connection.claim(result.processId, (n) => proc.notify(n));
+    return proc;
+  }
+
+  async dispose(): Promise<void> {
+    const connection = this.#connection;
+    if (!connection) return;
+    this.#connection = undefined;
+    try {
+      await connection.request('dispose');
+    } catch {
+      // the shim may already be gone (the VM died, or it was killed): it is stopped below either way
+    }
+    const timer = setTimeout(() => connection.kill(), 30_000);
+    await connection.exited;
+    clearTimeout(timer);
+  }
+
+  #commandParams(command: string, options: ExecutionOptions): Record<string, unknown> {
+    const params: Record<string, unknown> = { command };
+    if (options.args) params['args'] = options.args;
+    if (options.cwd) params['cwd'] = options.cwd;
+    const env = cleanEnv(options.env);
+    if (env) params['env'] = env;
+    if (options.timeout) params['timeout'] = options.timeout;
+    return params;
+  }
+
+  /** The shim found, and `doctor` (no boot: fast) says this tier can run here. */
+  protected static async probe(
+    options: RuntimeOptions,
+    judge: (report: DoctorReport) => Availability,
+  ): Promise<Availability> {
+    let shim: string;
+    try {
+      shim = locateShim(options.shimPath, options.env ?? process.env);
+    } catch (error) {
+      return { available: false, reason: (error as ShimNotFound).message };
+    }
+    try {
+      return { ...judge(await doctor(shim, options.env ?? process.env)), shim };
+    } catch (error) {
+      return { available: false, reason: (error as Error).message, shim };
+    }
+  }
+}
+
+/** A microVM (QEMU, or Firecracker with KVM): its own kernel; never a weaker tier. */
+export class MicroVMRuntimeContext extends ShimRuntimeContext {
+  readonly type = 'microvm' as const;
+  readonly executionEnvironment = 'microvm' as const;
+
+  protected tierParams(): Record<string, unknown> {
+    return { backend: 'auto', requireMicrovm: true };
+  }
+
+  static availability(options: RuntimeOptions = {}): Promise<Availability> {
+    return ShimRuntimeContext.probe(options, (r) =>
+      r.qemu?.version
+        ? { available: true, reason: `${r.qemu.version}; ${r.accelerator?.choice ?? 'tcg'}: ${r.accelerator?.reason ?? ''}` }
+        : { available: false, reason: 'QEMU is not installed (apt-get install qemu-system-x86)' },
+    );
+  }
+
+  static async isAvailable(options: RuntimeOptions = {}): Promise<boolean> {
+    return (await MicroVMRuntimeContext.availability(options)).available;
+  }
+}
+
+/** A locked-down Docker container from the same root image: shares the host's kernel. */
+export class ContainerRuntimeContext extends ShimRuntimeContext {
+  readonly type = 'container' as const;
+  readonly executionEnvironment = 'container' as const;
+
+  protected tierParams(): Record<string, unknown> {
+    return { backend: 'container' };
+  }
+
+  static availability(options: RuntimeOptions = {}): Promise<Availability> {
+    return ShimRuntimeContext.probe(options, (r) => ({
+      available: r.container_engine?.answers === true,
+      reason: r.container_engine?.reason ?? 'the shim reported nothing about a container engine',
+    }));
+  }
+
+  static async isAvailable(options: RuntimeOptions = {}): Promise<boolean> {
+    return (await ContainerRuntimeContext.availability(options)).available;
+  }
+}
+
+/**
+ * The Windows AppContainer "brain" behind the host broker. Only Windows has
+ * AppContainers, and the shim's `serve` does not drive the brain tier yet
+ * (`terminai-shim brain` runs it on its own): this context says so instead of
+ * pretending.
+ */
+export class WindowsAppContainerContext extends ShimRuntimeContext {
+  readonly type = 'windows-appcontainer' as const;
+  readonly executionEnvironment = 'appcontainer' as const;
+
+  protected tierParams(): Record<string, unknown> {
+    return {};
+  }
+
+  static async availability(options: RuntimeOptions = {}): Promise<Availability> {
+    if (process.platform !== 'win32') {
+      return { available: false, reason: 'Windows AppContainers exist only on Windows' };
+    }
+    return ShimRuntimeContext.probe(options, () => ({
+      available: false,
+      reason: 'terminai-shim serve does not drive the Windows brain tier yet (terminai-shim brain launch runs it alone)',
+    }));
+  }
+
+  static async isAvailable(options: RuntimeOptions = {}): Promise<boolean> {
+    return (await WindowsAppContainerContext.availability(options)).available;
+  }
+
+  override async initialize(): Promise<void> {
+    const why = await WindowsAppContainerContext.availability(this.options);
+    throw new ShimError('TIER_UNAVAILABLE', `the Windows AppContainer tier is not available: ${why.reason}`);
+  }
+}

@@ -1,0 +1,131 @@
+// The package against a real shim and a real isolation tier, as the TerminAI
+// CLI uses it. Run by tests/test_node_package.py (`inv test`) with SHIM (the
+// shim to use), MANIFEST (a release signed by the local development
+// identity), WORKSPACE and BACKEND (qemu or container) set.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
+import { mkdirSync, readFileSync, readdirSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import {
+  ContainerRuntimeContext,
+  MicroVMRuntimeContext,
+  ShimNotFound,
+  WindowsAppContainerContext,
+  locateShim,
+} from '../dist/index.js';
+
+const { SHIM, MANIFEST, WORKSPACE, BACKEND } = process.env;
+const Tier = BACKEND === 'container' ? ContainerRuntimeContext : MicroVMRuntimeContext;
+const options = () => ({ shimPath: SHIM, release: { manifest: MANIFEST }, trust: { dev: true }, workspace: WORKSPACE });
+
+test('isAvailable is a real probe that says why not', async () => {
+  const none = { shimPath: undefined, env: { PATH: '/nonexistent' } };
+  const why = await MicroVMRuntimeContext.availability(none);
+  assert.equal(why.available, false);
+  assert.match(why.reason, /TERMINAI_SHIM \(not set\).*@terminai\/shim-.*terminai-shim on PATH/);
+  assert.equal(await MicroVMRuntimeContext.isAvailable(none), false);
+  assert.throws(() => locateShim('/no/such/shim'), ShimNotFound);
+  const found = await Tier.availability({ shimPath: SHIM });
+  assert.equal(found.available, true, found.reason);
+  assert.equal(found.shim, SHIM);
+  const windows = await WindowsAppContainerContext.availability({ shimPath: SHIM });
+  assert.equal(windows.available, false);
+  assert.match(windows.reason, /Windows/);
+  await assert.rejects(new WindowsAppContainerContext({ shimPath: SHIM }).initialize(), /not available/);
+});
+
+test('the CLI acceptance sequence, host paths, concurrency, kill', { timeout: 300_000 }, async () => {
+  const events = [];
+  const context = new Tier({ ...options(), onEvent: (e) => events.push(e.stage) });
+  await context.initialize();
+  try {
+    assert.deepEqual([context.type, context.executionEnvironment, context.isIsolated],
+      BACKEND === 'container' ? ['container', 'container', true] : ['microvm', 'microvm', true]);
+    assert.ok(events.includes('verify') && events.includes('boot') && events.at(-1) === 'ready', events.join());
+    const health = await context.healthCheck();
+    assert.deepEqual(health, { ok: true });
+    assert.equal(context.pythonPath, '/usr/bin/python3');
+    assert.match(context.taptsVersion, /^\d+\.\d+\.\d+/);
+
+    const echo = await context.execute('echo "Hello from MicroVM"');
+    assert.equal(echo.stdout, 'Hello from MicroVM\n');
+    assert.equal(echo.exitCode, 0);
+
+    const proc = await context.spawn('python3 -c "import time; print(1, flush=True); time.sleep(0.5); print(2)"');
+    const chunks = [];
+    proc.stdout.on('data', (chunk) => { assert.ok(Buffer.isBuffer(chunk)); chunks.push(chunk.toString()); });
+    const [code, signal] = await new Promise((resolve) => proc.on('close', (c, s) => resolve([c, s])));
+    assert.deepEqual([code, signal], [0, null]);
+    assert.equal(chunks.join(''), '1\n2\n');
+    assert.ok(chunks.length >= 2, `streamed in pieces: ${JSON.stringify(chunks)}`);
+
+    // writing then reading a file, the way the CLI does it
+    const file = join(WORKSPACE, 'note.txt');
+    assert.equal((await context.execute('sh', { args: ['-c', `echo from the guest > ${file}`] })).exitCode, 0);
+    assert.equal(readFileSync(file, 'utf8'), 'from the guest\n');
+    assert.equal((await context.execute('cat', { args: [file] })).stdout, 'from the guest\n');
+
+    // host paths as cwd and in arguments work unchanged
+    mkdirSync(join(WORKSPACE, 'src'), { recursive: true });
+    writeFileSync(join(WORKSPACE, 'src', 'app.py'), 'import os; print(os.getcwd())');
+    const here = await context.execute('python3', { args: [join(WORKSPACE, 'src', 'app.py')], cwd: join(WORKSPACE, 'src') });
+    assert.equal(here.stdout, `${join(WORKSPACE, 'src')}\n`);
+    await assert.rejects(context.execute('pwd', { cwd: '/etc' }), /outside the workspace/);
+
+    // stdin, env, timeout
+    const upper = await context.spawn('python3', { args: ['-c', 'import sys, os; print(sys.stdin.read().upper(), os.environ["X"])'], env: { X: 'x', Y: undefined } });
+    let out = '';
+    upper.stdout.on('data', (c) => { out += c; });
+    upper.stdin.end('typed');
+    await new Promise((resolve) => upper.on('close', resolve));
+    assert.equal(out, 'TYPED x\n');
+    const slow = await context.execute('sleep', { args: ['100'], timeout: 500 });
+    assert.equal(slow.exitCode, 137);
+
+    // 20 at once
+    const many = await Promise.all(Array.from({ length: 20 }, (_, i) => context.execute('sh', { args: ['-c', `sleep 0.2; echo ${i}`] })));
+    assert.deepEqual(many.map((r) => r.stdout), Array.from({ length: 20 }, (_, i) => `${i}\n`));
+
+    // kill
+    const sleeper = await context.spawn('sleep', { args: ['100'] });
+    const ended = new Promise((resolve) => sleeper.on('exit', (c, s) => resolve([c, s])));
+    assert.equal(sleeper.kill('SIGTERM'), true);
+    assert.deepEqual(await ended, [143, 'SIGTERM']);
+    assert.equal(sleeper.kill(), false, 'nothing left to signal');
+
+    // a terminal
+    const term = await context.spawn('sh', { args: ['-c', 'test -t 1 && stty size'], pty: { cols: 90, rows: 20 } });
+    let screen = '';
+    term.stdout.on('data', (c) => { screen += c; });
+    await new Promise((resolve) => term.on('close', resolve));
+    assert.equal(screen, '20 90\r\n');
+  } finally {
+    await context.dispose();
+  }
+});
+
+function tierProcessOf(shimPid) {
+  if (BACKEND === 'container') {
+    return () => execFileSync('docker', ['kill', ...execFileSync('docker', ['ps', '-q', '--filter', `label=org.terminai.owner-pid=${shimPid}`]).toString().split()]);
+  }
+  const children = (pid) => readdirSync(`/proc/${pid}/task`).flatMap((t) => readFileSync(`/proc/${pid}/task/${t}/children`, 'utf8').split(' ').filter(Boolean));
+  const qemu = children(shimPid).find((pid) => readFileSync(`/proc/${pid}/cmdline`, 'utf8').includes('qemu'));
+  assert.ok(qemu, 'the shim has a QEMU child');
+  return () => process.kill(Number(qemu), 'SIGKILL');
+}
+
+test('the tier dying mid-command: runtimeError, an unhealthy check, and dispose still works', { timeout: 300_000 }, async () => {
+  const context = new Tier(options());
+  await context.initialize();
+  const kill = tierProcessOf(context.connection.child.pid);
+  const running = context.execute('sleep', { args: ['100'] });
+  await new Promise((resolve) => setTimeout(resolve, 1000));
+  kill();
+  const result = await running;
+  assert.equal(result.exitCode, null);
+  assert.match(result.runtimeError, /VM_GONE|stopped|gone/i);
+  const health = await context.healthCheck();
+  assert.equal(health.ok, false);
+  await context.dispose();
+});

@@ -1,0 +1,59 @@
+"""The CLI's TypeScript package (``clients/node``): its pinned dev
+dependencies installed from the lockfile and its sources compiled with
+``tsc``, skipped when nothing it is built from changed."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from .context import BuildContext
+from .digest import digest_inputs, sha256_file
+from .errors import BuildError
+from .proc import run_logged
+
+INPUTS = ("package.json", "package-lock.json", ".npmrc", "tsconfig.json", "tsconfig.consumer.json")
+STAMP = ".terminai-build"
+
+
+@dataclass(frozen=True)
+class ClientPackage:
+    directory: Path
+
+    @property
+    def dist(self) -> Path:
+        return self.directory / "dist"
+
+
+def _key(directory: Path) -> str:
+    files = [directory / name for name in INPUTS]
+    files += sorted((directory / "src").rglob("*.ts")) + sorted((directory / "test" / "fixtures").rglob("*.ts"))
+    return digest_inputs({str(f.relative_to(directory)): sha256_file(f) for f in files})
+
+
+def build_client(ctx: BuildContext) -> ClientPackage:
+    directory = ctx.repo / "clients" / "node"
+    npm = shutil.which("npm")
+    if npm is None:
+        raise BuildError("npm is not installed", hint="run ./bootstrap.sh (it installs nodejs and npm)")
+    key = _key(directory)
+    stamp = directory / "dist" / STAMP
+    if stamp.is_file() and stamp.read_text() == key:
+        ctx.reporter.done("client", f"@terminai/runtime from cache ({key[:12]})")
+        return ClientPackage(directory)
+    log = ctx.out / "logs" / "client.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    lock = directory / "package-lock.json"
+    installed = directory / "node_modules" / ".package-lock.json"
+    if not installed.is_file() or installed.read_bytes() != lock.read_bytes():
+        ctx.reporter.info("client", "installing the pinned dev dependencies (npm ci)")
+        run_logged([npm, "ci", "--ignore-scripts"], log=log, reporter=ctx.reporter, step="client", cwd=directory,
+                   hint="npm needs the package registry; see the log")  # fmt: skip
+    ctx.reporter.info("client", "compiling @terminai/runtime (tsc) and type-checking a consumer of the CLI's contract")
+    shutil.rmtree(directory / "dist", ignore_errors=True)
+    run_logged([npm, "run", "build"], log=log, reporter=ctx.reporter, step="client", cwd=directory,
+               hint="a type error: read the log")  # fmt: skip
+    stamp.write_text(key)
+    ctx.reporter.done("client", f"built @terminai/runtime in {directory / 'dist'}")
+    return ClientPackage(directory)
