@@ -175,7 +175,9 @@ def test_run_command_filters_each_terminal_stream(monkeypatch, fail: bool, raw_o
     monkeypatch.setattr(run.sys, "stdin", SimpleNamespace(closed=False, isatty=lambda: True))
 
     def go() -> int:
-        return run.run_command(None, ["x"], shell=False, timeout=None, verbose=False, raw_output=raw_output)  # type: ignore[arg-type]
+        return run.run_command(
+            None, ["x"], shell=False, timeout=None, verbose=False, raw_output=raw_output, tty=False, interactive=False
+        )  # type: ignore[arg-type]
 
     if fail:
         with pytest.raises(RuntimeError):

@@ -324,6 +324,7 @@ class ProxyServer:
         self._listener: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._conns: set[socket.socket] = set()
+        self._closed = False
 
     def set_session(self, session: str, log: str) -> None:
         """The session id is known once the agent answered (before any command runs)."""
@@ -384,12 +385,13 @@ class ProxyServer:
         threading.Thread(target=take, name="netproxy-handover", daemon=True).start()
 
     def _admit(self, conn: socket.socket) -> None:
-        with self._lock:
-            full = self.active >= self.max_connections
+        with self._lock:  # counted and tracked together: close() sees every connection it counted
+            full = self.active >= self.max_connections or self._closed
             if full:
                 self.refused += 1
             else:
                 self.active += 1
+                self._conns.add(conn)
         if full:
             with conn:
                 try:
@@ -401,8 +403,6 @@ class ProxyServer:
         threading.Thread(target=self._serve_one, args=(conn,), daemon=True).start()
 
     def _serve_one(self, conn: socket.socket) -> None:
-        with self._lock:
-            self._conns.add(conn)
         try:
             with conn:
                 handle(conn, self.config)
@@ -415,6 +415,8 @@ class ProxyServer:
 
     def close(self) -> None:
         """The listener, and every connection still relayed: nothing of the session outlives it."""
+        with self._lock:
+            self._closed = True
         if self._listener is not None:
             try:
                 self._listener.shutdown(socket.SHUT_RDWR)
