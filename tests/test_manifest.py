@@ -115,6 +115,7 @@ def test_release_writes_verified_content_addressed_blobs(ctx, kernel, rootfs, tm
         "survival-kit-wheel",
         "container-image",
         "brain-bundle",
+        "node-package",
     }
     for a in m.artifacts:
         blob = rel.directory / a.location

@@ -53,3 +53,26 @@ def test_the_package_has_no_runtime_dependencies_and_a_lockfile_without_hosts():
     assert '"resolved"' not in lock, "the lockfile pins by integrity, without a registry's address"
     versions = manifest["devDependencies"].values()
     assert all(v[0].isdigit() for v in versions), "dev dependencies are pinned exactly"
+
+
+@pytest.mark.build
+def test_the_package_packs_to_the_same_bytes_and_the_release_signs_them(ctx, package, tmp_path):
+    import hashlib
+
+    from terminai_release.ci import npm_package
+    from terminai_release.client import pack_client
+    from terminai_release.release import build_release, release_version, sign_release
+
+    version = release_version(ctx.repo)
+    first = hashlib.sha256(pack_client(ctx, version).read_bytes()).hexdigest()
+    for built in package.dist.iterdir():
+        os.utime(built)  # today's times: npm pack writes fixed ones
+    assert hashlib.sha256(pack_client(ctx, version).read_bytes()).hexdigest() == first, "a second pack differs"
+    release = build_release(ctx, out=tmp_path / "dist")
+    sign_release(ctx, release)
+    listed = release.manifest.artifact("node-package")
+    assert listed.sha256 == first and listed.platform == "any"
+    assert npm_package(release.directory).read_bytes() == (release.directory / listed.location).read_bytes()
+    (release.directory / listed.location).write_bytes(b"not the package")
+    with pytest.raises(Exception, match="is not the npm package the manifest lists"):
+        npm_package(release.directory)

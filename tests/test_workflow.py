@@ -73,18 +73,28 @@ def test_workflow_signs_keylessly_publishes_and_smoke_tests_with_the_pinned_poli
         for step in job["steps"]:
             if "uses" in step:
                 assert re.search(r"@[0-9a-f]{40}$", step["uses"]), f"{step['uses']} is not pinned by commit"
+    npm = next(step for step in release["steps"] if "npm publish" in step.get("run", ""))
+    assert npm["if"] == "startsWith(github.ref, 'refs/tags/v')" and "--provenance" in npm["run"]
+    assert "ci npm-package" in npm["run"], "npm gets the tarball the signed manifest lists"
     promote = doc["jobs"]["promote"]
     assert "channel=stable" in "\n".join(step.get("run", "") for step in promote["steps"])
 
 
 def test_set_version_changes_every_version_line_together(tmp_path):
-    from terminai_release.ci import VERSION_FILES
+    import json
 
-    for name, _ in VERSION_FILES:
+    from terminai_release.ci import NPM_VERSION_FILES, VERSION_FILES
+
+    names = [name for name, _ in VERSION_FILES] + [name for name, _, _ in NPM_VERSION_FILES]
+    for name in names:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / name, tmp_path / name)
-    assert len(set_version(tmp_path, "0.1.0.dev7")) == len(VERSION_FILES)
+    assert len(set_version(tmp_path, "0.1.0.dev7")) == len(names)
     for name, pattern in VERSION_FILES:
         assert pattern.search((tmp_path / name).read_text()).group(0).endswith('0.1.0.dev7"')
+    package = json.loads((tmp_path / "clients/node/package.json").read_text())
+    lock = json.loads((tmp_path / "clients/node/package-lock.json").read_text())
+    assert package["version"] == lock["version"] == lock["packages"][""]["version"] == "0.1.0-dev.7"  # npm's spelling
+    assert lock["packages"]["node_modules/typescript"]["version"] != "0.1.0-dev.7", "dependencies are left alone"
     with pytest.raises(BuildError):
         set_version(tmp_path, "latest")

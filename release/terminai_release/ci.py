@@ -64,21 +64,55 @@ VERSION_FILES = (
 )
 
 
+# The CLI's package says the same version in npm's (semver) spelling: in its
+# package.json, and twice in its lockfile (the root and its own entry).
+NPM_VERSION_FILES = (
+    ("clients/node/package.json", re.compile(r'^(  "version": ")[^"]*(")', re.M), 1),
+    ("clients/node/package-lock.json", re.compile(r'^(  "version": "|      "version": ")[^"]*(")', re.M), 2),
+)
+
+
+def npm_version(version: str) -> str:
+    """X.Y.Z.devN (PEP 440) is X.Y.Z-dev.N for npm; X.Y.Z and X.Y.Z-rc.N are the same in both."""
+    return re.sub(r"\.dev(\d+)$", r"-dev.\1", version)
+
+
 def set_version(repo: Path, version: str) -> list[Path]:
-    """One version for the runtime, the agent, the shim and the kit."""
+    """One version for the runtime, the agent, the shim, the kit and the CLI's package."""
     if not re.match(r"^\d+\.\d+\.\d+([.+-][0-9A-Za-z.+-]+)?$", version):
         raise BuildError(f"{version!r} is not a release version", hint="use X.Y.Z, X.Y.Z-rc.N or X.Y.Z.devN")
+    files = [(name, pattern, 1, version) for name, pattern in VERSION_FILES]
+    files += [(name, pattern, count, npm_version(version)) for name, pattern, count in NPM_VERSION_FILES]
     changed = []
-    for name, pattern in VERSION_FILES:
+    for name, pattern, expected, value in files:
         path = repo / name
         text = path.read_text()
-        new, count = pattern.subn(lambda m: f"{m.group(1)}{version}{m.group(2)}", text, count=1)
-        if count != 1:
+        new, count = pattern.subn(lambda m, v=value: f"{m.group(1)}{v}{m.group(2)}", text, count=expected)
+        if count != expected:
             raise BuildError(f"no version line in {name}")
         if new != text:
             path.write_text(new)
             changed.append(path)
     return changed
+
+
+def npm_package(release: Path) -> Path:
+    """The ``node-package`` blob of a signed release directory, after its size
+    and sha256 were checked against the manifest: what npm publishes is what
+    the release signed."""
+    from terminai_shim.layout import MANIFEST
+    from terminai_shim.manifest import Manifest, ManifestError
+
+    from .digest import sha256_file
+
+    try:
+        artifact = Manifest.from_json((release / MANIFEST).read_bytes()).artifact("node-package")
+    except (OSError, ManifestError) as exc:
+        raise BuildError(f"no npm package in {release}: {exc}", hint="build the release with `inv release`") from None
+    path = release / artifact.location
+    if not path.is_file() or path.stat().st_size != artifact.size or sha256_file(path) != artifact.sha256:
+        raise BuildError(f"{path} is not the npm package the manifest lists", hint="build the release again")
+    return path
 
 
 def write_aws_token(out: Path) -> None:
@@ -103,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("plan", help="channel and version for a git ref, as GITHUB_OUTPUT lines")
     p.add_argument("--ref", required=True)
+    n = sub.add_parser("npm-package", help="the path of a release's npm package, checked against its manifest")
+    n.add_argument("--release", type=Path, required=True)
     t = sub.add_parser("aws-token", help="write CI's OIDC token for AWS web-identity role assumption")
     t.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -111,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
             repo = repo_root()
             result = plan(args.ref, release_version(repo).split(".dev")[0], source_date_epoch(repo, "."))
             print(f"channel={result.channel}\nversion={result.version}")
+        elif args.cmd == "npm-package":
+            print(npm_package(args.release))
         else:
             write_aws_token(args.out)
     except BuildError as exc:

@@ -4,17 +4,21 @@ dependencies installed from the lockfile and its sources compiled with
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .ci import npm_version
 from .context import BuildContext
 from .digest import digest_inputs, sha256_file
 from .errors import BuildError
 from .proc import run_logged
 
 INPUTS = ("package.json", "package-lock.json", ".npmrc", "tsconfig.json", "tsconfig.consumer.json")
-STAMP = ".terminai-build"
+STAMP = ".terminai-build"  # in node_modules: never packed
 
 
 @dataclass(frozen=True)
@@ -38,7 +42,7 @@ def build_client(ctx: BuildContext) -> ClientPackage:
     if npm is None:
         raise BuildError("npm is not installed", hint="run ./bootstrap.sh (it installs nodejs and npm)")
     key = _key(directory)
-    stamp = directory / "dist" / STAMP
+    stamp = directory / "node_modules" / STAMP
     if stamp.is_file() and stamp.read_text() == key:
         ctx.reporter.done("client", f"@terminai/runtime from cache ({key[:12]})")
         return ClientPackage(directory)
@@ -57,3 +61,26 @@ def build_client(ctx: BuildContext) -> ClientPackage:
     stamp.write_text(key)
     ctx.reporter.done("client", f"built @terminai/runtime in {directory / 'dist'}")
     return ClientPackage(directory)
+
+
+def pack_client(ctx: BuildContext, version: str) -> Path:
+    """The package as npm would publish it: ``npm pack`` writes fixed times
+    and a fixed order, so two packs of the same build are the same bytes."""
+    package = build_client(ctx)
+    declared = json.loads((package.directory / "package.json").read_text())["version"]
+    if declared != npm_version(version):
+        raise BuildError(f"clients/node/package.json says {declared}, the release is {version}",
+                         hint=f"run `inv set-version {version}`")  # fmt: skip
+    out = ctx.out / "client"
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".pack-", dir=out))
+    try:
+        argv = [str(shutil.which("npm")), "pack", "--pack-destination", str(staging)]
+        run_logged(argv, log=ctx.out / "logs" / "client.log", reporter=ctx.reporter, step="client",
+                   cwd=package.directory)  # fmt: skip
+        (tarball,) = staging.glob("*.tgz")
+        target = out / tarball.name
+        os.replace(tarball, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target

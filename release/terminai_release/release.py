@@ -26,6 +26,8 @@ from terminai_shim.verify import dev_trust_root
 
 from .brain import build_brain
 from .cache import write_atomic
+from .ci import npm_version
+from .client import pack_client
 from .container import build_container
 from .context import BuildContext
 from .digest import sha256_bytes, sha256_file
@@ -45,6 +47,7 @@ MEDIA = {
     "survival-kit-wheel": "application/vnd.python.wheel",
     "container-image": "application/vnd.oci.image.layout.v1+tar",
     "brain-bundle": "application/vnd.terminai.brain-bundle.v1+zip",
+    "node-package": "application/vnd.npm.package.v1+tar+gzip",
 }
 
 
@@ -101,6 +104,7 @@ def build_release(
     wheel = build_kit_wheel(ctx)
     image = build_container(ctx)
     brain = build_brain(ctx)
+    client = pack_client(ctx, version)
     directory = (out or ctx.repo / "dist") / version
     directory.mkdir(parents=True, exist_ok=True)
     fmt = root.record["outputs"]["image"]["format"]
@@ -112,6 +116,7 @@ def build_release(
         ("container-image", "linux/amd64", image.archive,
          {**image.record["inputs"], "imageId": image.image_id}),
         ("brain-bundle", "windows", brain.zip, brain.record["inputs"]),
+        ("node-package", "any", client, {"name": "@terminai/runtime", "version": npm_version(version)}),
     ]  # fmt: skip
     artifacts = []
     for kind, platform, path, build in sources:

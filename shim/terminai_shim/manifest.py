@@ -22,6 +22,7 @@ from .models import DEFAULT_CPUS, DEFAULT_MEMORY_MIB
 SCHEMA_VERSION = 1
 KINDS = (
     "kernel", "rootfs", "sbom", "survival-kit-wheel", "agent", "brain-bundle", "container-image", "provenance",
+    "node-package",
 )  # fmt: skip
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _VERSION = re.compile(r"^\d+\.\d+\.\d+([.+-][0-9A-Za-z.+-]+)?$")
