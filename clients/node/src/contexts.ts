@@ -221,6 +221,14 @@ abstract class ShimRuntimeContext implements RuntimeContext {
     return params;
   }
 
+  /** A real probe, fast (no boot): false, with the reason in `availability()`, when this tier cannot run here. */
+  static async isAvailable(
+    this: { availability(options?: RuntimeOptions): Promise<Availability> },
+    options: RuntimeOptions = {},
+  ): Promise<boolean> {
+    return (await this.availability(options)).available;
+  }
+
   /** The shim found, and `doctor` (no boot: fast) says this tier can run here. */
   protected static async probe(
     options: RuntimeOptions,
@@ -256,10 +264,6 @@ export class MicroVMRuntimeContext extends ShimRuntimeContext {
         : { available: false, reason: 'QEMU is not installed (apt-get install qemu-system-x86)' },
     );
   }
-
-  static async isAvailable(options: RuntimeOptions = {}): Promise<boolean> {
-    return (await MicroVMRuntimeContext.availability(options)).available;
-  }
 }
 
 /** A locked-down Docker container from the same root image: shares the host's kernel. */
@@ -276,10 +280,6 @@ export class ContainerRuntimeContext extends ShimRuntimeContext {
       available: r.container_engine?.answers === true,
       reason: r.container_engine?.reason ?? 'the shim reported nothing about a container engine',
     }));
-  }
-
-  static async isAvailable(options: RuntimeOptions = {}): Promise<boolean> {
-    return (await ContainerRuntimeContext.availability(options)).available;
   }
 }
 
@@ -305,10 +305,6 @@ export class WindowsAppContainerContext extends ShimRuntimeContext {
       available: false,
       reason: 'terminai-shim serve does not drive the Windows brain tier yet (terminai-shim brain launch runs it alone)',
     }));
-  }
-
-  static async isAvailable(options: RuntimeOptions = {}): Promise<boolean> {
-    return (await WindowsAppContainerContext.availability(options)).available;
   }
 
   override async initialize(): Promise<void> {
