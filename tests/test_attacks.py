@@ -120,7 +120,8 @@ def test_proxy_never_imports_or_runs_from_the_workspace(boot_config, tmp_path):
         assert shim.result("execute", {"command": "sh", "args": ["-c", plant]})["exitCode"] == 0
         code = ("import socket\nfor i in range(3):\n s=socket.create_connection(('10.0.2.100',3128),timeout=20)\n"
                 " s.sendall(b'CONNECT 127.0.0.1:9 HTTP/1.1\\r\\n\\r\\n'); print(s.recv(100)); s.close()")  # fmt: skip
-        out = shim.result("execute", {"command": "python3", "args": ["-c", code]})
+        # -I: commands start in the workspace, where the planted modules would shadow the probe's own
+        out = shim.result("execute", {"command": "python3", "args": ["-I", "-c", code]})
         assert "HTTP/1.1" in out["stdout"], out
         qemu = [p for p in children(shim.proc.pid) if b"qemu" in Path(f"/proc/{p}/cmdline").read_bytes()]
         assert qemu and all(not os.readlink(f"/proc/{p}/cwd").startswith(str(ws)) for p in qemu)

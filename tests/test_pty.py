@@ -225,17 +225,26 @@ def _descendants(pid: int) -> list[int]:
 
 
 @pytest.mark.vm
-def test_the_local_terminal_is_restored_when_the_guest_dies(boot_config, tmp_path, tmux_env):
+@pytest.mark.parametrize("how", ["the VM dies", "the shim gets SIGTERM"])
+def test_the_local_terminal_is_restored_when_the_session_ends_badly(boot_config, tmp_path, tmux_env, how):
     tmux = Tmux(tmp_path, _run_t(boot_config, "-t", "--", "sh", "-c", "echo started; sleep 100"), tmux_env)
     try:
         tmux.wait_for("started")
         pane = int(tmux.tmux("list-panes", "-t", "0", "-F", "#{pane_pid}").split()[0])
-        qemu = [pid for pid in _descendants(pane) if b"qemu" in Path(f"/proc/{pid}/cmdline").read_bytes()[:200]]
-        assert qemu, "no QEMU under the pane"
-        for pid in qemu:
-            os.kill(pid, 9)  # the VM dies mid-session
+        under = {pid: Path(f"/proc/{pid}/cmdline").read_bytes()[:300] for pid in _descendants(pane)}
+        if how == "the VM dies":
+            targets = [pid for pid, cmd in under.items() if b"qemu" in cmd]
+            sig = 9
+        else:
+            targets = [pid for pid, cmd in under.items() if b"terminai-shim" in cmd and b"qemu" not in cmd]
+            sig = 15
+        assert targets, f"nothing to stop under the pane: {under}"
+        for pid in targets:
+            os.kill(pid, sig)
         screen = tmux.wait_for("exit=", timeout=60)
         assert "exit=0" not in screen, screen
+        if how == "the shim gets SIGTERM":
+            assert "exit=143" in screen, screen
         assert "-icanon" not in screen and " echo " in screen, "the terminal was left raw:\n" + screen
     finally:
         tmux.close()

@@ -44,8 +44,7 @@ PARAMS: dict[str, frozenset[str]] = {
     "initialize": frozenset({
         "manifest", "store", "channel", "release", "dev", "trustedRoot", "identity", "issuer", "allowHttp",
         "backend", "network", "image", "imageSha256", "kernel", "rootfs", "rootfsFormat", "workspace",
-        "workspaceMount", "memoryMib",
-        "cpus", "accel", "cold", "user", "writableGit", "requireMicrovm",
+        "workspaceMount", "memoryMib", "cpus", "accel", "cold", "user", "writableGit", "requireMicrovm",
     }),
     "healthCheck": frozenset(),
     "execute": _COMMAND | {"stdin", "outputCap"},
