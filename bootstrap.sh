@@ -57,13 +57,16 @@ if [ ${#missing[@]} -gt 0 ]; then
     fi
 fi
 
-# The virtual environment, rebuilt only when the project's dependencies change.
-stamp_src=$(cat pyproject.toml images/survival-kit/pyproject.toml | sha256sum | cut -d' ' -f1)
+# The virtual environment, rebuilt only when the project's dependencies change: every
+# third-party package from requirements.lock (pinned, hashed: `inv lock` writes it), then
+# the project itself, which brings nothing else in.
+stamp_src=$(cat pyproject.toml images/survival-kit/pyproject.toml requirements.lock | sha256sum | cut -d' ' -f1)
 if [ ! -x .venv/bin/python ] || [ "$(cat .venv/.bootstrap-stamp 2>/dev/null)" != "$stamp_src" ]; then
     say "creating the virtual environment in .venv"
     [ -x .venv/bin/python ] || /usr/bin/python3 -m venv .venv
-    if ! { .venv/bin/python -m pip install -q --upgrade pip &&
-           .venv/bin/python -m pip install -q -e '.[pipeline,dev]' -e images/survival-kit; } >.venv/pip.log 2>&1; then
+    if ! { .venv/bin/python -m pip install -q --require-hashes -r requirements.lock &&
+           .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e . -e images/survival-kit; } \
+            >.venv/pip.log 2>&1; then
         cat .venv/pip.log >&2; say "pip install failed (log above)"; exit 1
     fi
     echo "$stamp_src" > .venv/.bootstrap-stamp

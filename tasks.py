@@ -220,6 +220,18 @@ def demo(c: Context, command: str = "", json: bool = False) -> None:
     c.run(shlex.join(shim), pty=False)
 
 
+@task(help={"upgrade": "let every package move to the newest version pyproject.toml allows"})
+def lock(c: Context, upgrade: bool = False) -> None:
+    """Write requirements.lock (pinned and hashed) from pyproject.toml; bootstrap.sh installs from it."""
+    from terminai_release.context import repo_root
+    from terminai_release.lock import write_lock
+
+    try:
+        print(f"written: {write_lock(repo_root(), upgrade)}")
+    except BuildError as exc:
+        _fail(exc)
+
+
 @task(help={"json": "emit progress as JSON events on stderr"})
 def client(c: Context, json: bool = False) -> None:
     """The CLI's TypeScript package (clients/node): pinned dev dependencies, tsc, a consumer type-checked (cached)."""
