@@ -224,6 +224,7 @@ class Session:
         self.restored_from: str | None = None
         self.snapshot: Any = None  # the snapshot saved by this cold boot, if any
         self._closed = False
+        self._kit: tuple[str, str, str] | None = None  # (python, version, module) once imported in this boot
         self.watchdog = Watchdog(self)
         client.default_user = config.user
 
@@ -388,16 +389,28 @@ class Session:
                 "microVM (require one with --require-microvm, or requireMicrovm in initialize)")  # fmt: skip
 
     def health(self) -> dict[str, Any]:
-        """A real round trip: ping, then import the survival kit in the guest."""
+        """A real round trip, every time: the agent answers a ping and runs a
+        command. The first check of a boot imports the survival kit in the
+        guest's Python (about half a second under emulation); later ones run
+        ``test -f`` on the kit module that import loaded, so a kit removed or
+        broken since is still caught, at the cost of one command."""
         self.client.ping()
-        status, out, err = self.client.run(
-            ["python3", "-c", "import sys, terminai_apts; terminai_apts.model.ObjectTableLabels.TRANSIT; "
-             "print(sys.executable); print(terminai_apts.__version__)"],
-            timeout=60,
-        )  # fmt: skip
-        if status.exit_code != 0:
-            raise ShimError(f"survival kit import failed in the guest: {err.decode(errors='replace').strip()}")
-        python, version = out.decode().split()
+        if self._kit is None:
+            status, out, err = self.client.run(
+                ["python3", "-c", "import sys, terminai_apts; terminai_apts.model.ObjectTableLabels.TRANSIT; "
+                 "print(sys.executable); print(terminai_apts.__version__); print(terminai_apts.__file__)"],
+                timeout=60,
+            )  # fmt: skip
+            if status.exit_code != 0:
+                raise ShimError(f"survival kit import failed in the guest: {err.decode(errors='replace').strip()}")
+            python, version, module = out.decode().split()
+            self._kit = (python, version, module)
+        else:
+            python, version, module = self._kit
+            status, _, _ = self.client.run(["test", "-f", module], timeout=30)
+            if status.exit_code != 0:
+                self._kit = None  # the next check imports it again
+                raise ShimError(f"the survival kit is gone from the guest ({module} is missing)")
         return {
             "ok": True,
             "pythonPath": python,

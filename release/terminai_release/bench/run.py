@@ -242,6 +242,8 @@ def bench_shim(ctx: BuildContext, runs: int) -> dict[str, Any]:
             serve_rates.append(size / _timed(lambda: serve.call(
                 "execute", command="sh", args=text_stream(size)[1:], outputCap=size + 1)))  # fmt: skip
             raw_rates.append(size / _timed(lambda: raw.run(text_stream(size))))
+    first_health = _timed(lambda: serve.call("healthCheck"))
+    later_health = summary([_timed(lambda: serve.call("healthCheck")) for _ in range(20)])
     serve.close()
     raw.close()
     serve_rtt, raw_rtt = summary(serve_samples), summary(raw_samples)
@@ -255,6 +257,9 @@ def bench_shim(ctx: BuildContext, runs: int) -> dict[str, Any]:
         "warm_overhead_p50": serve_rtt["median"] / raw_rtt["median"] - 1,
         "stdout_mb_s": {"shim": serve_tp / 1e6, "bare": raw_tp / 1e6},
         "throughput_overhead": raw_tp / serve_tp - 1,
+        "health_check_first_seconds": first_health,
+        "health_check_later": later_health,
+        "health_check_later_target_seconds": 0.100,
         "qemu_rss_idle_kib": rss,
         "four_vms_concurrent_seconds": concurrent,
         "four_vms_vs_one_ratio": concurrent / single,
