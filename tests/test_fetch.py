@@ -272,3 +272,20 @@ def test_s3_download_and_resume(s3, tmp_path):
     assert cache3.fetch(source, "blob", DIGEST, len(DATA)).read_bytes() == DATA
     with pytest.raises(FetchError, match="NoSuchKey"):
         BlobCache(tmp_path / "four").fetch(Source("s3://releases/nope"), "blob", DIGEST, len(DATA))
+
+
+@pytest.mark.unit
+def test_a_stamp_taken_in_the_same_clock_tick_as_a_write_is_not_trusted(tmp_path):
+    """ctime comes from a coarse clock: a byte written in the same tick as the
+    hash leaves it unchanged. Such a racy stamp never vouches for the bytes;
+    once the file is old enough, a new stamp does. (The write-right-after-fetch
+    case end to end: test_modified_cached_blob_is_detected_and_fetched_again.)"""
+    from terminai_shim._internal.fsutil import RACY_NS, stamp, stamp_holds
+
+    path = tmp_path / "blob"
+    path.write_bytes(b"hashed")
+    fresh = stamp(path.stat())
+    assert not stamp_holds(fresh, path.stat()), "a stamp as young as the file's last change is racy"
+    later = [*fresh[:4], fresh[3] + RACY_NS]  # as if taken two seconds after that change
+    assert stamp_holds(later, path.stat())
+    assert not stamp_holds(fresh[:4], path.stat()), "an old four-field stamp is hashed again"

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ShimError
-from .fsutil import cache_root, locked, sha256_file, stamp, write_atomic
+from .fsutil import cache_root, locked, sha256_file, stamp, stamp_holds, write_atomic
 
 CHUNK = 1 << 20
 Progress = Callable[[str, int, int], None]
@@ -99,7 +99,7 @@ class BlobCache:
         except FileNotFoundError:
             return False
         try:
-            if json.loads(self._stamp_file(digest).read_text()) == stamp(st) and st.st_size == size:
+            if stamp_holds(json.loads(self._stamp_file(digest).read_text()), st) and st.st_size == size:
                 return True
         except (OSError, ValueError):
             pass

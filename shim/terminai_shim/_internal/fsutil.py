@@ -9,6 +9,7 @@ import json
 import os
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -71,12 +72,29 @@ def locked(path: Path, shared: bool = False) -> Iterator[None]:
             _unlock(handle)
 
 
+# The kernel stamps ctime from a coarse clock (a tick of a few milliseconds;
+# whole seconds on some file systems): a write in the same tick as the hash
+# leaves ctime as it was. So a stamp is trusted only when the file's ctime was
+# at least this much older than the stamp itself ("racily clean", as git says);
+# a fresher one means hashing again, once, a moment later.
+RACY_NS = 2_000_000_000
+
+
 def stamp(st: os.stat_result) -> list[int]:
     """What changes whenever a file's bytes can have: size, mtime, inode and
-    ctime. A writer can put mtime back; ctime it cannot set (the kernel moves
-    it on every write and on every mtime change), so a stamp that matches
-    means the bytes are those that were hashed."""
-    return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
+    ctime, and when the stamp was taken. A writer can put mtime back; ctime
+    it cannot set (the kernel moves it on every write and on every mtime
+    change), so a matching stamp that is not racy (``stamp_holds``) means the
+    bytes are those that were hashed."""
+    return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, time.time_ns()]
+
+
+def stamp_holds(recorded: object, st: os.stat_result) -> bool:
+    """The file is as it was when ``recorded`` was taken, and that was long
+    enough after its last change for a write since to show in its ctime."""
+    if not isinstance(recorded, list) or len(recorded) != 5:
+        return False
+    return recorded[:4] == stamp(st)[:4] and recorded[4] - recorded[3] >= RACY_NS
 
 
 def file_digest(path: Path, index_dir: Path | None = None) -> str:
@@ -98,7 +116,7 @@ def fd_digest(fd: int, index_dir: Path | None = None) -> str:
     key, before = f"fd:{st.st_dev}:{st.st_ino}", stamp(st)
     with locked(index_dir / ".digests.lock"):
         entry = _digest_index(index_dir).get(key)
-    if entry and entry.get("stamp") == before:
+    if entry and stamp_holds(entry.get("stamp"), st):
         return str(entry["sha256"])
     h = hashlib.sha256()
     offset = 0

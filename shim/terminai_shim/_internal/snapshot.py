@@ -24,7 +24,7 @@ from terminai_agent import protocol as P
 
 from .. import __version__
 from ..models import AccelChoice, BootConfig
-from .fsutil import cache_root, file_digest, locked, sha256_file, stamp, write_atomic
+from .fsutil import cache_root, file_digest, locked, sha256_file, stamp, stamp_holds, write_atomic
 from .qmp import Qmp, QmpError
 
 STATE = "state.bin"
@@ -81,18 +81,23 @@ class Snapshot:
         """None if intact; else what is wrong (a truncated or corrupted file).
 
         The state is re-hashed unless its size, modification time, inode and
-        change time are exactly those recorded at save time (a write can put
-        the modification time back, never the change time)."""
+        change time are exactly those recorded (a write can put the
+        modification time back, never the change time) and the record is not
+        racy (``fsutil.stamp_holds``)."""
         try:
-            stamp = _stamp(self.state)
+            st = self.state.stat()
         except OSError as exc:
             return f"state file unreadable: {exc}"
-        if stamp[0] != self.meta.get("size"):
-            return f"state file is {stamp[0]} bytes, {self.meta.get('size')} were saved"
-        if stamp == self.meta.get("stamp"):
+        if st.st_size != self.meta.get("size"):
+            return f"state file is {st.st_size} bytes, {self.meta.get('size')} were saved"
+        if stamp_holds(self.meta.get("stamp"), st):
             return None
         if sha256_file(self.state) != self.meta.get("sha256"):
             return "state file does not match the digest recorded when it was saved"
+        try:  # a stamp taken now is no longer racy: the next restore need not hash again
+            write_atomic(self.directory / META, json.dumps(dict(self.meta, stamp=stamp(st)), indent=2).encode())
+        except OSError:
+            pass
         return None
 
 
