@@ -34,11 +34,11 @@ from ._internal.backends import NAMES, BackendChoice, choose_backend, make_backe
 from ._internal.backends.base import Backend
 from ._internal.fetch import Progress
 from ._internal.netpolicy import Allowlist
-from ._internal.releases import Kinds, VerifiedRelease, every_kind, fetch_channel, open_release
+from ._internal.releases import Kinds, VerifiedRelease, fetch_channel, open_release
 from .errors import ConfigError
 from .manifest import Manifest
 from .models import DEFAULT_CPUS, DEFAULT_MEMORY_MIB, GUEST_USERS, AccelChoice, BootConfig, NetworkPolicy
-from .verify import DEFAULT_CHANNEL, DEV_CHANNEL, DEV_IDENTITY, DEV_ISSUER, TrustPolicy, dev_policy
+from .verify import DEFAULT_CHANNEL, DEV_CHANNEL, DEV_IDENTITY, DEV_ISSUER, TrustPolicy, dev_policy, every_kind
 
 if TYPE_CHECKING:
     from .session import Session

@@ -13,7 +13,6 @@ sigstore is imported only here: the shim's other commands never load it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -25,6 +24,7 @@ from typing import Any
 from terminai_agent import protocol as P
 
 from . import __version__
+from ._internal.fsutil import sha256_file
 from .errors import ConfigError, ShimError
 from .layout import DEV_TRUSTED_ROOT, MANIFEST, MANIFEST_BUNDLE
 from .manifest import Artifact, Manifest
@@ -174,15 +174,32 @@ def check_artifact(path: Path, artifact: Artifact) -> None:
         raise VerificationFailed(f"artifact {artifact.name} ({artifact.kind}) is missing at {path}") from None
     if size != artifact.size:
         raise VerificationFailed(f"artifact {artifact.name} is {size} bytes; the manifest says {artifact.size}")
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    if h.hexdigest() != artifact.sha256:
+    digest = sha256_file(path)
+    if digest != artifact.sha256:
         raise VerificationFailed(
-            f"artifact {artifact.name} has sha256 {h.hexdigest()}; the manifest says {artifact.sha256}",
+            f"artifact {artifact.name} has sha256 {digest}; the manifest says {artifact.sha256}",
             hint="the file was altered or swapped; fetch the release again",
         )
+
+
+def check_artifacts(directory: Path, manifest: Manifest, kinds: tuple[str, ...]) -> None:
+    """The artifacts of these kinds, where a release directory keeps them."""
+    for kind in kinds:
+        artifact = manifest.artifact(kind)
+        check_artifact(directory / artifact.location, artifact)
+
+
+def every_kind(manifest: Manifest) -> tuple[str, ...]:
+    """Every kind of artifact the manifest lists, in its order."""
+    return tuple(dict.fromkeys(a.kind for a in manifest.artifacts))
+
+
+def read_release(directory: Path) -> tuple[bytes, str]:
+    """A release directory's manifest and its signature bundle."""
+    try:
+        return (directory / MANIFEST).read_bytes(), bundle_text((directory / MANIFEST_BUNDLE).read_bytes())
+    except OSError as exc:
+        raise VerificationFailed(f"release in {directory} is incomplete: {exc}") from None
 
 
 def policy_for(channel: str, explicit: TrustPolicy | None) -> TrustPolicy:
@@ -215,13 +232,6 @@ def check_release(directory: Path, policy: TrustPolicy, channel: str, kinds: tup
     """A release directory, whole (every listed artifact unless ``kinds``
     narrows it), without touching any rollback state: what a publisher
     checks before uploading, with the policy it signed under."""
-    try:
-        data = (directory / MANIFEST).read_bytes()
-        bundle = bundle_text((directory / MANIFEST_BUNDLE).read_bytes())
-    except OSError as exc:
-        raise VerificationFailed(f"release in {directory} is incomplete: {exc}") from None
-    manifest = check_manifest(data, bundle, policy, channel)
-    for kind in kinds if kinds is not None else tuple(dict.fromkeys(a.kind for a in manifest.artifacts)):
-        artifact = manifest.artifact(kind)
-        check_artifact(directory / artifact.location, artifact)
+    manifest = check_manifest(*read_release(directory), policy, channel)
+    check_artifacts(directory, manifest, kinds if kinds is not None else every_kind(manifest))
     return manifest

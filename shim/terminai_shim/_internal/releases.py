@@ -25,10 +25,11 @@ from ..verify import (
     TrustPolicy,
     VerificationFailed,
     bundle_text,
-    check_artifact,
+    check_artifacts,
     check_manifest,
     check_signature,
     policy_for,
+    read_release,
 )
 from .fetch import BlobCache, Progress, Source
 from .fsutil import cache_root, locked, write_atomic
@@ -36,10 +37,6 @@ from .fsutil import cache_root, locked, write_atomic
 # Which artifacts to verify (and fetch): fixed, or chosen once the verified
 # manifest shows what the release offers (``auto`` picks a tier by it).
 Kinds = tuple[str, ...] | Callable[[Manifest], tuple[str, ...]]
-
-
-def every_kind(manifest: Manifest) -> tuple[str, ...]:
-    return tuple(dict.fromkeys(a.kind for a in manifest.artifacts))
 
 
 def _kinds(kinds: Kinds, manifest: Manifest) -> tuple[str, ...]:
@@ -113,18 +110,12 @@ def verify_directory(
 ) -> VerifiedRelease:
     """A local release directory, verified in place (what boots from it is
     then opened once and checked again on the descriptor QEMU is handed)."""
-    try:
-        data = (directory / MANIFEST).read_bytes()
-        bundle = bundle_text((directory / MANIFEST_BUNDLE).read_bytes())
-    except OSError as exc:
-        raise VerificationFailed(f"release in {directory} is incomplete: {exc}") from None
+    data, bundle = read_release(directory)
     manifest = check_manifest(data, bundle, policy_for(channel, policy), channel, now)
     state = state or SerialState()
     state.check(manifest)
     chosen = _kinds(kinds, manifest)
-    for kind in chosen:
-        artifact = manifest.artifact(kind)
-        check_artifact(directory / artifact.location, artifact)
+    check_artifacts(directory, manifest, chosen)
     state.record(manifest)  # only a release that verified completely moves the serial
     return VerifiedRelease(manifest, directory, chosen)
 
