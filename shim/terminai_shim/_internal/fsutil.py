@@ -119,10 +119,8 @@ def fd_digest(fd: int, index_dir: Path | None = None) -> str:
     if entry and stamp_holds(entry.get("stamp"), st):
         return str(entry["sha256"])
     h = hashlib.sha256()
-    offset = 0
-    while chunk := os.pread(fd, 1 << 20, offset):
+    for chunk in _chunks(fd):
         h.update(chunk)
-        offset += len(chunk)
     digest = h.hexdigest()
     with locked(index_dir / ".digests.lock"):
         known = _digest_index(index_dir)
@@ -149,19 +147,25 @@ def sealed_copy(fd: int, name: str) -> tuple[int, str]:
     copy = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         h = hashlib.sha256()
-        offset = 0
-        while chunk := os.pread(fd, 1 << 20, offset):
+        for chunk in _chunks(fd):
             h.update(chunk)
             view = memoryview(chunk)
             while view:
                 view = view[os.write(copy, view) :]
-            offset += len(chunk)
         seals = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL
         fcntl.fcntl(copy, fcntl.F_ADD_SEALS, seals)
     except BaseException:
         os.close(copy)
         raise
     return copy, h.hexdigest()
+
+
+def _chunks(fd: int) -> Iterator[bytes]:
+    """An open file's bytes from its start, a MiB at a time (pread: the descriptor's own offset is left alone)."""
+    offset = 0
+    while chunk := os.pread(fd, 1 << 20, offset):
+        yield chunk
+        offset += len(chunk)
 
 
 def _digest_index(index_dir: Path) -> dict[str, Any]:
