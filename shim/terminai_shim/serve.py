@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from terminai_agent import protocol as P
+
 from . import __version__
 from ._internal.client import Pty, RemoteProcess
 from .errors import AgentError, ConfigError, DeadlineExceeded, ShimError
@@ -479,9 +481,6 @@ class Server:
             session.close()
 
 
-MAX_WINDOW = 10000
-
-
 def _text_of(data: bytes, truncated: bool) -> str:
     """Output as text. A stream cut at its byte cap may end inside a UTF-8
     character: the partial character is dropped, never turned into U+FFFD,
@@ -498,9 +497,9 @@ def _text_of(data: bytes, truncated: bool) -> str:
 
 
 def _window(cols: Any, rows: Any) -> tuple[int, int]:
-    """A terminal's size, checked: whole numbers from 1 to MAX_WINDOW."""
-    if any(isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_WINDOW for v in (cols, rows)):
-        raise RequestError("INVALID_PARAMS", f"pty cols and rows must be whole numbers from 1 to {MAX_WINDOW}")
+    """A terminal's size, checked: whole numbers from 1 to the protocol's MAX_WINDOW."""
+    if any(isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= P.MAX_WINDOW for v in (cols, rows)):
+        raise RequestError("INVALID_PARAMS", f"pty cols and rows must be whole numbers from 1 to {P.MAX_WINDOW}")
     return int(cols), int(rows)
 
 

@@ -27,6 +27,7 @@ SUPPORTED_VERSIONS = (1,)
 DEFAULT_MAX_FRAME = 1 << 20
 MIN_MAX_FRAME = 4096
 CHUNK = 64 * 1024
+MAX_WINDOW = 10000  # a terminal's columns or rows (exec's pty, resize)
 _PREFIX = struct.Struct("!4sII")
 PREFIX_SIZE = _PREFIX.size
 

@@ -732,17 +732,14 @@ class Server:
             pass
 
 
-MAX_WINDOW = 10000
-
-
 def _window(spec: Any) -> tuple[int, int]:
     """``{cols, rows}`` of a terminal, checked."""
     if not isinstance(spec, dict):
         raise P.ProtocolError(P.BAD_REQUEST, "pty must be an object {cols, rows, term?}")
     cols, rows = spec.get("cols"), spec.get("rows")
     for value in (cols, rows):
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WINDOW:
-            raise P.ProtocolError(P.BAD_REQUEST, f"pty cols and rows must be whole numbers from 1 to {MAX_WINDOW}")
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= P.MAX_WINDOW:
+            raise P.ProtocolError(P.BAD_REQUEST, f"pty cols and rows must be whole numbers from 1 to {P.MAX_WINDOW}")
     return int(cols), int(rows)  # type: ignore[arg-type]
 
 
