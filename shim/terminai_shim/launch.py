@@ -174,9 +174,7 @@ def resolve(request: LaunchRequest, progress: Progress | None = None) -> Launch:
         choice = _choose(request, accel, local.image is not None)
         release = None
         config = _local_config(request, local, choice.name)
-    backend = make_backend(choice.name)
-    backend.check(config)
-    return Launch(config, accel, choice, backend, release)
+    return Launch(config, accel, choice, make_backend(choice.name), release)  # Session.boot checks it against config
 
 
 def start(request: LaunchRequest, progress: Progress | None = None) -> Session:
