@@ -202,3 +202,22 @@ def test_backend_selection(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     assert choose_backend(KVM).name == "qemu"
     assert select_backend(TCG, BootConfig(backend="qemu")).name == "qemu"
+
+
+@pytest.mark.unit
+def test_the_workspace_is_at_its_host_path_and_at_the_alias_unless_that_would_hide_it(tmp_path):
+    from terminai_agent import bootcontract as boot
+    from terminai_shim.models import BootConfig
+    from terminai_shim.session import _mounts
+
+    def paths(host: str) -> tuple[str, ...]:
+        return BootConfig(workspace=tmp_path, workspace_mount=boot.workspace_target(host)).workspace_paths
+
+    assert paths("/home/me/project") == ("/home/me/project", "/workspace")
+    assert paths("/usr/src/project") == ("/workspace",), "a guest system directory is never covered"
+    assert paths("/workspace") == ("/workspace",)
+    # A host workspace inside /workspace (a dev container's layout): a bind of it over /workspace
+    # would hide the mount and show its own subdirectory at the host path; host paths win.
+    assert paths("/workspace/sub") == ("/workspace/sub",)
+    config = BootConfig(workspace=tmp_path, workspace_mount="/workspace/sub")
+    assert [m["target"] for m in _mounts(config)] == ["/workspace/sub"]

@@ -77,8 +77,13 @@ class BootConfig:
 
     @property
     def workspace_alias(self) -> str | None:
-        """The second place the workspace appears in the guest, if any."""
-        return None if self.workspace is None or self.workspace_mount == WORKSPACE_ALIAS else WORKSPACE_ALIAS
+        """The second place the workspace appears in the guest, if any: none when
+        it is already there, or mounted inside it (a bind over /workspace
+        would hide that mount and show the workspace's own subdirectory
+        under the host path instead)."""
+        if self.workspace is None or (self.workspace_mount + "/").startswith(WORKSPACE_ALIAS + "/"):
+            return None
+        return WORKSPACE_ALIAS
 
     @property
     def workspace_paths(self) -> tuple[str, ...]:
