@@ -83,6 +83,11 @@ function doctor(shim: string, env: NodeJS.ProcessEnv): Promise<DoctorReport> {
   });
 }
 
+/** The options that were given (unset, empty, false or zero ones are left out: the shim's defaults apply). */
+function defined(params: Record<string, unknown>): Record<string, unknown> {
+  return Object.fromEntries(Object.entries(params).filter(([, value]) => Boolean(value)));
+}
+
 function cleanEnv(env: NodeJS.ProcessEnv | undefined): Record<string, string> | undefined {
   if (!env) return undefined;
   return Object.fromEntries(Object.entries(env).filter((kv): kv is [string, string] => typeof kv[1] === 'string'));
@@ -118,31 +123,31 @@ abstract class ShimRuntimeContext implements RuntimeContext {
     const connection = new ShimConnection(locateShim(o.shimPath, o.env ?? process.env), o.env ?? process.env);
     this.#connection = connection;
     connection.onProgress = o.onEvent;
-    const params: Record<string, unknown> = {
-      ...(o.release?.manifest ? { manifest: o.release.manifest } : {}),
-      ...(o.release?.store ? { store: o.release.store } : {}),
-      ...(o.release?.channel ? { channel: o.release.channel } : {}),
-      ...(o.release?.version ? { release: o.release.version } : {}),
-      ...(o.release?.allowHttp ? { allowHttp: true } : {}),
-      ...(o.trust?.dev ? { dev: true } : {}),
-      ...(o.trust?.trustedRoot ? { trustedRoot: o.trust.trustedRoot } : {}),
-      ...(o.trust?.identity ? { identity: o.trust.identity } : {}),
-      ...(o.trust?.issuer ? { issuer: o.trust.issuer } : {}),
-      ...(o.artifacts?.kernel ? { kernel: o.artifacts.kernel } : {}),
-      ...(o.artifacts?.rootfs ? { rootfs: o.artifacts.rootfs } : {}),
-      ...(o.artifacts?.image ? { image: o.artifacts.image } : {}),
-      ...(o.artifacts?.imageSha256 ? { imageSha256: o.artifacts.imageSha256 } : {}),
-      ...(o.workspace ? { workspace: o.workspace } : {}),
-      ...(o.workspaceMount ? { workspaceMount: o.workspaceMount } : {}),
-      ...(o.network ? { network: o.network } : {}),
-      ...(o.memoryMib ? { memoryMib: o.memoryMib } : {}),
-      ...(o.cpus ? { cpus: o.cpus } : {}),
-      ...(o.accel ? { accel: o.accel } : {}),
-      ...(o.user ? { user: o.user } : {}),
-      ...(o.writableGit ? { writableGit: true } : {}),
-      ...(o.cold ? { cold: true } : {}),
+    const params = defined({
+      manifest: o.release?.manifest,
+      store: o.release?.store,
+      channel: o.release?.channel,
+      release: o.release?.version,
+      allowHttp: o.release?.allowHttp,
+      dev: o.trust?.dev,
+      trustedRoot: o.trust?.trustedRoot,
+      identity: o.trust?.identity,
+      issuer: o.trust?.issuer,
+      kernel: o.artifacts?.kernel,
+      rootfs: o.artifacts?.rootfs,
+      image: o.artifacts?.image,
+      imageSha256: o.artifacts?.imageSha256,
+      workspace: o.workspace,
+      workspaceMount: o.workspaceMount,
+      network: o.network,
+      memoryMib: o.memoryMib,
+      cpus: o.cpus,
+      accel: o.accel,
+      user: o.user,
+      writableGit: o.writableGit,
+      cold: o.cold,
       ...this.tierParams(),
-    };
+    });
     try {
       const info = await connection.request<InitializeResult>('initialize', params);
       this.displayName = info.displayName;
