@@ -314,31 +314,28 @@ class Server:
         argv, command = self._argv(p)
         env = p.get("env") or {}
         rid = self.request_id.value
+
+        def started(proc: RemoteProcess) -> None:
+            if rid is not None:
+                self.executing[rid] = proc
+
         try:
-            proc = session.client.exec(
-                argv, command=command, shell=command is not None, cwd=self._cwd(p), env=env,
+            status, out, err = session.client.run(
+                argv, started, command=command, shell=command is not None, cwd=self._cwd(p), env=env,
                 timeout=self._timeout(p), stdin=str(p.get("stdin", "")).encode(),
                 output_cap=int(p.get("outputCap", DEFAULT_EXEC_OUTPUT_CAP)), user=self._user(p),
             )  # fmt: skip
-            if rid is not None:
-                self.executing[rid] = proc
-            try:
-                out: list[bytes] = []
-                err: list[bytes] = []
-                for name, chunk in proc.output():
-                    (out if name == "stdout" else err).append(chunk)
-                status = proc.wait()
-            finally:
-                self.executing.pop(rid, None)
         except AgentError as exc:
             if exc.agent_code == "SPAWN_FAILED":
                 return {"stdout": "", "stderr": "", "exitCode": 127, "runtimeError": exc.to_dict()}
             raise
         except DeadlineExceeded as exc:  # the host's deadline stopped a VM that ignored the timeout
             return {"stdout": "", "stderr": "", "exitCode": None, "timedOut": True, "runtimeError": exc.to_dict()}
+        finally:
+            self.executing.pop(rid, None)
         result: dict[str, Any] = {
-            "stdout": _text_of(b"".join(out), "stdout" in status.truncated),
-            "stderr": _text_of(b"".join(err), "stderr" in status.truncated),
+            "stdout": _text_of(out, "stdout" in status.truncated),
+            "stderr": _text_of(err, "stderr" in status.truncated),
             "exitCode": status.exit_code,
             "timedOut": status.timed_out,
         }

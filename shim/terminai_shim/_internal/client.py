@@ -407,9 +407,14 @@ class AgentClient:
                 # result is still on its way; only the rest of stdin is moot.
         return proc
 
-    def run(self, argv: list[str] | None = None, **kwargs: Any) -> tuple[ExitStatus, bytes, bytes]:
-        """Run to completion and collect the output."""
+    def run(
+        self, argv: list[str] | None = None, started: Callable[[RemoteProcess], None] | None = None, **kwargs: Any
+    ) -> tuple[ExitStatus, bytes, bytes]:
+        """Run to completion and collect the output; ``started`` learns the
+        process as soon as it runs (to signal it while it is collected)."""
         proc = self.exec(argv, **kwargs)
+        if started is not None:
+            started(proc)
         out: list[bytes] = []
         err: list[bytes] = []
         for name, chunk in proc.output():
