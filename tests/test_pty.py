@@ -258,3 +258,33 @@ def test_without_a_terminal_stdin_is_a_stream(boot_config, tmp_path):
         _run_t(boot_config, "--", "python3", "-c", code), input=b"piped in", capture_output=True, env=env
     )
     assert done.returncode == 0 and done.stdout == b"False PIPED IN\n", done.stderr
+
+
+@pytest.mark.unit
+@pytest.mark.attack
+def test_a_pty_command_imports_nothing_after_the_seal(tmp_path):
+    """PID 1 must load no module once commands run (init.seal): a command could
+    move the directory above a sealed one and plant its own module where the
+    import looks. The terminal support is loaded by the seal itself; a PTY
+    command and a resize afterwards import nothing (an audit hook watches)."""
+    code = """
+import sys
+sys.path.append(sys.argv[1])
+from terminai_agent import init, procs, server  # what the agent has loaded at boot
+init.mount = lambda *a, **k: None              # the seal's mounts are PID 1's business, not this test's
+init.SEALED = ()
+init.seal()
+imports = []
+sys.addaudithook(lambda event, args: imports.append(args[0]) if event == "import" else None)
+pid, (stdin, out, _) = procs.spawn(["true"], None, {"PATH": "/usr/bin:/bin"}, window=(80, 24))
+procs.set_window(out, 100, 30)
+import os
+os.waitpid(pid, 0)
+print("imports after the seal:", imports)
+"""
+    agent = str(Path(__file__).resolve().parents[1] / "images/agent")
+    # the guest's interpreter and flags (images/rootfs/project/init)
+    argv = ["/usr/bin/python3", "-I", "-S", "-c", code, agent]
+    done = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "imports after the seal: []", done.stdout

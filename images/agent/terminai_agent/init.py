@@ -101,7 +101,12 @@ def seal() -> None:
     read-only; without CAP_SYS_ADMIN nothing undoes it. Every module the
     agent uses is loaded by now (``socket`` by the network set-up just
     before), and none is imported after: a command may move the directory
-    above a sealed one and put its own files where a later import would look."""
+    above a sealed one and put its own files where a later import would look.
+    The terminal modules a ``pty`` command needs (``termios`` is a file in
+    lib-dynload, not built in) are loaded here for that reason, off the boot path."""
+    import fcntl  # noqa: F401
+    import termios  # noqa: F401
+
     for path in SEALED:
         if not os.path.isdir(path):
             continue
