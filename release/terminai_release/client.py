@@ -41,11 +41,17 @@ def build_client(ctx: BuildContext) -> ClientPackage:
     npm = shutil.which("npm")
     if npm is None:
         raise BuildError("npm is not installed", hint="run ./bootstrap.sh (it installs nodejs and npm)")
+    with ctx.cache.lock("client", digest_inputs(str(directory))[:16]):  # two builds of one checkout take turns
+        _build(ctx, directory, npm)
+    return ClientPackage(directory)
+
+
+def _build(ctx: BuildContext, directory: Path, npm: str) -> None:
     key = _key(directory)
     stamp = directory / "node_modules" / STAMP
-    if stamp.is_file() and stamp.read_text() == key:
+    if stamp.is_file() and stamp.read_text() == key and (directory / "dist" / "index.js").is_file():
         ctx.reporter.done("client", f"@terminai/runtime from cache ({key[:12]})")
-        return ClientPackage(directory)
+        return
     log = ctx.out / "logs" / "client.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     lock = directory / "package-lock.json"
@@ -60,7 +66,6 @@ def build_client(ctx: BuildContext) -> ClientPackage:
                hint="a type error: read the log")  # fmt: skip
     stamp.write_text(key)
     ctx.reporter.done("client", f"built @terminai/runtime in {directory / 'dist'}")
-    return ClientPackage(directory)
 
 
 def pack_client(ctx: BuildContext, version: str) -> Path:
