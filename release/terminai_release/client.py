@@ -4,10 +4,12 @@ dependencies installed from the lockfile and its sources compiled with
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,14 +38,21 @@ def _key(directory: Path) -> str:
     return digest_inputs({str(f.relative_to(directory)): sha256_file(f) for f in files})
 
 
-def build_client(ctx: BuildContext) -> ClientPackage:
+@contextlib.contextmanager
+def _built(ctx: BuildContext) -> Iterator[tuple[ClientPackage, str]]:
+    """The package, built, and held: two builds (or a build and a pack) of one checkout take turns."""
     directory = ctx.repo / "clients" / "node"
     npm = shutil.which("npm")
     if npm is None:
         raise BuildError("npm is not installed", hint="run ./bootstrap.sh (it installs nodejs and npm)")
-    with ctx.cache.lock("client", digest_inputs(str(directory))[:16]):  # two builds of one checkout take turns
+    with ctx.cache.lock("client", digest_inputs(str(directory))[:16]):
         _build(ctx, directory, npm)
-    return ClientPackage(directory)
+        yield ClientPackage(directory), npm
+
+
+def build_client(ctx: BuildContext) -> ClientPackage:
+    with _built(ctx) as (package, _npm):
+        return package
 
 
 def _build(ctx: BuildContext, directory: Path, npm: str) -> None:
@@ -71,21 +80,20 @@ def _build(ctx: BuildContext, directory: Path, npm: str) -> None:
 def pack_client(ctx: BuildContext, version: str) -> Path:
     """The package as npm would publish it: ``npm pack`` writes fixed times
     and a fixed order, so two packs of the same build are the same bytes."""
-    package = build_client(ctx)
-    declared = json.loads((package.directory / "package.json").read_text())["version"]
-    if declared != npm_version(version):
-        raise BuildError(f"clients/node/package.json says {declared}, the release is {version}",
-                         hint=f"run `inv set-version {version}`")  # fmt: skip
     out = ctx.out / "client"
     out.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".pack-", dir=out))
-    try:
-        argv = [str(shutil.which("npm")), "pack", "--pack-destination", str(staging)]
-        run_logged(argv, log=ctx.out / "logs" / "client.log", reporter=ctx.reporter, step="client",
-                   cwd=package.directory)  # fmt: skip
-        (tarball,) = staging.glob("*.tgz")
-        target = out / tarball.name
-        os.replace(tarball, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with _built(ctx) as (package, npm):
+        declared = json.loads((package.directory / "package.json").read_text())["version"]
+        if declared != npm_version(version):
+            raise BuildError(f"clients/node/package.json says {declared}, the release is {version}",
+                             hint=f"run `inv set-version {version}`")  # fmt: skip
+        staging = Path(tempfile.mkdtemp(prefix=".pack-", dir=out))
+        try:
+            run_logged([npm, "pack", "--pack-destination", str(staging)], log=ctx.out / "logs" / "client.log",
+                       reporter=ctx.reporter, step="client", cwd=package.directory)  # fmt: skip
+            (tarball,) = staging.glob("*.tgz")
+            target = out / tarball.name
+            os.replace(tarball, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return target
