@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from terminai_release.context import BuildContext
 from terminai_release.progress import Reporter
+from terminai_release.rootfs.project import agent_pythonpath
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
@@ -88,7 +89,7 @@ class HostAgent:
 
     def __init__(self, tmp: Path) -> None:
         self.path = tmp / "agent.sock"
-        env = dict(os.environ, PYTHONPATH=str(REPO / "images/agent"))
+        env = dict(os.environ, PYTHONPATH=agent_pythonpath(REPO))
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "terminai_agent", f"--channel=unix:{self.path}"],
             env=env,

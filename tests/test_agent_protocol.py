@@ -9,11 +9,15 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
-from terminai_agent import protocol as P
+from terminai_protocol import protocol as P
+from terminai_release.rootfs.project import agent_pythonpath
 from terminai_shim._internal.client import AgentClient
 from terminai_shim.errors import AgentError
+
+REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.unit
 PY = sys.executable
@@ -120,8 +124,8 @@ def test_header_codec_fallback_without_the_c_module(monkeypatch):
 def test_agent_boot_path_imports_no_heavy_modules():
     """Every module the agent imports before it serves is boot time under
     TCG: the import chain must stay free of json/re/enum/typing."""
-    agent = os.path.join(os.path.dirname(__file__), "..", "images", "agent")
-    code = f"import sys; sys.path.append({agent!r}); import terminai_agent.main; print(*sys.modules)"
+    agent = agent_pythonpath(REPO).split(os.pathsep)
+    code = f"import sys; sys.path.extend({agent!r}); import terminai_agent.main; print(*sys.modules)"
     out = subprocess.run([PY, "-I", "-S", "-c", code], capture_output=True, text=True, check=True)
     loaded = set(out.stdout.split())
     assert "terminai_agent.server" in loaded

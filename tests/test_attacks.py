@@ -198,7 +198,7 @@ print("i386 fchmod returned", fn())
 AGENT_SOCKET = r"""
 import socket, sys
 sys.path.insert(0, "/usr/lib/terminai")
-from terminai_agent import protocol as P
+from terminai_protocol import protocol as P
 s = socket.socket(socket.AF_UNIX)
 try:
     s.connect("/run/terminai/agent.sock")
@@ -372,7 +372,7 @@ class HostileAgent:
     to send malformed frames on demand)."""
 
     def __init__(self) -> None:
-        from terminai_agent import protocol as P
+        from terminai_protocol import protocol as P
         from terminai_shim._internal.client import AgentClient
 
         self.P = P

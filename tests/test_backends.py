@@ -206,7 +206,7 @@ def test_backend_selection(tmp_path, monkeypatch):
 
 @pytest.mark.unit
 def test_the_workspace_is_at_its_host_path_and_at_the_alias_unless_that_would_hide_it(tmp_path):
-    from terminai_agent import bootcontract as boot
+    from terminai_protocol import bootcontract as boot
     from terminai_shim.models import BootConfig
     from terminai_shim.session import _mounts
 

@@ -9,7 +9,7 @@ import threading
 import time
 
 import pytest
-from terminai_agent import protocol as P
+from terminai_protocol import protocol as P
 
 pytestmark = pytest.mark.vm
 

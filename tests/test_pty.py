@@ -17,6 +17,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from terminai_release.rootfs.project import agent_pythonpath
 from terminai_shim._internal.client import Pty
 from terminai_shim._internal.termsafe import PtyFilter
 
@@ -269,7 +270,7 @@ def test_a_pty_command_imports_nothing_after_the_seal(tmp_path):
     command and a resize afterwards import nothing (an audit hook watches)."""
     code = """
 import sys
-sys.path.append(sys.argv[1])
+sys.path.extend(sys.argv[1].split(":"))
 from terminai_agent import init, procs, server  # what the agent has loaded at boot
 init.mount = lambda *a, **k: None              # the seal's mounts are PID 1's business, not this test's
 init.SEALED = ()
@@ -282,7 +283,7 @@ import os
 os.waitpid(pid, 0)
 print("imports after the seal:", imports)
 """
-    agent = str(Path(__file__).resolve().parents[1] / "images/agent")
+    agent = agent_pythonpath(Path(__file__).resolve().parents[1])
     # the guest's interpreter and flags (images/rootfs/project/init)
     argv = ["/usr/bin/python3", "-I", "-S", "-c", code, agent]
     done = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path)

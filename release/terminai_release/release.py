@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
-from terminai_agent import protocol as agent_protocol
+from terminai_protocol import protocol as agent_protocol
 from terminai_shim import __version__ as shim_version
 from terminai_shim.layout import BUNDLE_SUFFIX, DEV_TRUSTED_ROOT, MANIFEST, MANIFEST_BUNDLE, PROVENANCE, RELEASE_NOTES
 from terminai_shim.manifest import Artifact, BootDefaults, Manifest

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from terminai_agent import bootcontract as boot
+from terminai_protocol import bootcontract as boot
 
 from ._internal.accel import choose_accel
 from ._internal.backends import NAMES, BackendChoice, choose_backend, make_backend

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from terminai_agent.bootcontract import WORKSPACE_ALIAS
+from terminai_protocol.bootcontract import WORKSPACE_ALIAS
 
 # Who commands run as in the guest: "user" (uid 0 without capabilities) or
 # "root" (every capability). The agent checks the same two names.

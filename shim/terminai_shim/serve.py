@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from terminai_agent import protocol as P
+from terminai_protocol import protocol as P
 
 from . import __version__
 from ._internal.client import Pty, RemoteProcess

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from terminai_agent import protocol as P
+from terminai_protocol import protocol as P
 
 from . import __version__
 from ._internal.fsutil import sha256_file

@@ -16,7 +16,8 @@ from __future__ import annotations
 import os
 import sys
 
-from . import bootcontract as boot
+from terminai_protocol import bootcontract as boot
+
 from .channels import ChannelSpec, listen, open_virtio_port
 from .server import AgentConfig, Server
 

@@ -16,8 +16,9 @@ import stat
 import sys
 import time
 
+from terminai_protocol import protocol as P
+
 from . import __version__
-from . import protocol as P
 from .procs import (
     EXIT_GRACE,
     Process,

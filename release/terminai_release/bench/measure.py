@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from terminai_agent import protocol as P
+from terminai_protocol import protocol as P
 from terminai_shim.models import BootConfig
 from terminai_shim.parts import QemuBackend, qemu_command_line
 from terminai_shim.probes import accelerator

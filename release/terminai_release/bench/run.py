@@ -17,7 +17,7 @@ from typing import Any
 
 from ..context import BuildContext
 from ..kernel import build_kernel
-from ..rootfs.project import build_rootfs
+from ..rootfs.project import agent_pythonpath, build_rootfs
 from . import stock
 from .measure import RawAgent, boot_to_marker, repeat, rss_kib, summary
 
@@ -184,7 +184,7 @@ def _host_agent_throughput(gen: list[str], size: int, work: Path) -> float:
     from terminai_shim.parts import AgentClient
 
     path = work / "host-agent.sock"
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[3] / "images/agent"))
+    env = dict(os.environ, PYTHONPATH=agent_pythonpath(Path(__file__).resolve().parents[3]))
     agent = subprocess.Popen([sys.executable, "-m", "terminai_agent", f"--channel=unix:{path}"], env=env)
     try:
         while not path.exists():

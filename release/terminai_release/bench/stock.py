@@ -10,7 +10,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from terminai_agent import bootcontract as boot
+from terminai_protocol import bootcontract as boot
 
 from ..cache import StepCache
 from ..errors import BuildError

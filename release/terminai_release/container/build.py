@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from terminai_agent import bootcontract as boot
+from terminai_protocol import bootcontract as boot
 
 from ..cache import RECORD, StepCache, write_atomic
 from ..context import BuildContext

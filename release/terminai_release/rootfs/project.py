@@ -29,6 +29,14 @@ RECIPE = 3
 FORMATS = ("squashfs", "erofs")
 EROFS_UUID = "5e1f0c3a-7a2b-4d3c-9e4f-1a2b3c4d5e6f"
 PY_DIRS = ("/usr/lib/python3.11", "/usr/lib/python3/dist-packages", "/usr/lib/terminai")
+# The guest agent's packages: the agent and the protocol it shares with the shim
+# (which lives with the shim, so the shim's own distribution carries it).
+AGENT_PACKAGES = ("images/agent/terminai_agent", "shim/terminai_protocol")
+
+
+def agent_pythonpath(repo: Path) -> str:
+    """The PYTHONPATH that runs the agent from a checkout as the guest runs it."""
+    return os.pathsep.join(str(repo / Path(package).parent) for package in AGENT_PACKAGES)
 
 
 @dataclass(frozen=True)
@@ -59,7 +67,6 @@ def build_rootfs(
     base = build_base(ctx, cache=cache)
     wheel = build_kit_wheel(ctx, kit, cache=cache)
     project = ctx.repo / "images/rootfs/project"
-    agent = ctx.repo / "images/agent/terminai_agent"
     version = release_version(ctx.repo)
     sde = source_date_epoch(ctx.repo, "images", "pyproject.toml")
     tool = tool_version(["mksquashfs", "-version"] if fmt == "squashfs" else ["mkfs.erofs", "--version"])
@@ -67,7 +74,7 @@ def build_rootfs(
         "recipe": RECIPE,
         "base": base.record["key"],
         "kit": sha256_file(wheel),
-        "agent": sha256_tree(agent),
+        "agent": digest_inputs({package: sha256_tree(ctx.repo / package) for package in AGENT_PACKAGES}),
         "project": sha256_tree(project),
         "version": version,
         "format": fmt,
@@ -109,9 +116,9 @@ def _build_into(
     )  # fmt: skip
     _drop_direct_url(tree / "usr/lib/python3/dist-packages")
     lib = tree / "usr/lib/terminai"
-    shutil.copytree(
-        ctx.repo / "images/agent/terminai_agent", lib / "terminai_agent", ignore=shutil.ignore_patterns("__pycache__")
-    )
+    for package in AGENT_PACKAGES:
+        source = ctx.repo / package
+        shutil.copytree(source, lib / source.name, ignore=shutil.ignore_patterns("__pycache__"))
     project = ctx.repo / "images/rootfs/project"
     shutil.copy2(project / "init", lib / "init")
     os.chmod(lib / "init", 0o755)

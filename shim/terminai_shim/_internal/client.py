@@ -1,4 +1,4 @@
-"""The host side of the agent wire protocol (terminai_agent.protocol).
+"""The host side of the agent wire protocol (terminai_protocol.protocol).
 
 One reader thread decodes frames from the channel and routes them: results
 and errors complete the waiting call with the same id, events feed the
@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from terminai_agent import protocol as P
+from terminai_protocol import protocol as P
 
 from ..errors import AgentError, ChannelClosed, DeadlineExceeded, TimeoutExpired
 

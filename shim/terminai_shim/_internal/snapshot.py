@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from terminai_agent import protocol as P
+from terminai_protocol import protocol as P
 
 from .. import __version__
 from ..models import AccelChoice, BootConfig

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from terminai_agent import bootcontract as boot
+from terminai_protocol import bootcontract as boot
 
 from ...errors import BootError, ConfigError
 from ...models import AccelChoice, BootConfig

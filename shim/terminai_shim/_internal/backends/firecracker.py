@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from terminai_agent import bootcontract as boot
+from terminai_protocol import bootcontract as boot
 
 from ...errors import BootError, ConfigError
 from ...models import AccelChoice, BootConfig
