@@ -227,7 +227,8 @@ def lock(c: Context, upgrade: bool = False) -> None:
     from terminai_release.lock import write_lock
 
     try:
-        print(f"written: {write_lock(repo_root(), upgrade)}")
+        for written in write_lock(repo_root(), upgrade):
+            print(f"written: {written}")
     except BuildError as exc:
         _fail(exc)
 
@@ -241,6 +242,22 @@ def client(c: Context, json: bool = False) -> None:
         print(f"client: {build_client(_ctx(json)).dist}")
     except BuildError as exc:
         _fail(exc)
+
+
+@task(name="shim-dist", help={"json": "emit progress as JSON events on stderr"})
+def shim_dist(c: Context, json: bool = False) -> None:
+    """The shim as a standalone executable for this machine (no Python needed), its archive and npm package (cached)."""
+    from terminai_release.standalone import build_standalone
+
+    ctx = _ctx(json)
+    try:
+        shim = build_standalone(ctx)
+    except BuildError as exc:
+        _fail(exc)
+        return
+    link = ctx.publish_link("shim-dist", shim.directory)
+    print(f"shim-dist: {link / shim.executable.relative_to(shim.directory)}")
+    print(f"  archive: {link / shim.archive.name}\n  npm package: {link / shim.npm_package.name}")
 
 
 @task(help={"markers": "pytest -m expression (default: everything)", "args": "extra pytest arguments"})

@@ -261,9 +261,31 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     return 1 if missing else 0
 
 
+def _version_json() -> int:
+    import json
+
+    from .buildinfo import version_report
+    from .errors import ShimError
+
+    try:
+        print(json.dumps(version_report(), indent=2))
+    except ShimError as exc:
+        print(f"terminai-shim: {exc}", file=sys.stderr)
+        return 125
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    given = sys.argv[1:] if argv is None else argv
+    if given[:1] == ["--proxy-connector"]:  # QEMU starts the standalone shim as the allowlist's connector
+        from ._internal.netproxy import run_connector
+
+        return run_connector(given[1:])
+    if sorted(given) == ["--json", "--version"]:
+        return _version_json()
     parser = argparse.ArgumentParser(prog="terminai-shim", description="Run commands in TerminAI's isolated runtime.")
-    parser.add_argument("--version", action="version", version=f"terminai-shim {__version__}")
+    parser.add_argument("--version", action="version", version=f"terminai-shim {__version__}",
+                        help="show the version (with --json: the build, its digest, its sigstore)")  # fmt: skip
     sub = parser.add_subparsers(dest="cmd", required=True)
 
     run = sub.add_parser("run", help="boot a VM, run one command, shut down")

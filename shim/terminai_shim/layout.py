@@ -47,3 +47,23 @@ def pointer_bundle_key(pointer_sha256: str) -> str:
     before the pointer itself, so swapping the pointer is one atomic write
     and an interrupted publish never leaves a pointer without its bundle."""
     return f"channels/bundles/{pointer_sha256}{BUNDLE_SUFFIX}"
+
+
+# The standalone shim (`inv shim-dist`): the record of its build, inside its
+# `_internal/` folder, and the release archive of the folder for each platform.
+STANDALONE_BUILD_INFO = "terminai-shim-build.json"
+_NODE_OS = {"Linux": "linux", "Darwin": "darwin", "Windows": "win32"}
+_NODE_CPU = {"x86_64": "x64", "amd64": "x64", "aarch64": "arm64", "arm64": "arm64"}
+
+
+def standalone_platform(system: str | None = None, machine: str | None = None) -> str:
+    """This machine in Node's spelling (``process.platform-process.arch``),
+    which names the per-platform npm package: ``linux-x64``, ``win32-x64``."""
+    import platform
+
+    system, machine = system or platform.system(), (machine or platform.machine()).lower()
+    return f"{_NODE_OS.get(system, system.lower())}-{_NODE_CPU.get(machine, machine)}"
+
+
+def standalone_archive_name(version: str, platform: str) -> str:
+    return f"terminai-shim-{version}-{platform}.tar.gz"

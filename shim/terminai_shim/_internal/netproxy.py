@@ -61,6 +61,19 @@ CONNECTOR = (
     "socket.send_fds(s,[b'c'],[0])\n"
     "s.recv(1)\n"
 )
+# The standalone shim is its own connector (no Python on the host to start):
+# `terminai-shim --proxy-connector SOCKET` runs CONNECTOR, the same code.
+PROXY_CONNECTOR_FLAG = "--proxy-connector"
+
+
+def run_connector(argv: list[str]) -> int:
+    """``--proxy-connector SOCKET``: CONNECTOR itself, run by the standalone shim."""
+    if len(argv) != 1:
+        print("usage: terminai-shim --proxy-connector SOCKET (QEMU starts it; not for people)", file=sys.stderr)
+        return 2
+    sys.argv = ["connector", *argv]
+    exec(CONNECTOR, {"__name__": "connector"})
+    return 0
 
 
 @dataclass(frozen=True)

@@ -136,43 +136,48 @@ def open_mode_allows(allow: tuple[str, ...]) -> None:
                               "(the host's loopback, as 10.0.2.2) or --allow 169.254.0.0/16 (link-local)")  # fmt: skip
 
 
-def connector_python(workspace: Path | None) -> str:
-    """The interpreter QEMU starts for each allowlisted guest connection:
-    the system's, by its real path, never one the guest could have written."""
-    candidate = os.path.realpath(sys.executable) if not getattr(sys, "frozen", False) else shutil.which("python3")
-    if not candidate:
-        raise ConfigError("network allowlist needs a Python 3 interpreter on the host", hint="apt-get install python3")
-    path = Path(candidate)
+def connector_command(workspace: Path | None) -> tuple[str, ...]:
+    """What QEMU starts for each allowlisted guest connection, less the
+    socket it hands the connection to: the shim's own interpreter in
+    isolated mode with the connector inline, or the standalone shim itself
+    (``--proxy-connector``: it needs no Python on the host). Taken by its
+    real path, and never one the guest or another user could have written."""
+    from ..netproxy import CONNECTOR, PROXY_CONNECTOR_FLAG
+
+    path = Path(os.path.realpath(sys.executable))
+    frozen = bool(getattr(sys, "frozen", False))
+    what = "the shim" if frozen else "the interpreter"
     if workspace is not None and path.is_relative_to(workspace.resolve()):
-        raise ConfigError(f"the interpreter {path} is inside the workspace, which the guest can write",
-                          hint="run the shim from an interpreter outside the workspace")  # fmt: skip
+        raise ConfigError(f"{what} {path} is inside the workspace, which the guest can write",
+                          hint="install the shim outside the workspace")  # fmt: skip
     for part in (path, *path.parents):
         st = part.stat()
         if st.st_mode & 0o022 and not (part.is_dir() and st.st_mode & 0o1000):
             raise ConfigError(f"{part} is writable by other users: it cannot serve the allowlist proxy",
-                              hint="use an interpreter in a directory only root or you can write")  # fmt: skip
+                              hint="install the shim in a directory only root or you can write")  # fmt: skip
         if st.st_uid not in (0, os.geteuid()):
             raise ConfigError(f"{part} belongs to uid {st.st_uid}: it cannot serve the allowlist proxy")
-    return str(path)
+    if frozen:
+        return (str(path), PROXY_CONNECTOR_FLAG)
+    return (str(path), "-I", "-S", "-c", CONNECTOR.replace("\n", ";"))
 
 
-def network_args(config: BootConfig, runtime: RuntimeDir, python: str = "python3") -> list[str]:
+def network_args(config: BootConfig, runtime: RuntimeDir, connector: tuple[str, ...] = ()) -> list[str]:
     """``open``: QEMU's user networking, NAT to whatever the host reaches
     (less the host's loopback and link-local, see ``OPEN_MODE_BLOCKS``).
     ``allowlist``: the same, restricted (``restrict=on``: the guest reaches
     nothing, not even DNS) except one forward: every connection to the proxy
     address is handed to the session's proxy server in the shim, by a
-    connector run with ``python`` (``connector_python``; a neutral name in
-    the device layout)."""
+    connector (``connector_command``)."""
     mode = config.network.mode
     if mode == "none":
         return []
     netdev = f"user,id=net0,net=10.0.2.0/24,host={GATEWAY},dns={RESOLVER},ipv6=off"
     if mode == "allowlist":
-        from ..netproxy import CONNECTOR
-
-        connector = shlex.join([python, "-I", "-S", "-c", CONNECTOR.replace("\n", ";"), str(runtime.proxy_socket)])
-        netdev += f",restrict=on,guestfwd=tcp:{PROXY_ADDRESS}:{PROXY_PORT}-cmd:{_opt(connector)}"
+        if not connector:
+            raise ConfigError("network allowlist needs the proxy connector's command (connector_command)")
+        command = shlex.join([*connector, str(runtime.proxy_socket)])
+        netdev += f",restrict=on,guestfwd=tcp:{PROXY_ADDRESS}:{PROXY_PORT}-cmd:{_opt(command)}"
     elif mode == "open":
         open_mode_allows(config.network.allow)
     else:
@@ -228,7 +233,7 @@ def command_line(
     channel: Channel = Channel(),
     incoming_fd: int | None = None,
     console_fd: int = 3,
-    python: str = "python3",
+    connector: tuple[str, ...] = (),
 ) -> list[str]:
     """The whole QEMU command line.
 
@@ -279,7 +284,7 @@ def command_line(
         "-fsdev", f"local,id=git,path={_opt(git or runtime.empty_share)},security_model=mapped-xattr,readonly=on",
         "-device", f"virtio-9p-device,fsdev=git,mount_tag={GIT_TAG}",
     ]  # fmt: skip
-    argv += network_args(config, runtime, python)
+    argv += network_args(config, runtime, connector)
     if incoming_fd is not None:  # QEMU reads the saved state straight from the open file
         argv += ["-incoming", f"fd:{incoming_fd}"]
     return argv
@@ -289,7 +294,7 @@ def device_layout(config: BootConfig, accel: AccelChoice, channel: Channel = Cha
     """The command line with every host path replaced: what a saved VM state
     depends on, independent of where this session keeps its files."""
     neutral = dataclasses.replace(config, kernel=Path("KERNEL"), rootfs=Path("ROOTFS"), workspace=None)
-    return command_line(neutral, accel, RuntimeDir(Path("RUNTIME")), "qemu", channel)
+    return command_line(neutral, accel, RuntimeDir(Path("RUNTIME")), "qemu", channel, connector=("CONNECTOR",))
 
 
 class QemuMachine(ProcessMachine):
@@ -386,8 +391,8 @@ class QemuBackend(Backend):
             if state is not None:
                 held.append(state)
             console = ConsoleCapture(runtime.console_log)
-            python = connector_python(workspace) if config.network.mode == "allowlist" else "python3"
-            argv = command_line(config, accel, runtime, self.qemu, channel, state, console.write_fd, python)
+            connector = connector_command(workspace) if config.network.mode == "allowlist" else ()
+            argv = command_line(config, accel, runtime, self.qemu, channel, state, console.write_fd, connector)
             log_fd = os.open(runtime.path / "qemu.log", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
             proc = subprocess.Popen(
                 argv,

@@ -1,0 +1,269 @@
+"""`inv shim-dist`: the shim as a standalone executable, for machines with no Python.
+
+The shim's own distribution (``shim/pyproject.toml``: the shim and the
+protocol package, nothing of the pipeline or the agent) is installed into a
+fresh environment built from ``shim/requirements.lock`` alone, and PyInstaller
+freezes it in one-folder mode. A clean environment is the point: what the
+executable carries is exactly what the distribution declares, never whatever
+the development environment happens to hold.
+
+Outputs (one cache entry per digest of the inputs):
+
+- ``terminai-shim/``: the executable and its ``_internal/`` folder, with
+  ``terminai-shim-build.json`` recording what went in and the digest of every
+  other file (``terminai-shim --version --json`` reports it);
+- ``terminai-shim-<version>-<platform>.tar.gz``: that folder, deterministically;
+- ``terminai-shim-<platform>-<npm version>.tgz``: the per-platform npm package
+  ``@terminai/shim-<platform>`` the CLI's package lists as an optional dependency.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import platform
+import shutil
+import sys
+import tarfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from terminai_shim.layout import STANDALONE_BUILD_INFO, standalone_archive_name, standalone_platform
+
+from .cache import RECORD
+from .ci import npm_version
+from .context import BuildContext
+from .digest import digest_inputs, sha256_file, sha256_tree
+from .errors import BuildError
+from .proc import run_logged
+from .sde import source_date_epoch
+from .version import release_version
+
+RECIPE = 1
+STEP = "shim-dist"
+# The freezer's entry point: the console script's, as a file PyInstaller can analyse.
+ENTRY = "from terminai_shim.cli import main\nraise SystemExit(main())\n"
+# Modules the shim never imports whose PyInstaller run-time hooks cost start-up:
+# setuptools' hook alone took `--version` from 130 to 230 ms (measured here).
+EXCLUDE = ("setuptools", "pkg_resources", "_distutils_hack", "distutils", "multiprocessing", "tkinter")
+# Platforms a per-platform npm package exists for (node's process.platform-process.arch).
+NPM_PLATFORMS = ("linux-x64", "linux-arm64", "darwin-arm64", "darwin-x64", "win32-x64")
+
+
+@dataclass(frozen=True)
+class StandaloneShim:
+    directory: Path
+    record: dict[str, Any]
+    cached: bool
+
+    @property
+    def folder(self) -> Path:
+        return self.directory / "terminai-shim"
+
+    @property
+    def executable(self) -> Path:
+        return self.folder / ("terminai-shim.exe" if sys.platform == "win32" else "terminai-shim")
+
+    @property
+    def archive(self) -> Path:
+        return self.directory / self.record["outputs"]["archive"]["file"]
+
+    @property
+    def npm_package(self) -> Path:
+        return self.directory / self.record["outputs"]["npmPackage"]["file"]
+
+    @property
+    def platform(self) -> str:
+        return str(self.record["inputs"]["platform"])
+
+
+def folder_digest(folder: Path) -> str:
+    """The digest of a standalone folder's names, modes and contents, less the
+    build record inside it (which holds this digest)."""
+    h = hashlib.sha256()
+    for path in sorted(folder.rglob("*"), key=lambda p: p.relative_to(folder).as_posix()):
+        rel = path.relative_to(folder).as_posix()
+        if rel == f"_internal/{STANDALONE_BUILD_INFO}":
+            continue
+        if path.is_symlink():
+            h.update(f"L {rel} {os.readlink(path)}\n".encode())
+        elif path.is_file():
+            mode = "x" if path.stat().st_mode & 0o111 else "-"
+            h.update(f"F {rel} {mode} {sha256_file(path)}\n".encode())
+        elif path.is_dir():
+            h.update(f"D {rel}\n".encode())
+    return h.hexdigest()
+
+
+def build_standalone(ctx: BuildContext) -> StandaloneShim:
+    repo = ctx.repo
+    shim = repo / "shim"
+    version = release_version(repo)
+    inputs = {
+        "recipe": RECIPE,
+        "shim": sha256_tree(shim / "terminai_shim"),
+        "protocol": sha256_tree(shim / "terminai_protocol"),
+        "pyproject": sha256_file(shim / "pyproject.toml"),
+        "lock": sha256_file(shim / "requirements.lock"),
+        # The interpreter it freezes is this one: its version and build are inputs.
+        "python": f"{platform.python_implementation()} {sys.version}",
+        "platform": standalone_platform(),
+        "version": version,
+        "source_date_epoch": source_date_epoch(repo, "shim"),
+    }
+    key = digest_inputs(inputs)
+    entry, cached = ctx.cache.obtain(STEP, key, lambda staging: _build_into(ctx, key, inputs, staging))
+    if cached:
+        ctx.reporter.done(STEP, f"standalone shim from cache ({key[:12]})")
+    return StandaloneShim(entry, ctx.cache.record(STEP, key), cached)
+
+
+def _build_into(ctx: BuildContext, key: str, inputs: dict[str, Any], staging: Path) -> None:
+    rep, repo = ctx.reporter, ctx.repo
+    work = ctx.cache.work_dir(STEP, key)
+    log = work / "build.log"
+    sde = int(inputs["source_date_epoch"])
+    started = time.monotonic()
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(work), "SOURCE_DATE_EPOCH": str(sde),
+           "PYTHONHASHSEED": "0", "PIP_DISABLE_PIP_VERSION_CHECK": "1", "LC_ALL": "C.UTF-8"}  # fmt: skip
+
+    rep.info(STEP, "a fresh environment from shim/requirements.lock (hash-checked)")
+    python = Path(getattr(sys, "_base_executable", sys.executable))
+    run_logged([str(python), "-m", "venv", str(work / "env")], log=log, reporter=rep, step=STEP, env=env)
+    pip = [str(work / "env/bin/python"), "-m", "pip", "install", "-q", "--no-deps"]
+    run_logged([*pip, "--require-hashes", "-r", str(repo / "shim/requirements.lock")], log=log, reporter=rep,
+               step=STEP, env=env, hint="the package index must be reachable; see the log")  # fmt: skip
+
+    rep.info(STEP, "the shim's own distribution (shim/pyproject.toml: the shim and its protocol, no agent)")
+    source = work / "source"
+    source.mkdir()
+    shutil.copy2(repo / "shim/pyproject.toml", source / "pyproject.toml")
+    for package in ("terminai_shim", "terminai_protocol"):
+        shutil.copytree(repo / "shim" / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
+    run_logged([str(work / "env/bin/python"), "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                "-w", str(work / "wheel"), str(source)], log=log, reporter=rep, step=STEP, env=env)  # fmt: skip
+    (wheel,) = (work / "wheel").glob("terminai_shim-*.whl")
+    run_logged([*pip, "--no-index", str(wheel)], log=log, reporter=rep, step=STEP, env=env)
+
+    rep.info(STEP, "freezing it with PyInstaller (one folder)")
+    (work / "entry.py").write_text(ENTRY)
+    run_logged(
+        [str(work / "env/bin/pyinstaller"), "--noconfirm", "--clean", "--log-level", "WARN", "--onedir",
+         "--name", "terminai-shim", "--distpath", str(work / "dist"), "--workpath", str(work / "build"),
+         "--specpath", str(work), "--collect-data", "terminai_shim", "--noupx",
+         *(arg for module in EXCLUDE for arg in ("--exclude-module", module)), str(work / "entry.py")],
+        log=log, reporter=rep, step=STEP, env=env, hint="PyInstaller failed; see the log",
+    )  # fmt: skip
+    folder = staging / "terminai-shim"
+    shutil.copytree(work / "dist" / "terminai-shim", folder, symlinks=True)
+    links = [p for p in folder.rglob("*") if p.is_symlink()]
+    for link in links:  # npm packs no symbolic links: each becomes the file it names
+        target = link.resolve()
+        if not target.is_relative_to(folder.resolve()):
+            raise BuildError(f"the frozen shim links outside itself: {link} -> {target}")
+        link.unlink()
+        shutil.copy2(target, link)
+    for path in [folder, *folder.rglob("*")]:
+        os.utime(path, (sde, sde), follow_symlinks=False)
+
+    sigstore = _installed_version(work / "env", "sigstore")
+    info = {
+        "version": inputs["version"],
+        "platform": inputs["platform"],
+        "python": platform.python_version(),
+        "sigstore": sigstore,
+        "pyinstaller": _installed_version(work / "env", "pyinstaller"),
+        "sourceDateEpoch": sde,
+        "digest": folder_digest(folder),
+    }
+    build_info = folder / "_internal" / STANDALONE_BUILD_INFO
+    build_info.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+    os.utime(build_info, (sde, sde))
+
+    archive = staging / standalone_archive_name(str(inputs["version"]), str(inputs["platform"]))
+    _write_archive(folder, archive, sde)
+    npm = _npm_package(ctx, folder, staging, str(inputs["version"]), str(inputs["platform"]), sde, log)
+    record = {
+        "key": key,
+        "inputs": inputs,
+        "outputs": {
+            "folder": {"digest": info["digest"], "sigstore": sigstore},
+            "archive": {"file": archive.name, "sha256": sha256_file(archive), "size": archive.stat().st_size},
+            "npmPackage": {
+                "file": npm.name,
+                "sha256": sha256_file(npm),
+                "size": npm.stat().st_size,
+                "name": f"@terminai/shim-{inputs['platform']}",
+            },
+        },
+        "buildSeconds": round(time.monotonic() - started, 1),
+    }
+    (staging / RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    took = time.monotonic() - started
+    rep.done(STEP, f"standalone shim for {inputs['platform']} ({_mib(folder)} MiB) in {took:.0f} s")
+
+
+def _installed_version(env: Path, name: str) -> str:
+    for meta in sorted((env / "lib").glob(f"python3.*/site-packages/{name}-*.dist-info/METADATA")):
+        for line in meta.read_text().splitlines():
+            if line.startswith("Version: "):
+                return line.removeprefix("Version: ")
+    raise BuildError(f"{name} is not in the standalone environment", hint="run `inv lock` and build again")
+
+
+def _mib(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) >> 20
+
+
+def _write_archive(folder: Path, out: Path, sde: int) -> None:
+    """A tar.gz that depends only on the folder's names, modes and bytes."""
+    tmp = out.with_name(f".{out.name}.tmp")
+    with (
+        tmp.open("wb") as raw,
+        gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as gz,
+        tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar,
+    ):
+        for path in [folder, *sorted(folder.rglob("*"), key=lambda p: p.relative_to(folder).as_posix())]:
+            info = tar.gettarinfo(str(path), arcname=path.relative_to(folder.parent).as_posix())
+            info.mtime, info.uid, info.gid, info.uname, info.gname = sde, 0, 0, "", ""
+            info.mode = 0o755 if path.is_dir() or path.stat().st_mode & 0o111 else 0o644
+            if info.isreg():
+                with path.open("rb") as f:
+                    tar.addfile(info, f)
+            else:
+                tar.addfile(info)
+    os.replace(tmp, out)
+
+
+def _npm_package(ctx: BuildContext, folder: Path, staging: Path, version: str, plat: str, sde: int, log: Path) -> Path:
+    """``@terminai/shim-<platform>``: the folder under ``bin/``, where the CLI's
+    package looks (clients/node/src/locate.ts), with ``os``/``cpu`` so npm
+    installs only the one for the machine."""
+    npm = shutil.which("npm")
+    if npm is None:
+        raise BuildError("npm is not installed", hint="run ./bootstrap.sh (it installs nodejs and npm)")
+    os_name, cpu = plat.split("-")
+    package = staging / "npm"
+    shutil.copytree(folder, package / "bin", symlinks=True)
+    manifest = {
+        "name": f"@terminai/shim-{plat}",
+        "version": npm_version(version),
+        "description": f"The standalone TerminAI runtime shim for {plat} (optional dependency of @terminai/runtime).",
+        "license": "Apache-2.0",
+        "os": [os_name],
+        "cpu": [cpu],
+        "files": ["bin/"],
+        "preferUnplugged": True,
+    }
+    (package / "package.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    for path in [package, *package.rglob("*")]:
+        os.utime(path, (sde, sde), follow_symlinks=False)
+    run_logged([npm, "pack", "--pack-destination", str(staging)], log=log, reporter=ctx.reporter, step=STEP,
+               cwd=package)  # fmt: skip
+    shutil.rmtree(package)
+    (tarball,) = staging.glob("*.tgz")
+    return tarball
