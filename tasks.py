@@ -260,6 +260,18 @@ def shim_dist(c: Context, json: bool = False) -> None:
     print(f"  archive: {link / shim.archive.name}\n  npm package: {link / shim.npm_package.name}")
 
 
+# The tests that drive `terminai-shim` as a process: run a second time by `inv test`
+# against the standalone build (`pytest --standalone-shim`).
+STANDALONE_SUITE = (
+    "tests/test_shim_cli.py",
+    "tests/test_shim_serve.py",
+    "tests/test_verify.py",
+    "tests/test_network.py",
+    "tests/test_node_client.py",
+    "tests/test_container.py",
+)
+
+
 @task(help={"markers": "pytest -m expression (default: everything)", "args": "extra pytest arguments"})
 def test(c: Context, markers: str = "", args: str = "") -> None:
     """Run the test suite (unit, build, vm and repro tests), with a Docker engine running."""
@@ -275,6 +287,8 @@ def test(c: Context, markers: str = "", args: str = "") -> None:
         return
     try:
         c.run(f"{sys.executable} -m pytest {m} {args}", pty=False)
+        # The shim's own suites again, against the standalone build a CLI user installs.
+        c.run(f"{sys.executable} -m pytest --standalone-shim {m} {args} {' '.join(STANDALONE_SUITE)}", pty=False)
     finally:
         engine.stop()
 
@@ -286,13 +300,13 @@ def lint(c: Context) -> None:
     c.run(f"{sys.executable} -m mypy", pty=False)
 
 
-@task(help={"artifact": "kernel, rootfs, container or all (default)"})
+@task(help={"artifact": "kernel, rootfs, container, shim-dist or all (default)"})
 def repro(c: Context, artifact: str = "all") -> None:
     """Prove reproducibility: a second clean build must give identical bytes."""
     from terminai_release.repro import check
 
     ctx = _ctx(False)
-    names = ["kernel", "rootfs", "container"] if artifact == "all" else [artifact]
+    names = ["kernel", "rootfs", "container", "shim-dist"] if artifact == "all" else [artifact]
     failed = False
     for name in names:
         try:
@@ -337,6 +351,7 @@ def bench(
         "valid_days": "days until the manifest expires",
         "keyless": "sign keylessly with CI's ambient OIDC identity (default: the local development stack)",
         "trust_config": "sigstore ClientTrustConfig JSON for --keyless (default: Sigstore's public-good instance)",
+        "shim_dists": "a folder of other platforms' `inv shim-dist` outputs (one folder each) to sign in too",
     }
 )
 def release(
@@ -346,14 +361,17 @@ def release(
     valid_days: int = 90,
     keyless: bool = False,
     trust_config: str = "",
+    shim_dists: str = "",
 ) -> None:
     """Build every artifact, write dist/<version>/ (blobs, manifest, notes) and sign the manifest."""
 
     from terminai_release.release import build_release, sign_release
 
     ctx = _ctx(False)
+    dists = tuple(sorted(p for p in Path(shim_dists).iterdir() if p.is_dir())) if shim_dists else ()
     try:
-        rel = build_release(ctx, channel=channel, serial=None if serial < 0 else serial, valid_days=valid_days)
+        rel = build_release(ctx, channel=channel, serial=None if serial < 0 else serial, valid_days=valid_days,
+                            shim_dists=dists)  # fmt: skip
         bundle = sign_release(ctx, rel, keyless=keyless, trust_config=Path(trust_config) if trust_config else None)
     except BuildError as exc:
         _fail(exc)

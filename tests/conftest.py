@@ -21,6 +21,28 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--standalone-shim", action="store_true",
+                     help="drive the standalone shim (inv shim-dist) instead of this environment's, "
+                     "with no virtual environment on PATH")  # fmt: skip
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under --standalone-shim every test that starts `terminai-shim` (shimproc.SHIM)
+    starts the frozen build, built here through the cached task a user runs. The
+    tests themselves still run in this environment; the shim and what it starts
+    see a PATH without it, as on a machine with no Python project installed."""
+    if not config.getoption("--standalone-shim"):
+        return
+    from terminai_release.standalone import build_standalone
+
+    shim = build_standalone(BuildContext(reporter=Reporter("plain")))
+    os.environ["TERMINAI_TEST_SHIM"] = str(shim.executable)
+    venv = str(Path(sys.executable).parent)
+    os.environ["PATH"] = os.pathsep.join(d for d in os.environ.get("PATH", "").split(os.pathsep) if d != venv)
+    os.environ.pop("VIRTUAL_ENV", None)
+
+
 @pytest.fixture(scope="session")
 def ctx() -> BuildContext:
     return BuildContext(reporter=Reporter("plain"))

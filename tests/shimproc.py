@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import queue
 import subprocess
 import sys
@@ -13,7 +14,9 @@ from typing import Any
 
 import jsonschema
 
-SHIM = str(Path(sys.executable).with_name("terminai-shim"))
+# The shim under test: this environment's console script or, under
+# `pytest --standalone-shim` (conftest.py), the standalone build of `inv shim-dist`.
+SHIM = os.environ.get("TERMINAI_TEST_SHIM") or str(Path(sys.executable).with_name("terminai-shim"))
 SCHEMA = json.loads((Path(__file__).resolve().parents[1] / "docs/shim-protocol.schema.json").read_text())
 
 

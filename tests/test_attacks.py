@@ -22,18 +22,16 @@ import shutil
 import socket
 import stat
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from shimproc import ShimProc
+from shimproc import SHIM, ShimProc
 
 pytestmark = pytest.mark.attack
 
-SHIM = str(Path(sys.executable).with_name("terminai-shim"))
 UNPRIVILEGED = "terminai-attack"  # a host user the tests create, to attack as and to run the shim as
 
 

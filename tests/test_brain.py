@@ -18,6 +18,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from shimproc import SHIM
 from terminai_shim.windows import win32
 from terminai_shim.windows.broker import Broker, BrokerConfig
 from terminai_shim.windows.bundle import BundleError, open_bundle, verify_zip
@@ -372,7 +373,7 @@ def test_signed_bundle_verifies_then_unpacks_and_a_changed_one_does_not(ctx, bui
     again = open_bundle(built.zip, tmp_path / "sig.json", policy)
     assert again.entrypoint.read_bytes() == BRAIN.read_bytes() and not (again.directory / "planted.js").exists()
     # The CLI: verify, then a real health check through the broker (a plain child here, not an AppContainer).
-    shim = str(Path(sys.executable).with_name("terminai-shim"))
+    shim = SHIM
     env = dict(os.environ, TERMINAI_CACHE=str(tmp_path / "cache"))
     trust = ["--signature", str(tmp_path / "sig.json"), "--dev", "--trusted-root", str(tmp_path / "root.json")]
     health = subprocess.run([shim, "brain", "health", str(built.zip), *trust], capture_output=True, text=True,

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 from conftest import REPO
+from shimproc import SHIM
 
 pytestmark = pytest.mark.vm
 
@@ -26,7 +27,6 @@ def test_run_boots_only_a_verified_release_fetched_over_http(ctx, kernel, rootfs
     import os
     import threading
     from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
-    from pathlib import Path
 
     from terminai_release.release import build_release, sign_release
 
@@ -41,7 +41,7 @@ def test_run_boots_only_a_verified_release_fetched_over_http(ctx, kernel, rootfs
 
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(rel.directory)))
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    shim = str(Path(sys.executable).with_name("terminai-shim"))
+    shim = SHIM
     env = dict(os.environ, TERMINAI_CACHE=str(tmp_path / "cache"))
     url = f"http://127.0.0.1:{httpd.server_address[1]}"
     try:

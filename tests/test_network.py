@@ -17,7 +17,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from shimproc import ShimProc
+from shimproc import SHIM, ShimProc
 from terminai_shim._internal.netpolicy import Allowlist, decide
 from terminai_shim.errors import ConfigError
 
@@ -271,3 +271,64 @@ def test_container_tier_network_modes(boot_config, container_image, tmp_path):
         assert "eth0" in nets and "lo" in nets
     finally:
         shim.close()
+
+
+@pytest.mark.unit
+def test_the_shim_is_the_allowlist_connector_qemu_starts(tmp_path):
+    """`terminai-shim --proxy-connector SOCKET` (what QEMU starts per guest
+    connection when the shim is the standalone build) hands its stdin, the
+    guest's connection, to the session's proxy and nothing else: the same
+    CONNECTOR code the Python package runs inline."""
+    import socket
+
+    path = str(tmp_path / "proxy.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(1)
+    guest, host_end = socket.socketpair()
+    with server, guest, host_end:
+        connector = subprocess.Popen([SHIM, "--proxy-connector", path], stdin=host_end, stderr=subprocess.PIPE)
+        host_end.close()
+        server.settimeout(20)
+        conn, _ = server.accept()
+        with conn:
+            msg, fds, _flags, _addr = socket.recv_fds(conn, 16, 1)
+            assert msg == b"c" and len(fds) == 1
+            with socket.socket(fileno=fds[0]) as handed:
+                guest.sendall(b"from the guest")
+                assert handed.recv(64) == b"from the guest"
+            conn.sendall(b"k")
+        assert connector.wait(timeout=20) == 0, connector.stderr.read()
+    refused = subprocess.run([SHIM, "--proxy-connector"], capture_output=True, text=True)
+    assert refused.returncode == 2 and "not for people" in refused.stderr
+
+
+@pytest.mark.unit
+def test_the_standalone_connector_is_used_only_where_qemus_user_can_run_it():
+    import shutil
+    import tempfile
+
+    from terminai_shim._internal.backends.qemu import _can_run
+
+    tmp_path = Path(tempfile.mkdtemp(prefix="connector-"))  # pytest's own directories are private
+    try:
+        _check_can_run(tmp_path, _can_run)
+    finally:
+        shutil.rmtree(tmp_path)
+
+
+def _check_can_run(tmp_path, _can_run):
+    folder = tmp_path / "private" / "terminai-shim"
+    (folder / "_internal").mkdir(parents=True)
+    program = folder / "terminai-shim"
+    program.write_bytes(b"")
+    program.chmod(0o755)
+    os.chmod(tmp_path, 0o755)
+    (tmp_path / "private").chmod(0o700)  # like /root: nobody cannot search it
+    nobody = (65534, 65534)
+    assert not _can_run(program, *nobody)
+    (tmp_path / "private").chmod(0o755)
+    assert _can_run(program, *nobody)
+    (folder / "_internal").chmod(0o700)
+    assert not _can_run(program, *nobody)
+    assert _can_run(program, 0, 0)

@@ -5,11 +5,10 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from conftest import REPO
+from shimproc import SHIM
 
 pytestmark = pytest.mark.vm
 
@@ -22,7 +21,7 @@ def test_cli_acceptance_sequence_from_node(ctx, kernel, rootfs, tmp_path, backen
     assert node, "node is installed by bootstrap.sh"
     release = build_release(ctx, out=tmp_path / "dist")
     sign_release(ctx, release)
-    shim = Path(sys.executable).with_name("terminai-shim")
+    shim = SHIM
     workspace = tmp_path / "workspace"
     workspace.mkdir()
     env = dict(os.environ, SHIM=str(shim), MANIFEST=str(release.directory), WORKSPACE=str(workspace), BACKEND=backend,

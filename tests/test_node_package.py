@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO
+from shimproc import SHIM
 
 pytestmark = pytest.mark.vm
 
@@ -33,7 +34,7 @@ def test_the_package_is_the_clis_runtime_context(ctx, kernel, rootfs, package, t
     sign_release(ctx, release)
     workspace = tmp_path / "workspace"
     workspace.mkdir()
-    env = dict(os.environ, SHIM=str(Path(sys.executable).with_name("terminai-shim")), MANIFEST=str(release.directory),
+    env = dict(os.environ, SHIM=SHIM, MANIFEST=str(release.directory),
                WORKSPACE=str(workspace), BACKEND=backend, TERMINAI_CACHE=str(tmp_path / "shim-cache"))  # fmt: skip
     env.pop("TERMINAI_SHIM", None)
     done = subprocess.run([node, "--test", "test/"], cwd=package.directory, env=env, capture_output=True, text=True,
@@ -76,3 +77,49 @@ def test_the_package_packs_to_the_same_bytes_and_the_release_signs_them(ctx, pac
     (release.directory / listed.location).write_bytes(b"not the package")
     with pytest.raises(Exception, match="is not the npm package the manifest lists"):
         npm_package(release.directory)
+
+
+def test_the_installed_package_runs_the_standalone_shim_its_optional_dependency_brought(ctx, kernel, rootfs, tmp_path):
+    """What a CLI user gets from npm: @terminai/runtime and, through its optional
+    dependencies, the standalone shim for this platform, both from the signed
+    release's tarballs, installed into a fresh project (offline: the other
+    platforms' packages are skipped, as npm skips a foreign os/cpu). The
+    package's own suite then runs there with no SHIM given and no Python
+    project on PATH: the shim must be the one in node_modules."""
+    import json
+
+    from terminai_release.release import build_release, sign_release
+    from terminai_shim.layout import manifest_platform, standalone_platform
+
+    node, npm = shutil.which("node"), shutil.which("npm")
+    assert node and npm, "node and npm are installed by bootstrap.sh"
+    release = build_release(ctx, out=tmp_path / "dist")
+    sign_release(ctx, release)
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "package.json").write_text(json.dumps({"name": "consumer", "private": True, "type": "module"}))
+    tarballs = []
+    for kind, platform in (("node-package", None), ("shim-npm-package", manifest_platform(standalone_platform()))):
+        listed = release.manifest.artifact(kind, platform)
+        tarball = project / listed.name  # npm knows a tarball by its .tgz name; the blob is named by its digest
+        shutil.copyfile(release.directory / listed.location, tarball)
+        tarballs.append(f"./{tarball.name}")
+    env = dict(os.environ, npm_config_cache=str(tmp_path / "npm-cache"))
+    venv = str(Path(sys.executable).parent)
+    env["PATH"] = os.pathsep.join(d for d in env["PATH"].split(os.pathsep) if d != venv)
+    for name in ("TERMINAI_SHIM", "SHIM", "VIRTUAL_ENV", "TERMINAI_TEST_SHIM"):
+        env.pop(name, None)
+    done = subprocess.run([npm, "install", "--offline", "--no-audit", "--no-fund", *tarballs], cwd=project, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    installed = sorted(p.name for p in (project / "node_modules/@terminai").iterdir())
+    assert installed == ["runtime", f"shim-{standalone_platform()}"], installed
+    workspace = tmp_path / "workspace"
+    workspace.mkdir()
+    env.update(MANIFEST=str(release.directory), WORKSPACE=str(workspace), BACKEND="qemu",
+               TERMINAI_CACHE=str(tmp_path / "shim-cache"),
+               RUNTIME=str(project / "node_modules/@terminai/runtime/dist/index.js"))  # fmt: skip
+    done = subprocess.run([node, "--test", str(REPO / "clients/node/test/runtime.test.mjs")], cwd=project, env=env,
+                          capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
+    assert "# fail 0" in done.stdout and "# pass 3" in done.stdout, done.stdout[-2000:]

@@ -11,17 +11,15 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
 
 import pytest
+from shimproc import SHIM
 from terminai_release.rootfs.project import agent_pythonpath
 from terminai_shim._internal.client import Pty
 from terminai_shim._internal.termsafe import PtyFilter
-
-SHIM = str(Path(sys.executable).with_name("terminai-shim"))
 
 
 def _collect(chunks: list[bytes]):

@@ -21,3 +21,10 @@ def test_kernel_is_reproducible(ctx, kernel, tmp_path):
 def test_container_archive_is_reproducible(ctx, container_image, tmp_path):
     result = check(ctx, "container", scratch=tmp_path)
     assert result.identical, result.describe()
+
+
+def test_the_standalone_shim_is_reproducible(ctx, tmp_path):
+    """Its archive and npm package, from a second clean environment and freeze
+    in another directory (PyInstaller with SOURCE_DATE_EPOCH and PYTHONHASHSEED=0)."""
+    result = check(ctx, "shim-dist", scratch=tmp_path)
+    assert result.identical, result.describe()

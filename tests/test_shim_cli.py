@@ -10,8 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-SHIM = str(Path(sys.executable).with_name("terminai-shim"))
+from shimproc import SHIM
 
 
 @pytest.mark.unit

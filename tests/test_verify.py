@@ -10,11 +10,11 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from shimproc import SHIM
 from terminai_release.signing.devstack import DEFAULT_IDENTITY, ISSUER, DevSigstore
 from terminai_release.signing.sign import sign_bytes
 from terminai_shim._internal.releases import SerialState, verify_directory
@@ -30,7 +30,6 @@ from terminai_shim.verify import (
 )
 
 pytestmark = pytest.mark.unit
-SHIM = str(Path(sys.executable).with_name("terminai-shim"))
 
 
 def verify_release(directory, policy, *, state, channel="dev"):

@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import sys
 import urllib.parse
 import urllib.request
@@ -100,19 +101,41 @@ def npm_package(release: Path) -> Path:
     """The ``node-package`` blob of a signed release directory, after its size
     and sha256 were checked against the manifest: what npm publishes is what
     the release signed."""
+    (path,) = npm_packages(release, "node-package")
+    return path
+
+
+def npm_packages(release: Path, kind: str) -> list[Path]:
+    """Every npm package of a kind (``shim-npm-package``: one per platform), checked the same way,
+    as a copy under ``<release>/npm/`` named as npm packed it: npm takes a path for
+    a tarball only when it ends in .tgz, and a blob is named by its digest."""
     from terminai_shim.layout import MANIFEST
     from terminai_shim.manifest import Manifest, ManifestError
 
     from .digest import sha256_file
 
     try:
-        artifact = Manifest.from_json((release / MANIFEST).read_bytes()).artifact("node-package")
+        manifest = Manifest.from_json((release / MANIFEST).read_bytes())
+        artifacts = [a for a in manifest.artifacts if a.kind == kind] or [manifest.artifact(kind)]
     except (OSError, ManifestError) as exc:
         raise BuildError(f"no npm package in {release}: {exc}", hint="build the release with `inv release`") from None
-    path = release / artifact.location
-    if not path.is_file() or path.stat().st_size != artifact.size or sha256_file(path) != artifact.sha256:
-        raise BuildError(f"{path} is not the npm package the manifest lists", hint="build the release again")
-    return path
+    paths = []
+    for artifact in artifacts:
+        blob, copy = release / artifact.location, release / "npm" / artifact.name
+        copy.parent.mkdir(exist_ok=True)
+        tmp = copy.with_name(f".{copy.name}.tmp{os.getpid()}")
+        try:  # the copy is what gets checked, and what npm reads
+            shutil.copyfile(blob, tmp)
+            if tmp.stat().st_size != artifact.size or sha256_file(tmp) != artifact.sha256:
+                raise OSError("its size or sha256 differs")
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise BuildError(
+                f"{blob} is not the npm package the manifest lists", hint="build the release again"
+            ) from None
+        os.replace(tmp, copy)
+        paths.append(copy)
+    return paths
 
 
 def write_aws_token(out: Path) -> None:
@@ -139,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ref", required=True)
     n = sub.add_parser("npm-package", help="the path of a release's npm package, checked against its manifest")
     n.add_argument("--release", type=Path, required=True)
+    n.add_argument("--kind", default="node-package", choices=("node-package", "shim-npm-package"),
+                   help="shim-npm-package: every platform's standalone shim package, one path a line")  # fmt: skip
     t = sub.add_parser("aws-token", help="write CI's OIDC token for AWS web-identity role assumption")
     t.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -148,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             result = plan(args.ref, release_version(repo).split(".dev")[0], source_date_epoch(repo, "."))
             print(f"channel={result.channel}\nversion={result.version}")
         elif args.cmd == "npm-package":
-            print(npm_package(args.release))
+            print(*npm_packages(args.release, args.kind), sep="\n")
         else:
             write_aws_token(args.out)
     except BuildError as exc:

@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from terminai_shim.layout import STANDALONE_PLATFORMS, standalone_npm_package
+
 from .ci import npm_version
 from .context import BuildContext
 from .digest import digest_inputs, sha256_file
@@ -79,18 +81,33 @@ def _build(ctx: BuildContext, directory: Path, npm: str) -> None:
 
 def pack_client(ctx: BuildContext, version: str) -> Path:
     """The package as npm would publish it: ``npm pack`` writes fixed times
-    and a fixed order, so two packs of the same build are the same bytes."""
+    and a fixed order, so two packs of the same build are the same bytes.
+
+    The packed manifest lists the per-platform standalone shims as optional
+    dependencies at the same version (npm installs the one whose os/cpu
+    match). They are added here, not in clients/node/package.json, because
+    they are published with the release: the development install (npm ci
+    from the lockfile) must not look for them."""
     out = ctx.out / "client"
     out.mkdir(parents=True, exist_ok=True)
     with _built(ctx) as (package, npm):
-        declared = json.loads((package.directory / "package.json").read_text())["version"]
-        if declared != npm_version(version):
-            raise BuildError(f"clients/node/package.json says {declared}, the release is {version}",
+        manifest = json.loads((package.directory / "package.json").read_text())
+        if manifest["version"] != npm_version(version):
+            raise BuildError(f"clients/node/package.json says {manifest['version']}, the release is {version}",
                              hint=f"run `inv set-version {version}`")  # fmt: skip
+        manifest["optionalDependencies"] = {
+            standalone_npm_package(platform): manifest["version"] for platform in STANDALONE_PLATFORMS
+        }
         staging = Path(tempfile.mkdtemp(prefix=".pack-", dir=out))
         try:
+            source = staging / "package"
+            source.mkdir()
+            (source / "package.json").write_text(json.dumps(manifest, indent=2) + "\n")
+            for name in ["README.md", *manifest["files"]]:
+                copy = shutil.copytree if (package.directory / name).is_dir() else shutil.copy2
+                copy(package.directory / name, source / name)
             run_logged([npm, "pack", "--pack-destination", str(staging)], log=ctx.out / "logs" / "client.log",
-                       reporter=ctx.reporter, step="client", cwd=package.directory)  # fmt: skip
+                       reporter=ctx.reporter, step="client", cwd=source)  # fmt: skip
             (tarball,) = staging.glob("*.tgz")
             target = out / tarball.name
             os.replace(tarball, target)

@@ -40,11 +40,16 @@ def _pins(*locks: Path) -> str:
     return "".join(f"{pin}\n" for pin in pins.values())
 
 
-def _compile(uv: Path, repo: Path, inputs: tuple[str, ...], extras: tuple[str, ...], lock: Path, pins: str) -> None:
+def _compile(
+    uv: Path, repo: Path, inputs: tuple[str, ...], extras: tuple[str, ...], lock: Path, pins: str, universal: bool
+) -> None:
+    """``universal``: for every platform (markers, every wheel's hash), as the
+    standalone shim is built on each platform's runner; else for this one."""
+    where = ["--universal"] if universal else ["--python-platform", "x86_64-unknown-linux-gnu"]
     with tempfile.TemporaryDirectory(prefix="terminai-lock-") as tmp:
         argv = [str(uv), "pip", "compile", *inputs, "--generate-hashes", "--no-header",
-                "--annotation-style", "line", "--python-version", "3.11",
-                "--python-platform", "x86_64-unknown-linux-gnu", "-o", str(Path(tmp) / lock.name)]  # fmt: skip
+                "--annotation-style", "line", "--python-version", "3.11", *where,
+                "-o", str(Path(tmp) / lock.name)]  # fmt: skip
         for extra in extras:
             argv += ["--extra", extra]
         if pins:  # what is locked stays locked
@@ -73,6 +78,7 @@ def write_lock(repo: Path, upgrade: bool = False) -> list[Path]:
         if subprocess.run(pip).returncode != 0:
             raise BuildError(f"cannot install {UV} to resolve the lock", hint="the package index must be reachable")
         uv = env_dir / "bin" / "uv"
-        _compile(uv, repo, ("pyproject.toml",), EXTRAS, lock, "" if upgrade else _pins(lock))
-        _compile(uv, repo, SHIM_INPUTS, SHIM_EXTRAS, shim_lock, _pins(lock) if upgrade else _pins(shim_lock, lock))
+        _compile(uv, repo, ("pyproject.toml",), EXTRAS, lock, "" if upgrade else _pins(lock), universal=False)
+        pins = _pins(lock) if upgrade else _pins(shim_lock, lock)
+        _compile(uv, repo, SHIM_INPUTS, SHIM_EXTRAS, shim_lock, pins, universal=True)
     return [lock, shim_lock]

@@ -20,7 +20,16 @@ from typing import Any
 import jinja2
 from terminai_protocol import protocol as agent_protocol
 from terminai_shim import __version__ as shim_version
-from terminai_shim.layout import BUNDLE_SUFFIX, DEV_TRUSTED_ROOT, MANIFEST, MANIFEST_BUNDLE, PROVENANCE, RELEASE_NOTES
+from terminai_shim.layout import (
+    BUNDLE_SUFFIX,
+    DEV_TRUSTED_ROOT,
+    MANIFEST,
+    MANIFEST_BUNDLE,
+    PROVENANCE,
+    RELEASE_NOTES,
+    manifest_platform,
+    standalone_npm_package,
+)
 from terminai_shim.manifest import Artifact, BootDefaults, Manifest
 from terminai_shim.verify import dev_trust_root
 
@@ -36,6 +45,7 @@ from .kernel import build_kernel
 from .rootfs.kit import build_kit_wheel
 from .rootfs.project import build_rootfs
 from .sde import source_date_epoch
+from .standalone import build_standalone, load_standalone
 from .version import release_version
 
 MIN_VALIDITY = 86400  # a manifest signed now must still be valid tomorrow
@@ -48,6 +58,8 @@ MEDIA = {
     "container-image": "application/vnd.oci.image.layout.v1+tar",
     "brain-bundle": "application/vnd.terminai.brain-bundle.v1+zip",
     "node-package": "application/vnd.npm.package.v1+tar+gzip",
+    "shim-standalone": "application/vnd.terminai.shim-standalone.v1+tar+gzip",
+    "shim-npm-package": "application/vnd.npm.package.v1+tar+gzip",
 }
 
 
@@ -84,8 +96,16 @@ def _blob(release_dir: Path, source: Path) -> tuple[str, int]:
 
 
 def build_release(
-    ctx: BuildContext, *, channel: str = "dev", serial: int | None = None, valid_days: int = 90, out: Path | None = None
+    ctx: BuildContext,
+    *,
+    channel: str = "dev",
+    serial: int | None = None,
+    valid_days: int = 90,
+    out: Path | None = None,
+    shim_dists: tuple[Path, ...] = (),
 ) -> Release:
+    """``shim_dists``: standalone shims built on other platforms' runners
+    (`inv shim-dist` there); this machine's is built here."""
     version = release_version(ctx.repo)
     created = source_date_epoch(ctx.repo, ".")
     expires = created + valid_days * DAY
@@ -105,6 +125,9 @@ def build_release(
     image = build_container(ctx)
     brain = build_brain(ctx)
     client = pack_client(ctx, version)
+    shims = {shim.platform: shim for shim in map(load_standalone, shim_dists)}
+    here = build_standalone(ctx)
+    shims[here.platform] = here
     directory = (out or ctx.repo / "dist") / version
     directory.mkdir(parents=True, exist_ok=True)
     fmt = root.record["outputs"]["image"]["format"]
@@ -118,6 +141,17 @@ def build_release(
         ("brain-bundle", "windows", brain.zip, brain.record["inputs"]),
         ("node-package", "any", client, {"name": "@terminai/runtime", "version": npm_version(version)}),
     ]  # fmt: skip
+    for platform in sorted(shims):
+        shim = shims[platform]
+        if shim.record["inputs"]["version"] != version:
+            raise BuildError(f"the standalone shim for {platform} is version {shim.record['inputs']['version']}, "
+                             f"the release is {version}", hint="build every platform from the same commit")  # fmt: skip
+        built = {"platform": platform, **shim.record["outputs"]["folder"], "python": shim.record["inputs"]["python"]}
+        sources += [
+            ("shim-standalone", manifest_platform(platform), shim.archive, built),
+            ("shim-npm-package", manifest_platform(platform), shim.npm_package,
+             {"name": standalone_npm_package(platform), "version": npm_version(version)}),
+        ]  # fmt: skip
     artifacts = []
     for kind, platform, path, build in sources:
         digest, size = _blob(directory, path)

@@ -44,11 +44,13 @@ def check(ctx: BuildContext, artifact: str, scratch: Path | None = None) -> Repr
     from .container import build_container
     from .kernel import build_kernel
     from .rootfs.project import build_rootfs
+    from .standalone import build_standalone
 
     builders = {
         "kernel": (lambda cache: build_kernel(ctx, cache=cache).record, ("vmlinux", "bzImage", "config")),
         "rootfs": (lambda cache: build_rootfs(ctx, cache=cache).record, ("image", "sbom")),
         "container": (lambda cache: build_container(ctx, cache=cache).record, ("archive",)),
+        "shim-dist": (lambda cache: build_standalone(ctx, cache=cache).record, ("archive", "npmPackage")),
     }
     build, names = builders[artifact]
     first = _digests(build(ctx.cache), names)

@@ -32,9 +32,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from terminai_shim.layout import STANDALONE_BUILD_INFO, standalone_archive_name, standalone_platform
+from terminai_shim.layout import (
+    STANDALONE_BUILD_INFO,
+    standalone_archive_name,
+    standalone_npm_package,
+    standalone_platform,
+)
 
-from .cache import RECORD
+from .cache import RECORD, StepCache
 from .ci import npm_version
 from .context import BuildContext
 from .digest import digest_inputs, sha256_file, sha256_tree
@@ -50,8 +55,6 @@ ENTRY = "from terminai_shim.cli import main\nraise SystemExit(main())\n"
 # Modules the shim never imports whose PyInstaller run-time hooks cost start-up:
 # setuptools' hook alone took `--version` from 130 to 230 ms (measured here).
 EXCLUDE = ("setuptools", "pkg_resources", "_distutils_hack", "distutils", "multiprocessing", "tkinter")
-# Platforms a per-platform npm package exists for (node's process.platform-process.arch).
-NPM_PLATFORMS = ("linux-x64", "linux-arm64", "darwin-arm64", "darwin-x64", "win32-x64")
 
 
 @dataclass(frozen=True)
@@ -99,7 +102,26 @@ def folder_digest(folder: Path) -> str:
     return h.hexdigest()
 
 
-def build_standalone(ctx: BuildContext) -> StandaloneShim:
+def load_standalone(directory: Path) -> StandaloneShim:
+    """A standalone build made elsewhere (another platform's runner): its
+    build record, archive and npm package, as `inv shim-dist` left them."""
+    try:
+        record = json.loads((directory / RECORD).read_text())
+        shim = StandaloneShim(directory, record, cached=True)
+        for path, listed in (
+            (shim.archive, record["outputs"]["archive"]),
+            (shim.npm_package, record["outputs"]["npmPackage"]),
+        ):
+            if sha256_file(path) != listed["sha256"]:
+                raise BuildError(f"{path} does not match the digest its build record lists",
+                                 hint="download that platform's build again")  # fmt: skip
+    except (OSError, ValueError, KeyError) as exc:
+        raise BuildError(f"{directory} is not a standalone shim build ({exc})",
+                         hint="give the folders `inv shim-dist` wrote on each platform's runner") from None  # fmt: skip
+    return shim
+
+
+def build_standalone(ctx: BuildContext, cache: StepCache | None = None) -> StandaloneShim:
     repo = ctx.repo
     shim = repo / "shim"
     version = release_version(repo)
@@ -116,25 +138,29 @@ def build_standalone(ctx: BuildContext) -> StandaloneShim:
         "source_date_epoch": source_date_epoch(repo, "shim"),
     }
     key = digest_inputs(inputs)
-    entry, cached = ctx.cache.obtain(STEP, key, lambda staging: _build_into(ctx, key, inputs, staging))
+    cache = cache or ctx.cache
+    entry, cached = cache.obtain(
+        STEP, key, lambda staging: _build_into(ctx, cache.work_dir(STEP, key), key, inputs, staging)
+    )
     if cached:
         ctx.reporter.done(STEP, f"standalone shim from cache ({key[:12]})")
-    return StandaloneShim(entry, ctx.cache.record(STEP, key), cached)
+    return StandaloneShim(entry, cache.record(STEP, key), cached)
 
 
-def _build_into(ctx: BuildContext, key: str, inputs: dict[str, Any], staging: Path) -> None:
+def _build_into(ctx: BuildContext, work: Path, key: str, inputs: dict[str, Any], staging: Path) -> None:
     rep, repo = ctx.reporter, ctx.repo
-    work = ctx.cache.work_dir(STEP, key)
     log = work / "build.log"
     sde = int(inputs["source_date_epoch"])
     started = time.monotonic()
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(work), "SOURCE_DATE_EPOCH": str(sde),
-           "PYTHONHASHSEED": "0", "PIP_DISABLE_PIP_VERSION_CHECK": "1", "LC_ALL": "C.UTF-8"}  # fmt: skip
+    # Windows needs its own environment (SystemRoot, TEMP) to run Python at all.
+    env = dict(os.environ) if os.name == "nt" else {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(work)}
+    env.update(SOURCE_DATE_EPOCH=str(sde), PYTHONHASHSEED="0", PIP_DISABLE_PIP_VERSION_CHECK="1", LC_ALL="C.UTF-8")
+    python = str(_env_tool(work / "env", "python"))
 
     rep.info(STEP, "a fresh environment from shim/requirements.lock (hash-checked)")
-    python = Path(getattr(sys, "_base_executable", sys.executable))
-    run_logged([str(python), "-m", "venv", str(work / "env")], log=log, reporter=rep, step=STEP, env=env)
-    pip = [str(work / "env/bin/python"), "-m", "pip", "install", "-q", "--no-deps"]
+    base = Path(getattr(sys, "_base_executable", sys.executable))
+    run_logged([str(base), "-m", "venv", str(work / "env")], log=log, reporter=rep, step=STEP, env=env)
+    pip = [python, "-m", "pip", "install", "-q", "--no-deps"]
     run_logged([*pip, "--require-hashes", "-r", str(repo / "shim/requirements.lock")], log=log, reporter=rep,
                step=STEP, env=env, hint="the package index must be reachable; see the log")  # fmt: skip
 
@@ -144,7 +170,7 @@ def _build_into(ctx: BuildContext, key: str, inputs: dict[str, Any], staging: Pa
     shutil.copy2(repo / "shim/pyproject.toml", source / "pyproject.toml")
     for package in ("terminai_shim", "terminai_protocol"):
         shutil.copytree(repo / "shim" / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
-    run_logged([str(work / "env/bin/python"), "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+    run_logged([python, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
                 "-w", str(work / "wheel"), str(source)], log=log, reporter=rep, step=STEP, env=env)  # fmt: skip
     (wheel,) = (work / "wheel").glob("terminai_shim-*.whl")
     run_logged([*pip, "--no-index", str(wheel)], log=log, reporter=rep, step=STEP, env=env)
@@ -152,7 +178,7 @@ def _build_into(ctx: BuildContext, key: str, inputs: dict[str, Any], staging: Pa
     rep.info(STEP, "freezing it with PyInstaller (one folder)")
     (work / "entry.py").write_text(ENTRY)
     run_logged(
-        [str(work / "env/bin/pyinstaller"), "--noconfirm", "--clean", "--log-level", "WARN", "--onedir",
+        [str(_env_tool(work / "env", "pyinstaller")), "--noconfirm", "--clean", "--log-level", "WARN", "--onedir",
          "--name", "terminai-shim", "--distpath", str(work / "dist"), "--workpath", str(work / "build"),
          "--specpath", str(work), "--collect-data", "terminai_shim", "--noupx",
          *(arg for module in EXCLUDE for arg in ("--exclude-module", module)), str(work / "entry.py")],
@@ -197,7 +223,7 @@ def _build_into(ctx: BuildContext, key: str, inputs: dict[str, Any], staging: Pa
                 "file": npm.name,
                 "sha256": sha256_file(npm),
                 "size": npm.stat().st_size,
-                "name": f"@terminai/shim-{inputs['platform']}",
+                "name": standalone_npm_package(str(inputs["platform"])),
             },
         },
         "buildSeconds": round(time.monotonic() - started, 1),
@@ -207,8 +233,12 @@ def _build_into(ctx: BuildContext, key: str, inputs: dict[str, Any], staging: Pa
     rep.done(STEP, f"standalone shim for {inputs['platform']} ({_mib(folder)} MiB) in {took:.0f} s")
 
 
+def _env_tool(env: Path, name: str) -> Path:
+    return env / "Scripts" / f"{name}.exe" if os.name == "nt" else env / "bin" / name
+
+
 def _installed_version(env: Path, name: str) -> str:
-    for meta in sorted((env / "lib").glob(f"python3.*/site-packages/{name}-*.dist-info/METADATA")):
+    for meta in sorted(env.glob(f"**/site-packages/{name}-*.dist-info/METADATA")):
         for line in meta.read_text().splitlines():
             if line.startswith("Version: "):
                 return line.removeprefix("Version: ")
@@ -250,7 +280,7 @@ def _npm_package(ctx: BuildContext, folder: Path, staging: Path, version: str, p
     package = staging / "npm"
     shutil.copytree(folder, package / "bin", symlinks=True)
     manifest = {
-        "name": f"@terminai/shim-{plat}",
+        "name": standalone_npm_package(plat),
         "version": npm_version(version),
         "description": f"The standalone TerminAI runtime shim for {plat} (optional dependency of @terminai/runtime).",
         "license": "Apache-2.0",
@@ -267,3 +297,24 @@ def _npm_package(ctx: BuildContext, folder: Path, staging: Path, version: str, p
     shutil.rmtree(package)
     (tarball,) = staging.glob("*.tgz")
     return tarball
+
+
+def main() -> int:
+    """``python -m terminai_release.standalone``: `inv shim-dist` for the release
+    workflow's other runners, which have a Python but not this project's tools
+    (this module and what it imports use the standard library only)."""
+    from .context import BuildContext
+    from .progress import Reporter
+
+    ctx = BuildContext(reporter=Reporter.auto(False))
+    try:
+        shim = build_standalone(ctx)
+    except BuildError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(ctx.publish_link(STEP, shim.directory))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -52,6 +52,9 @@ def pointer_bundle_key(pointer_sha256: str) -> str:
 # The standalone shim (`inv shim-dist`): the record of its build, inside its
 # `_internal/` folder, and the release archive of the folder for each platform.
 STANDALONE_BUILD_INFO = "terminai-shim-build.json"
+# Every platform a standalone shim is built for (release/github/release.yml
+# builds each on its own runner), in Node's spelling; each has its npm package.
+STANDALONE_PLATFORMS = ("linux-x64", "linux-arm64", "darwin-arm64", "darwin-x64", "win32-x64")
 _NODE_OS = {"Linux": "linux", "Darwin": "darwin", "Windows": "win32"}
 _NODE_CPU = {"x86_64": "x64", "amd64": "x64", "aarch64": "arm64", "arm64": "arm64"}
 
@@ -67,3 +70,14 @@ def standalone_platform(system: str | None = None, machine: str | None = None) -
 
 def standalone_archive_name(version: str, platform: str) -> str:
     return f"terminai-shim-{version}-{platform}.tar.gz"
+
+
+def standalone_npm_package(platform: str) -> str:
+    """The per-platform npm package (an optional dependency of @terminai/runtime)."""
+    return f"@terminai/shim-{platform}"
+
+
+def manifest_platform(platform: str) -> str:
+    """A standalone platform (``linux-x64``) as the manifest spells platforms (``linux/amd64``)."""
+    system, cpu = platform.split("-", 1)
+    return f"{'windows' if system == 'win32' else system}/{'amd64' if cpu == 'x64' else cpu}"

@@ -22,7 +22,7 @@ from .models import DEFAULT_CPUS, DEFAULT_MEMORY_MIB
 SCHEMA_VERSION = 1
 KINDS = (
     "kernel", "rootfs", "sbom", "survival-kit-wheel", "agent", "brain-bundle", "container-image", "provenance",
-    "node-package",
+    "node-package", "shim-standalone", "shim-npm-package",
 )  # fmt: skip
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _VERSION = re.compile(r"^\d+\.\d+\.\d+([.+-][0-9A-Za-z.+-]+)?$")
@@ -180,10 +180,12 @@ class Manifest:
                 hint="fetch the channel again; a current release replaces it",
             )
 
-    def artifact(self, kind: str) -> Artifact:
-        found = [a for a in self.artifacts if a.kind == kind]
+    def artifact(self, kind: str, platform: str | None = None) -> Artifact:
+        """The one artifact of a kind (of a platform, for kinds built per platform)."""
+        found = [a for a in self.artifacts if a.kind == kind and platform in (None, a.platform)]
         if len(found) != 1:
-            raise ManifestError(f"manifest has {len(found)} artifacts of kind {kind!r}, expected one")
+            of = f" for {platform}" if platform else ""
+            raise ManifestError(f"manifest has {len(found)} artifacts of kind {kind!r}{of}, expected one")
         return found[0]
 
 

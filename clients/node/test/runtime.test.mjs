@@ -1,34 +1,37 @@
 // The package against a real shim and a real isolation tier, as the TerminAI
 // CLI uses it. Run by tests/test_node_package.py (`inv test`) with SHIM (the
 // shim to use), MANIFEST (a release signed by the local development
-// identity), WORKSPACE and BACKEND (qemu or container) set.
+// identity), WORKSPACE and BACKEND (qemu or container) set. With SHIM unset
+// and RUNTIME set, it runs against the package as npm installed it (RUNTIME:
+// its entry point in a project's node_modules), and the shim must be the one
+// its per-platform optional dependency brought.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import { mkdirSync, readFileSync, readdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import {
-  ContainerRuntimeContext,
-  MicroVMRuntimeContext,
-  ShimNotFound,
-  WindowsAppContainerContext,
-  locateShim,
-} from '../dist/index.js';
 
-const { SHIM, MANIFEST, WORKSPACE, BACKEND } = process.env;
+const { SHIM, MANIFEST, WORKSPACE, BACKEND, RUNTIME } = process.env;
+const { ContainerRuntimeContext, MicroVMRuntimeContext, ShimNotFound, WindowsAppContainerContext, locateShim, platformPackage } =
+  await import(RUNTIME ?? '../dist/index.js');
 const Tier = BACKEND === 'container' ? ContainerRuntimeContext : MicroVMRuntimeContext;
 const options = () => ({ shimPath: SHIM, release: { manifest: MANIFEST }, trust: { dev: true }, workspace: WORKSPACE });
 
 test('isAvailable is a real probe that says why not', async () => {
   const none = { shimPath: undefined, env: { PATH: '/nonexistent' } };
   const why = await MicroVMRuntimeContext.availability(none);
-  assert.equal(why.available, false);
-  assert.match(why.reason, /TERMINAI_SHIM \(not set\).*@terminai\/shim-.*terminai-shim on PATH/);
-  assert.equal(await MicroVMRuntimeContext.isAvailable(none), false);
+  if (SHIM) {
+    assert.equal(why.available, false);
+    assert.match(why.reason, /TERMINAI_SHIM \(not set\).*@terminai\/shim-.*terminai-shim on PATH/);
+    assert.equal(await MicroVMRuntimeContext.isAvailable(none), false);
+  } else { // installed: the optional dependency for this platform is the shim, with nothing on PATH
+    const bin = process.platform === 'win32' ? 'terminai-shim.exe' : 'terminai-shim';
+    assert.ok(why.shim.endsWith(join('node_modules', ...platformPackage().split('/'), 'bin', bin)), why.shim);
+  }
   assert.throws(() => locateShim('/no/such/shim'), ShimNotFound);
   const found = await Tier.availability({ shimPath: SHIM });
   assert.equal(found.available, true, found.reason);
-  assert.equal(found.shim, SHIM);
+  if (SHIM) assert.equal(found.shim, SHIM);
   const windows = await WindowsAppContainerContext.availability({ shimPath: SHIM });
   assert.equal(windows.available, false);
   assert.match(windows.reason, /Windows/);

@@ -136,20 +136,32 @@ def open_mode_allows(allow: tuple[str, ...]) -> None:
                               "(the host's loopback, as 10.0.2.2) or --allow 169.254.0.0/16 (link-local)")  # fmt: skip
 
 
-def connector_command(workspace: Path | None) -> tuple[str, ...]:
+def connector_command(workspace: Path | None, runs_as: tuple[int, int] | None = None) -> tuple[str, ...]:
     """What QEMU starts for each allowlisted guest connection, less the
-    socket it hands the connection to: the shim's own interpreter in
-    isolated mode with the connector inline, or the standalone shim itself
-    (``--proxy-connector``: it needs no Python on the host). Taken by its
-    real path, and never one the guest or another user could have written."""
+    socket it hands the connection to: an interpreter in isolated mode with
+    the connector inline, or the standalone shim itself (``--proxy-connector``:
+    no Python needed on the host). The standalone shim is used when QEMU's user
+    (``runs_as``; None: this one) can run it; else the system's python3.
+    Taken by its real path, and never one the guest or another user could have written."""
     from ..netproxy import CONNECTOR, PROXY_CONNECTOR_FLAG
 
-    path = Path(os.path.realpath(sys.executable))
     frozen = bool(getattr(sys, "frozen", False))
-    what = "the shim" if frozen else "the interpreter"
+    shim = Path(os.path.realpath(sys.executable))
+    if frozen and (runs_as is None or _can_run(shim, *runs_as)):
+        return (str(_trusted_program(shim, workspace)), PROXY_CONNECTOR_FLAG)
+    python = shutil.which("python3") if frozen else str(shim)
+    if python is None:
+        raise ConfigError(f"network allowlist: QEMU runs as uid {runs_as[0] if runs_as else os.geteuid()}, which "
+                          f"cannot run the shim at {shim}, and the host has no python3 to connect instead",
+                          hint="install the shim where every user can read it, or install python3")  # fmt: skip
+    return (str(_trusted_program(Path(os.path.realpath(python)), workspace)), "-I", "-S", "-c",
+            CONNECTOR.replace("\n", ";"))  # fmt: skip
+
+
+def _trusted_program(path: Path, workspace: Path | None) -> Path:
     if workspace is not None and path.is_relative_to(workspace.resolve()):
-        raise ConfigError(f"{what} {path} is inside the workspace, which the guest can write",
-                          hint="install the shim outside the workspace")  # fmt: skip
+        raise ConfigError(f"{path} is inside the workspace, which the guest can write",
+                          hint="install the shim (and its Python) outside the workspace")  # fmt: skip
     for part in (path, *path.parents):
         st = part.stat()
         if st.st_mode & 0o022 and not (part.is_dir() and st.st_mode & 0o1000):
@@ -157,9 +169,23 @@ def connector_command(workspace: Path | None) -> tuple[str, ...]:
                               hint="install the shim in a directory only root or you can write")  # fmt: skip
         if st.st_uid not in (0, os.geteuid()):
             raise ConfigError(f"{part} belongs to uid {st.st_uid}: it cannot serve the allowlist proxy")
-    if frozen:
-        return (str(path), PROXY_CONNECTOR_FLAG)
-    return (str(path), "-I", "-S", "-c", CONNECTOR.replace("\n", ";"))
+    return path
+
+
+def _can_run(program: Path, uid: int, gid: int) -> bool:
+    """Whether that user may run a standalone shim: search every directory
+    above it, read and run the program, read its ``_internal`` folder."""
+
+    def allows(st: os.stat_result, bits: int) -> bool:
+        shift = 6 if st.st_uid == uid else 3 if st.st_gid == gid else 0
+        return uid == 0 or (st.st_mode >> shift) & bits == bits
+
+    try:
+        internal = program.parent / "_internal"
+        return all(allows(part.stat(), 0o1) for part in program.parents) and allows(program.stat(), 0o5) and (
+            not internal.is_dir() or allows(internal.stat(), 0o5))  # fmt: skip
+    except OSError:
+        return False
 
 
 def network_args(config: BootConfig, runtime: RuntimeDir, connector: tuple[str, ...] = ()) -> list[str]:
@@ -391,7 +417,8 @@ class QemuBackend(Backend):
             if state is not None:
                 held.append(state)
             console = ConsoleCapture(runtime.console_log)
-            connector = connector_command(workspace) if config.network.mode == "allowlist" else ()
+            allowlist = config.network.mode == "allowlist"
+            connector = connector_command(workspace, identity.switch_to) if allowlist else ()
             argv = command_line(config, accel, runtime, self.qemu, channel, state, console.write_fd, connector)
             log_fd = os.open(runtime.path / "qemu.log", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
             proc = subprocess.Popen(
