@@ -322,14 +322,14 @@ def repro(c: Context, artifact: str = "all") -> None:
 
 @task(
     help={
-        "parts": "comma-separated: kernel,guest,snapshot,shim,fetch,container,network (default: all)",
+        "parts": "comma-separated: kernel,guest,snapshot,shim,fetch,container,network,standalone (default: all)",
         "runs": "repetitions per boot measurement (median reported)",
         "clean": "also time a clean kernel build (about 10 minutes)",
     }
 )
 def bench(
     c: Context,
-    parts: str = "kernel,guest,snapshot,shim,fetch,container,network",
+    parts: str = "kernel,guest,snapshot,shim,fetch,container,network,standalone",
     runs: int = 5,
     clean: bool = False,
 ) -> None:

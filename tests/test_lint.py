@@ -44,3 +44,36 @@ def test_python_tooling_is_locked_with_hashes():
         assert name in entries, f"{name} is not in requirements.lock: run `inv lock`"
     assert len(entries) == len(re.findall(r"^[A-Za-z0-9_.-]+==", lock, re.M)), "an entry without hashes"
     assert "--require-hashes -r requirements.lock" in (REPO / "bootstrap.sh").read_text()
+
+
+def _locked(lock: str) -> dict[str, str]:
+    import re
+
+    hashed = re.findall(
+        r"^([A-Za-z0-9_.-]+)==(\S+) (?:; [^\\]*)?\\\n(?:\s+--hash=sha256:[0-9a-f]{64}.*\n)+", lock, re.M
+    )
+    assert len(hashed) == len(re.findall(r"^[A-Za-z0-9_.-]+==", lock, re.M)), "an entry without hashes"
+    return {name.lower().replace("_", "-"): version for name, version in hashed}
+
+
+def test_the_standalone_shim_is_built_from_its_own_lock_at_the_development_versions():
+    """shim/requirements.lock (what `inv shim-dist` installs, hash-checked) holds the
+    shim distribution's dependencies, its container extra and the freezer, nothing
+    of the pipeline, and every package it shares with the development lock at the
+    same version: the shim that is tested is the shim that is frozen."""
+    import re
+    import tomllib
+
+    shim = tomllib.loads((REPO / "shim/pyproject.toml").read_text())["project"]
+    assert shim["name"] == "terminai-shim" and shim["dependencies"] == ["sigstore==4.5.1"]
+    locked = _locked((REPO / "shim/requirements.lock").read_text())
+    wanted = shim["dependencies"] + shim["optional-dependencies"]["container"]
+    wanted += [line for line in (REPO / "shim/standalone.in").read_text().splitlines() if line and line[0] != "#"]
+    for requirement in wanted:
+        assert re.split(r"[\[<>=!~ ]", requirement, maxsplit=1)[0].lower() in locked, f"{requirement}: run `inv lock`"
+    assert not {"boto3", "invoke", "jinja2", "pytest", "matplotlib"} & set(locked), "pipeline tools in the shim's lock"
+    development = _locked((REPO / "requirements.lock").read_text())
+    differ = {
+        name: (v, development[name]) for name, v in locked.items() if name in development and development[name] != v
+    }
+    assert not differ, f"the two locks disagree: {differ} (run `inv lock`)"

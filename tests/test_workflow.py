@@ -98,3 +98,26 @@ def test_set_version_changes_every_version_line_together(tmp_path):
     assert lock["packages"]["node_modules/typescript"]["version"] != "0.1.0-dev.7", "dependencies are left alone"
     with pytest.raises(BuildError):
         set_version(tmp_path, "latest")
+
+
+def test_every_platforms_standalone_shim_is_built_signed_in_published_and_smoke_tested():
+    """linux-x64 is built and tested by `inv test` in the release job; the other
+    platforms are built and smoke-tested on their own runners only (this machine
+    cannot run them), then signed into the same manifest and published to npm."""
+    from terminai_shim.layout import STANDALONE_PLATFORMS
+
+    doc = _workflow()
+    jobs = doc["jobs"]
+    others = sorted(set(STANDALONE_PLATFORMS) - {"linux-x64"})
+    for name in ("shim-dist", "shim-smoke"):
+        assert sorted(m["platform"] for m in jobs[name]["strategy"]["matrix"]["include"]) == others, name
+    dist = "\n".join(step.get("run", "") for step in jobs["shim-dist"]["steps"])
+    assert "python -m terminai_release.standalone" in dist and "--version --json" in dist and "doctor" in dist
+    release = jobs["release"]
+    assert release["needs"] == "shim-dist"
+    runs = "\n".join(step.get("run", "") for step in release["steps"])
+    assert re.search(r"inv release --keyless .*\n?.*--shim-dists build/other-shims", runs)
+    npm = next(step for step in release["steps"] if "--kind shim-npm-package" in step.get("run", ""))
+    assert npm["if"] == "startsWith(github.ref, 'refs/tags/v')" and "--provenance" in npm["run"]
+    smoke = "\n".join(step.get("run", "") for step in jobs["shim-smoke"]["steps"])
+    assert jobs["shim-smoke"]["needs"] == "release" and "verify release" in smoke and "--dev" not in smoke

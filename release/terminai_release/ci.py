@@ -164,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     n.add_argument("--release", type=Path, required=True)
     n.add_argument("--kind", default="node-package", choices=("node-package", "shim-npm-package"),
                    help="shim-npm-package: every platform's standalone shim package, one path a line")  # fmt: skip
+    v = sub.add_parser("set-version", help="`inv set-version` for runners without the project's tools")
+    v.add_argument("version")
     t = sub.add_parser("aws-token", help="write CI's OIDC token for AWS web-identity role assumption")
     t.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -172,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
             repo = repo_root()
             result = plan(args.ref, release_version(repo).split(".dev")[0], source_date_epoch(repo, "."))
             print(f"channel={result.channel}\nversion={result.version}")
+        elif args.cmd == "set-version":
+            for path in set_version(repo_root(), args.version):
+                print(f"set {args.version} in {path}")
         elif args.cmd == "npm-package":
             print(*npm_packages(args.release, args.kind), sep="\n")
         else:

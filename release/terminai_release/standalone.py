@@ -254,7 +254,7 @@ def _write_archive(folder: Path, out: Path, sde: int) -> None:
     tmp = out.with_name(f".{out.name}.tmp")
     with (
         tmp.open("wb") as raw,
-        gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as gz,
+        gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6, mtime=0, filename="") as gz,
         tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar,
     ):
         for path in [folder, *sorted(folder.rglob("*"), key=lambda p: p.relative_to(folder).as_posix())]:

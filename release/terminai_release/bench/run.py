@@ -4,6 +4,7 @@ measured in the same run. Writes build/bench/results.json and results.png."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import statistics
@@ -509,51 +510,105 @@ def _concurrent_boots(cfg: Any, count: int) -> float:
     return elapsed
 
 
+def _panel_kernel(ax: Any, r: dict[str, Any]) -> None:
+    k = r["boot_to_marker"]
+    ax.bar(["ours (PVH)", "ours (bzImage)", "stock cloud"],
+           [k["vmlinux_pvh"]["median"], k["bzImage"]["median"], k["stock_cloud"]["median"]])  # fmt: skip
+    ax.set_title("kernel: QEMU start to marker (s, TCG)")
+
+
+def _panel_guest(ax: Any, r: dict[str, Any]) -> None:
+    g = r["boot_to_ready"]
+    ax.bar(["ours", "stock cloud"], [g["ours"]["median"], g["stock_cloud"]["median"]])
+    ax.axhline(2.5, color="red", linestyle="--", label="target 2.5 s")
+    ax.legend()
+    ax.set_title("boot to agent ready (s, TCG)")
+
+
+def _panel_shim(ax: Any, s: dict[str, Any]) -> None:
+    values = [s["cold_overhead"] * 100, s["warm_overhead_p50"] * 100, s["throughput_overhead"] * 100]
+    ax.bar(["cold run", "warm exec p50", "stdout"], values)
+    ax.axhline(10, color="red", linestyle="--", label="target 10 %")
+    ax.legend()
+    ax.set_title("shim overhead vs bare QEMU + protocol (%)")
+
+
+def _panel_snapshot(ax: Any, w: dict[str, Any]) -> None:
+    ax.bar(["cold boot", "restore"], [w["cold_to_ready"]["median"], w["restore_to_ready"]["median"]])
+    ax.axhline(0.3, color="red", linestyle="--", label="restore target 0.3 s")
+    ax.legend()
+    ax.set_title("warm start: to ready (s, TCG)")
+
+
+def _panel_container(ax: Any, c: dict[str, Any]) -> None:
+    cold = c["cold_run_true"]
+    ax.bar(["cold run: microVM", "cold run: container"], [cold["microvm_tcg"]["median"], cold["container"]["median"]])
+    ax.set_title(f"container tier: {c['cold_speedup']:.1f}x sooner (target 5x)")
+
+
+def _panel_network(ax: Any, n: dict[str, Any]) -> None:
+    ax.bar(["through the proxy", "open"], [n["download_mb_s"]["proxy"], n["download_mb_s"]["open"]])
+    ax.set_title(f"100 MB download (MB/s): proxy costs {n['proxy_cost'] * 100:.0f} % (target 20 %)")
+
+
+def _panel_standalone(ax: Any, s: dict[str, Any]) -> None:
+    names = ["--version", "doctor", "warm run -- true"]
+    keys = ["version", "doctor", "warm_run_true"]
+    x = range(len(names))
+    ax.bar([i - 0.2 for i in x], [s[k]["package"]["median"] for k in keys], width=0.4, label="Python package")
+    ax.bar([i + 0.2 for i in x], [s[k]["standalone"]["median"] for k in keys], width=0.4, label="standalone")
+    ax.set_xticks(list(x), names)
+    ax.axhline(0.15, color="red", linestyle="--", label="--version target 0.15 s")
+    ax.legend()
+    ax.set_title("standalone shim vs the Python package (s)")
+
+
+PANELS = {"kernel": _panel_kernel, "guest": _panel_guest, "shim": _panel_shim, "snapshot": _panel_snapshot,
+          "container": _panel_container, "network": _panel_network, "standalone": _panel_standalone}  # fmt: skip
+
+
 def plot(results: dict[str, Any], path: Path) -> None:
+    """One panel per part that ran and has a figure to draw (fetch's are in the JSON)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 6, figsize=(30, 4.5))
-    if "kernel" in results:
-        k = results["kernel"]["boot_to_marker"]
-        axes[0].bar(["ours (PVH)", "ours (bzImage)", "stock cloud"],
-                    [k["vmlinux_pvh"]["median"], k["bzImage"]["median"], k["stock_cloud"]["median"]])  # fmt: skip
-        axes[0].set_title("kernel: QEMU start to marker (s, TCG)")
-    if "guest" in results:
-        g = results["guest"]["boot_to_ready"]
-        axes[1].bar(["ours", "stock cloud"], [g["ours"]["median"], g["stock_cloud"]["median"]])
-        axes[1].axhline(2.5, color="red", linestyle="--", label="target 2.5 s")
-        axes[1].legend()
-        axes[1].set_title("boot to agent ready (s, TCG)")
-    if "shim" in results:
-        s = results["shim"]
-        names = ["cold run", "warm exec p50", "stdout"]
-        values = [s["cold_overhead"] * 100, s["warm_overhead_p50"] * 100, s["throughput_overhead"] * 100]
-        axes[2].bar(names, values)
-        axes[2].axhline(10, color="red", linestyle="--", label="target 10 %")
-        axes[2].legend()
-        axes[2].set_title("shim overhead vs bare QEMU + protocol (%)")
-    if "snapshot" in results:
-        w = results["snapshot"]
-        axes[3].bar(["cold boot", "restore"], [w["cold_to_ready"]["median"], w["restore_to_ready"]["median"]])
-        axes[3].axhline(0.3, color="red", linestyle="--", label="restore target 0.3 s")
-        axes[3].legend()
-        axes[3].set_title("warm start: to ready (s, TCG)")
-    if "container" in results:
-        c = results["container"]
-        cold = c["cold_run_true"]
-        medians = [cold["microvm_tcg"]["median"], cold["container"]["median"]]
-        axes[4].bar(["cold run: microVM", "cold run: container"], medians)
-        axes[4].set_title(f"container tier: {c['cold_speedup']:.1f}x sooner (target 5x)")
-    if "network" in results:
-        n = results["network"]["download_mb_s"]
-        axes[5].bar(["through the proxy", "open"], [n["proxy"], n["open"]])
-        axes[5].set_title(f"100 MB download (MB/s): proxy costs {results['network']['proxy_cost'] * 100:.0f} % "
-                          "(target 20 %)")  # fmt: skip
+    drawn = [name for name in PANELS if name in results]
+    if not drawn:
+        return
+    fig, axes = plt.subplots(1, len(drawn), figsize=(5 * len(drawn), 4.5), squeeze=False)
+    for ax, name in zip(axes[0], drawn, strict=True):
+        PANELS[name](ax, results[name])
     fig.tight_layout()
     fig.savefig(path, dpi=90)
+
+
+def bench_standalone(ctx: BuildContext, runs: int, work: Path) -> dict[str, Any]:
+    """The standalone build against the Python package, same machine, same
+    run, interleaved: --version (the CLI's probe), doctor, and a warm
+    `run -- true` (a snapshot saved first, then restored each time)."""
+    from ..standalone import build_standalone
+
+    kern, root = build_kernel(ctx), build_rootfs(ctx)
+    shims = {"package": SHIM, "standalone": str(build_standalone(ctx).executable)}
+    env = dict(os.environ, TERMINAI_CACHE=str(work / "standalone-cache"))
+    boot = ["--kernel", str(kern.vmlinux), "--rootfs", str(root.image), "--accel", "tcg"]
+    commands = {"version": ["--version"], "doctor": ["doctor", "--json"], "warm_run_true": ["run", *boot, "--", "true"]}
+    subprocess.run([SHIM, "snapshot", "create", *boot], env=env, check=True, capture_output=True)
+    samples: dict[str, dict[str, list[float]]] = {k: {name: [] for name in shims} for k in commands}
+    for _ in range(max(runs, 5)):
+        for what, argv in commands.items():
+            for name, shim in shims.items():
+                argv_of = [shim, *argv]
+                check = what != "doctor"  # doctor exits 1 on a host that cannot run a VM
+                samples[what][name].append(_timed(functools.partial(
+                    subprocess.run, argv_of, env=env, capture_output=True, check=check)))  # fmt: skip
+    out: dict[str, Any] = {k: {name: summary(v) for name, v in by.items()} for k, by in samples.items()}
+    for what in commands:
+        out[f"{what}_ratio"] = out[what]["standalone"]["median"] / out[what]["package"]["median"]
+    out["targets_seconds"] = {"version": 0.150, "doctor": 1.0}
+    return out
 
 
 def run(ctx: BuildContext, parts: list[str], runs: int, clean: bool) -> dict[str, Any]:
@@ -583,6 +638,11 @@ def run(ctx: BuildContext, parts: list[str], runs: int, clean: bool) -> dict[str
         if "network" in parts:
             ctx.reporter.info("bench", "network: 100 MB through the allowlist proxy vs open mode")
             results["network"] = bench_network(ctx, runs, work)
+        if "standalone" in parts:
+            ctx.reporter.info(
+                "bench", "standalone: the frozen shim vs the Python package (--version, doctor, warm run)"
+            )
+            results["standalone"] = bench_standalone(ctx, runs, work)
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     plot(results, out_dir / "results.png")
     return results

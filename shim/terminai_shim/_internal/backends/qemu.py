@@ -146,16 +146,25 @@ def connector_command(workspace: Path | None, runs_as: tuple[int, int] | None = 
     from ..netproxy import CONNECTOR, PROXY_CONNECTOR_FLAG
 
     frozen = bool(getattr(sys, "frozen", False))
-    shim = Path(os.path.realpath(sys.executable))
-    if frozen and (runs_as is None or _can_run(shim, *runs_as)):
-        return (str(_trusted_program(shim, workspace)), PROXY_CONNECTOR_FLAG)
-    python = shutil.which("python3") if frozen else str(shim)
+    own = Path(os.path.realpath(sys.executable))
+
+    def runnable(path: Path) -> bool:
+        return runs_as is None or _can_run(path, *runs_as)
+
+    if frozen and runnable(own):
+        return (str(_trusted_program(own, workspace)), PROXY_CONNECTOR_FLAG)
+    # An interpreter QEMU's user can run: this one, else the system's (a python3
+    # found on PATH may be a user's shim script in a private home).
+    found = shutil.which("python3")
+    candidates = [] if frozen else [own]
+    candidates += [Path(os.path.realpath(p)) for p in (found, "/usr/bin/python3", "/usr/local/bin/python3") if p]
+    python = next((c for c in candidates if c.is_file() and runnable(c)), None)
     if python is None:
-        raise ConfigError(f"network allowlist: QEMU runs as uid {runs_as[0] if runs_as else os.geteuid()}, which "
-                          f"cannot run the shim at {shim}, and the host has no python3 to connect instead",
+        who = f"uid {runs_as[0] if runs_as else os.geteuid()}"
+        raise ConfigError(f"network allowlist: QEMU runs as {who}, which can run neither the shim at {own} nor a "
+                          "python3 on this host to connect the guest's connections to the proxy",
                           hint="install the shim where every user can read it, or install python3")  # fmt: skip
-    return (str(_trusted_program(Path(os.path.realpath(python)), workspace)), "-I", "-S", "-c",
-            CONNECTOR.replace("\n", ";"))  # fmt: skip
+    return (str(_trusted_program(python, workspace)), "-I", "-S", "-c", CONNECTOR.replace("\n", ";"))
 
 
 def _trusted_program(path: Path, workspace: Path | None) -> Path:
