@@ -269,6 +269,8 @@ STANDALONE_SUITE = (
     "tests/test_network.py",
     "tests/test_node_client.py",
     "tests/test_container.py",
+    "tests/test_pty.py",
+    "tests/test_attacks.py",
 )
 
 

@@ -89,6 +89,7 @@ def test_the_installed_package_runs_the_standalone_shim_its_optional_dependency_
     import json
 
     from terminai_release.release import build_release, sign_release
+    from terminai_release.standalone import folder_digest
     from terminai_shim.layout import manifest_platform, standalone_platform
 
     node, npm = shutil.which("node"), shutil.which("npm")
@@ -114,6 +115,13 @@ def test_the_installed_package_runs_the_standalone_shim_its_optional_dependency_
     assert done.returncode == 0, done.stdout + done.stderr
     installed = sorted(p.name for p in (project / "node_modules/@terminai").iterdir())
     assert installed == ["runtime", f"shim-{standalone_platform()}"], installed
+    # The installed folder is the build the release signed, and says so itself.
+    folder = project / "node_modules/@terminai" / f"shim-{standalone_platform()}" / "bin"
+    report = json.loads(subprocess.run([str(folder / "terminai-shim"), "--version", "--json"], env=env,
+                                       capture_output=True, text=True, check=True).stdout)  # fmt: skip
+    signed = release.manifest.artifact("shim-standalone", manifest_platform(standalone_platform())).build
+    assert report["standalone"] and report["build"]["digest"] == signed["digest"] == folder_digest(folder)
+    assert report["sigstore"] == report["build"]["sigstore"] == signed["sigstore"]
     workspace = tmp_path / "workspace"
     workspace.mkdir()
     env.update(MANIFEST=str(release.directory), WORKSPACE=str(workspace), BACKEND="qemu",
