@@ -116,7 +116,17 @@ def test_release_writes_verified_content_addressed_blobs(ctx, kernel, rootfs, tm
         "container-image",
         "brain-bundle",
         "node-package",
+        "shim-standalone",
+        "shim-npm-package",
     }
+    from terminai_shim.layout import manifest_platform, standalone_platform
+
+    here = manifest_platform(standalone_platform())
+    assert {(a.kind, a.platform) for a in m.artifacts if a.kind.startswith("shim-")} == {
+        ("shim-standalone", here),
+        ("shim-npm-package", here),
+    }
+    assert len(m.artifact("shim-standalone", here).build["digest"]) == 64
     for a in m.artifacts:
         blob = rel.directory / a.location
         assert sha256_file(blob) == a.sha256 and blob.stat().st_size == a.size

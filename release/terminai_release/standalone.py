@@ -48,7 +48,7 @@ from .proc import run_logged
 from .sde import source_date_epoch
 from .version import release_version
 
-RECIPE = 1
+RECIPE = 2
 STEP = "shim-dist"
 # The freezer's entry point: the console script's, as a file PyInstaller can analyse.
 ENTRY = "from terminai_shim.cli import main\nraise SystemExit(main())\n"
@@ -193,6 +193,13 @@ def _build_into(ctx: BuildContext, work: Path, key: str, inputs: dict[str, Any],
             raise BuildError(f"the frozen shim links outside itself: {link} -> {target}")
         link.unlink()
         shutil.copy2(target, link)
+    # What a package's installation recorded about the build environment is not
+    # the frozen folder's, and names that environment's paths (the RECORD of a
+    # package with a console script hashes its shebang): two clean builds in
+    # two directories differed only there.
+    for meta in folder.glob("_internal/*.dist-info"):
+        for name in ("RECORD", "direct_url.json"):
+            (meta / name).unlink(missing_ok=True)
     for path in [folder, *folder.rglob("*")]:
         os.utime(path, (sde, sde), follow_symlinks=False)
 
