@@ -37,7 +37,19 @@ def pytest_configure(config: pytest.Config) -> None:
     from terminai_release.standalone import build_standalone
 
     shim = build_standalone(BuildContext(reporter=Reporter("plain")))
-    os.environ["TERMINAI_TEST_SHIM"] = str(shim.executable)
+    # Installed from its release archive where any user can run it (the build
+    # cache may be a private home): the attack tests run it as another user.
+    installed = REPO / "build" / "test-standalone" / shim.record["key"]
+    if not (installed / "terminai-shim").is_dir():
+        import shutil
+
+        staging = installed.with_name(f".{installed.name}.{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        subprocess.run(["tar", "-xzf", str(shim.archive), "-C", str(staging)], check=True)
+        staging.chmod(0o755)
+        os.replace(staging, installed)
+    os.environ["TERMINAI_TEST_SHIM"] = str(installed / shim.executable.relative_to(shim.directory))
     venv = str(Path(sys.executable).parent)
     os.environ["PATH"] = os.pathsep.join(d for d in os.environ.get("PATH", "").split(os.pathsep) if d != venv)
     os.environ.pop("VIRTUAL_ENV", None)
