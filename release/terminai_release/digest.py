@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +32,17 @@ def digest_inputs(value: Any) -> str:
     return sha256_bytes(canonical_json(value))
 
 
-def sha256_tree(root: Path) -> str:
-    """Digest of a directory's names, modes and contents (not timestamps)."""
+def sha256_tree(root: Path, exclude: Collection[str] = (), sources: bool = True) -> str:
+    """Digest of a directory's names, modes and contents (not timestamps).
+
+    ``sources``: a source tree, whose ``__pycache__`` directories are left out
+    (compiled caches are not inputs); a built tree counts every file.
+    ``exclude``: relative paths left out (a record kept inside the tree)."""
     h = hashlib.sha256()
     for path in sorted(root.rglob("*")):
-        if "__pycache__" in path.parts:
-            continue
         rel = path.relative_to(root).as_posix()
+        if rel in exclude or (sources and "__pycache__" in path.relative_to(root).parts):
+            continue
         if path.is_symlink():
             h.update(f"L {rel} {path.readlink()}\n".encode())
         elif path.is_file():

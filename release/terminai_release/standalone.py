@@ -20,7 +20,6 @@ Outputs (one cache entry per digest of the inputs):
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import os
 import platform
@@ -48,7 +47,7 @@ from .proc import run_logged
 from .sde import source_date_epoch
 from .version import release_version
 
-RECIPE = 2
+RECIPE = 3
 STEP = "shim-dist"
 # The freezer's entry point: the console script's, as a file PyInstaller can analyse.
 ENTRY = "from terminai_shim.cli import main\nraise SystemExit(main())\n"
@@ -87,19 +86,7 @@ class StandaloneShim:
 def folder_digest(folder: Path) -> str:
     """The digest of a standalone folder's names, modes and contents, less the
     build record inside it (which holds this digest)."""
-    h = hashlib.sha256()
-    for path in sorted(folder.rglob("*"), key=lambda p: p.relative_to(folder).as_posix()):
-        rel = path.relative_to(folder).as_posix()
-        if rel == f"_internal/{STANDALONE_BUILD_INFO}":
-            continue
-        if path.is_symlink():
-            h.update(f"L {rel} {os.readlink(path)}\n".encode())
-        elif path.is_file():
-            mode = "x" if path.stat().st_mode & 0o111 else "-"
-            h.update(f"F {rel} {mode} {sha256_file(path)}\n".encode())
-        elif path.is_dir():
-            h.update(f"D {rel}\n".encode())
-    return h.hexdigest()
+    return sha256_tree(folder, exclude={f"_internal/{STANDALONE_BUILD_INFO}"}, sources=False)
 
 
 def load_standalone(directory: Path) -> StandaloneShim:
