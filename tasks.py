@@ -271,6 +271,7 @@ STANDALONE_SUITE = (
     "tests/test_container.py",
     "tests/test_pty.py",
     "tests/test_attacks.py",
+    "tests/test_brain.py",
 )
 
 

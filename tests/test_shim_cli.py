@@ -28,6 +28,25 @@ def test_version_imports_nothing_heavy():
     assert heavy == "", f"--version imported {heavy}"
 
 
+@pytest.mark.unit
+def test_version_json_says_which_build_runs():
+    """--version --json: the package says it is the package; a standalone build
+    reports the digest of its own folder (recomputed here, not taken on trust)
+    and the sigstore frozen into it."""
+    from terminai_release.standalone import folder_digest
+    from terminai_shim import __version__
+
+    report = json.loads(subprocess.run([SHIM, "--version", "--json"], capture_output=True, text=True,
+                                       check=True).stdout)  # fmt: skip
+    assert report["version"] == __version__ and report["sigstore"]
+    if report["standalone"]:
+        folder = Path(report["executable"]).parent
+        assert report["build"]["digest"] == folder_digest(folder)
+        assert report["build"]["sigstore"] == report["sigstore"] and report["build"]["version"] == __version__
+    else:
+        assert report["build"] is None and Path(SHIM).parent == Path(sys.executable).parent
+
+
 def _fake_build(root: Path, corrupt: bool = False) -> None:
     for kind, name in (("kernel", "vmlinux-1.0-tai1"), ("rootfs", "rootfs-0.1.0.squashfs")):
         d = root / kind
