@@ -77,3 +77,29 @@ def test_the_standalone_shim_is_built_from_its_own_lock_at_the_development_versi
         name: (v, development[name]) for name, v in locked.items() if name in development and development[name] != v
     }
     assert not differ, f"the two locks disagree: {differ} (run `inv lock`)"
+
+
+@pytest.mark.build
+def test_the_shims_own_distribution_holds_the_shim_and_its_protocol_only(tmp_path):
+    """shim/pyproject.toml builds `terminai-shim`: the shim and the protocol
+    package, none of the pipeline or the agent, with sigstore its one
+    dependency (docker and boto3 as extras)."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    source = tmp_path / "source"  # as `inv shim-dist` builds it: from a copy, never in the checkout
+    shutil.copytree(REPO / "shim", source, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "build"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                    "-w", str(tmp_path / "wheel"), str(source)], check=True, capture_output=True)  # fmt: skip
+    (wheel,) = (tmp_path / "wheel").glob("terminai_shim-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
+        meta = next(z.read(n).decode() for n in names if n.endswith(".dist-info/METADATA"))
+    tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert tops == {"terminai_shim", "terminai_protocol"}, tops
+    assert any(n.startswith("terminai_shim/trust/") and n.endswith(".json") for n in names)
+    requires = sorted(line for line in meta.splitlines() if line.startswith("Requires-Dist:"))
+    assert requires[0] == 'Requires-Dist: boto3<2,>=1.34; extra == "s3"' or "boto3" in requires[0], requires
+    assert "Requires-Dist: sigstore==4.5.1" in requires and len(requires) == 3, requires
