@@ -427,3 +427,48 @@ def test_authenticode_signs_pe_files_before_bundling(ctx, tmp_path):
     unsigned = subprocess.run(["osslsigncode", "verify", "-CAfile", str(tmp_path / "cert.pem"), "-in", str(pe)],
                               capture_output=True, text=True)  # fmt: skip
     assert unsigned.returncode != 0
+
+
+def _bundle_zip(path: Path, members: dict[str, bytes], listed: list[str] | None = None,
+                entrypoint: str = "agent-brain.js") -> Path:  # fmt: skip
+    """A minimal bundle whose bundle.json lists ``listed`` (default: every member)."""
+    import hashlib
+
+    files = [{"path": name, "size": len(members[name]), "sha256": hashlib.sha256(members[name]).hexdigest()}
+             for name in (listed if listed is not None else members)]  # fmt: skip
+    doc = {"mediaType": "application/vnd.terminai.brain-bundle.v1+json", "schemaVersion": 1, "version": "0.1.0",
+           "files": files, "entrypoint": entrypoint}  # fmt: skip
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("bundle.json", json.dumps(doc))
+        for name, data in members.items():
+            z.writestr(name, data)
+    return path
+
+
+@pytest.mark.unit
+@pytest.mark.attack
+@pytest.mark.parametrize("members", [
+    {"agent-brain.js": b"good()", "./agent-brain.js": b"evil()"},
+    {"agent-brain.js": b"1", "lib/a.js": b"good()", "lib//a.js": b"evil()"},
+    {"agent-brain.js": b"1", "A.js": b"good()", "a.js": b"evil()"},
+    {"agent-brain.js": b"1", "x.js": b"good()", "x.js.": b"evil()"},
+    {"agent-brain.js": b"1", "x.js": b"good()", "x.js ": b"evil()"},
+    {"agent-brain.js": b"1", "CON.js": b"evil()"},
+    {"agent-brain.js": b"1", "lib/nul": b"evil()"},
+    {"agent-brain.js": b"1", "COM\u00b9.txt": b"evil()"},
+    {"agent-brain.js": b"1", "a:stream": b"evil()"},
+    {"agent-brain.js": b"1", "Bundle.json": b"{}"},
+])  # fmt: skip
+def test_bundle_names_that_alias_one_file_are_refused(tmp_path, members):
+    """Finding 4 of the Windows broker issue: two spellings of one file (or a
+    device) let the unpacked entry point differ from the digest bundle.json
+    lists for it. Every name must have one spelling, and no two may collide."""
+    bad = _bundle_zip(tmp_path / "bad.zip", members)
+    with pytest.raises(BundleError, match=r"not a plain relative path|name the same file"):
+        verify_zip(bad)
+
+
+@pytest.mark.unit
+def test_a_bundle_of_plain_distinct_names_verifies(tmp_path):
+    ok = _bundle_zip(tmp_path / "ok.zip", {"agent-brain.js": b"1", "brain/index.mjs": b"2", "wheels/a.whl": b"3"})
+    assert verify_zip(ok)["entrypoint"] == "agent-brain.js"

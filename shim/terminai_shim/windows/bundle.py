@@ -21,7 +21,7 @@ import shutil
 import stat
 import zipfile
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from .._internal.fsutil import cache_root, file_digest, locked
@@ -62,13 +62,46 @@ class BrainBundle:
         return self.path(str(bundled)) if bundled else None
 
 
-def check_name(name: str) -> None:
-    path = PurePosixPath(name)
-    if (not name or name.startswith(("/", "\\")) or "\\" in name or ".." in path.parts or ":" in name
-            or name.endswith("/")):  # fmt: skip
-        raise BundleError(
-            f"bundle member {name!r} is not a plain relative path", hint="the bundle is not safe to unpack"
-        )
+# Names Windows gives to devices in every directory, with or without an extension.
+_DEVICES = frozenset({"CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$", *(f"COM{i}" for i in "123456789¹²³"),
+                      *(f"LPT{i}" for i in "123456789¹²³")})  # fmt: skip
+_FORBIDDEN = frozenset('<>:"|?*\\') | frozenset(map(chr, range(32)))
+
+
+def check_name(name: str) -> str:
+    """A member name with exactly one spelling on every file system the brain
+    unpacks to; returns its collision key (case-folded, as NTFS compares).
+
+    Refused: empty, ``.`` or ``..`` components (``./x`` is ``x``, ``a//b`` is
+    ``a/b``), absolute and drive paths, backslashes and the other characters
+    Windows forbids, components ending in a dot or a space (Windows drops
+    them: ``x.js.`` is ``x.js``), and device names (``CON.js`` opens the console)."""
+    parts = name.split("/")
+    problem = next((why for why in (
+        "it is empty or absolute" if not name or name.startswith("/") else "",
+        "it has an empty, '.' or '..' component" if any(p in ("", ".", "..") for p in parts) else "",
+        "it holds a character Windows forbids (\\, :, <, >, \", |, ?, *, or a control character)"
+        if any(c in _FORBIDDEN for c in name) else "",
+        "a component ends in a dot or a space, which Windows drops" if any(p[-1:] in (".", " ") for p in parts)
+        else "",
+        "a component is a Windows device name" if any(p.split(".")[0].rstrip(" ").upper() in _DEVICES for p in parts)
+        else "",
+    ) if why), None)  # fmt: skip
+    if problem:
+        raise BundleError(f"bundle member {name!r} is not a plain relative path: {problem}",
+                          hint="the bundle is not safe to unpack")  # fmt: skip
+    return name.casefold()
+
+
+def _one_spelling(names: list[str], what: str) -> None:
+    """No two names that are one file on Windows (case) or on disk."""
+    seen: dict[str, str] = {}
+    for name in names:
+        key = check_name(name)
+        if key in seen:
+            raise BundleError(f"{what} {seen[key]!r} and {name!r} name the same file",
+                              hint="the bundle is not safe to unpack")  # fmt: skip
+        seen[key] = name
 
 
 def read_manifest(zf: zipfile.ZipFile) -> dict[str, Any]:
@@ -89,6 +122,7 @@ def read_manifest(zf: zipfile.ZipFile) -> dict[str, Any]:
     ):  # fmt: skip
         raise BundleError("bundle.json's files must each have a path, a size and a sha256")
     listed = [f["path"] for f in files]
+    _one_spelling([BUNDLE_JSON, *listed], "bundle.json lists")
     for required in ("entrypoint", "module"):
         if doc.get(required) and doc[required] not in listed:
             raise BundleError(f"bundle.json's {required} {doc[required]!r} is not one of its files")
@@ -102,8 +136,8 @@ def verify_zip(source: Path | bytes) -> dict[str, Any]:
     except (OSError, zipfile.BadZipFile) as exc:
         raise BundleError(f"the bundle is not a zip archive: {exc}") from None
     with zf:
+        _one_spelling([info.filename for info in zf.infolist()], "the zip holds")
         for info in zf.infolist():
-            check_name(info.filename)
             if stat.S_ISLNK(info.external_attr >> 16):
                 raise BundleError(f"bundle member {info.filename!r} is a symbolic link")
         doc = read_manifest(zf)
