@@ -472,3 +472,122 @@ def test_bundle_names_that_alias_one_file_are_refused(tmp_path, members):
 def test_a_bundle_of_plain_distinct_names_verifies(tmp_path):
     ok = _bundle_zip(tmp_path / "ok.zip", {"agent-brain.js": b"1", "brain/index.mjs": b"2", "wheels/a.whl": b"3"})
     assert verify_zip(ok)["entrypoint"] == "agent-brain.js"
+
+
+class _Flipper:
+    """A local attacker (the brain's own commands could do the same) flipping
+    ``name`` in the workspace between an entry inside and a link to ``outside``,
+    as fast as it can, while the broker serves requests for that name."""
+
+    def __init__(self, ws: Path, name: str, inside: Path, outside: Path) -> None:
+        self.ws, self.name, self.inside, self.outside = ws, name, inside, outside
+        self.stop = threading.Event()
+        self.flips = 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        target, tmp = self.ws / self.name, self.ws / f".{self.name}.flip"
+        while not self.stop.is_set():
+            for source in (self.inside, self.outside):
+                try:
+                    tmp.unlink(missing_ok=True)
+                    tmp.symlink_to(source) if source == self.outside else os.link(source, tmp) if source.is_file() \
+                        else tmp.symlink_to(source.name)  # fmt: skip
+                    os.replace(tmp, target)
+                    self.flips += 1
+                except OSError:
+                    pass
+
+    def __enter__(self) -> _Flipper:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+def _race_setup(tmp_path: Path) -> tuple[Path, Path]:
+    ws, outside = tmp_path / "ws", tmp_path / "outside"
+    ws.mkdir(exist_ok=True)
+    outside.mkdir()
+    (outside / "secret.txt").write_text("THE SECRET")
+    (ws / "plain.txt").write_text("inside")
+    (ws / "sub").mkdir()
+    (ws / "sub/inside-only.txt").write_text("x")
+    return ws, outside
+
+
+@UNIX_SOCKETS
+@pytest.mark.attack
+def test_a_link_flipped_between_check_and_use_never_leaks_through_the_broker(tmp_path):
+    """Finding 3: the policy checked a path and the operation resolved it again,
+    so a link flipped in between read a file outside (after 982 tries) and wrote
+    outside (after 4). Each operation now opens its path once, beneath the
+    workspace, and uses that descriptor: thousands of tries never leak."""
+    ws, outside = _race_setup(tmp_path)
+    b = BrokerOnSocket(tmp_path, workspace=ws)
+    c = b.raw()
+    try:
+        assert c.hello()["success"]
+        seen = set()
+        with _Flipper(ws, "target", ws / "plain.txt", outside / "secret.txt") as read_race:
+            for i in range(3000):
+                c.send({"id": i + 1, "method": "readFile", "params": {"path": "target"}})
+                reply = c.recv()
+                seen.add(reply["data"]["content"] if reply["success"] else reply["code"])
+        assert "THE SECRET" not in seen and "inside" in seen, seen
+        assert read_race.flips > 1000
+        with _Flipper(ws, "dir", ws / "sub", outside) as write_race:
+            for i in range(1500):
+                c.send({"id": 10_000 + i, "method": "writeFile",
+                        "params": {"path": f"dir/w{i}.txt", "content": "planted"}})  # fmt: skip
+                c.recv()
+                c.send({"id": 20_000 + i, "method": "listDir", "params": {"path": "dir"}})
+                listing = c.recv()
+                if listing["success"]:
+                    assert "secret.txt" not in {e["name"] for e in listing["data"]["entries"]}
+        assert write_race.flips > 1000
+        assert sorted(p.name for p in outside.iterdir()) == ["secret.txt"], "a write landed outside the workspace"
+        assert any((ws / "sub").glob("w*.txt")), "writes through the directory inside do land"
+        for path in ("../outside/secret.txt", str(outside / "secret.txt")):
+            c.send({"id": 99_999, "method": "readFile", "params": {"path": path}})
+            assert c.recv()["code"] == "POLICY_DENIED"
+    finally:
+        b.close()
+
+
+@pytest.mark.unit
+@pytest.mark.attack
+@pytest.mark.parametrize("openat2", [True, False], ids=["openat2", "nofollow-walk"])
+def test_both_ways_of_opening_beneath_hold_against_the_race(tmp_path, openat2):
+    """The same race against each strategy directly: openat2 (RESOLVE_BENEATH)
+    and the component walk with O_NOFOLLOW used where the kernel has no openat2."""
+    from terminai_shim.windows.confine import OutsideWorkspace, Workspace
+
+    ws, outside = _race_setup(tmp_path)
+    (ws / "sub/inner-link").symlink_to("../plain.txt")  # a link that stays inside
+    area = Workspace(ws)
+    area._openat2 = openat2
+    try:
+        if openat2:
+            assert area.read("sub/inner-link") == b"inside", "openat2 follows links that stay beneath"
+        else:
+            with pytest.raises(OutsideWorkspace):
+                area.read("sub/inner-link")  # the walk follows none
+        with _Flipper(ws, "target", ws / "plain.txt", outside / "secret.txt") as race:
+            for _ in range(20_000):
+                try:
+                    assert area.read("target") == b"inside"
+                except (OutsideWorkspace, FileNotFoundError):  # refused, or caught between unlink and rename
+                    pass
+        assert race.flips > 1000
+        with _Flipper(ws, "dir", ws / "sub", outside) as race:
+            for i in range(5000):
+                try:
+                    area.write(f"dir/n{i}", b"planted", create_dirs=True)
+                except (OutsideWorkspace, FileNotFoundError, NotADirectoryError):
+                    pass
+        assert sorted(p.name for p in outside.iterdir()) == ["secret.txt"]
+    finally:
+        area.close()

@@ -15,6 +15,7 @@ with the runtime's metadata. ``execute`` runs an argv; a shell only for
 from __future__ import annotations
 
 import base64
+import contextlib
 import hmac
 import json
 import os
@@ -31,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .._internal.fsutil import write_atomic
+from .confine import FileArea, OutsideWorkspace, open_workspace, relative_to_workspace
 
 PROTOCOL_VERSION = 1
 MIN_TOKEN = 16
@@ -152,6 +153,8 @@ class Broker:
         self._lock = threading.Lock()
         self._stopping = False
         self._listeners: list[Any] = []
+        # File operations act on descriptors opened beneath this, never on a checked path string.
+        self.files: FileArea | None = open_workspace(config.workspace) if config.workspace else None
 
     # -- serving ------------------------------------------------------------------------
     def serve(self, listener: Any) -> None:
@@ -174,6 +177,8 @@ class Broker:
         for conn in list(self.clients):
             conn.close()
         self.pool.shutdown(wait=False, cancel_futures=True)
+        if self.files is not None:
+            self.files.close()
 
     def log(self, **fields: Any) -> None:
         self.log_sink({"time": round(time.time(), 3), **self.config.metadata, **fields})
@@ -283,6 +288,9 @@ class Broker:
             conn.send({"id": rid, "success": True, "data": handler(params)})
         except BrokerError as exc:
             conn.send(self._error(rid, exc.code, str(exc)))
+        except OutsideWorkspace as exc:  # the open itself refused to leave the workspace
+            self.log(event="refused", id=rid, method=method, code="POLICY_DENIED", reason=exc.strerror)
+            conn.send(self._error(rid, "POLICY_DENIED", str(exc.strerror)))
         except Exception as exc:  # an operation failed: the client hears why, the broker serves on
             conn.send(self._error(rid, "EXECUTION_ERROR", f"{type(exc).__name__}: {exc}"))
         finally:
@@ -340,14 +348,18 @@ class Broker:
         timeout = float(params.get("timeout") or self.config.request_timeout * 1000) / 1000
         env = {k: v for k, v in os.environ.items() if k.upper() in PASSED_ENV}
         env.update({str(k): str(v) for k, v in (params.get("env") or {}).items()})
-        workspace = self.config.workspace
-        cwd = str(_resolve(workspace, str(params["cwd"]))) if params.get("cwd") and workspace else (
-            str(workspace) if workspace else None)  # fmt: skip
-        try:
-            proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, start_new_session=os.name != "nt")  # fmt: skip
-        except OSError as exc:
-            raise BrokerError("EXECUTION_ERROR", f"cannot run {argv[0]}: {exc.strerror or exc}") from None
+        with contextlib.ExitStack() as stack:
+            cwd: str | None = None
+            fds: tuple[int, ...] = ()
+            if self.files is not None:  # the directory checked is the one the command starts in
+                relative = self._relative(str(params.get("cwd") or ""))
+                cwd, fds = stack.enter_context(self.files.directory(relative))
+            try:
+                proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, start_new_session=os.name != "nt",
+                                        pass_fds=fds)  # fmt: skip
+            except OSError as exc:
+                raise BrokerError("EXECUTION_ERROR", f"cannot run {argv[0]}: {exc.strerror or exc}") from None
         timed_out = False
         try:
             out, err = proc.communicate(timeout=timeout)
@@ -362,33 +374,30 @@ class Broker:
         return {"exitCode": proc.returncode, "stdout": out.decode(errors="replace"),
                 "stderr": err.decode(errors="replace"), "timedOut": timed_out}  # fmt: skip
 
-    def _path(self, params: dict[str, Any]) -> Path:
+    def _relative(self, path: str) -> str:
         assert self.config.workspace is not None  # the policy refused file operations without one
-        return _resolve(self.config.workspace, str(params.get("path", "")))
+        return relative_to_workspace(self.config.workspace, path) if path else ""
+
+    def _files(self) -> FileArea:
+        if self.files is None:
+            raise BrokerError("POLICY_DENIED", "this session has no workspace for file operations")
+        return self.files
 
     def op_readFile(self, params: dict[str, Any]) -> dict[str, Any]:
-        data = self._path(params).read_bytes()
+        data = self._files().read(self._relative(str(params.get("path", ""))))
         if params.get("encoding") == "base64":
             return {"content": base64.b64encode(data).decode(), "encoding": "base64"}
         return {"content": data.decode(str(params.get("encoding") or "utf-8"), errors="replace"), "encoding": "utf8"}
 
     def op_writeFile(self, params: dict[str, Any]) -> dict[str, Any]:
-        path = self._path(params)
         content = str(params.get("content", ""))
         data = base64.b64decode(content) if params.get("encoding") == "base64" else content.encode()
-        if params.get("createDirs"):
-            path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, data)
-        return {"bytesWritten": len(data)}
+        written = self._files().write(self._relative(str(params.get("path", ""))), data,
+                                      create_dirs=bool(params.get("createDirs")))  # fmt: skip
+        return {"bytesWritten": written}
 
     def op_listDir(self, params: dict[str, Any]) -> dict[str, Any]:
-        entries = []
-        for entry in sorted(os.scandir(self._path(params)), key=lambda e: e.name):
-            if entry.name.startswith(".") and not params.get("includeHidden"):
-                continue
-            kind = "directory" if entry.is_dir(follow_symlinks=False) else "file" if entry.is_file() else "other"
-            entries.append({"name": entry.name, "type": kind,
-                            "size": entry.stat(follow_symlinks=False).st_size})  # fmt: skip
+        entries = self._files().list(self._relative(str(params.get("path", ""))), bool(params.get("includeHidden")))
         return {"entries": entries}
 
     def op_amsiScan(self, params: dict[str, Any]) -> dict[str, Any]:

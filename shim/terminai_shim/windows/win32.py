@@ -9,10 +9,11 @@ run by the Windows job of the release workflow; they cannot run here.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from ctypes import wintypes
 
 PROFILE = "TerminAI_Brain_Sandbox"
@@ -44,6 +45,23 @@ def pipe_sddl(user_sid: str, appcontainer_sid: str) -> str:
         if not _SID.match(sid):
             raise ValueError(f"{sid!r} is not a SID string")
     return f"D:P(A;;GA;;;{user_sid})(A;;GRGW;;;{appcontainer_sid})S:(ML;;NW;;;LW)"
+
+
+def final_path_inside(final: str, root_final: str) -> bool:
+    """Whether a handle's final path (``GetFinalPathNameByHandleW``: ``\\\\?\\C:\\...``
+    or ``\\\\?\\UNC\\...``) is the workspace's or lies under it, compared as
+    Windows compares names (case-insensitively), on component boundaries."""
+
+    def canonical(path: str) -> str:
+        path = path.replace("/", "\\")
+        for prefix in ("\\\\?\\UNC\\", "\\\\?\\"):
+            if path.startswith(prefix):
+                path = ("\\\\" if prefix.endswith("UNC\\") else "") + path[len(prefix) :]
+                break
+        return path.rstrip("\\").casefold()
+
+    inner, root = canonical(final), canonical(root_final)
+    return inner == root or inner.startswith(root + "\\")
 
 
 def quote_arg(arg: str) -> str:
@@ -259,6 +277,54 @@ if sys.platform == "win32":  # pragma: no cover - exercised by the Windows CI jo
             code = wintypes.DWORD()
             _k32.GetExitCodeProcess(handle, ctypes.byref(code))
             return int(code.value)
+        finally:
+            _k32.CloseHandle(handle)
+
+    GENERIC_READ, FILE_READ_ATTRIBUTES = 0x80000000, 0x80
+    FILE_SHARE_READ, FILE_SHARE_WRITE, OPEN_EXISTING = 0x1, 0x2, 3
+    FILE_FLAG_BACKUP_SEMANTICS, FILE_FLAG_OPEN_REPARSE_POINT = 0x02000000, 0x00200000
+    FILE_ATTRIBUTE_REPARSE_POINT = 0x400
+
+    class BY_HANDLE_FILE_INFORMATION(ctypes.Structure):
+        _fields_ = [("dwFileAttributes", wintypes.DWORD), ("ftCreationTime", wintypes.FILETIME),
+                    ("ftLastAccessTime", wintypes.FILETIME), ("ftLastWriteTime", wintypes.FILETIME),
+                    ("dwVolumeSerialNumber", wintypes.DWORD), ("nFileSizeHigh", wintypes.DWORD),
+                    ("nFileSizeLow", wintypes.DWORD), ("nNumberOfLinks", wintypes.DWORD),
+                    ("nFileIndexHigh", wintypes.DWORD), ("nFileIndexLow", wintypes.DWORD)]  # fmt: skip
+
+    def _final_path(handle: int) -> str:
+        buf = ctypes.create_unicode_buffer(32768)
+        n = _k32.GetFinalPathNameByHandleW(wintypes.HANDLE(handle), buf, len(buf), 0)
+        _check(n, "GetFinalPathNameByHandleW")
+        return str(buf.value)
+
+    @contextlib.contextmanager
+    def pinned(root: str, path: str) -> Iterator[str]:
+        """``path`` opened as a handle that nobody may rename or delete while it
+        is held (no FILE_SHARE_DELETE: neither it nor a directory above it can
+        then be swapped for a junction), checked to be no reparse point itself
+        and to lie under the workspace by the handle's final path; yields that
+        final path, valid while the handle is held."""
+        flags = FILE_FLAG_BACKUP_SEMANTICS | FILE_FLAG_OPEN_REPARSE_POINT
+        handle = _k32.CreateFileW(path, FILE_READ_ATTRIBUTES, FILE_SHARE_READ | FILE_SHARE_WRITE, None,
+                                  OPEN_EXISTING, flags, None)  # fmt: skip
+        if handle in (None, -1, 0xFFFFFFFFFFFFFFFF):
+            _check(0, f"CreateFileW {path}")
+        try:
+            info = BY_HANDLE_FILE_INFORMATION()
+            _check(_k32.GetFileInformationByHandle(handle, ctypes.byref(info)), "GetFileInformationByHandle")
+            if info.dwFileAttributes & FILE_ATTRIBUTE_REPARSE_POINT:
+                raise PermissionError(13, f"{path} is a reparse point (a link or junction): not followed")
+            root_handle = _k32.CreateFileW(root, FILE_READ_ATTRIBUTES, FILE_SHARE_READ | FILE_SHARE_WRITE, None,
+                                           OPEN_EXISTING, FILE_FLAG_BACKUP_SEMANTICS, None)  # fmt: skip
+            try:
+                root_final = _final_path(root_handle)
+            finally:
+                _k32.CloseHandle(root_handle)
+            final = _final_path(handle)
+            if not final_path_inside(final, root_final):
+                raise PermissionError(13, f"{path} resolves to {final}, outside the workspace")
+            yield final
         finally:
             _k32.CloseHandle(handle)
 
