@@ -211,14 +211,17 @@ def test_hundreds_in_flight_never_cross_and_the_policy_decides(broker, tmp_path)
     assert brain.returncode == 0, err
     result = json.loads(out)
     assert result["n"] == 300 and result["crossed"] == 0
-    assert (result["shell"], result["shellByArgv"], result["outside"], result["escape"]) == ("POLICY_DENIED",) * 4
+    # Shells need an approval nobody can give here; leaving the workspace is refused outright.
+    assert (result["shell"], result["shellByArgv"]) == ("APPROVAL_DENIED",) * 2
+    assert (result["outside"], result["escape"]) == ("POLICY_DENIED",) * 2
     assert result["back"] == "written by the brain" and result["listing"] == ["from-brain.txt"]
     assert result["timedOut"] is True
     assert (tmp_path / "ws/notes/from-brain.txt").read_text() == "written by the brain"
     assert not (tmp_path / "escape.txt").exists()
     decisions = [r for r in broker.log if r.get("event") == "decision"]
     assert len(decisions) >= 300 and all(r["session"] == "test-session" and r["runtime"] == "brain" for r in decisions)
-    assert any(not r["allowed"] and "shell" in r["reason"] for r in decisions)
+    assert any(not r["allowed"] and r["level"] == "C" and "shell" in r["reason"] for r in decisions)
+    assert all(r["level"] == "A" and r["approval"] == "none" for r in decisions if r["allowed"])
 
 
 @UNIX_SOCKETS

@@ -7,9 +7,11 @@ client's ``hello`` carries the session token (compared in constant time); a
 wrong token gets ``HANDSHAKE_FAILED`` and the connection is closed; a client
 that never says hello is dropped after the handshake timeout. Requests are
 matched by id and run concurrently; an id already in flight is refused.
-Every request passes the policy hook first, and every decision is logged
-with the runtime's metadata. ``execute`` runs an argv; a shell only for
-``mode: "shell"`` and only when the policy allows shells.
+Every request is confined to the workspace first (what leaves it is
+refused), then given a level by the policy (``policy.py``): level A runs,
+levels B and C run only once the CLI approved them (``Approver``), and
+every decision is logged with its level and the runtime's metadata.
+``execute`` runs an argv; a shell only for ``mode: "shell"``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import contextlib
 import hmac
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -33,14 +36,13 @@ from pathlib import Path
 from typing import Any
 
 from .confine import FileArea, OutsideWorkspace, open_workspace, relative_to_workspace
+from .policy import Policy
 
 PROTOCOL_VERSION = 1
 MIN_TOKEN = 16
 CODES = ("INVALID_REQUEST", "HANDSHAKE_REQUIRED", "HANDSHAKE_FAILED", "AMSI_BLOCKED", "POLICY_DENIED",
          "APPROVAL_DENIED", "EXECUTION_ERROR")  # fmt: skip
 Log = Callable[[dict[str, Any]], None]
-# Running one of these by argv is asking for a shell: the same policy applies.
-SHELLS = frozenset({"sh", "bash", "dash", "zsh", "ksh", "fish", "cmd", "powershell", "pwsh", "wscript", "cscript"})
 # What commands the broker runs for the brain inherit from the host: never its secrets.
 PASSED_ENV = ("PATH", "SYSTEMROOT", "SYSTEMDRIVE", "WINDIR", "TEMP", "TMP", "PATHEXT", "COMSPEC", "LANG", "HOME",
               "USERPROFILE")  # fmt: skip
@@ -57,15 +59,41 @@ class Decision:
     allowed: bool
     reason: str
     code: str = "POLICY_DENIED"
+    level: str | None = None  # A, B or C (policy.py); None: refused before any level applies
+    approval: str = "none"  # none (level A), session (granted earlier), allowed, denied, timeout, unavailable
+
+
+@dataclass(frozen=True)
+class ApprovalRequest:
+    """What the CLI is asked (docs/brain-protocol.md, "Approvals")."""
+
+    id: str
+    level: str
+    method: str
+    summary: str  # the argv as a shell would quote it, or the path
+    reason: str
+    subject: str  # what "for this session" would cover: a program, or a method
+    cwd: str | None = None
+
+
+@dataclass(frozen=True)
+class Approval:
+    allow: bool
+    session: bool = False  # allow the same subject at this level for the rest of the session
+
+
+# Asks and waits for the answer; None when none came within the timeout given.
+Approver = Callable[[ApprovalRequest, float], Approval | None]
 
 
 @dataclass(frozen=True)
 class BrokerConfig:
     token: str
     workspace: Path | None = None
-    allow_shell: bool = False
+    allow_shell: bool = False  # level C (shells and their equivalents) approved for the whole session
     handshake_timeout: float = 10.0
     request_timeout: float = 60.0
+    approval_timeout: float = 120.0  # no answer in time is a denial
     max_message: int = 1 << 20
     metadata: dict[str, str] = field(default_factory=dict)  # session, runtime, profile: in every log line
 
@@ -74,40 +102,23 @@ class BrokerConfig:
             raise ValueError(f"the handshake token must be at least {MIN_TOKEN} characters")
 
 
-Policy = Callable[[str, dict[str, Any], BrokerConfig], Decision]
-
-
-def default_policy(method: str, params: dict[str, Any], config: BrokerConfig) -> Decision:
-    """Shells only when allowed; files only inside the workspace."""
-    if method in ("execute", "powershell"):
-        command = str(params.get("command", ""))
-        name = command.replace("\\", "/").rsplit("/", 1)[-1].lower().removesuffix(".exe")
-        shell = method == "powershell" or params.get("mode", "exec") == "shell" or name in SHELLS
-        if shell and not config.allow_shell:
-            return Decision(False, "a shell was asked for (by mode or by running one) and this session does not "
-                            "allow shells")  # fmt: skip
-        if params.get("cwd") and not _inside(config.workspace, str(params["cwd"])):
-            return Decision(False, f"cwd {params['cwd']!r} is outside the workspace")
-        return Decision(True, "shell allowed by the session" if shell else "argv, no shell")
-    if method in ("readFile", "writeFile", "listDir"):
-        if config.workspace is None:
-            return Decision(False, "this session has no workspace for file operations")
-        if not _inside(config.workspace, str(params.get("path", ""))):
-            return Decision(False, f"{params.get('path')!r} is outside the workspace")
-        return Decision(True, "inside the workspace")
-    return Decision(True, "no policy applies")
-
-
-def _inside(workspace: Path | None, path: str) -> bool:
-    if workspace is None:
-        return False
-    target, root = _resolve(workspace, path), workspace.resolve()
-    return target == root or root in target.parents
-
-
-def _resolve(workspace: Path, path: str) -> Path:
-    p = Path(path)
-    return (p if p.is_absolute() else workspace / p).resolve()
+def confined(method: str, params: dict[str, Any], workspace: Path | None) -> str | None:
+    """Why a request leaves the workspace (refused outright, never asked about), or None."""
+    if method in ("execute", "powershell") and params.get("cwd"):
+        if workspace is None:
+            return "this session has no workspace to run in"
+        where = str(params["cwd"])
+    elif method in ("readFile", "writeFile", "listDir"):
+        if workspace is None:
+            return "this session has no workspace for file operations"
+        where = str(params.get("path", ""))
+    else:
+        return None
+    try:
+        relative_to_workspace(workspace, where)
+    except OutsideWorkspace:
+        return f"{where!r} is outside the workspace"
+    return None
 
 
 class Connection:
@@ -142,9 +153,18 @@ class Connection:
 
 
 class Broker:
-    def __init__(self, config: BrokerConfig, policy: Policy = default_policy, log: Log | None = None) -> None:
+    def __init__(
+        self,
+        config: BrokerConfig,
+        policy: Policy | None = None,
+        approver: Approver | None = None,
+        log: Log | None = None,
+    ) -> None:
         self.config = config
-        self.policy = policy
+        self.policy = policy or Policy.load()
+        self.approver = approver
+        self.granted: set[tuple[str, str]] = set()  # (level, subject) approved for the session
+        self._approvals = 0
         self.log_sink = log or (lambda record: sys.stderr.write(json.dumps(record) + "\n"))
         self.pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="broker")
         self.clients: list[Connection] = []
@@ -274,10 +294,47 @@ class Broker:
         self.log(event="handshake", clientVersion=params.get("clientVersion"), brainVersion=params.get("brainVersion"))
         self.handshake.set()
 
+    def decide(self, method: str, params: dict[str, Any]) -> Decision:
+        """Confinement first (refused, never asked), then the policy's level,
+        then for B and C the CLI's answer, unless this session already gave it."""
+        outside = confined(method, params, self.config.workspace)
+        if outside is not None:
+            return Decision(False, outside)
+        verdict = self.policy.judge(method, params)
+        if verdict.level is None:
+            return Decision(False, verdict.reason, "INVALID_REQUEST")
+        if verdict.level == "A":
+            return Decision(True, verdict.reason, level="A")
+        if (verdict.level, verdict.subject) in self.granted or (verdict.level == "C" and self.config.allow_shell):
+            return Decision(True, verdict.reason, level=verdict.level, approval="session")
+        level = verdict.level
+        if self.approver is None:
+            why = f"{verdict.reason}: level {level} needs the CLI's approval, and nobody can be asked in this session"
+            return Decision(False, why, "APPROVAL_DENIED", level, "unavailable")
+        with self._lock:
+            self._approvals += 1
+            ask_id = f"approval-{self._approvals}"
+        args = params.get("args") or []
+        summary = (shlex.join([str(params.get("command", "")), *map(str, args)]) if method == "execute"
+                   else str(params.get("script") if method == "powershell" else params.get("path", "")))  # fmt: skip
+        request = ApprovalRequest(ask_id, verdict.level, method, summary, verdict.reason, verdict.subject,
+                                  str(params["cwd"]) if params.get("cwd") else None)  # fmt: skip
+        self.log(event="approval-request", approvalId=ask_id, level=verdict.level, method=method, summary=summary)
+        answer = self.approver(request, self.config.approval_timeout)
+        if answer is None:
+            why = f"{verdict.reason}: no answer to the approval request within {self.config.approval_timeout:g} s"
+            return Decision(False, why, "APPROVAL_DENIED", level, "timeout")
+        if not answer.allow:
+            return Decision(False, f"{verdict.reason}: denied by the user", "APPROVAL_DENIED", level, "denied")
+        if answer.session:
+            self.granted.add((verdict.level, verdict.subject))
+        return Decision(True, verdict.reason, level=verdict.level, approval="allowed")
+
     def _run(self, conn: Connection, rid: Any, method: str, params: dict[str, Any]) -> None:
         try:
-            decision = self.policy(method, params, self.config)
-            self.log(event="decision", id=rid, method=method, allowed=decision.allowed, reason=decision.reason)
+            decision = self.decide(method, params)
+            self.log(event="decision", id=rid, method=method, level=decision.level, allowed=decision.allowed,
+                     approval=decision.approval, reason=decision.reason)  # fmt: skip
             if not decision.allowed:
                 conn.send(self._error(rid, decision.code, decision.reason))
                 return
