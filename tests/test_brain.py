@@ -127,6 +127,44 @@ def test_security_capabilities_structure_layout():
     assert win32.CAPABILITIES == {"internetClient": "S-1-15-3-1", "privateNetworkClientServer": "S-1-15-3-3"}
 
 
+@pytest.mark.unit
+def test_job_object_limits_layout():
+    """The structure SetInformationJobObject reads (x64 layout, from the
+    documented definitions), and the limits: the whole tree dies with the job."""
+    import ctypes
+
+    if ctypes.sizeof(ctypes.c_void_p) == 8:
+        assert ctypes.sizeof(win32.JOBOBJECT_BASIC_LIMIT_INFORMATION) == 64
+        assert ctypes.sizeof(win32.IO_COUNTERS) == 48
+        assert ctypes.sizeof(win32.JOBOBJECT_EXTENDED_LIMIT_INFORMATION) == 144
+        assert win32.JOBOBJECT_BASIC_LIMIT_INFORMATION.LimitFlags.offset == 16
+    flags = win32.job_limits().BasicLimitInformation.LimitFlags
+    assert flags & win32.JOB_OBJECT_LIMIT_KILL_ON_JOB_CLOSE and flags & 0x400
+
+
+@WINDOWS_ONLY
+@pytest.mark.windows
+def test_a_commands_descendants_die_with_its_job_on_windows(tmp_path):  # pragma: no cover - Windows job
+    """Finding 5: Windows kept only the brain's own process handle, so what a
+    command started outlived it. A grandchild started by a timed-out command
+    must be gone once the broker answers."""
+    from terminai_shim.windows.broker import Broker
+
+    broker = Broker(BrokerConfig(token=TOKEN, workspace=tmp_path, allow_shell=True))
+    child = (
+        "import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; "
+        "time.sleep(120)']); print(p.pid, flush=True); time.sleep(120)"
+    )
+    try:
+        result = broker.op_execute({"command": sys.executable, "args": ["-c", child], "timeout": 3000})
+        assert result["timedOut"]
+        grandchild = result["stdout"].split()[0]
+        listed = subprocess.run(["tasklist", "/FI", f"PID eq {grandchild}"], capture_output=True, text=True).stdout
+        assert grandchild not in listed, listed
+    finally:
+        broker.stop()
+
+
 @WINDOWS_ONLY
 @pytest.mark.windows
 def test_appcontainer_profile_pipe_and_launch_on_windows(tmp_path):  # pragma: no cover - Windows job

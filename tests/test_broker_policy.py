@@ -228,14 +228,16 @@ def test_leaving_the_workspace_is_refused_never_asked(tmp_path):
 
 
 def test_concurrent_approvals_get_distinct_ids(tmp_path):
+    from terminai_shim.windows.broker import Broker, BrokerConfig
+
     cli = _Cli(Approval(True))
-    b = _broker(tmp_path, cli)
+    broker = Broker(BrokerConfig(token="t" * 32, workspace=tmp_path), approver=cli)
     try:
-        threads = [threading.Thread(target=b.broker.decide, args=("execute", {"command": "git"})) for _ in range(20)]
+        threads = [threading.Thread(target=broker.decide, args=("execute", {"command": "git"})) for _ in range(20)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
         assert len({r.id for r in cli.asked}) == 20
     finally:
-        b.close()
+        broker.stop()

@@ -44,6 +44,8 @@ CODES = ("INVALID_REQUEST", "HANDSHAKE_REQUIRED", "HANDSHAKE_FAILED", "AMSI_BLOC
          "APPROVAL_DENIED", "EXECUTION_ERROR")  # fmt: skip
 Log = Callable[[dict[str, Any]], None]
 # What commands the broker runs for the brain inherit from the host: never its secrets.
+# Windows: a command is created suspended, put in a job, then resumed (win32.adopt_suspended).
+_SUSPENDED = 0x4 if sys.platform == "win32" else 0
 PASSED_ENV = ("PATH", "SYSTEMROOT", "SYSTEMDRIVE", "WINDIR", "TEMP", "TMP", "PATHEXT", "COMSPEC", "LANG", "HOME",
               "USERPROFILE")  # fmt: skip
 
@@ -411,23 +413,31 @@ class Broker:
             if self.files is not None:  # the directory checked is the one the command starts in
                 relative = self._relative(str(params.get("cwd") or ""))
                 cwd, fds = stack.enter_context(self.files.directory(relative))
+            job = 0
             try:
                 proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                         stderr=subprocess.PIPE, start_new_session=os.name != "nt",
-                                        pass_fds=fds)  # fmt: skip
+                                        pass_fds=fds, creationflags=_SUSPENDED)  # fmt: skip
             except OSError as exc:
                 raise BrokerError("EXECUTION_ERROR", f"cannot run {argv[0]}: {exc.strerror or exc}") from None
-        timed_out = False
-        try:
-            out, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            if os.name != "nt":
-                os.killpg(proc.pid, signal.SIGKILL)  # the whole group: nothing it started lives on
-            else:  # the whole tree, or communicate() waits on grandchildren holding the pipes
-                subprocess.run(["taskkill", "/T", "/F", "/PID", str(proc.pid)], capture_output=True)
-                proc.kill()
-            out, err = proc.communicate()
+            if sys.platform == "win32":  # pragma: no cover - the Windows job: the tree lives and dies in a job
+                from .win32 import adopt_suspended, close_handle, new_job
+
+                job = new_job()
+                stack.callback(close_handle, job)  # closed after the command: ends whatever it left running
+                adopt_suspended(job, int(proc._handle), proc.pid)  # type: ignore[attr-defined]
+            timed_out = False
+            try:
+                out, err = proc.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                timed_out = True
+                if sys.platform == "win32":  # pragma: no cover - the Windows job
+                    from .win32 import terminate_job
+
+                    terminate_job(job)
+                else:
+                    os.killpg(proc.pid, signal.SIGKILL)  # the whole group: nothing it started lives on
+                out, err = proc.communicate()
         return {"exitCode": proc.returncode, "stdout": out.decode(errors="replace"),
                 "stderr": err.decode(errors="replace"), "timedOut": timed_out}  # fmt: skip
 

@@ -45,6 +45,7 @@ class BrainSession:
     pid: int
     _runtime: Path | None = None
     _handle: int = 0  # Windows: the brain's process handle
+    _job: int = 0  # Windows: the job the brain (and all it starts) runs in; closing it ends them
 
     def health(self, timeout: float = 10.0) -> dict[str, Any]:
         """Started and answering: a ping through the broker to the brain and back."""
@@ -68,8 +69,8 @@ class BrainSession:
         if sys.platform == "win32" and self._handle:  # pragma: no cover - the Windows CI job
             from .win32 import stop_process
 
-            code = stop_process(self._handle, timeout)
-            self._handle = 0
+            code = stop_process(self._handle, timeout, self._job)
+            self._handle = self._job = 0
         if self.process is not None:
             try:
                 code = self.process.wait(timeout=timeout)
@@ -121,7 +122,7 @@ def launch(
         argv_tail.append(f"--module={bundle.module}")
     runtime: Path | None = None
     process = None
-    handle = 0
+    handle = job = 0
     if sys.platform == "win32":  # pragma: no cover - the Windows CI job
         from .win32 import PipeListener, current_user_sid, ensure_profile, launch_in_appcontainer, pipe_name, pipe_sddl
 
@@ -130,7 +131,7 @@ def launch(
         listener: Any = PipeListener(pipe, pipe_sddl(current_user_sid(), appcontainer))
         threading.Thread(target=broker.serve, args=(listener,), daemon=True).start()
         env = brain_environment(os.environ, pipe, token, str(workspace or ""), cli_version)
-        pid, handle = launch_in_appcontainer(
+        pid, handle, job = launch_in_appcontainer(
             [_node(bundle), *argv_tail, f"--pipe={pipe}"], env, str(bundle.directory), appcontainer
         )
     else:
@@ -148,7 +149,7 @@ def launch(
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=brain_log,
             )  # fmt: skip
         pid = process.pid
-    brain = BrainSession(broker, session, pipe, isolation, process, pid, runtime, handle)
+    brain = BrainSession(broker, session, pipe, isolation, process, pid, runtime, handle, job)
     if not broker.handshake.wait(handshake_timeout):
         detail = ""
         if runtime is not None and (runtime / "brain.log").exists():

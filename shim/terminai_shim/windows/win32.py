@@ -124,6 +124,44 @@ class SECURITY_CAPABILITIES(ctypes.Structure):
     ]
 
 
+# Job objects: the brain and every command the broker starts run in one whose
+# closing (or the timeout) ends the whole tree; a process is created suspended
+# and assigned before it runs, so nothing it starts escapes the job.
+CREATE_SUSPENDED = 0x4
+JOB_OBJECT_LIMIT_DIE_ON_UNHANDLED_EXCEPTION = 0x400
+JOB_OBJECT_LIMIT_KILL_ON_JOB_CLOSE = 0x2000
+JOB_OBJECT_EXTENDED_LIMIT_INFORMATION_CLASS = 9
+
+
+class IO_COUNTERS(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint64) for name in ("ReadOperationCount", "WriteOperationCount",
+                                                     "OtherOperationCount", "ReadTransferCount",
+                                                     "WriteTransferCount", "OtherTransferCount")]  # fmt: skip
+
+
+class JOBOBJECT_BASIC_LIMIT_INFORMATION(ctypes.Structure):
+    _fields_ = [("PerProcessUserTimeLimit", ctypes.c_int64), ("PerJobUserTimeLimit", ctypes.c_int64),
+                ("LimitFlags", ctypes.c_uint32), ("MinimumWorkingSetSize", ctypes.c_size_t),
+                ("MaximumWorkingSetSize", ctypes.c_size_t), ("ActiveProcessLimit", ctypes.c_uint32),
+                ("Affinity", ctypes.c_size_t), ("PriorityClass", ctypes.c_uint32),
+                ("SchedulingClass", ctypes.c_uint32)]  # fmt: skip
+
+
+class JOBOBJECT_EXTENDED_LIMIT_INFORMATION(ctypes.Structure):
+    _fields_ = [("BasicLimitInformation", JOBOBJECT_BASIC_LIMIT_INFORMATION), ("IoInfo", IO_COUNTERS),
+                ("ProcessMemoryLimit", ctypes.c_size_t), ("JobMemoryLimit", ctypes.c_size_t),
+                ("PeakProcessMemoryUsed", ctypes.c_size_t), ("PeakJobMemoryUsed", ctypes.c_size_t)]  # fmt: skip
+
+
+def job_limits() -> JOBOBJECT_EXTENDED_LIMIT_INFORMATION:
+    """Kill every process in the job when its last handle closes; a crash
+    dialog never keeps one alive."""
+    info = JOBOBJECT_EXTENDED_LIMIT_INFORMATION()
+    info.BasicLimitInformation.LimitFlags = (JOB_OBJECT_LIMIT_KILL_ON_JOB_CLOSE
+                                             | JOB_OBJECT_LIMIT_DIE_ON_UNHANDLED_EXCEPTION)  # fmt: skip
+    return info
+
+
 if sys.platform == "win32":  # pragma: no cover - exercised by the Windows CI job
     _k32 = ctypes.WinDLL("kernel32", use_last_error=True)
     _adv = ctypes.WinDLL("advapi32", use_last_error=True)
@@ -241,8 +279,9 @@ if sys.platform == "win32":  # pragma: no cover - exercised by the Windows CI jo
 
     def launch_in_appcontainer(
         argv: list[str], env: Mapping[str, str], cwd: str | None, appcontainer_sid: str
-    ) -> tuple[int, int]:
-        """Start ``argv`` inside the AppContainer with its capabilities; returns the pid and process handle."""
+    ) -> tuple[int, int, int]:
+        """Start ``argv`` inside the AppContainer with its capabilities, in a job
+        that ends its whole tree; returns the pid, process handle and job handle."""
         caps = (SID_AND_ATTRIBUTES * len(CAPABILITIES))(
             *[SID_AND_ATTRIBUTES(_sid(s).value, SE_GROUP_ENABLED) for s in CAPABILITIES.values()]
         )
@@ -261,15 +300,69 @@ if sys.platform == "win32":  # pragma: no cover - exercised by the Windows CI jo
         pi = PROCESS_INFORMATION()
         block = ctypes.create_unicode_buffer(environment_block(env))
         cmd = ctypes.create_unicode_buffer(command_line(argv))
-        _check(_k32.CreateProcessW(None, cmd, None, None, False,
-                                   EXTENDED_STARTUPINFO_PRESENT | CREATE_UNICODE_ENVIRONMENT | CREATE_NO_WINDOW,
-                                   block, cwd, ctypes.byref(si), ctypes.byref(pi)), "CreateProcessW")  # fmt: skip
+        flags = EXTENDED_STARTUPINFO_PRESENT | CREATE_UNICODE_ENVIRONMENT | CREATE_NO_WINDOW | CREATE_SUSPENDED
+        _check(_k32.CreateProcessW(None, cmd, None, None, False, flags, block, cwd, ctypes.byref(si),
+                                   ctypes.byref(pi)), "CreateProcessW")  # fmt: skip
         _k32.DeleteProcThreadAttributeList(attrs)
-        _k32.CloseHandle(pi.hThread)
-        return int(pi.dwProcessId), int(pi.hProcess or 0)
+        job = new_job()
+        try:
+            adopt_suspended(job, pi.hProcess, pi.dwProcessId, pi.hThread)
+        except OSError:
+            _k32.TerminateProcess(pi.hProcess, 1)
+            _k32.CloseHandle(job)
+            raise
+        finally:
+            _k32.CloseHandle(pi.hThread)
+        return int(pi.dwProcessId), int(pi.hProcess or 0), job
 
-    def stop_process(handle: int, timeout: float) -> int | None:
-        """Wait for the brain to exit; terminate it if it does not; close the handle."""
+    def new_job() -> int:
+        """A job object that kills its processes when closed (``job_limits``)."""
+        job = _k32.CreateJobObjectW(None, None)
+        _check(job, "CreateJobObjectW")
+        info = job_limits()
+        _check(_k32.SetInformationJobObject(job, JOB_OBJECT_EXTENDED_LIMIT_INFORMATION_CLASS, ctypes.byref(info),
+                                            ctypes.sizeof(info)), "SetInformationJobObject")  # fmt: skip
+        return int(job)
+
+    def adopt_suspended(job: int, process_handle: int, pid: int, thread_handle: int = 0) -> None:
+        """Put a process created with CREATE_SUSPENDED into the job, then let it run."""
+        _check(_k32.AssignProcessToJobObject(job, process_handle), "AssignProcessToJobObject")
+        if thread_handle:
+            _check(_k32.ResumeThread(thread_handle) != 0xFFFFFFFF, "ResumeThread")
+            return
+        # subprocess.Popen keeps no thread handle: find the process's one (suspended) thread.
+        snapshot = _k32.CreateToolhelp32Snapshot(0x4, 0)  # TH32CS_SNAPTHREAD
+
+        class THREADENTRY32(ctypes.Structure):
+            _fields_ = [("dwSize", wintypes.DWORD), ("cntUsage", wintypes.DWORD), ("th32ThreadID", wintypes.DWORD),
+                        ("th32OwnerProcessID", wintypes.DWORD), ("tpBasePri", wintypes.LONG),
+                        ("tpDeltaPri", wintypes.LONG), ("dwFlags", wintypes.DWORD)]  # fmt: skip
+
+        entry = THREADENTRY32()
+        entry.dwSize = ctypes.sizeof(THREADENTRY32)
+        try:
+            more = _k32.Thread32First(snapshot, ctypes.byref(entry))
+            while more:
+                if entry.th32OwnerProcessID == pid:
+                    thread = _k32.OpenThread(0x0002, False, entry.th32ThreadID)  # THREAD_SUSPEND_RESUME
+                    _check(thread, "OpenThread")
+                    try:
+                        _check(_k32.ResumeThread(thread) != 0xFFFFFFFF, "ResumeThread")
+                    finally:
+                        _k32.CloseHandle(thread)
+                more = _k32.Thread32Next(snapshot, ctypes.byref(entry))
+        finally:
+            _k32.CloseHandle(snapshot)
+
+    def terminate_job(job: int, code: int = 1) -> None:
+        _k32.TerminateJobObject(job, code)
+
+    def close_handle(handle: int) -> None:
+        _k32.CloseHandle(handle)
+
+    def stop_process(handle: int, timeout: float, job: int = 0) -> int | None:
+        """Wait for the brain to exit; terminate it if it does not; close the
+        handle, and the job (which ends whatever the brain started)."""
         try:
             if _k32.WaitForSingleObject(handle, int(timeout * 1000)) != 0:  # not WAIT_OBJECT_0
                 _k32.TerminateProcess(handle, 1)
@@ -279,6 +372,8 @@ if sys.platform == "win32":  # pragma: no cover - exercised by the Windows CI jo
             return int(code.value)
         finally:
             _k32.CloseHandle(handle)
+            if job:
+                _k32.CloseHandle(job)
 
     GENERIC_READ, FILE_READ_ATTRIBUTES = 0x80000000, 0x80
     FILE_SHARE_READ, FILE_SHARE_WRITE, OPEN_EXISTING = 0x1, 0x2, 3
