@@ -272,6 +272,7 @@ STANDALONE_SUITE = (
     "tests/test_pty.py",
     "tests/test_attacks.py",
     "tests/test_brain.py",
+    "tests/test_broker_policy.py",
 )
 
 

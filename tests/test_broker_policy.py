@@ -241,3 +241,38 @@ def test_concurrent_approvals_get_distinct_ids(tmp_path):
         assert len({r.id for r in cli.asked}) == 20
     finally:
         broker.stop()
+
+
+@UNIX_SOCKETS
+@pytest.mark.build
+@pytest.mark.attack
+def test_approvals_travel_through_serve_to_a_node_cli(ctx, tmp_path):
+    """The round trip the CLI makes: a signed bundle whose brain asks for one
+    thing at each level, launched by `terminai-shim serve`, and a Node.js
+    client answering the approval requests (allow, deny, and none)."""
+    import os
+    import shutil
+    import subprocess
+
+    from conftest import REPO
+    from shimproc import SHIM
+    from terminai_release.brain import BrainInputs, PinnedInput, build_brain
+    from terminai_release.digest import sha256_file
+    from terminai_release.signing.session import signer
+
+    module = REPO / "tests/node/brain-approvals.js"
+    bundle = build_brain(ctx, BrainInputs(module=PinnedInput(module, sha256_file(module)))).zip
+    with signer(ctx) as s:
+        (tmp_path / "bundle.sigstore.json").write_text(s.sign(bundle.read_bytes()))
+        (tmp_path / "root.json").write_text(json.dumps(s.dev_trusted_root))
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    node = shutil.which("node")
+    assert node, "node is installed by bootstrap.sh"
+    env = dict(os.environ, SHIM=SHIM, BUNDLE=str(bundle), SIGNATURE=str(tmp_path / "bundle.sigstore.json"),
+               TRUSTED_ROOT=str(tmp_path / "root.json"), WORKSPACE=str(workspace),
+               TERMINAI_CACHE=str(tmp_path / "cache"))  # fmt: skip
+    done = subprocess.run([node, "--test", str(REPO / "tests/node/brain-approvals.test.mjs")], env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
+    assert "# pass 1" in done.stdout and "# fail 0" in done.stdout

@@ -35,6 +35,11 @@ from .launch import LaunchRequest, LocalArtifacts, ReleaseSource, Trust, resolve
 from .models import GUEST_USERS, NetworkPolicy
 from .session import Session
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from .windows.approvals import PendingApprovals
+    from .windows.launch import BrainSession
+
 PROTOCOL_VERSION = 1
 DEFAULT_EXEC_OUTPUT_CAP = 16 << 20
 
@@ -63,11 +68,17 @@ PARAMS: dict[str, frozenset[str]] = {
     "fs.remove": frozenset({"path", "recursive"}),
     "fs.mkdir": frozenset({"path"}),
     "dispose": frozenset(),
+    # The Windows tier: a signed brain bundle behind the broker, whose level B
+    # and C requests come to the CLI as approval.request notifications.
+    "brain.launch": frozenset({"bundle", "signature", "workspace", "allowShell", "approvalTimeoutMs", "cliVersion",
+                               "channel", "dev", "trustedRoot", "identity", "issuer"}),
+    "brain.health": frozenset(),
+    "approval.respond": frozenset({"approvalId", "allow", "session"}),
 }  # fmt: skip
 # Requests that steer or watch what runs: served by their own workers, so a
 # health check or a kill never waits behind the user's long commands.
 CONTROL = frozenset({"healthCheck", "process.write", "process.closeStdin", "process.resize", "process.kill", "cancel",
-                     "dispose"})  # fmt: skip
+                     "dispose", "brain.health", "approval.respond"})  # fmt: skip
 
 
 class RequestError(ShimError):
@@ -104,6 +115,8 @@ class Server:
         self.stopping = threading.Event()
         self.executing: dict[Any, RemoteProcess] = {}  # request id -> its command, for `cancel`
         self.request_id = threading.local()
+        self.brain: BrainSession | None = None  # the Windows tier, instead of a VM (brain.launch)
+        self.approvals: PendingApprovals | None = None
 
     # -- output --------------------------------------------------------------
     def send(self, message: dict[str, Any]) -> None:
@@ -471,11 +484,62 @@ class Server:
         self.close()
         return {}
 
+    # -- the Windows tier ------------------------------------------------------------
+    def m_brain_launch(self, p: dict[str, Any]) -> dict[str, Any]:
+        from .layout import BUNDLE_SUFFIX
+        from .verify import policy_for
+        from .windows.approvals import PendingApprovals
+        from .windows.bundle import open_bundle
+        from .windows.launch import launch
+
+        bundle_path = _path(p, "bundle")
+        if bundle_path is None:
+            raise RequestError("INVALID_PARAMS", "brain.launch: parameter 'bundle' is required")
+        bundle_path = bundle_path.resolve()
+        signature = _path(p, "signature") or bundle_path.with_name(bundle_path.name + BUNDLE_SUFFIX)
+        trust = Trust(_path(p, "trustedRoot"), _text(p, "identity"), _text(p, "issuer"), dev=bool(p.get("dev")))
+        timeout_ms = _whole(p, "approvalTimeoutMs")
+        with self.session_lock:
+            if self.session is not None or self.brain is not None:
+                raise RequestError("ALREADY_INITIALIZED", "this shim already runs a tier; dispose it first")
+            bundle = open_bundle(bundle_path, signature, policy_for(_text(p, "channel") or trust.default_channel,
+                                                                    trust.policy()))  # fmt: skip
+            workspace = _path(p, "workspace")
+            approvals = PendingApprovals(self.notify)
+            self.brain = brain = launch(
+                bundle, workspace=workspace.resolve() if workspace else None, cli_version=_text(p, "cliVersion") or "",
+                allow_shell=bool(p.get("allowShell")), approver=approvals,
+                approval_timeout=timeout_ms / 1000 if timeout_ms else 120.0,
+            )  # fmt: skip
+            self.approvals = approvals
+            return {"session": brain.session, "isolation": brain.isolation, "pid": brain.pid,
+                    "bundleVersion": str(bundle.doc.get("version"))}  # fmt: skip
+
+    def m_brain_health(self, p: dict[str, Any]) -> dict[str, Any]:
+        if self.brain is None:
+            raise RequestError("NOT_INITIALIZED", "call brain.launch first")
+        return self.brain.health()
+
+    def m_approval_respond(self, p: dict[str, Any]) -> dict[str, Any]:
+        approval_id, allow = p["approvalId"], p["allow"]
+        if not isinstance(approval_id, str) or not isinstance(allow, bool):
+            raise RequestError("INVALID_PARAMS", "approval.respond needs approvalId (a string) and allow (true/false)")
+        if self.approvals is None or not self.approvals.respond(approval_id, allow, bool(p.get("session"))):
+            raise RequestError("INVALID_PARAMS", f"no open approval request {approval_id!r} (answered, expired, "
+                               "or never asked)")  # fmt: skip
+        return {}
+
     def close(self) -> None:
         with self.session_lock:
             session, self.session = self.session, None
+            brain, self.brain = self.brain, None
+            approvals, self.approvals = self.approvals, None
         if session is not None:
             session.close()
+        if approvals is not None:
+            approvals.close()  # open questions are denied: nothing waits on a CLI that has gone
+        if brain is not None:
+            brain.stop()
 
 
 def _text_of(data: bytes, truncated: bool) -> str:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BootError
-from .broker import Broker, BrokerConfig, Log
+from .broker import Approver, Broker, BrokerConfig, Log
 from .bundle import BrainBundle
 from .win32 import brain_environment
 
@@ -100,6 +100,8 @@ def launch(
     allow_shell: bool = False,
     handshake_timeout: float = 10.0,
     log: Log | None = None,
+    approver: Approver | None = None,
+    approval_timeout: float = 120.0,
 ) -> BrainSession:
     session = secrets.token_hex(12)
     token = secrets.token_urlsafe(32)
@@ -109,6 +111,7 @@ def launch(
         workspace=workspace,
         allow_shell=allow_shell,
         handshake_timeout=handshake_timeout,
+        approval_timeout=approval_timeout,
         metadata={
             "session": session,
             "runtime": "brain",
@@ -116,7 +119,7 @@ def launch(
             "bundle": str(bundle.doc.get("version")),
         },
     )
-    broker = Broker(config, log=log)
+    broker = Broker(config, approver=approver, log=log)
     argv_tail = [str(bundle.entrypoint)]
     if bundle.module is not None:
         argv_tail.append(f"--module={bundle.module}")
