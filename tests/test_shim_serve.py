@@ -212,7 +212,7 @@ def test_output_cap_cancel_and_control_never_queue_behind_commands(shim, boot_co
         running.append((shim.last_id, q))
     time.sleep(2)
     health = shim.result("healthCheck")
-    assert health["ok"] is True
+    assert health["ok"] is True, health
     assert all(q.empty() for _, q in running), "a health check waited for the commands"
     answered: dict[int, dict] = {}
     deadline = time.monotonic() + 240

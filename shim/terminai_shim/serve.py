@@ -505,6 +505,8 @@ class Server:
             bundle = open_bundle(bundle_path, signature, policy_for(_text(p, "channel") or trust.default_channel,
                                                                     trust.policy()))  # fmt: skip
             workspace = _path(p, "workspace")
+            if workspace is not None and not workspace.is_dir():
+                raise RequestError("INVALID_PARAMS", f"brain.launch: workspace {workspace} is not a directory")
             approvals = PendingApprovals(self.notify)
             self.brain = brain = launch(
                 bundle, workspace=workspace.resolve() if workspace else None, cli_version=_text(p, "cliVersion") or "",
