@@ -199,7 +199,10 @@ def cmd_brain(args: argparse.Namespace) -> int:
     from .windows.launch import launch
 
     workspace = Path(args.workspace).resolve() if args.workspace else None
-    brain = launch(bundle, workspace=workspace, cli_version=args.cli_version, allow_shell=args.allow_shell)
+    from .windows.policy import Policy
+
+    brain = launch(bundle, workspace=workspace, cli_version=args.cli_version, allow_shell=args.allow_shell,
+                   policy=Policy.load(args.policy) if args.policy else None)  # fmt: skip
     try:
         if args.action == "health":
             info = brain.health()
@@ -325,7 +328,9 @@ def main(argv: list[str] | None = None) -> int:
     brain.add_argument("--signature", help="its sigstore bundle (default: ZIP.sigstore.json beside it)")
     brain.add_argument("--channel", default="stable", help="whose pinned signer to expect (default stable)")
     brain.add_argument("--workspace", help="the directory the brain's file operations are confined to")
-    brain.add_argument("--allow-shell", action="store_true", help="let the brain ask for a shell (mode: shell)")
+    brain.add_argument("--allow-shell", action="store_true",
+                       help="approve level C (shells and their equivalents) for the whole session")  # fmt: skip
+    brain.add_argument("--policy", type=Path, help="the broker policy to use instead of the shim's own policy.json")
     brain.add_argument("--cli-version", default="", help="TERMINAI_CLI_VERSION for the brain")
     _trust_args(brain)
     brain.set_defaults(fn=cmd_brain)

@@ -71,7 +71,7 @@ PARAMS: dict[str, frozenset[str]] = {
     # The Windows tier: a signed brain bundle behind the broker, whose level B
     # and C requests come to the CLI as approval.request notifications.
     "brain.launch": frozenset({"bundle", "signature", "workspace", "allowShell", "approvalTimeoutMs", "cliVersion",
-                               "channel", "dev", "trustedRoot", "identity", "issuer"}),
+                               "policy", "channel", "dev", "trustedRoot", "identity", "issuer"}),
     "brain.health": frozenset(),
     "approval.respond": frozenset({"approvalId", "allow", "session"}),
 }  # fmt: skip
@@ -491,6 +491,7 @@ class Server:
         from .windows.approvals import PendingApprovals
         from .windows.bundle import open_bundle
         from .windows.launch import launch
+        from .windows.policy import Policy
 
         bundle_path = _path(p, "bundle")
         if bundle_path is None:
@@ -499,6 +500,8 @@ class Server:
         signature = _path(p, "signature") or bundle_path.with_name(bundle_path.name + BUNDLE_SUFFIX)
         trust = Trust(_path(p, "trustedRoot"), _text(p, "identity"), _text(p, "issuer"), dev=bool(p.get("dev")))
         timeout_ms = _whole(p, "approvalTimeoutMs")
+        own_policy = _path(p, "policy")
+        policy = Policy.load(own_policy) if own_policy else None
         with self.session_lock:
             if self.session is not None or self.brain is not None:
                 raise RequestError("ALREADY_INITIALIZED", "this shim already runs a tier; dispose it first")
@@ -511,7 +514,7 @@ class Server:
             self.brain = brain = launch(
                 bundle, workspace=workspace.resolve() if workspace else None, cli_version=_text(p, "cliVersion") or "",
                 allow_shell=bool(p.get("allowShell")), approver=approvals,
-                approval_timeout=timeout_ms / 1000 if timeout_ms else 120.0,
+                approval_timeout=timeout_ms / 1000 if timeout_ms else 120.0, policy=policy,
             )  # fmt: skip
             self.approvals = approvals
             return {"session": brain.session, "isolation": brain.isolation, "pid": brain.pid,

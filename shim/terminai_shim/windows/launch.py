@@ -32,6 +32,7 @@ from typing import Any
 from ..errors import BootError
 from .broker import Approver, Broker, BrokerConfig, Log
 from .bundle import BrainBundle
+from .policy import Policy
 from .win32 import brain_environment
 
 
@@ -102,6 +103,7 @@ def launch(
     log: Log | None = None,
     approver: Approver | None = None,
     approval_timeout: float = 120.0,
+    policy: Policy | None = None,
 ) -> BrainSession:
     session = secrets.token_hex(12)
     token = secrets.token_urlsafe(32)
@@ -119,7 +121,7 @@ def launch(
             "bundle": str(bundle.doc.get("version")),
         },
     )
-    broker = Broker(config, approver=approver, log=log)
+    broker = Broker(config, policy=policy, approver=approver, log=log)
     argv_tail = [str(bundle.entrypoint)]
     if bundle.module is not None:
         argv_tail.append(f"--module={bundle.module}")

@@ -20,13 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
+from ..errors import ShimError
+
 LEVELS = ("A", "B", "C")
 SCHEMA_VERSION = 1
 _DEFAULT = Path(__file__).with_name("policy.json")
 
 
-class PolicyFileError(ValueError):
-    pass
+class PolicyFileError(ShimError):
+    code = "INVALID_CONFIG"
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,10 @@ class Policy:
         try:
             doc = json.loads(source.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
-            raise PolicyFileError(f"cannot read the broker policy {source}: {exc}") from None
+            raise PolicyFileError(
+                f"cannot read the broker policy {source}: {exc}",
+                hint="give a JSON file of the shape of the shim's own policy.json",
+            ) from None
         if not isinstance(doc, dict) or doc.get("schemaVersion") != SCHEMA_VERSION:
             raise PolicyFileError(f"{source} is not a version {SCHEMA_VERSION} broker policy")
         if doc.get("unknownProgram") not in LEVELS or any(v not in LEVELS for v in doc.get("programs", {}).values()):
