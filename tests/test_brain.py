@@ -14,7 +14,9 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -527,25 +529,45 @@ class _Flipper:
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        target, tmp = self.ws / self.name, self.ws / f".{self.name}.flip"
         while not self.stop.is_set():
-            for source in (self.inside, self.outside):
-                try:
-                    tmp.unlink(missing_ok=True)
-                    tmp.symlink_to(source) if source == self.outside else os.link(source, tmp) if source.is_file() \
-                        else tmp.symlink_to(source.name)  # fmt: skip
-                    os.replace(tmp, target)
-                    self.flips += 1
-                except OSError:
-                    pass
+            self._flip()
+
+    def _flip(self) -> None:
+        target, tmp = self.ws / self.name, self.ws / f".{self.name}.flip"
+        for source in (self.inside, self.outside):
+            try:
+                tmp.unlink(missing_ok=True)
+                if source == self.outside:
+                    tmp.symlink_to(source)
+                elif source.is_file():
+                    os.link(source, tmp)
+                else:
+                    tmp.symlink_to(source.name)
+                os.replace(tmp, target)
+                self.flips += 1
+            except OSError:
+                pass
 
     def __enter__(self) -> _Flipper:
+        self._flip()  # the name exists from the start: nothing (a mkdir) can take its place before the race
         self.thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop.set()
         self.thread.join()
+
+
+def _raced(race: _Flipper, tries: int, flips: int = 1000, seconds: float = 120) -> Iterator[int]:
+    """Indices for at least ``tries`` attempts, and on until the attacker has
+    flipped at least ``flips`` times (how the threads share the interpreter
+    varies from run to run): a race is only a test once it really ran."""
+    deadline = time.monotonic() + seconds
+    i = 0
+    while i < tries or race.flips < flips:
+        assert time.monotonic() < deadline, f"only {race.flips} flips in {seconds:g} s"
+        yield i
+        i += 1
 
 
 def _race_setup(tmp_path: Path) -> tuple[Path, Path]:
@@ -573,14 +595,13 @@ def test_a_link_flipped_between_check_and_use_never_leaks_through_the_broker(tmp
         assert c.hello()["success"]
         seen = set()
         with _Flipper(ws, "target", ws / "plain.txt", outside / "secret.txt") as read_race:
-            for i in range(3000):
+            for i in _raced(read_race, 3000):
                 c.send({"id": i + 1, "method": "readFile", "params": {"path": "target"}})
                 reply = c.recv()
                 seen.add(reply["data"]["content"] if reply["success"] else reply["code"])
         assert "THE SECRET" not in seen and "inside" in seen, seen
-        assert read_race.flips > 1000
         with _Flipper(ws, "dir", ws / "sub", outside) as write_race:
-            for i in range(1500):
+            for i in _raced(write_race, 1500):
                 c.send({"id": 10_000 + i, "method": "writeFile",
                         "params": {"path": f"dir/w{i}.txt", "content": "planted"}})  # fmt: skip
                 c.recv()
@@ -588,7 +609,6 @@ def test_a_link_flipped_between_check_and_use_never_leaks_through_the_broker(tmp
                 listing = c.recv()
                 if listing["success"]:
                     assert "secret.txt" not in {e["name"] for e in listing["data"]["entries"]}
-        assert write_race.flips > 1000
         assert sorted(p.name for p in outside.iterdir()) == ["secret.txt"], "a write landed outside the workspace"
         assert any((ws / "sub").glob("w*.txt")), "writes through the directory inside do land"
         for path in ("../outside/secret.txt", str(outside / "secret.txt")):
@@ -617,14 +637,13 @@ def test_both_ways_of_opening_beneath_hold_against_the_race(tmp_path, openat2):
             with pytest.raises(OutsideWorkspace):
                 area.read("sub/inner-link")  # the walk follows none
         with _Flipper(ws, "target", ws / "plain.txt", outside / "secret.txt") as race:
-            for _ in range(20_000):
+            for _ in _raced(race, 20_000):
                 try:
                     assert area.read("target") == b"inside"
                 except (OutsideWorkspace, FileNotFoundError):  # refused, or caught between unlink and rename
                     pass
-        assert race.flips > 1000
         with _Flipper(ws, "dir", ws / "sub", outside) as race:
-            for i in range(5000):
+            for i in _raced(race, 5000):
                 try:
                     area.write(f"dir/n{i}", b"planted", create_dirs=True)
                 except (OutsideWorkspace, FileNotFoundError, NotADirectoryError):

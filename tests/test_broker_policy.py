@@ -276,3 +276,18 @@ def test_approvals_travel_through_serve_to_a_node_cli(ctx, tmp_path):
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
     assert "# pass 1" in done.stdout and "# fail 0" in done.stdout
+
+
+@UNIX_SOCKETS
+def test_an_answered_id_can_be_used_again_at_once(tmp_path):
+    """An id is in flight until its answer is sent, not until some time after:
+    a client reusing it right away was refused as a duplicate now and then."""
+    b = _broker(tmp_path, None)
+    try:
+        c = b.raw()
+        assert c.hello()["success"]
+        for _ in range(3000):
+            c.send({"id": 7, "method": "ping", "params": {}})
+            assert c.recv()["success"]
+    finally:
+        b.close()

@@ -333,28 +333,29 @@ class Broker:
         return Decision(True, verdict.reason, level=verdict.level, approval="allowed")
 
     def _run(self, conn: Connection, rid: Any, method: str, params: dict[str, Any]) -> None:
+        reply = self._reply(rid, method, params)
+        with conn.inflight_lock:  # answered means no longer in flight: the client may use the id again at once
+            conn.inflight.discard(rid)
+        conn.send(reply)
+
+    def _reply(self, rid: Any, method: str, params: dict[str, Any]) -> dict[str, Any]:
         try:
             decision = self.decide(method, params)
             self.log(event="decision", id=rid, method=method, level=decision.level, allowed=decision.allowed,
                      approval=decision.approval, reason=decision.reason)  # fmt: skip
             if not decision.allowed:
-                conn.send(self._error(rid, decision.code, decision.reason))
-                return
+                return self._error(rid, decision.code, decision.reason)
             handler = getattr(self, f"op_{method}", None)
             if handler is None:
-                conn.send(self._error(rid, "INVALID_REQUEST", f"unknown method {method!r}"))
-                return
-            conn.send({"id": rid, "success": True, "data": handler(params)})
+                return self._error(rid, "INVALID_REQUEST", f"unknown method {method!r}")
+            return {"id": rid, "success": True, "data": handler(params)}
         except BrokerError as exc:
-            conn.send(self._error(rid, exc.code, str(exc)))
+            return self._error(rid, exc.code, str(exc))
         except OutsideWorkspace as exc:  # the open itself refused to leave the workspace
             self.log(event="refused", id=rid, method=method, code="POLICY_DENIED", reason=exc.strerror)
-            conn.send(self._error(rid, "POLICY_DENIED", str(exc.strerror)))
+            return self._error(rid, "POLICY_DENIED", str(exc.strerror))
         except Exception as exc:  # an operation failed: the client hears why, the broker serves on
-            conn.send(self._error(rid, "EXECUTION_ERROR", f"{type(exc).__name__}: {exc}"))
-        finally:
-            with conn.inflight_lock:
-                conn.inflight.discard(rid)
+            return self._error(rid, "EXECUTION_ERROR", f"{type(exc).__name__}: {exc}")
 
     # -- the broker's requests to the brain ---------------------------------------------
     def call_brain(self, method: str, params: dict[str, Any] | None = None, timeout: float = 10.0) -> dict[str, Any]:

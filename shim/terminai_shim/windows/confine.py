@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import os
 import stat
 import sys
@@ -197,9 +198,14 @@ class Workspace:
             os.close(fd)
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
 def _openat2(dirfd: int, relative: str, flags: int, mode: int) -> int | None:
     """The descriptor, or None when this kernel (or a filter) has no openat2."""
-    libc = ctypes.CDLL(None, use_errno=True)
+    libc = _libc()
     how = _OpenHow(flags, mode if flags & os.O_CREAT else 0, _RESOLVE_BENEATH | _RESOLVE_NO_MAGICLINKS)
     fd = int(libc.syscall(_SYS_OPENAT2, dirfd, relative.encode(), ctypes.byref(how), ctypes.sizeof(how)))
     if fd >= 0:
