@@ -68,7 +68,8 @@ def test_shell_equivalents_need_the_approval_of_a_shell(argv):
 
 @pytest.mark.parametrize("argv, level", [
     (["echo", "hi"], "A"), (["ls", "-la"], "A"), (["/usr/bin/grep", "-rn", "x", "."], "A"), (["sleep", "1"], "A"),
-    (["cat", "notes.txt"], "A"), (["env", "FOO=1", "echo", "hi"], "A"), (["timeout", "5", "sleep", "1"], "A"),
+    (["cat", "notes.txt"], "A"), (["cat", "src/../notes.txt"], "B"), (["timeout", "5", "sleep", "1"], "A"),
+    (["env", "FOO=1", "echo", "hi"], "B"),
     (["python3", "script.py"], "B"), (["node", "app.js"], "B"), (["git", "status"], "B"), (["curl", "x"], "B"),
     (["find", ".", "-name", "*.py"], "B"), (["unknown-tool"], "B"), (["env"], "B"),
 ])  # fmt: skip
@@ -76,6 +77,29 @@ def test_everyday_commands_keep_their_level(argv, level):
     """Safe operations stay easy (A runs without a prompt); what the policy does
     not know is asked about (B), not forbidden."""
     assert POLICY.command(argv).level == level, POLICY.command(argv)
+
+
+@pytest.mark.attack
+@pytest.mark.parametrize("argv, env, level", [
+    (["cat", "/home/user/.ssh/id_rsa"], {}, "B"),            # a level-A program reading outside the workspace
+    (["cat", "~/.aws/credentials"], {}, "B"),
+    (["grep", "-r", "key", "../../.."], {}, "B"),
+    (["grep", "--file=/etc/shadow", "x"], {}, "B"),
+    (["ls", "C:\\Users\\me"], {}, "B"),
+    (["echo", "hi"], {"LD_PRELOAD": "ws/evil.so"}, "C"),    # a variable that loads the brain's own code
+    (["echo", "hi"], {"Path": "ws"}, "C"),                   # Windows: names are case-insensitive
+    (["env", "NODE_OPTIONS=--require=./x.js", "echo"], {}, "C"),
+    (["git", "status"], {"GIT_CONFIG_PARAMETERS": "'core.pager=sh'"}, "C"),
+    (["echo", "hi"], {"LANG": "C"}, "B"),
+    (["sort", "--compress-program=sh", "big.txt"], {}, "C"),
+    (["rg", "--pre", "./run", "x"], {}, "C"),
+])  # fmt: skip
+def test_safe_programs_are_safe_only_with_safe_arguments_and_environment(argv, env, level):
+    """Level A must not be a way round the ladder: `cat ~/.ssh/id_rsa` reads a
+    secret as surely as `python3 -c` does, and LD_PRELOAD or PATH make any
+    program run code the brain wrote into the workspace."""
+    verdict = POLICY.judge("execute", {"command": argv[0], "args": argv[1:], "env": env})
+    assert verdict.level == level, verdict
 
 
 def test_the_policy_is_data_people_can_read_and_replace(tmp_path):

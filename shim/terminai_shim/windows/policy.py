@@ -72,10 +72,37 @@ class Policy:
         return cls(doc)
 
     # -- commands ------------------------------------------------------------------------
-    def command(self, argv: list[str], shell_mode: bool = False) -> Verdict:
-        """The level an argv needs, after every wrapper in front of it is looked through."""
+    def command(self, argv: list[str], shell_mode: bool = False, env: tuple[str, ...] = ()) -> Verdict:
+        """The level an argv needs, after every wrapper in front of it is looked
+        through. What it runs with counts too: a variable that makes programs
+        load code (``LD_PRELOAD``, ``PATH``, ``NODE_OPTIONS``...) is a shell's
+        worth, any other variable lifts level A to B, and so does an argument
+        naming a path outside the workspace (``cat ~/.ssh/id_rsa``)."""
         if shell_mode:
             return Verdict("C", "a shell was asked for (mode: shell)", "shell")
+        assigned = list(env)
+        verdict = self._command(argv, assigned)
+        code = self.doc.get("codeVariables", {})
+        loads = next((v for v in assigned if v.upper() in code.get("names", ())
+                      or v.upper().startswith(tuple(code.get("prefixes", ())))), None)  # fmt: skip
+        if verdict.level is not None and loads is not None:
+            return Verdict("C", f"{verdict.subject} with {loads} set: that variable makes programs run other code",
+                           verdict.subject)  # fmt: skip
+        if verdict.level == "A":
+            if assigned:
+                return Verdict("B", f"{verdict.subject} with its environment changed ({', '.join(assigned)})",
+                               verdict.subject)  # fmt: skip
+            outside = next((a for a in self._args_of(argv, verdict.subject) if _names_outside(a)), None)
+            if outside is not None:
+                return Verdict("B", f"{verdict.subject} {outside}: names a path outside the workspace", verdict.subject)
+        return verdict
+
+    def _args_of(self, argv: list[str], program: str) -> list[str]:
+        """The arguments after the program itself (wrappers in front included: conservative)."""
+        names = [_program(a)[0] for a in argv]
+        return argv[names.index(program) + 1 :] if program in names else argv[1:]
+
+    def _command(self, argv: list[str], assigned: list[str]) -> Verdict:
         seen = 0
         while argv:
             seen += 1
@@ -91,7 +118,7 @@ class Policy:
                                "treated as a shell", name)  # fmt: skip
             wrapper = self.doc["wrappers"].get(name)
             if wrapper is not None:
-                unwrapped = self._unwrap(argv[1:], wrapper)
+                unwrapped = self._unwrap(argv[1:], wrapper, assigned)
                 if isinstance(unwrapped, Verdict):
                     return unwrapped
                 if not unwrapped:
@@ -114,7 +141,7 @@ class Policy:
             return Verdict(level, f"{name}: {why}", name)
         return Verdict(None, "an empty command")
 
-    def _unwrap(self, rest: list[str], spec: dict[str, Any]) -> list[str] | Verdict:
+    def _unwrap(self, rest: list[str], spec: dict[str, Any], assigned: list[str]) -> list[str] | Verdict:
         """What a wrapper (env, nice, timeout, sudo, xargs, busybox...) runs: its argv after its own options."""
         values = set(spec.get("valueOptions", []))
         splits = set(spec.get("splitOptions", []))
@@ -143,6 +170,7 @@ class Policy:
                 i += 1
                 continue
             if spec.get("assignments") and "=" in arg and not arg.startswith("="):
+                assigned.append(arg.partition("=")[0])
                 i += 1
                 continue
             break
@@ -155,13 +183,25 @@ class Policy:
                 return Verdict("C", "a PowerShell script", "powershell")
             command = params.get("command")
             args = params.get("args") or []
-            if not isinstance(command, str) or not all(isinstance(a, str) for a in args):
+            env = params.get("env") or {}
+            if not isinstance(command, str) or not isinstance(args, list) or not all(isinstance(a, str) for a in args):
                 return Verdict(None, "execute needs a command string and string args")
-            return self.command([command, *args], params.get("mode", "exec") == "shell")
+            if not isinstance(env, dict):
+                return Verdict(None, "execute's env must be an object")
+            return self.command([command, *args], params.get("mode", "exec") == "shell", tuple(map(str, env)))
         if method in ("readFile", "listDir", "writeFile", "ping", "amsiScan"):
             return Verdict("A", f"{method} inside the workspace" if "File" in method or method == "listDir"
                            else method, method)  # fmt: skip
         return Verdict("A", "no policy applies", method)
+
+
+def _names_outside(arg: str) -> bool:
+    """An argument (or an option's ``=value``) that is an absolute, home or
+    drive path, or climbs with ``..``: it may name something outside the
+    workspace, which the command's own working directory does not confine."""
+    value = arg.partition("=")[2] if arg.startswith("-") and "=" in arg else arg
+    parts = value.replace("\\", "/").split("/")
+    return value.startswith(("/", "~", "\\")) or (len(value) > 1 and value[1] == ":") or ".." in parts
 
 
 def _is_flag(arg: str, flags: list[str]) -> bool:
