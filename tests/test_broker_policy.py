@@ -315,3 +315,26 @@ def test_an_answered_id_can_be_used_again_at_once(tmp_path):
             assert c.recv()["success"]
     finally:
         b.close()
+
+
+@pytest.mark.attack
+def test_another_runners_build_record_cannot_name_a_file_outside_its_folder(tmp_path):
+    """`inv release --shim-dists` signs what other runners' records name: a
+    record naming /etc/passwd (with that file's digest) must not get it signed."""
+    import hashlib
+
+    from terminai_release.errors import BuildError
+    from terminai_release.standalone import load_standalone
+
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"not a shim")
+    digest = hashlib.sha256(secret.read_bytes()).hexdigest()
+    folder = tmp_path / "dist"
+    folder.mkdir()
+    for name, platform in ((str(secret), "darwin-arm64"), ("../secret", "darwin-arm64"), ("x.tgz", "plan9-x64")):
+        (folder / "x.tgz").write_bytes(b"not a shim")
+        listed = {"file": name, "sha256": digest, "size": 10}
+        record = {"inputs": {"platform": platform}, "outputs": {"archive": listed, "npmPackage": listed}}
+        (folder / "build-record.json").write_text(json.dumps(record))
+        with pytest.raises(BuildError, match=r"not a file beside it|not one of"):
+            load_standalone(folder)

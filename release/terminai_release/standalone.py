@@ -33,6 +33,7 @@ from typing import Any
 
 from terminai_shim.layout import (
     STANDALONE_BUILD_INFO,
+    STANDALONE_PLATFORMS,
     standalone_archive_name,
     standalone_npm_package,
     standalone_platform,
@@ -95,6 +96,12 @@ def load_standalone(directory: Path) -> StandaloneShim:
     try:
         record = json.loads((directory / RECORD).read_text())
         shim = StandaloneShim(directory, record, cached=True)
+        for listed in (record["outputs"]["archive"], record["outputs"]["npmPackage"]):  # a name, never a path
+            if Path(str(listed["file"])).name != listed["file"] or listed["file"] in ("", ".", ".."):
+                raise BuildError(f"{directory}: the build record names {listed['file']!r}, not a file beside it")
+        if shim.platform not in STANDALONE_PLATFORMS:
+            raise BuildError(f"{directory}: the build record's platform {shim.platform!r} is not one of "
+                             f"{', '.join(STANDALONE_PLATFORMS)}")  # fmt: skip
         for path, listed in (
             (shim.archive, record["outputs"]["archive"]),
             (shim.npm_package, record["outputs"]["npmPackage"]),

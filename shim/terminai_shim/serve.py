@@ -526,10 +526,11 @@ class Server:
         return self.brain.health()
 
     def m_approval_respond(self, p: dict[str, Any]) -> dict[str, Any]:
-        approval_id, allow = p["approvalId"], p["allow"]
-        if not isinstance(approval_id, str) or not isinstance(allow, bool):
-            raise RequestError("INVALID_PARAMS", "approval.respond needs approvalId (a string) and allow (true/false)")
-        if self.approvals is None or not self.approvals.respond(approval_id, allow, bool(p.get("session"))):
+        approval_id, allow, session = p["approvalId"], p["allow"], p.get("session", False)
+        if not isinstance(approval_id, str) or not isinstance(allow, bool) or not isinstance(session, bool):
+            raise RequestError("INVALID_PARAMS", "approval.respond needs approvalId (a string), allow and session? "
+                               "(true/false)")  # fmt: skip
+        if self.approvals is None or not self.approvals.respond(approval_id, allow, session):
             raise RequestError("INVALID_PARAMS", f"no open approval request {approval_id!r} (answered, expired, "
                                "or never asked)")  # fmt: skip
         return {}
