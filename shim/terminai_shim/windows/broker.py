@@ -43,9 +43,9 @@ MIN_TOKEN = 16
 CODES = ("INVALID_REQUEST", "HANDSHAKE_REQUIRED", "HANDSHAKE_FAILED", "AMSI_BLOCKED", "POLICY_DENIED",
          "APPROVAL_DENIED", "EXECUTION_ERROR")  # fmt: skip
 Log = Callable[[dict[str, Any]], None]
-# What commands the broker runs for the brain inherit from the host: never its secrets.
 # Windows: a command is created suspended, put in a job, then resumed (win32.adopt_suspended).
 _SUSPENDED = 0x4 if sys.platform == "win32" else 0
+# What commands the broker runs for the brain inherit from the host: never its secrets.
 PASSED_ENV = ("PATH", "SYSTEMROOT", "SYSTEMDRIVE", "WINDIR", "TEMP", "TMP", "PATHEXT", "COMSPEC", "LANG", "HOME",
               "USERPROFILE")  # fmt: skip
 
