@@ -137,6 +137,10 @@ def test_pty_filter_bounds_what_it_holds():
 # -- terminai-shim run -t, driven through tmux like a person -----------------------------------------------
 
 
+# The pane's script prints this after `stty -a`: waiting for "exit=" alone raced the stty output (CI, stop 25).
+STTY_SHOWN = "stty-shown"
+
+
 class Tmux:
     """A tmux server of our own (its own socket) with one pane of a known size."""
 
@@ -144,7 +148,8 @@ class Tmux:
         self.socket = str(tmp / f"tmux-{uuid.uuid4().hex[:8]}")
         self.env = env
         script = tmp / "run.sh"
-        script.write_text("#!/bin/sh\n" + " ".join(f"'{a}'" for a in command) + '\necho "exit=$?"; stty -a; sleep 60\n')
+        quoted = " ".join(f"'{a}'" for a in command)
+        script.write_text(f'#!/bin/sh\n{quoted}\necho "exit=$?"; stty -a; echo {STTY_SHOWN}; sleep 60\n')
         script.chmod(0o755)
         self.tmux("new-session", "-d", "-x", str(cols), "-y", str(rows), str(script))
 
@@ -209,7 +214,8 @@ def test_run_t_is_a_real_terminal_for_a_person(boot_config, tmp_path, tmux_env):
         tmux.keys("echo python=$?", "Enter")
         tmux.wait_for("python=0")
         tmux.keys("exit 7", "Enter")
-        screen = tmux.wait_for("exit=7")
+        screen = tmux.wait_for(STTY_SHOWN)
+        assert "exit=7" in screen, screen
         assert "icanon" in screen and "-icanon" not in screen and " echo " in screen, "the terminal was not restored"
     finally:
         tmux.close()
@@ -240,7 +246,7 @@ def test_the_local_terminal_is_restored_when_the_session_ends_badly(boot_config,
         assert targets, f"nothing to stop under the pane: {under}"
         for pid in targets:
             os.kill(pid, sig)
-        screen = tmux.wait_for("exit=", timeout=60)
+        screen = tmux.wait_for(STTY_SHOWN, timeout=60)
         assert "exit=0" not in screen, screen
         if how == "the shim gets SIGTERM":
             assert "exit=143" in screen, screen
