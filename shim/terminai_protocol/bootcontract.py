@@ -49,6 +49,13 @@ def workspace_target(host_path: str) -> str:
 WORKSPACE_TAG = "workspace"
 GIT_TAG = "workspace-git"  # the workspace's .git, exported read-only
 
+# How the agent mounts them. ``cache=mmap`` gives shared writable mmap
+# (SQLite in WAL mode, which fails with "disk I/O error" on ``cache=none``)
+# at the same write speed; ``cache=loose`` also works but writes at a sixth
+# of it, and virtio-fs blocks QEMU 7.2's migration, so warm start (the
+# measurements: docs/architecture.md, "Workspace paths and terminals").
+NINEP_OPTIONS = "trans=virtio,version=9p2000.L,msize=512000,cache=mmap"
+
 
 def virtio_channel(name: str = VIRTIO_PORT) -> str:
     return f"virtio-serial:{name}"

@@ -99,7 +99,7 @@ def _mount_workspace(spec: str) -> None:
     path = path or "/workspace"
     os.makedirs(path, exist_ok=True)
     try:
-        mount(tag, path, "9p", 0, "trans=virtio,version=9p2000.L,msize=512000")
+        mount(tag, path, "9p", 0, boot.NINEP_OPTIONS)
     except OSError as exc:
         os.write(2, f"terminai-agent: workspace not mounted: {exc}\n".encode())
 

@@ -16,6 +16,7 @@ import stat
 import sys
 import time
 
+from terminai_protocol import bootcontract as boot
 from terminai_protocol import protocol as P
 
 from . import __version__
@@ -595,7 +596,7 @@ class Server:
         if h.get("readonly") and not os.path.isdir(target):
             raise P.ProtocolError(P.NOT_FOUND, f"{target} is not a directory to cover")
         os.makedirs(target, exist_ok=True)
-        options = h.get("options", "trans=virtio,version=9p2000.L,msize=512000" if fstype == "9p" else "")
+        options = h.get("options", boot.NINEP_OPTIONS if fstype == "9p" else "")
         mount(h["source"], target, fstype, flags, options)
         self._send(conn, P.result(rid, target=target))
 
