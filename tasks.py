@@ -91,6 +91,29 @@ def rootfs(c: Context, json: bool = False, format: str = "squashfs", kit: str = 
     print(f"rootfs: {link} -> {art.directory}")
 
 
+@task(
+    help={
+        "json": "emit progress as JSON events on stderr",
+        "name": "one layer (default: every layer in images/rootfs/layers.toml)",
+    }
+)
+def layers(c: Context, json: bool = False, name: str = "") -> None:
+    """Build the optional root filesystem layers (cached per layer and per full tree)."""
+    from terminai_release.rootfs.layer import build_layer
+    from terminai_release.rootfs.stack import load_stack
+
+    ctx = _ctx(json)
+    try:
+        names = [name] if name else list(load_stack(ctx.repo).layers)
+        built = [build_layer(ctx, n) for n in names]
+    except BuildError as exc:
+        _fail(exc)
+        return
+    for art in built:
+        link = ctx.publish_link(f"layer-{art.name}", art.directory)
+        print(f"layer {art.name}: {link} -> {art.directory} ({art.record['outputs']['image']['size']} bytes)")
+
+
 @task(help={"json": "emit progress as JSON events on stderr", "load": "load into the local engine and check its id"})
 def container(c: Context, json: bool = False, load: bool = True) -> None:
     """The root image as a deterministic OCI archive for the container tier (cached)."""

@@ -8,16 +8,21 @@ release is pure Python and runs here unchanged.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import subprocess
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from ..cache import StepCache
-from ..digest import sha256_file
+from ..cache import RECORD, StepCache, write_atomic
+from ..context import BuildContext
+from ..digest import canonical_json, digest_inputs, sha256_bytes, sha256_file
 from ..errors import BuildError
+from ..proc import run_logged
 from .aptsources import host_acquire_options, host_mirrors
 
 HOST_PYTHON = "/usr/bin/python3"
@@ -116,3 +121,110 @@ def _download(cache: StepCache, pin: MkosiPin) -> Path:
             hint="the mirror served different bytes; if a new mkosi is intended, update the pin",
         )
     return target
+
+
+@dataclass(frozen=True)
+class TreePlan:
+    """One mkosi build of a full tree: the base, or a layer on the full tree
+    below it. The rendered configuration holds every input but the
+    machine-local paths (``@OUTPUT@``, ``@SANDBOX@``, ``@PKGCACHE@``,
+    ``@LOWER@``), so its digest, with the lower tree's key, is the key."""
+
+    step: str  # the cache step: rootfs-base, rootfs-layer-<name>
+    title: str  # for messages: "the Debian base layer"
+    conf: str
+    sources: str
+    apt_conf: str
+    mkosi: Mkosi
+    source_date_epoch: int
+    lower: FullTree | None = None
+
+    @property
+    def key(self) -> str:
+        return digest_inputs(
+            {
+                "recipe": TREE_RECIPE,
+                "conf": sha256_bytes(self.conf.encode()),
+                "sources": sha256_bytes(self.sources.encode()),
+                "apt_conf": sha256_bytes(self.apt_conf.encode()),
+                "mkosi": self.mkosi.pin.sha256,
+                "lower": self.lower.key if self.lower else None,
+            }
+        )
+
+
+TREE_RECIPE = 2
+_PROGRESS = re.compile(r"^(Get:|Unpacking|Setting up|‣)")
+
+
+@dataclass(frozen=True)
+class FullTree:
+    """A cached full tree: the installed system with its package database."""
+
+    directory: Path
+    record: dict[str, Any]
+    cached: bool
+
+    @property
+    def key(self) -> str:
+        return str(self.record["key"])
+
+    @property
+    def tree(self) -> Path:
+        return self.directory / "tree"
+
+
+def build_tree(ctx: BuildContext, cache: StepCache, plan: TreePlan) -> FullTree:
+    key = plan.key
+    entry, cached = cache.obtain(plan.step, key, lambda staging: _build_tree_into(ctx, cache, plan, key, staging))
+    if cached:
+        ctx.reporter.done(plan.step, f"{plan.title} from cache ({key[:12]})")
+    return FullTree(entry, cache.record(plan.step, key), cached=cached)
+
+
+def _build_tree_into(ctx: BuildContext, cache: StepCache, plan: TreePlan, key: str, staging: Path) -> None:
+    rep = ctx.reporter
+    work = cache.work_dir(plan.step, key)
+    (work / "sandbox/etc/apt/sources.list.d").mkdir(parents=True)
+    (work / "sandbox/etc/apt/apt.conf.d").mkdir(parents=True)
+    (work / "sandbox/etc/apt/sources.list.d/mkosi.sources").write_text(plan.sources)
+    (work / "sandbox/etc/apt/apt.conf.d/50host.conf").write_text(plan.apt_conf)
+    pkgcache = cache.root / "mkosi-packages"
+    pkgcache.mkdir(parents=True, exist_ok=True)
+    conf = (
+        plan.conf.replace("@OUTPUT@", str(work / "out"))
+        .replace("@SANDBOX@", str(work / "sandbox"))
+        .replace("@PKGCACHE@", str(pkgcache))
+        .replace("@LOWER@", str(plan.lower.tree) if plan.lower else "")
+    )
+    (work / "mkosi.conf").write_text(conf)
+    log = work / "build.log"
+    rep.info(plan.step, f"building {plan.title} with mkosi {plan.mkosi.pin.version} (log: {log})")
+    run_logged(
+        plan.mkosi.argv("--force", "build"), cwd=work, env=plan.mkosi.env(), log=log, reporter=rep,
+        step=plan.step, progress_re=_PROGRESS,
+        hint="read the log; apt errors usually mean the host mirror is unreachable",
+    )  # fmt: skip
+    out = work / "out"
+    manifest = json.loads((out / "tree.manifest").read_text())
+    packages = sorted(
+        (
+            {"name": p["name"], "version": p["version"], "architecture": p["architecture"]}
+            for p in manifest.get("packages", [])
+        ),
+        key=lambda p: p["name"],
+    )
+    if not any(p["name"] == "python3" for p in packages):
+        raise BuildError(f"{plan.title} has no python3 package", log=str(log))
+    os.rename(out / "tree", staging / "tree")
+    record = {
+        "artifact": plan.step,
+        "key": key,
+        "lower": plan.lower.key if plan.lower else None,
+        "mkosi": {"version": plan.mkosi.pin.version, "sha256": plan.mkosi.pin.sha256},
+        "source_date_epoch": plan.source_date_epoch,
+        "packages": len(packages),
+    }
+    write_atomic(staging / RECORD, canonical_json(record))
+    shutil.rmtree(work, ignore_errors=True)
+    rep.done(plan.step, f"built {plan.title}: {len(packages)} packages")

@@ -1,5 +1,6 @@
-"""The project layer and the root image: base tree + agent + survival kit +
-init, byte-compiled for the guest's Python, packed into a read-only image.
+"""The project layer and the root image: the finished base tree + agent +
+survival kit + init, byte-compiled for the guest's Python, packed into a
+read-only image. The optional layers (``layer``) go over it at boot.
 
 Changing only the agent rebuilds this layer alone (the base comes from the
 cache) and never touches the network.
@@ -7,6 +8,7 @@ cache) and never touches the network.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import sys
@@ -21,14 +23,14 @@ from ..errors import BuildError
 from ..proc import run_logged, tool_version
 from ..sde import source_date_epoch
 from ..version import release_version
-from .base import BaseLayer, build_base
+from . import finish
+from .base import build_base, load_base_spec
+from .image import FORMATS, mkfs_argv, mkfs_env
 from .kit import KitOverride, build_kit_wheel
+from .mkosi import FullTree
 from .sbom import write_sbom
 
-RECIPE = 3
-FORMATS = ("squashfs", "erofs")
-EROFS_UUID = "5e1f0c3a-7a2b-4d3c-9e4f-1a2b3c4d5e6f"
-PY_DIRS = ("/usr/lib/python3.11", "/usr/lib/python3/dist-packages", "/usr/lib/terminai")
+RECIPE = 4
 # The guest agent's packages: the agent and the protocol it shares with the shim
 # (which lives with the shim, so the shim's own distribution carries it).
 AGENT_PACKAGES = ("images/agent/terminai_agent", "shim/terminai_protocol")
@@ -72,7 +74,9 @@ def build_rootfs(
     tool = tool_version(["mksquashfs", "-version"] if fmt == "squashfs" else ["mkfs.erofs", "--version"])
     inputs = {
         "recipe": RECIPE,
-        "base": base.record["key"],
+        "base": base.key,
+        "removals": canonical_json(dataclasses.asdict(load_base_spec(ctx.repo).removals)).decode(),
+        "finish": sha256_file(Path(finish.__file__)),
         "kit": sha256_file(wheel),
         "agent": digest_inputs({package: sha256_tree(ctx.repo / package) for package in AGENT_PACKAGES}),
         "project": sha256_tree(project),
@@ -95,7 +99,7 @@ def _build_into(
     cache: StepCache,
     key: str,
     inputs: dict[str, Any],
-    base: BaseLayer,
+    base: FullTree,
     wheel: Path,
     staging: Path,
 ) -> None:
@@ -108,6 +112,9 @@ def _build_into(
 
     rep.info("rootfs", "assembling the project layer on the base tree")
     run_logged(["cp", "-a", "--reflink=auto", str(base.tree), str(tree)], log=log, reporter=rep, step="rootfs")
+    installed = finish.installed_packages(tree)
+    finish.prune(tree, load_base_spec(ctx.repo).removals, installed)
+    shipped = [p.as_sbom() for p in finish.shipped_packages(tree, installed)]
     run_logged(
         [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--no-compile",
          "--disable-pip-version-check",
@@ -127,24 +134,20 @@ def _build_into(
     (tree / "etc/terminai-release").write_text(f"TERMINAI_VERSION={version}\n")
 
     rep.info("rootfs", "byte-compiling Python for the guest (unchecked-hash .pyc)")
-    run_logged(
-        ["/usr/sbin/chroot", str(tree), "/usr/bin/python3", "-m", "compileall", "-q", "-f",
-         "--invalidation-mode", "unchecked-hash", *PY_DIRS],
-        log=log, reporter=rep, step="rootfs",
-        env={"PATH": "/usr/bin:/bin", "SOURCE_DATE_EPOCH": str(sde)},
-    )  # fmt: skip
-    _clamp_times(tree, sde)
+    finish.compile_python(tree, [d for d in finish.PY_DIRS if (tree / d.lstrip("/")).exists()], sde=sde, log=log,
+                          reporter=rep, step="rootfs")  # fmt: skip
+    finish.clamp_times(tree, sde)
 
     fmt = str(inputs["format"])
     image = staging / f"rootfs-{version}.{fmt}"
     stored = [_interpreter(tree)] if fmt == "squashfs" else []
     rep.info("rootfs", f"packing the {fmt} image")
     run_logged(
-        _mkfs_argv(fmt, tree, image, sde, _actions(work, stored)), log=log, reporter=rep, step="rootfs",
-        env=_mkfs_env(fmt),
+        mkfs_argv(fmt, tree, image, sde, _actions(work, stored)), log=log, reporter=rep, step="rootfs",
+        env=mkfs_env(fmt),
     )  # fmt: skip
     sbom = staging / f"rootfs-{version}.spdx.json"
-    write_sbom(sbom, name=f"terminai-rootfs-{version}", version=version, sde=sde, debian=base.packages, tree=tree)
+    write_sbom(sbom, name=f"terminai-rootfs-{version}", version=version, sde=sde, debian=shipped, tree=tree)
     digest, size = sha256_file(image), image.stat().st_size
     outputs = {
         "image": {"file": image.name, "sha256": digest, "size": size, "format": fmt, "uncompressed": stored},
@@ -167,14 +170,6 @@ def _drop_direct_url(site: Path) -> None:
             record = info / "RECORD"
             lines = [ln for ln in record.read_text().splitlines() if not ln.startswith(f"{info.name}/direct_url.json,")]
             record.write_text("\n".join(lines) + "\n")
-
-
-def _clamp_times(tree: Path, sde: int) -> None:
-    """Every file gets the source date: the image must not record build time."""
-    for dirpath, dirs, files in os.walk(tree):
-        for name in dirs + files:
-            os.utime(os.path.join(dirpath, name), (sde, sde), follow_symlinks=False)
-    os.utime(tree, (sde, sde))
 
 
 def _interpreter(tree: Path) -> str:
@@ -202,33 +197,3 @@ def _actions(work: Path, stored: list[str]) -> Path | None:
     expr = " || ".join(f"pathname({p})" for p in stored)
     path.write_text(f"uncompressed @ {expr}\n")
     return path
-
-
-def _mkfs_argv(fmt: str, tree: Path, image: Path, sde: int, actions: Path | None = None) -> list[str]:
-    if fmt == "squashfs":
-        return [
-            "mksquashfs", str(tree), str(image), "-noappend", "-no-progress", "-comp", "zstd",
-            "-Xcompression-level", "19", "-b", "256K", "-all-root", "-no-xattrs",
-            "-mkfs-time", str(sde), "-all-time", str(sde),
-            *(["-action-file", str(actions)] if actions else []),
-        ]  # fmt: skip
-    return [
-        "mkfs.erofs",
-        "-zlz4hc,12",
-        "-T",
-        str(sde),
-        "-U",
-        EROFS_UUID,
-        "--all-root",
-        "-x",
-        "-1",
-        str(image),
-        str(tree),
-    ]
-
-
-def _mkfs_env(fmt: str) -> dict[str, str]:
-    env = dict(os.environ)
-    if fmt == "squashfs":
-        env.pop("SOURCE_DATE_EPOCH", None)  # mksquashfs refuses it together with explicit times
-    return env
