@@ -57,6 +57,25 @@ GIT_TAG = "workspace-git"  # the workspace's .git, exported read-only
 NINEP_OPTIONS = "trans=virtio,version=9p2000.L,msize=512000,cache=mmap"
 
 
+# Optional root filesystem layers: read-only disks (virtio-blk) whose serial
+# number is ``LAYER_SERIAL`` with the layer's position, bottom first; the
+# ``layers`` setting names them in that order. PID 1 mounts each and makes
+# them the overlay's lower directories above the root image before anything
+# runs. Serials, not device names: the order disks enumerate in is the
+# transport's, not the command line's.
+LAYER_SERIAL = "terminai-layer{}"
+LAYER_FSTYPE = "squashfs"
+MAX_LAYERS = 8
+
+
+def layers_setting(names: list[str] | tuple[str, ...]) -> str:
+    return ",".join(names)
+
+
+def layer_names(setting: str) -> list[str]:
+    return [n for n in setting.split(",") if n][:MAX_LAYERS]
+
+
 def virtio_channel(name: str = VIRTIO_PORT) -> str:
     return f"virtio-serial:{name}"
 

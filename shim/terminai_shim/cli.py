@@ -16,6 +16,7 @@ from . import __version__
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from .launch import LaunchRequest, ReleaseSource, Trust
+    from .models import RootLayer
 
 
 def _boot_args(p: argparse.ArgumentParser) -> None:
@@ -34,6 +35,13 @@ def _boot_args(p: argparse.ArgumentParser) -> None:
                    help="isolation: auto (microVM with KVM, else a container if an engine answers, else a "
                    "microVM under TCG; TERMINAI_BACKEND_ORDER reorders), qemu, firecracker or container")  # fmt: skip
     p.add_argument("--image", type=Path, help="container image archive (.oci.tar) for --backend container")
+    p.add_argument("--profile", help="the release's root filesystem profile: minimal, standard (its default, "
+                   "usually), full, or another it lists")  # fmt: skip
+    p.add_argument("--layers", help="the release's root filesystem layers by name, comma-separated, instead of a "
+                   "profile (each brings what it stands on)")  # fmt: skip
+    p.add_argument("--layer", action="append", default=[], metavar="NAME=FILE",
+                   help="a root filesystem layer of your own build (inv layers) over --rootfs, bottom first "
+                   "(repeatable)")  # fmt: skip
     p.add_argument("--network", choices=("none", "allowlist", "open"), default="none",
                    help="none (no network device: the default), allowlist (only --allow targets, through a "
                    "host-side proxy), open (everything the host reaches; logged)")  # fmt: skip
@@ -127,14 +135,18 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def _request(args: argparse.Namespace) -> LaunchRequest:
     """The command line as a launch request; ``launch`` checks and resolves it."""
+    import dataclasses
+
     from .launch import LaunchRequest, LocalArtifacts, local_artifacts
     from .models import NetworkPolicy
 
     source = _source(args)
+    layers = _own_layers(args.layer)
     if source is None:
-        local: LocalArtifacts | None = local_artifacts(args.kernel, args.rootfs, args.image)
-    elif args.kernel or args.rootfs or args.image:  # both: refused by launch, never one silently ignored
-        local = LocalArtifacts(args.kernel, args.rootfs, image=args.image)
+        local: LocalArtifacts | None = dataclasses.replace(local_artifacts(args.kernel, args.rootfs, args.image),
+                                                           layers=layers)  # fmt: skip
+    elif args.kernel or args.rootfs or args.image or layers:  # both: refused by launch, never one silently ignored
+        local = LocalArtifacts(args.kernel, args.rootfs, image=args.image, layers=layers)
     else:
         local = None
     return LaunchRequest(
@@ -152,7 +164,23 @@ def _request(args: argparse.Namespace) -> LaunchRequest:
         snapshots="off" if getattr(args, "cold", False) else "auto",
         user=args.user,
         writable_git=args.writable_git,
+        profile=args.profile,
+        layers=tuple(n.strip() for n in args.layers.split(",") if n.strip()) if args.layers is not None else None,
     )
+
+
+def _own_layers(given: list[str]) -> tuple[RootLayer, ...]:
+    from .errors import ConfigError
+    from .models import RootLayer
+
+    layers = []
+    for entry in given:
+        name, sep, file = entry.partition("=")
+        if not sep or not name or not file:
+            raise ConfigError(f"--layer {entry!r} is not NAME=FILE", hint="for example --layer tools=build/layer-tools/"
+                              "layer-tools-0.1.0.squashfs")  # fmt: skip
+        layers.append(RootLayer(name, Path(file).resolve()))
+    return tuple(layers)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -23,6 +23,7 @@ Every failure is a ``ShimError`` with a code; a bad request is a
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -36,8 +37,8 @@ from ._internal.fetch import Progress
 from ._internal.netpolicy import Allowlist
 from ._internal.releases import Kinds, VerifiedRelease, fetch_channel, open_release
 from .errors import ConfigError
-from .manifest import Manifest
-from .models import DEFAULT_CPUS, DEFAULT_MEMORY_MIB, GUEST_USERS, AccelChoice, BootConfig, NetworkPolicy
+from .manifest import Manifest, ManifestError
+from .models import DEFAULT_CPUS, DEFAULT_MEMORY_MIB, GUEST_USERS, AccelChoice, BootConfig, NetworkPolicy, RootLayer
 from .verify import DEFAULT_CHANNEL, DEV_CHANNEL, DEV_IDENTITY, DEV_ISSUER, TrustPolicy, dev_policy, every_kind
 
 if TYPE_CHECKING:
@@ -47,6 +48,7 @@ VM_KINDS = ("kernel", "rootfs")
 CONTAINER_KINDS = ("container-image",)
 NETWORK_MODES = ("none", "allowlist", "open")
 SNAPSHOT_MODES = ("auto", "off")
+LAYER_NAME = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,7 @@ class LocalArtifacts:
     rootfs_format: str | None = None
     image: Path | None = None
     image_sha256: str | None = None
+    layers: tuple[RootLayer, ...] = ()  # bottom first, as the developer names them
 
 
 @dataclass(frozen=True)
@@ -127,6 +130,10 @@ class LaunchRequest:
     snapshots: str = "auto"
     user: str = "user"
     writable_git: bool = False
+    # The root filesystem a release boots: a profile it lists (None: its
+    # default), or its layers by name (each with what it stands on).
+    profile: str | None = None
+    layers: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -163,15 +170,18 @@ def resolve(request: LaunchRequest, progress: Progress | None = None) -> Launch:
 
         def kinds(manifest: Manifest) -> tuple[str, ...]:
             has_image = any(a.kind == "container-image" for a in manifest.artifacts)
-            chosen.append(_choose(request, accel, has_image))
-            return CONTAINER_KINDS if chosen[-1].name == "container" else VM_KINDS
+            layers = release_layers(request, manifest)
+            chosen.append(_choose(request, accel, has_image, bool(layers)))
+            if chosen[-1].name == "container":
+                return CONTAINER_KINDS
+            return VM_KINDS + tuple(f"rootfs-layer@{name}" for name in layers)
 
         release = _open(request.source, request.trust, kinds, progress)
         choice = chosen[-1]
         config = _release_config(request, release, choice.name)
     else:
         local = request.local or LocalArtifacts()
-        choice = _choose(request, accel, local.image is not None)
+        choice = _choose(request, accel, local.image is not None, bool(local.layers))
         release = None
         config = _local_config(request, local, choice.name)
     return Launch(config, accel, choice, make_backend(choice.name), release)  # Session.boot checks it against config
@@ -194,6 +204,15 @@ def _check(request: LaunchRequest) -> None:
         )
     if request.source is not None:
         _check_source(request.source)
+    if request.profile is not None and request.layers is not None:
+        raise ConfigError("name a profile or a list of layers, not both (--profile, --layers)")
+    if request.local is not None and request.layers is not None:
+        raise ConfigError(
+            "named layers come from a release; a developer's own layers are files",
+            hint="pass --layer NAME=FILE for each, bottom first, or boot a release (--manifest)",
+        )
+    if request.local is not None:
+        _check_own_layers(request.local.layers)
     if request.backend not in NAMES:
         raise ConfigError(f"unknown backend {request.backend!r}", hint=f"choose one of {', '.join(NAMES)}")
     if request.user not in GUEST_USERS:
@@ -213,6 +232,17 @@ def _check(request: LaunchRequest) -> None:
         if not mount.startswith("/") or os.path.normpath(mount) != mount or boot.workspace_target(mount) != mount:
             raise ConfigError(f"workspaceMount {mount!r} must be a normalised absolute path outside the guest's system "
                               f"directories ({', '.join(boot.GUEST_SYSTEM_DIRS)})")  # fmt: skip
+
+
+def _check_own_layers(layers: tuple[RootLayer, ...]) -> None:
+    names = [layer.name for layer in layers]
+    for layer in layers:
+        if not LAYER_NAME.match(layer.name) or names.count(layer.name) > 1:
+            raise ConfigError(f"layer name {layer.name!r} must be lower-case letters, digits and -, used once")
+        if not Path(layer.path).is_file():
+            raise ConfigError(f"layer {layer.name}: {layer.path} is not a file", hint="build it with `inv layers`")
+    if len(layers) > boot.MAX_LAYERS:
+        raise ConfigError(f"{len(layers)} layers; at most {boot.MAX_LAYERS} can be mounted")
 
 
 def _check_source(source: ReleaseSource) -> None:
@@ -240,9 +270,20 @@ def _check_network(policy: NetworkPolicy) -> None:
 # -- the tier, once ----------------------------------------------------------------
 
 
-def _choose(request: LaunchRequest, accel: AccelChoice, has_image: bool) -> BackendChoice:
+def _choose(request: LaunchRequest, accel: AccelChoice, has_image: bool, layers: bool) -> BackendChoice:
     return choose_backend(accel, request.backend, has_image=has_image, network=request.network.mode,
-                          require_microvm=request.require_microvm)  # fmt: skip
+                          require_microvm=request.require_microvm, layers=layers)  # fmt: skip
+
+
+def release_layers(request: LaunchRequest, manifest: Manifest) -> tuple[str, ...]:
+    """The layers a request boots from this release, bottom first; a
+    profile or layer the release lacks is the caller's error."""
+    try:
+        if request.layers is not None:
+            return manifest.rootfs.order(request.layers)
+        return manifest.rootfs.profile(request.profile)
+    except ManifestError as exc:
+        raise ConfigError(str(exc), hint=exc.hint) from None
 
 
 def _open(source: ReleaseSource, trust: Trust, kinds: Kinds, progress: Progress | None) -> VerifiedRelease:
@@ -279,6 +320,11 @@ def _release_config(request: LaunchRequest, release: VerifiedRelease, backend: s
     """The artifacts that were verified, with the digests the backend checks again on what it opens."""
     m = release.manifest
     vm = backend != "container"
+    layers: tuple[RootLayer, ...] = ()
+    if vm:
+        names = release_layers(request, m)
+        layers = tuple(RootLayer(n, release.path(f"rootfs-layer@{n}"), m.artifact("rootfs-layer", variant=n).sha256)
+                       for n in names)  # fmt: skip
     return BootConfig(
         kernel=release.path("kernel") if vm else None,
         rootfs=release.path("rootfs") if vm else None,
@@ -290,6 +336,8 @@ def _release_config(request: LaunchRequest, release: VerifiedRelease, backend: s
         memory_mib=request.memory_mib or m.boot.memory_mib,
         cpus=request.cpus or m.boot.cpus,
         kernel_args=m.boot.kernel_args,
+        layers=layers,
+        profile=(request.profile or m.rootfs.default_profile) if request.layers is None else None,
         **_common(request, backend),  # type: ignore[arg-type]
     )
 
@@ -300,6 +348,11 @@ def _local_config(request: LaunchRequest, local: LocalArtifacts, backend: str) -
     if backend != "container" and (local.kernel is None or local.rootfs is None):
         raise ConfigError("no kernel or root image given",
                           hint="pass --kernel and --rootfs, or run `inv kernel rootfs` first")  # fmt: skip
+    if backend != "container" and request.profile is not None:
+        raise ConfigError(
+            "a profile names a release's layers, or an image of a container archive",
+            hint="pass --layer NAME=FILE for each of your own layers, or boot a release (--manifest)",
+        )
     rootfs_format = local.rootfs_format or (local.rootfs.suffix.lstrip(".") if local.rootfs else "") or "squashfs"
     return BootConfig(
         kernel=Path(local.kernel).resolve() if local.kernel else None,
@@ -307,6 +360,8 @@ def _local_config(request: LaunchRequest, local: LocalArtifacts, backend: str) -
         rootfs_format=rootfs_format,
         image=Path(local.image).resolve() if local.image else None,
         image_sha256=local.image_sha256,
+        layers=local.layers if backend != "container" else (),
+        profile=request.profile,
         memory_mib=request.memory_mib or DEFAULT_MEMORY_MIB,
         cpus=request.cpus or DEFAULT_CPUS,
         **_common(request, backend),  # type: ignore[arg-type]

@@ -22,8 +22,11 @@ from .models import DEFAULT_CPUS, DEFAULT_MEMORY_MIB
 SCHEMA_VERSION = 1
 KINDS = (
     "kernel", "rootfs", "sbom", "survival-kit-wheel", "agent", "brain-bundle", "container-image", "provenance",
-    "node-package", "shim-standalone", "shim-npm-package",
+    "node-package", "shim-standalone", "shim-npm-package", "rootfs-layer", "layer-sbom",
 )  # fmt: skip
+# Kinds there is one of per root filesystem layer: the artifact's ``variant`` names the layer.
+LAYER_KINDS = ("rootfs-layer", "layer-sbom")
+MINIMAL = "minimal"  # the profile with no layers, which every release has
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _VERSION = re.compile(r"^\d+\.\d+\.\d+([.+-][0-9A-Za-z.+-]+)?$")
 
@@ -58,12 +61,21 @@ class Artifact:
     media_type: str
     location: str  # relative to the release store's root: blobs/sha256/<digest>
     build: dict[str, Any] = field(default_factory=dict)
+    variant: str = ""  # which root filesystem layer, for the layer kinds
+
+    @property
+    def selector(self) -> str:
+        """``kind``, or ``kind@variant``: how a caller names the artifacts to verify."""
+        return f"{self.kind}@{self.variant}" if self.variant else self.kind
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        doc = {
             "name": self.name, "kind": self.kind, "platform": self.platform, "size": self.size,
             "sha256": self.sha256, "mediaType": self.media_type, "location": self.location, "build": self.build,
         }  # fmt: skip
+        if self.variant:
+            doc["variant"] = self.variant
+        return doc
 
 
 @dataclass(frozen=True)
@@ -78,6 +90,46 @@ class BootDefaults:
 
 
 @dataclass(frozen=True)
+class RootfsLayers:
+    """The root filesystem's optional layers (each on the base or on the one
+    layer it depends on) and the profiles made of them, bottom first."""
+
+    depends: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    profiles: dict[str, tuple[str, ...]] = field(default_factory=lambda: {MINIMAL: ()})
+    default_profile: str = MINIMAL
+
+    def order(self, names: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+        """``names`` with everything they stand on, bottom first; unknown names refused."""
+        chain: list[str] = []
+        for name in names:
+            if name not in self.depends:
+                raise ManifestError(f"the release has no root filesystem layer {name!r}",
+                                    hint=f"its layers are {', '.join(self.depends) or 'none'}")  # fmt: skip
+            below: list[str] = []
+            current: str | None = name
+            while current is not None and current not in chain and current not in below:
+                below.insert(0, current)
+                deps = self.depends.get(current, ())
+                current = deps[0] if deps else None
+            chain += [n for n in below if n not in chain]
+        return tuple(chain)
+
+    def profile(self, name: str | None) -> tuple[str, ...]:
+        name = name or self.default_profile
+        if name not in self.profiles:
+            raise ManifestError(f"the release has no profile {name!r}",
+                                hint=f"its profiles are {', '.join(self.profiles)}")  # fmt: skip
+        return self.profiles[name]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "layers": [{"name": n, "depends": list(d)} for n, d in self.depends.items()],
+            "profiles": {n: list(members) for n, members in self.profiles.items()},
+            "defaultProfile": self.default_profile,
+        }
+
+
+@dataclass(frozen=True)
 class Manifest:
     release: str
     channel: str
@@ -89,6 +141,7 @@ class Manifest:
     agent_protocol: int
     boot: BootDefaults
     artifacts: tuple[Artifact, ...]
+    rootfs: RootfsLayers = field(default_factory=RootfsLayers)
     schema_version: int = SCHEMA_VERSION
 
     # -- writing ------------------------------------------------------------
@@ -109,6 +162,7 @@ class Manifest:
                 "cpus": self.boot.cpus,
             },
             "artifacts": [a.to_dict() for a in self.artifacts],
+            "rootfs": self.rootfs.to_dict(),
         }
 
     def to_json(self) -> bytes:
@@ -149,6 +203,7 @@ class Manifest:
                     cpus=_int(boot, "cpus"),
                 ),
                 artifacts=artifacts,
+                rootfs=_rootfs(doc.get("rootfs")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ManifestError(f"manifest field {exc}") from None
@@ -159,6 +214,13 @@ class Manifest:
         names = [a.name for a in artifacts]
         if len(set(names)) != len(names):
             raise ManifestError("manifest lists an artifact name twice")
+        for layer in manifest.rootfs.depends:
+            for kind in LAYER_KINDS:
+                manifest.artifact(kind, variant=layer)  # exactly one of each, or it says which is missing
+        stray = [a.name for a in artifacts if (a.kind in LAYER_KINDS) != bool(a.variant)
+                 or (a.variant and a.variant not in manifest.rootfs.depends)]  # fmt: skip
+        if stray:
+            raise ManifestError(f"manifest artifacts {stray} name no listed layer, or a layer where none belongs")
         return manifest
 
     # -- checks -------------------------------------------------------------------
@@ -180,11 +242,17 @@ class Manifest:
                 hint="fetch the channel again; a current release replaces it",
             )
 
-    def artifact(self, kind: str, platform: str | None = None) -> Artifact:
-        """The one artifact of a kind (of a platform, for kinds built per platform)."""
-        found = [a for a in self.artifacts if a.kind == kind and platform in (None, a.platform)]
+    def artifact(self, kind: str, platform: str | None = None, variant: str | None = None) -> Artifact:
+        """The one artifact of a kind (of a platform, for kinds built per
+        platform; of a layer, for the layer kinds). ``kind`` may be a
+        selector, ``kind@variant``."""
+        if "@" in kind:
+            kind, variant = kind.split("@", 1)
+        found = [a for a in self.artifacts
+                 if a.kind == kind and platform in (None, a.platform) and (variant or "") == a.variant]  # fmt: skip
         if len(found) != 1:
             of = f" for {platform}" if platform else ""
+            of += f" of layer {variant}" if variant else ""
             raise ManifestError(f"manifest has {len(found)} artifacts of kind {kind!r}{of}, expected one")
         return found[0]
 
@@ -305,6 +373,36 @@ def _str(doc: dict[str, Any], key: str, pattern: re.Pattern[str] | None = None) 
     return value
 
 
+_NAME = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
+
+
+def _rootfs(doc: Any) -> RootfsLayers:
+    """The layers and profiles; a release without the section has the base alone."""
+    if doc is None:
+        return RootfsLayers()
+    if not isinstance(doc, dict):
+        raise TypeError("'rootfs' must be an object")
+    depends: dict[str, tuple[str, ...]] = {}
+    for i, layer in enumerate(_list(doc, "layers")):
+        if not isinstance(layer, dict):
+            raise TypeError(f"rootfs.layers[{i}] must be an object")
+        name = _str(layer, "name", _NAME)
+        below = tuple(_str({"depends": d}, "depends", _NAME) for d in _list(layer, "depends"))
+        if len(below) > 1 or any(d not in depends for d in below) or name in depends:
+            raise ValueError(f"rootfs.layers[{i}] ({name}) must stand on at most one layer listed before it, once")
+        depends[name] = below
+    layers = RootfsLayers(depends, {}, _str(doc, "defaultProfile", _NAME))
+    for name, members in _obj(doc, "profiles").items():
+        if not _NAME.match(name) or not isinstance(members, list) or not all(isinstance(m, str) for m in members):
+            raise ValueError(f"rootfs.profiles.{name} must be a list of layer names")
+        if layers.order(members) != tuple(members):
+            raise ValueError(f"rootfs.profiles.{name} must list its layers bottom first, each with what it stands on")
+        layers.profiles[name] = tuple(members)
+    if layers.default_profile not in layers.profiles:
+        raise ValueError(f"rootfs.defaultProfile {layers.default_profile!r} is not a profile")
+    return layers
+
+
 def _artifact(doc: Any, index: int) -> Artifact:
     if not isinstance(doc, dict):
         raise TypeError(f"artifacts[{index}] must be an object")
@@ -327,7 +425,8 @@ def _artifact(doc: Any, index: int) -> Artifact:
         media_type=_str(doc, "mediaType"),
         location=location,
         build=build,
+        variant=_str(doc, "variant", _NAME) if "variant" in doc else "",
     )
 
 
-__all__ = ["Artifact", "BootDefaults", "ChannelPointer", "Manifest", "ManifestError"]
+__all__ = ["Artifact", "BootDefaults", "ChannelPointer", "Manifest", "ManifestError", "RootfsLayers"]

@@ -29,6 +29,18 @@ class NetworkPolicy:
 
 
 @dataclass(frozen=True)
+class RootLayer:
+    """One optional layer of the root filesystem: a read-only squashfs the
+    guest mounts over the root image. ``sha256``: what a verified manifest
+    says it is, checked again on the descriptor QEMU is handed (None: a
+    developer's own build, nothing to bind it to)."""
+
+    name: str
+    path: Path
+    sha256: str | None = None
+
+
+@dataclass(frozen=True)
 class BootConfig:
     """Everything needed to start one isolation tier from verified local artifacts:
     a kernel and root image for a microVM, an OCI image archive for a container."""
@@ -53,6 +65,11 @@ class BootConfig:
     # artifacts, nothing to bind them to).
     kernel_sha256: str | None = None
     rootfs_sha256: str | None = None
+    # The root filesystem's layers over the root image, bottom first (VM
+    # tiers), and the profile they make, if one was named (which image of a
+    # container archive runs, in the container tier).
+    layers: tuple[RootLayer, ...] = ()
+    profile: str | None = None
     channel: str = "auto"  # auto | virtio-serial | vsock
     # auto: restore a matching saved VM, or boot cold and save one; off: always cold.
     snapshots: str = "auto"

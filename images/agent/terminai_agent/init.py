@@ -47,14 +47,53 @@ def _mount_quiet(source: str, target: str, fstype: str, flags: int = 0, data: st
             raise
 
 
-def _overlay_root() -> None:
-    """Switch to a tmpfs-backed overlay of the read-only root."""
+def _layer_devices() -> dict[str, str]:
+    """The guest's disks by serial number."""
+    found = {}
+    for dev in os.listdir("/sys/block"):
+        try:
+            with open(f"/sys/block/{dev}/serial") as f:
+                found[f.read().strip()] = f"/dev/{dev}"
+        except OSError:
+            continue
+    return found
+
+
+def _mount_layers(layers: list[str]) -> list[str]:
+    """Each layer's disk, read-only, under /run/ovl/layers; returns the
+    overlay's lower directories, top first, the root image last."""
+    from terminai_protocol import bootcontract as boot
+
+    lower = ["/"]
+    devices = _layer_devices() if layers else {}
+    for i, name in enumerate(layers):
+        serial = boot.LAYER_SERIAL.format(i)
+        if serial not in devices:
+            raise OSError(2, f"layer {name}: no disk with serial {serial}")
+        target = f"/run/ovl/layers/{i}"
+        os.makedirs(target, exist_ok=True)
+        mount(devices[serial], target, boot.LAYER_FSTYPE, MS_RDONLY | MS_NODEV)
+        lower.insert(0, target)
+    return lower
+
+
+def _overlay_root(layers: list[str]) -> str | None:
+    """Switch to a tmpfs-backed overlay of the read-only root and its layers.
+    A layer that cannot be mounted leaves the root image alone under the
+    overlay and is reported: the agent then refuses every command rather
+    than run them on another system than the session asked for."""
     _mount_quiet("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, f"mode=0755,size={OVERLAY_SIZE}")
     for d in ("/run/ovl/upper", "/run/ovl/work", "/run/ovl/root"):
         os.makedirs(d, exist_ok=True)
-    mount("overlay", "/run/ovl/root", "overlay", 0, "lowerdir=/,upperdir=/run/ovl/upper,workdir=/run/ovl/work")
+    error = None
+    try:
+        lower = _mount_layers(layers)
+    except OSError as exc:
+        error, lower = f"the root filesystem's layers could not be mounted ({exc})", ["/"]
+    mount("overlay", "/run/ovl/root", "overlay", 0,
+          f"lowerdir={':'.join(lower)},upperdir=/run/ovl/upper,workdir=/run/ovl/work")  # fmt: skip
     # /run itself stays where it is, hidden below the new root: it holds the
-    # overlay's upper layer for the rest of the VM's life.
+    # overlay's upper layer and the layers' mounts for the rest of the VM's life.
     for sub in ("/proc", "/sys", "/dev"):
         mount(sub, "/run/ovl/root" + sub, "", MS_MOVE)
     os.chdir("/run/ovl/root")
@@ -62,14 +101,22 @@ def _overlay_root() -> None:
     os.chroot(".")
     os.chdir("/")
     mount("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, f"mode=0755,size={RUN_SIZE}")
+    return error
 
 
-def setup_pid1() -> None:
+def mount_kernel_filesystems() -> None:
     _mount_quiet("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     _mount_quiet("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     _mount_quiet("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755")
+
+
+def setup_pid1(layers: list[str]) -> str | None:
+    """After ``mount_kernel_filesystems``; returns why commands must be refused, if they must."""
+    error = None
     if _root_is_readonly():
-        _overlay_root()
+        error = _overlay_root(layers)
+    elif layers:
+        error = "the root filesystem's layers need a read-only root image"
     _mount_quiet("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "gid=5,mode=620,ptmxmode=666")
     _mount_quiet("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, f"mode=1777,size={SHM_SIZE}")
     _mount_quiet("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"mode=1777,size={TMP_SIZE}")
@@ -77,6 +124,7 @@ def setup_pid1() -> None:
         _mount_quiet("cgroup2", "/sys/fs/cgroup", "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     except OSError:
         pass  # a kernel without cgroup2 still serves commands
+    return error
 
 
 def untouchable() -> None:

@@ -43,11 +43,13 @@ def main(argv: list[str] | None = None, marks: dict[str, float] | None = None) -
     """``marks``: boot-time stamps (CLOCK_BOOTTIME) the launcher took, reported in hello."""
     argv = sys.argv[1:] if argv is None else argv
     pid1 = os.getpid() == 1 and os.environ.get("TERMINAI_CONTAINER") != "1"
+    unsafe = None
     if pid1:
-        from .init import setup_pid1
+        from .init import mount_kernel_filesystems, setup_pid1
 
-        setup_pid1()  # /proc/cmdline is readable only after this
+        mount_kernel_filesystems()  # /proc/cmdline is readable only after this
         settings = _cmdline()
+        unsafe = setup_pid1(boot.layer_names(settings.get("layers", "")))
         from .init import set_hostname
 
         set_hostname(settings.get("hostname", "terminai"))
@@ -62,7 +64,9 @@ def main(argv: list[str] | None = None, marks: dict[str, float] | None = None) -
         untouchable()
     config.marks = dict(marks or {})
     config.marks["mounted"] = _boottime()
+    config.layers = boot.layer_names(settings.get("layers", "")) if pid1 and not unsafe else []
     server = Server(config)
+    server.unsafe = unsafe
     spec = ChannelSpec.parse(settings.get("channel", boot.DEFAULT_CHANNEL))
     if spec.kind == "virtio-serial":
         server.add_conn(open_virtio_port(spec.address), reconnectable=True)

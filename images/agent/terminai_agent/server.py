@@ -83,6 +83,7 @@ class AgentConfig:
         self.network = network  # ADDR/PREFIX,GATEWAY,DNS for eth0 (init.configure_network)
         self.proxy = proxy  # the allowlist proxy every command is pointed at
         self.marks: dict[str, float] = {}
+        self.layers: list[str] = []  # the root filesystem's layers PID 1 mounted, bottom first
 
 
 def new_session_id() -> str:
@@ -340,6 +341,7 @@ class Server:
                 max_frame=self.config.max_frame,
                 python=sys.executable,
                 pid1=self.config.pid1,
+                layers=self.config.layers,
                 # Milliseconds as integers: the first answer of a restored VM
                 # runs on cold code, and float formatting is a lot of it.
                 uptime_ms=int((time.monotonic() - self.started) * 1000),

@@ -214,7 +214,9 @@ def _build_tree_into(ctx: BuildContext, cache: StepCache, plan: TreePlan, key: s
         ),
         key=lambda p: p["name"],
     )
-    if not any(p["name"] == "python3" for p in packages):
+    # mkosi's manifest names what this build installed: the whole system for
+    # the base, the new packages for a layer.
+    if plan.lower is None and not any(p["name"] == "python3" for p in packages):
         raise BuildError(f"{plan.title} has no python3 package", log=str(log))
     os.rename(out / "tree", staging / "tree")
     record = {

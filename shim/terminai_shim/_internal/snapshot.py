@@ -50,6 +50,7 @@ def describe(config: BootConfig, accel: AccelChoice, qemu: str, devices: list[st
         "kernel_sha256": file_digest(config.kernel),
         "rootfs_sha256": file_digest(config.rootfs),
         "rootfs_format": config.rootfs_format,
+        "layers": [[layer.name, file_digest(layer.path)] for layer in config.layers],
         "memory_mib": config.memory_mib,
         "cpus": config.cpus,
         "accel": accel.accel,

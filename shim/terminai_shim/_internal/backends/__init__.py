@@ -40,10 +40,13 @@ def backend_order(text: str | None = None) -> tuple[str, ...]:
     return order
 
 
-def _microvm(accel: AccelChoice, network: str = "none") -> str:
-    """Firecracker only without a network: the policy's networking is built on QEMU's user networking."""
+def _microvm(accel: AccelChoice, network: str = "none", layers: bool = False) -> str:
+    """Firecracker only without a network (the policy's networking is built
+    on QEMU's user networking) and without root filesystem layers (its
+    disks carry no serial number for the guest to find them by)."""
     firecracker = FirecrackerBackend()
-    return "firecracker" if firecracker.available() and accel.accel == "kvm" and network == "none" else "qemu"
+    plain = network == "none" and not layers
+    return "firecracker" if firecracker.available() and accel.accel == "kvm" and plain else "qemu"
 
 
 def choose_backend(
@@ -54,6 +57,7 @@ def choose_backend(
     order: tuple[str, ...] | None = None,
     network: str = "none",
     require_microvm: bool = False,
+    layers: bool = False,
 ) -> BackendChoice:
     """Which backend runs, and why (``doctor`` shows the reason).
     ``require_microvm``: a policy that never settles for a shared kernel."""
@@ -68,7 +72,7 @@ def choose_backend(
     for tier in order or backend_order():
         if tier == "microvm-kvm":
             if accel.accel == "kvm":
-                return BackendChoice(_microvm(accel, network), f"KVM is usable ({accel.reason})")
+                return BackendChoice(_microvm(accel, network, layers), f"KVM is usable ({accel.reason})")
             skipped.append(f"no microVM with KVM: {accel.reason}")
         elif tier == "container":
             from .container import engine_answers
@@ -104,5 +108,5 @@ def make_backend(name: str) -> Backend:
 
 def select_backend(accel: AccelChoice, config: BootConfig) -> Backend:
     choice = choose_backend(accel, config.backend, has_image=config.image is not None, network=config.network.mode,
-                            require_microvm=config.require_microvm)  # fmt: skip
+                            require_microvm=config.require_microvm, layers=bool(config.layers))  # fmt: skip
     return make_backend(choice.name)

@@ -51,6 +51,11 @@ def vm_config(config: BootConfig, runtime: RuntimeDir) -> dict[str, Any]:
             "Firecracker has no shared folders, so a workspace cannot be mounted",
             hint="use the QEMU backend for a workspace, or copy files with the file operations",
         )
+    if config.layers:
+        raise ConfigError(
+            "Firecracker's disks carry no serial number, so the root filesystem's layers cannot be attached",
+            hint="use the QEMU backend for a profile with layers, or the minimal profile",
+        )
     return {
         "boot-source": {"kernel_image_path": str(config.kernel), "boot_args": kernel_args(config)},
         "drives": [

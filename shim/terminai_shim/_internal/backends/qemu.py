@@ -123,6 +123,8 @@ def kernel_cmdline(config: BootConfig, accel: AccelChoice, channel: Channel = Ch
             args.append(boot.param("deny", ",".join(blocked)))
     if mode == "allowlist":
         args.append(boot.param("proxy", f"http://{PROXY_ADDRESS}:{PROXY_PORT}"))
+    if config.layers:
+        args.append(boot.param("layers", boot.layers_setting([layer.name for layer in config.layers])))
     args.extend(config.kernel_args)
     return " ".join(args)
 
@@ -295,6 +297,7 @@ def command_line(
         *(["-initrd", str(config.initrd)] if config.initrd else []),
         "-drive", f"id=root,file={_opt(config.rootfs)},format=raw,if=none,readonly=on",
         "-device", "virtio-blk-device,drive=root",
+        *layer_args(config),
         "-object", "rng-random,id=rng,filename=/dev/urandom",
         "-device", "virtio-rng-device,rng=rng",
         "-qmp", f"unix:{_opt(runtime.control_socket)},server=on,wait=off",
@@ -325,10 +328,24 @@ def command_line(
     return argv
 
 
+def layer_args(config: BootConfig) -> list[str]:
+    """Each layer as a read-only disk the guest finds by its serial number."""
+    if len(config.layers) > boot.MAX_LAYERS:
+        raise ConfigError(f"{len(config.layers)} root filesystem layers; at most {boot.MAX_LAYERS} are mounted")
+    argv = []
+    for i, layer in enumerate(config.layers):
+        argv += [
+            "-drive", f"id=layer{i},file={_opt(layer.path)},format=raw,if=none,readonly=on",
+            "-device", f"virtio-blk-device,drive=layer{i},serial={boot.LAYER_SERIAL.format(i)}",
+        ]  # fmt: skip
+    return argv
+
+
 def device_layout(config: BootConfig, accel: AccelChoice, channel: Channel = Channel()) -> list[str]:
     """The command line with every host path replaced: what a saved VM state
     depends on, independent of where this session keeps its files."""
-    neutral = dataclasses.replace(config, kernel=Path("KERNEL"), rootfs=Path("ROOTFS"), workspace=None)
+    layers = tuple(dataclasses.replace(layer, path=Path(f"LAYER{i}")) for i, layer in enumerate(config.layers))
+    neutral = dataclasses.replace(config, kernel=Path("KERNEL"), rootfs=Path("ROOTFS"), workspace=None, layers=layers)
     return command_line(neutral, accel, RuntimeDir(Path("RUNTIME")), "qemu", channel, connector=("CONNECTOR",))
 
 
@@ -470,8 +487,9 @@ def _by_descriptor(config: BootConfig, held: list[int], share_workspace: bool) -
     a sealed private copy, whose digest is the one checked."""
 
     def handed(path: Path | None, expected: str | None = None, flags: int = 0) -> Path | None:
-        if path is None:
-            return None
+        return None if path is None else hand(path, expected, flags)
+
+    def hand(path: Path, expected: str | None = None, flags: int = 0) -> Path:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | flags)
         held.append(fd)
         got = None
@@ -491,6 +509,7 @@ def _by_descriptor(config: BootConfig, held: list[int], share_workspace: bool) -
         config,
         kernel=handed(config.kernel, config.kernel_sha256),
         rootfs=handed(config.rootfs, config.rootfs_sha256),
+        layers=tuple(dataclasses.replace(layer, path=hand(layer.path, layer.sha256)) for layer in config.layers),
         initrd=handed(config.initrd),
         workspace=handed(config.workspace, flags=os.O_DIRECTORY) if share_workspace else config.workspace,
     )
