@@ -32,6 +32,8 @@ packages=(
     git python3 python3-venv python3-dev curl ca-certificates file
     # the terminal tests drive `terminai-shim run -t` like a person, through tmux
     tmux
+    # the capability gate's baseline: the everyday tools an agent finds on a host (release/capability)
+    jq zip unzip bzip2 wget patch less tree iproute2 tzdata pkg-config
 )
 command -v node >/dev/null 2>&1 || packages+=(nodejs)
 command -v npm >/dev/null 2>&1 || packages+=(npm)

@@ -124,7 +124,7 @@ def container(c: Context, json: bool = False, load: bool = True) -> None:
     try:
         art = build_container(ctx)
         link = ctx.publish_link("container", art.directory)
-        print(f"container: {link} -> {art.archive.name} (image {art.image_id})")
+        print(f"container: {link} -> {art.archive.name} (images {art.images})")
         if load:
             from terminai_shim.probes import engine_answers
 
@@ -344,6 +344,49 @@ def repro(c: Context, artifact: str = "all") -> None:
         print(result.describe())
         failed |= not result.identical
     if failed:
+        sys.exit(1)
+
+
+@task(
+    help={
+        "tier": "comma-separated: host,microvm,container (default: all)",
+        "profile": "comma-separated: minimal,standard,full (default: all)",
+        "tasks": "comma-separated task ids (default: the whole corpus)",
+    }
+)
+def accept(c: Context, tier: str = "", profile: str = "", tasks: str = "") -> None:
+    """Run the capability corpus per tier and profile; write build/accept/results.{json,png} and apply the gate."""
+    from terminai_release.accept import PROFILES, TIERS, Plan, gate, load_corpus, plot, run_accept, write_results
+
+    def split(text: str, known: tuple[str, ...], what: str) -> tuple[str, ...]:
+        chosen = tuple(x.strip() for x in text.split(",") if x.strip()) or known
+        unknown = [x for x in chosen if x not in known]
+        if unknown:
+            _fail(BuildError(f"unknown {what} {unknown}", hint=f"choose from {', '.join(known)}"))
+        return chosen
+
+    ctx = _ctx(False)
+    plan = Plan(split(tier, TIERS, "tier"), split(profile, PROFILES, "profile"),
+                tuple(t.strip() for t in tasks.split(",") if t.strip()))  # fmt: skip
+
+    def show(o: Any) -> None:
+        print(f"{o.tier:9} {o.profile:8} {o.status:4} {o.task:28} {o.seconds:6.1f}s {o.reason}", flush=True)
+
+    try:
+        outcomes = run_accept(ctx, plan, show)
+        corpus = load_corpus(ctx.repo)
+    except BuildError as exc:
+        _fail(exc)
+        return
+    ran_tiers = tuple(t for t in ("microvm", "container") if t in plan.tiers)
+    violations = gate(corpus, outcomes, ran_tiers) if "host" in plan.tiers else []
+    out = ctx.repo / "build" / "accept"
+    doc = write_results(out / "results.json", corpus, outcomes, violations)
+    plot(doc, out / "results.png")
+    for v in violations:
+        print(f"gate: {v}")
+    print(f"accept: {sum(o.status == 'pass' for o in outcomes)}/{len(outcomes)} passed; results in {out}")
+    if violations:
         sys.exit(1)
 
 

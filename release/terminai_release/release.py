@@ -30,7 +30,7 @@ from terminai_shim.layout import (
     manifest_platform,
     standalone_npm_package,
 )
-from terminai_shim.manifest import Artifact, BootDefaults, Manifest
+from terminai_shim.manifest import Artifact, BootDefaults, Manifest, RootfsLayers
 from terminai_shim.verify import dev_trust_root
 
 from .brain import build_brain
@@ -43,7 +43,9 @@ from .digest import sha256_bytes, sha256_file
 from .errors import BuildError
 from .kernel import build_kernel
 from .rootfs.kit import build_kit_wheel
+from .rootfs.layer import build_layer
 from .rootfs.project import build_rootfs
+from .rootfs.stack import load_stack
 from .sde import source_date_epoch
 from .standalone import build_standalone, load_standalone
 from .version import release_version
@@ -60,6 +62,8 @@ MEDIA = {
     "node-package": "application/vnd.npm.package.v1+tar+gzip",
     "shim-standalone": "application/vnd.terminai.shim-standalone.v1+tar+gzip",
     "shim-npm-package": "application/vnd.npm.package.v1+tar+gzip",
+    "rootfs-layer": "application/vnd.terminai.rootfs-layer.squashfs",
+    "layer-sbom": "application/spdx+json",
 }
 
 
@@ -121,6 +125,8 @@ def build_release(
         )
     kern = build_kernel(ctx)
     root = build_rootfs(ctx)
+    stack = load_stack(ctx.repo)
+    layers = [build_layer(ctx, name) for name in stack.layers]
     wheel = build_kit_wheel(ctx)
     image = build_container(ctx)
     brain = build_brain(ctx)
@@ -131,13 +137,18 @@ def build_release(
     directory = (out or ctx.repo / "dist") / version
     directory.mkdir(parents=True, exist_ok=True)
     fmt = root.record["outputs"]["image"]["format"]
-    sources: list[tuple[str, str, Path, dict[str, Any]]] = [
+    sources: list[tuple[str, str, Path, dict[str, Any]] | tuple[str, str, Path, dict[str, Any], str]] = [
         ("kernel", "linux/amd64", kern.vmlinux, kern.record["inputs"]),
         ("rootfs", "linux/amd64", root.image, root.record["inputs"]),
         ("sbom", "linux/amd64", root.sbom, {"describes": root.image.name}),
+        *(item for layer in layers for item in (
+            ("rootfs-layer", "linux/amd64", layer.image, {**layer.record["inputs"], "packages":
+                                                          layer.record["packages"]}, layer.name),
+            ("layer-sbom", "linux/amd64", layer.sbom, {"describes": layer.image.name}, layer.name),
+        )),
         ("survival-kit-wheel", "any", wheel, {"version": version}),
         ("container-image", "linux/amd64", image.archive,
-         {**image.record["inputs"], "imageId": image.image_id}),
+         {**image.record["inputs"], "images": image.images}),
         ("brain-bundle", "windows", brain.zip, brain.record["inputs"]),
         ("node-package", "any", client, {"name": "@terminai/runtime", "version": npm_version(version)}),
     ]  # fmt: skip
@@ -153,7 +164,7 @@ def build_release(
              {"name": standalone_npm_package(platform), "version": npm_version(version)}),
         ]  # fmt: skip
     artifacts = []
-    for kind, platform, path, build in sources:
+    for kind, platform, path, build, *variant in sources:
         digest, size = _blob(directory, path)
         artifacts.append(
             Artifact(
@@ -165,6 +176,7 @@ def build_release(
                 media_type=MEDIA[kind].format(fmt=fmt),
                 location=f"blobs/sha256/{digest}",
                 build=build,
+                variant=variant[0] if variant else "",
             )
         )
     manifest = Manifest(
@@ -178,6 +190,9 @@ def build_release(
         agent_protocol=agent_protocol.PROTOCOL_VERSION,
         boot=BootDefaults(),
         artifacts=tuple(artifacts),
+        rootfs=RootfsLayers(
+            {n: spec.depends for n, spec in stack.layers.items()}, dict(stack.profiles), stack.default_profile
+        ),
     )
     write_atomic(directory / MANIFEST, manifest.to_json())
     env = jinja2.Environment(

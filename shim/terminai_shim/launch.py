@@ -321,8 +321,11 @@ def _release_config(request: LaunchRequest, release: VerifiedRelease, backend: s
     m = release.manifest
     vm = backend != "container"
     layers: tuple[RootLayer, ...] = ()
+    names = release_layers(request, m)  # the profile or layers exist in this release
+    if not vm and request.layers is not None:
+        raise ConfigError("the container tier runs one of the archive's images, one per profile",
+                          hint=f"name a profile (--profile): {', '.join(m.rootfs.profiles)}")  # fmt: skip
     if vm:
-        names = release_layers(request, m)
         layers = tuple(RootLayer(n, release.path(f"rootfs-layer@{n}"), m.artifact("rootfs-layer", variant=n).sha256)
                        for n in names)  # fmt: skip
     return BootConfig(

@@ -32,7 +32,7 @@ from . import __version__
 from ._internal.client import Pty, RemoteProcess
 from .errors import AgentError, ConfigError, DeadlineExceeded, ShimError
 from .launch import LaunchRequest, LocalArtifacts, ReleaseSource, Trust, resolve
-from .models import GUEST_USERS, NetworkPolicy
+from .models import GUEST_USERS, NetworkPolicy, RootLayer
 from .session import Session
 
 TYPE_CHECKING = False
@@ -52,6 +52,7 @@ PARAMS: dict[str, frozenset[str]] = {
         "manifest", "store", "channel", "release", "dev", "trustedRoot", "identity", "issuer", "allowHttp",
         "backend", "network", "image", "imageSha256", "kernel", "rootfs", "rootfsFormat", "workspace",
         "workspaceMount", "memoryMib", "cpus", "accel", "cold", "user", "writableGit", "requireMicrovm",
+        "profile", "layers", "layerFiles",
     }),
     "healthCheck": frozenset(),
     "execute": _COMMAND | {"stdin", "outputCap"},
@@ -612,10 +613,11 @@ def launch_request(p: dict[str, Any]) -> LaunchRequest:
         source = ReleaseSource(manifest=_text(p, "manifest"), store=_text(p, "store"), channel=_text(p, "channel"),
                                release=_text(p, "release"), allow_http=bool(p.get("allowHttp")))  # fmt: skip
     local = None
-    if p.get("kernel") or p.get("rootfs") or p.get("image"):  # a developer's own artifacts
+    own_layers = _layer_files(p.get("layerFiles"))
+    if p.get("kernel") or p.get("rootfs") or p.get("image") or own_layers:  # a developer's own artifacts
         local = LocalArtifacts(kernel=_path(p, "kernel"), rootfs=_path(p, "rootfs"),
                                rootfs_format=_text(p, "rootfsFormat"), image=_path(p, "image"),
-                               image_sha256=_text(p, "imageSha256"))  # fmt: skip
+                               image_sha256=_text(p, "imageSha256"), layers=own_layers)  # fmt: skip
     return LaunchRequest(
         source=source,
         trust=Trust(_path(p, "trustedRoot"), _text(p, "identity"), _text(p, "issuer"), dev=bool(p.get("dev"))),
@@ -631,7 +633,28 @@ def launch_request(p: dict[str, Any]) -> LaunchRequest:
         snapshots="off" if p.get("cold") else "auto",
         user=_text(p, "user") or "user",
         writable_git=bool(p.get("writableGit")),
+        profile=_text(p, "profile"),
+        layers=_names(p.get("layers")),
     )
+
+
+def _names(value: Any) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError("initialize: layers is a list of layer names", hint='for example ["tools", "build"]')
+    return tuple(value)
+
+
+def _layer_files(value: Any) -> tuple[RootLayer, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(
+        isinstance(v, dict) and set(v) == {"name", "path"} and all(isinstance(x, str) and x for x in v.values())
+        for v in value
+    ):
+        raise ConfigError("initialize: layerFiles is a list of {name, path}, bottom first")
+    return tuple(RootLayer(v["name"], Path(v["path"]).resolve()) for v in value)
 
 
 def _release_info(release: Any) -> dict[str, Any]:

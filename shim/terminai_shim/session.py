@@ -328,6 +328,14 @@ class Session:
                     f"the guest agent did not answer ({exc.message}); the VM {state}. " + machine.diagnostics(),
                     hint="check the kernel and root image; `terminai-shim doctor` shows the host's state",
                 ) from None
+            mounted = client.hello_info.get("layers", [])
+            wanted = [layer.name for layer in config.layers]
+            if backend.isolation == "microvm" and mounted != wanted:
+                client.close()
+                raise BootError(
+                    f"the guest mounted the root filesystem layers {mounted}, not {wanted}; " + machine.diagnostics(),
+                    hint="check that each layer file is a layer image (inv layers); the guest refuses commands",
+                )
         except BaseException:
             if machine is not None:
                 machine.kill()
@@ -373,6 +381,7 @@ class Session:
             "displayName": self.backend.describe(self.accel),
             "network": {"mode": self.config.network.mode, "allow": list(self.config.network.allow)},
             "guestUser": self.config.user,
+            "rootfs": {"profile": self.config.profile, "layers": [layer.name for layer in self.config.layers]},
             "gitReadOnly": not self.config.writable_git and git_share(self.config.workspace) is not None,
         }
         notice = self.weaker_tier_notice()

@@ -1,9 +1,11 @@
-"""`inv container`: the root image the VM boots, as an OCI image archive.
+"""`inv container`: the root image the VM boots and its layers, as one OCI
+image archive with an image per profile.
 
-The source is the finished root image itself (unpacked), not a second
-assembly of its parts, so the container tier runs exactly the bytes the
-microVM runs. Cached by the image's digest: changing nothing rebuilds
-nothing; changing the agent rebuilds the root image and then this.
+The sources are the finished root image and layer images themselves
+(unpacked), not a second assembly of their parts, so the container tier
+runs exactly the bytes the microVM runs, and a profile means the same
+files in both tiers. Cached by those images' digests: changing nothing
+rebuilds nothing; changing the agent rebuilds the root image and then this.
 """
 
 from __future__ import annotations
@@ -20,10 +22,13 @@ from ..context import BuildContext
 from ..digest import canonical_json, digest_inputs, sha256_file
 from ..errors import BuildError
 from ..proc import run_logged, tool_version
+from ..rootfs.layer import build_layer
 from ..rootfs.project import build_rootfs
+from ..rootfs.stack import load_stack
 from .oci import ARCHIVE_MEDIA, ImageSpec, write_archive
 
-RECIPE = 1
+RECIPE = 3
+BASE = "base"  # the root image's tree, under every profile
 # The agent as PID 1, serving on a Unix socket in a directory the shim
 # bind-mounts (the boot contract names it; terminai_agent.main reads TERMINAI_*).
 ENTRYPOINT = (boot.INIT,)
@@ -40,8 +45,14 @@ class ContainerArtifacts:
         return self.directory / self.record["outputs"]["archive"]["file"]
 
     @property
+    def images(self) -> dict[str, str]:
+        """Profile -> image id."""
+        return dict(self.record["outputs"]["archive"]["images"])
+
+    @property
     def image_id(self) -> str:
-        return str(self.record["outputs"]["archive"]["imageId"])
+        """The default profile's image (the archive's first)."""
+        return self.images[self.record["outputs"]["archive"]["defaultProfile"]]
 
 
 def build_container(ctx: BuildContext, *, cache: StepCache | None = None) -> ContainerArtifacts:
@@ -49,13 +60,19 @@ def build_container(ctx: BuildContext, *, cache: StepCache | None = None) -> Con
     clean one); the root image always comes from the context's cache, whose
     own reproducibility ``inv repro rootfs`` proves."""
     root = build_rootfs(ctx)
+    stack = load_stack(ctx.repo)
+    layers = {name: build_layer(ctx, name) for name in stack.layers}
     image = root.record["outputs"]["image"]
     version = str(root.record["inputs"]["version"])
     sde = int(root.record["inputs"]["source_date_epoch"])
     unpack = ["unsquashfs", "-version"] if image["format"] == "squashfs" else ["fsck.erofs", "--version"]
+    # The default profile first: its image is the archive's first, what a caller naming none gets.
+    profiles = {stack.default_profile: stack.profiles[stack.default_profile], **stack.profiles}
     inputs = {
         "recipe": RECIPE,
         "rootfs": image["sha256"],
+        "layers": {name: art.record["outputs"]["image"]["sha256"] for name, art in layers.items()},
+        "profiles": {name: list(members) for name, members in profiles.items()},
         "version": version,
         "source_date_epoch": sde,
         "entrypoint": list(ENTRYPOINT),
@@ -68,28 +85,34 @@ def build_container(ctx: BuildContext, *, cache: StepCache | None = None) -> Con
 
     def build(staging: Path) -> None:
         work = cache.work_dir("container", key)
-        tree = work / "tree"
         log = work / "build.log"
-        ctx.reporter.info("container", f"unpacking {root.image.name}")
+        trees = {BASE: work / "tree-base"}
+        ctx.reporter.info("container", f"unpacking {root.image.name} and {len(layers)} layers")
         if image["format"] == "squashfs":
-            argv = ["unsquashfs", "-no-progress", "-d", str(tree), str(root.image)]
+            argv = ["unsquashfs", "-no-progress", "-d", str(trees[BASE]), str(root.image)]
         else:
-            argv = ["fsck.erofs", f"--extract={tree}", str(root.image)]
+            argv = ["fsck.erofs", f"--extract={trees[BASE]}", str(root.image)]
         run_logged(argv, log=log, reporter=ctx.reporter, step="container")
-        if not (tree / boot.INIT.lstrip("/")).is_file():
+        if not (trees[BASE] / boot.INIT.lstrip("/")).is_file():
             raise BuildError(f"the root image has no {boot.INIT}", log=str(log))
+        for name, art in layers.items():
+            trees[name] = work / f"tree-{name}"
+            run_logged(["unsquashfs", "-no-progress", "-d", str(trees[name]), str(art.image)], log=log,
+                       reporter=ctx.reporter, step="container")  # fmt: skip
         spec = ImageSpec(ENTRYPOINT, ENV, {"org.opencontainers.image.version": version,
                                            "org.terminai.rootfs.sha256": image["sha256"]},
                          f"terminai/runtime:{version}")  # fmt: skip
-        ctx.reporter.info("container", "writing the OCI archive (sorted, clamped, uncompressed layer)")
-        out = write_archive(tree, spec, staging / f"terminai-runtime-{version}.oci.tar", work, sde)
+        ctx.reporter.info("container", "writing the OCI archive (sorted, clamped, uncompressed layers)")
+        out = write_archive(trees, {p: (BASE, *members) for p, members in profiles.items()}, spec,
+                            staging / f"terminai-runtime-{version}.oci.tar", work, sde)  # fmt: skip
         record = {
             "artifact": "container",
             "key": key,
             "inputs": inputs,
             "outputs": {"archive": {"file": out.archive.name, "sha256": sha256_file(out.archive),
-                                    "size": out.archive.stat().st_size, "imageId": out.image_id,
-                                    "layer": out.layer_digest, "mediaType": ARCHIVE_MEDIA}},
+                                    "size": out.archive.stat().st_size, "images": out.images,
+                                    "defaultProfile": stack.default_profile,
+                                    "layers": out.layers, "mediaType": ARCHIVE_MEDIA}},
         }  # fmt: skip
         write_atomic(staging / RECORD, canonical_json(record))
         shutil.rmtree(work, ignore_errors=True)
@@ -100,7 +123,7 @@ def build_container(ctx: BuildContext, *, cache: StepCache | None = None) -> Con
         ctx.reporter.done("container", f"OCI image from cache ({key[:12]})")
         return art
     size = art.archive.stat().st_size
-    ctx.reporter.done("container", f"built {art.archive.name}: {size} bytes, image {art.image_id}")
+    ctx.reporter.done("container", f"built {art.archive.name}: {size} bytes, images {art.images}")
     return art
 
 
@@ -119,6 +142,7 @@ def load_into_engine(art: ContainerArtifacts) -> str:
         raise BuildError(f"cannot load the image into the engine: {exc}",
                          hint="start dockerd (the tests' `inv test` starts one)") from None  # fmt: skip
     ids = sorted({image.id for image in images})
-    if ids != [art.image_id]:
-        raise BuildError(f"the engine loaded {ids}, not {art.image_id}", hint="the archive is not what was built")
+    if ids != sorted(set(art.images.values())):
+        raise BuildError(f"the engine loaded {ids}, not {sorted(art.images.values())}",
+                         hint="the archive is not what was built")  # fmt: skip
     return art.image_id

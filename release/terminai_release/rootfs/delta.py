@@ -24,6 +24,7 @@ from pathlib import Path
 class DeltaStats:
     copied: int = 0
     whiteouts: list[str] = field(default_factory=list)
+    links: dict[tuple[int, int], Path] = field(default_factory=dict)  # the first copy of each hard-linked file
 
 
 def _same(u: os.stat_result, lo: os.stat_result, upath: Path, lpath: Path) -> bool:
@@ -47,7 +48,8 @@ def _copy_meta(src_st: os.stat_result, dst: Path) -> None:
 
 
 def _copy_entry(src: Path, dst: Path, st: os.stat_result, stats: DeltaStats) -> None:
-    """``src`` (a whole subtree if a directory) to ``dst``, owners and modes kept."""
+    """``src`` (a whole subtree if a directory) to ``dst``, owners and modes
+    kept, hard links kept as links (git's 150 commands are one program)."""
     mode = st.st_mode
     if stat.S_ISDIR(mode):
         dst.mkdir()
@@ -55,8 +57,14 @@ def _copy_entry(src: Path, dst: Path, st: os.stat_result, stats: DeltaStats) -> 
             _copy_entry(src / child, dst / child, os.lstat(src / child), stats)
     elif stat.S_ISLNK(mode):
         os.symlink(os.readlink(src), dst)
+    elif stat.S_ISREG(mode) and st.st_nlink > 1 and (st.st_dev, st.st_ino) in stats.links:
+        os.link(stats.links[(st.st_dev, st.st_ino)], dst)
+        stats.copied += 1
+        return
     elif stat.S_ISREG(mode):
         shutil.copyfile(src, dst, follow_symlinks=False)
+        if st.st_nlink > 1:
+            stats.links[(st.st_dev, st.st_ino)] = dst
     elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISFIFO(mode):
         os.mknod(dst, mode, st.st_rdev)
     else:

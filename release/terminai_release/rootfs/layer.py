@@ -29,7 +29,7 @@ from ..version import release_version
 from . import finish
 from .base import BASE_DIR, build_base, load_base_spec, render, tree_plan
 from .delta import write_delta
-from .image import mkfs_argv, mkfs_env
+from .image import LAYER_LEVEL, mkfs_argv, mkfs_env
 from .mkosi import FullTree, build_tree
 from .sbom import write_sbom
 from .stack import LAYERS_FILE, Stack, load_stack
@@ -99,6 +99,7 @@ def build_layer(ctx: BuildContext, name: str, *, cache: StepCache | None = None)
         "removals_lower": dataclasses.asdict(removals_for(ctx, stack, chain[:-1])),
         "version": version,
         "tool": tool_version(["mksquashfs", "-version"]),
+        "level": LAYER_LEVEL,
         "code": digest_inputs({f: sha256_file(Path(__file__).with_name(f)) for f in ("finish.py", "delta.py")}),
         "source_date_epoch": upper.record["source_date_epoch"],
     }
@@ -159,7 +160,8 @@ def _build_into(
 
     image = staging / f"layer-{name}-{version}.squashfs"
     rep.info(step, f"packing the {name} layer ({stats.copied} entries, {len(stats.whiteouts)} whiteouts)")
-    run_logged(mkfs_argv("squashfs", delta, image, sde), log=log, reporter=rep, step=step, env=mkfs_env("squashfs"))
+    run_logged(mkfs_argv("squashfs", delta, image, sde, level=LAYER_LEVEL), log=log, reporter=rep, step=step,
+               env=mkfs_env("squashfs"))  # fmt: skip
     below = {(p.name, p.version) for p in low_pkgs}
     added = [p.as_sbom() for p in up_pkgs if (p.name, p.version) not in below]
     sbom = staging / f"layer-{name}-{version}.spdx.json"

@@ -81,8 +81,10 @@ def engine_answers(timeout: float = 1.0) -> tuple[bool, str]:
     return False, f"the Docker engine on {path} answered {status}"
 
 
-def archive_image_id(archive: BinaryIO, name: str = "the image archive") -> str:
-    """The image id the engine will report: the config digest the archive names."""
+def archive_image_id(archive: BinaryIO, name: str = "the image archive", profile: str | None = None) -> str:
+    """The image id the engine will report for ``profile`` (None: the
+    archive's first image, its default): the config digest it names. An
+    archive holds one image per profile, tagged ``...-<profile>``."""
     try:
         archive.seek(0)
         with tarfile.open(fileobj=archive) as tar:
@@ -90,8 +92,16 @@ def archive_image_id(archive: BinaryIO, name: str = "the image archive") -> str:
             if member is None:
                 raise KeyError("manifest.json")
             entries = json.load(member)
-        config = str(entries[0]["Config"])
-    except (OSError, KeyError, IndexError, ValueError, tarfile.TarError) as exc:
+        if profile is None:
+            config = str(entries[0]["Config"])
+        else:
+            found = [e for e in entries if any(str(t).endswith(f"-{profile}") for t in e.get("RepoTags") or [])]
+            if len(found) != 1:
+                tags = [t for e in entries for t in e.get("RepoTags") or []]
+                raise ConfigError(f"{name} has no image for profile {profile!r} (it has {', '.join(tags)})",
+                                  hint="choose one of its profiles (--profile)")  # fmt: skip
+            config = str(found[0]["Config"])
+    except (OSError, KeyError, IndexError, ValueError, TypeError, AttributeError, tarfile.TarError) as exc:
         raise ConfigError(f"{name} is not an image archive: {exc}", hint="build it with `inv container`") from None
     digest = config.rsplit("/", 1)[-1].removesuffix(".json")
     if not digest or len(digest) != 64:
@@ -211,7 +221,7 @@ class ContainerBackend(Backend):
     def describe(self, accel: AccelChoice) -> str:
         return "Container (Docker)"
 
-    def ensure_image(self, archive: Path, expected: str | None = None) -> str:
+    def ensure_image(self, archive: Path, expected: str | None = None, profile: str | None = None) -> str:
         """The verified archive's image in the engine, by id; loaded if missing.
         One open file serves the check, the id and the load: the bytes that
         were checked are the bytes the engine gets (a sealed private copy of
@@ -232,7 +242,7 @@ class ContainerBackend(Backend):
                         "refused before loading it",
                         hint="the archive was altered or swapped; fetch or build it again",
                     )
-            image_id = archive_image_id(f, str(archive))
+            image_id = archive_image_id(f, str(archive), profile)
             client = self.client()
             with locked(cache_root() / "locks" / f"image-{image_id[7:19]}.lock"):
                 try:
@@ -274,7 +284,7 @@ class ContainerBackend(Backend):
 
         self.check(config)
         assert config.image is not None
-        image_id = self.ensure_image(Path(config.image), config.image_sha256)
+        image_id = self.ensure_image(Path(config.image), config.image_sha256, config.profile)
         self.clean_stale()
         agent_dir = runtime.path / "agent"
         agent_dir.mkdir(exist_ok=True)
