@@ -327,13 +327,15 @@ def lint(c: Context) -> None:
     c.run(f"{sys.executable} -m mypy", pty=False)
 
 
-@task(help={"artifact": "kernel, rootfs, container, shim-dist or all (default)"})
+@task(help={"artifact": "kernel, rootfs, layer-<name>, container, shim-dist or all (default)"})
 def repro(c: Context, artifact: str = "all") -> None:
     """Prove reproducibility: a second clean build must give identical bytes."""
     from terminai_release.repro import check
+    from terminai_release.rootfs.stack import load_stack
 
     ctx = _ctx(False)
-    names = ["kernel", "rootfs", "container", "shim-dist"] if artifact == "all" else [artifact]
+    layers = [f"layer-{name}" for name in load_stack(ctx.repo).layers]
+    names = ["kernel", "rootfs", *layers, "container", "shim-dist"] if artifact == "all" else [artifact]
     failed = False
     for name in names:
         try:
@@ -392,14 +394,14 @@ def accept(c: Context, tier: str = "", profile: str = "", tasks: str = "") -> No
 
 @task(
     help={
-        "parts": "comma-separated: kernel,guest,snapshot,shim,fetch,container,network,standalone (default: all)",
+        "parts": "comma-separated: kernel,guest,snapshot,shim,fetch,container,network,standalone,layers (default: all)",
         "runs": "repetitions per boot measurement (median reported)",
         "clean": "also time a clean kernel build (about 10 minutes)",
     }
 )
 def bench(
     c: Context,
-    parts: str = "kernel,guest,snapshot,shim,fetch,container,network,standalone",
+    parts: str = "kernel,guest,snapshot,shim,fetch,container,network,standalone,layers",
     runs: int = 5,
     clean: bool = False,
 ) -> None:

@@ -216,6 +216,9 @@ def test_a_vm_with_the_tools_layer_runs_its_programs_and_cannot_write_it(boot_co
         assert s.client.hello_info["layers"] == ["tools"] and s.describe()["rootfs"]["layers"] == ["tools"]
         status, out, err = s.client.run(["sh", "-c", "git --version && jq --version && perl -e 'print 6*7'"])
         assert status.exit_code == 0 and b"git version" in out and out.endswith(b"42"), err
+        # ensurepip is back (the base removes it), so `python3 -m venv` can bring pip (inv accept runs that whole)
+        status, out, err = s.client.run(["python3", "-c", "import ensurepip; print(ensurepip.version())"])
+        assert status.exit_code == 0 and out.strip(), err
         status, out, _ = s.client.run(["sh", "-c", "grep ' / ' /proc/mounts"])
         assert b"lowerdir=/run/ovl/layers/0:/" in out
         # Even root in the guest cannot change the layer: the disk is read-only to QEMU itself.

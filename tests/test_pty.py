@@ -81,7 +81,9 @@ def test_pty_input_resize_ctrl_c_and_end_of_input(host_agent):
     assert proc.wait().exit_code == 0
     # a signal asked for reaches the terminal's foreground job
     chunks.clear()
-    proc = client.exec(["bash", "-i", "-c", "sleep 30 & wait; echo bash-lives"], pty=Pty(), on_event=_collect(chunks))
+    proc = client.exec(["bash", "-i", "-c", "sleep 30 & echo waiting; wait; echo bash-lives"], pty=Pty(),
+                       on_event=_collect(chunks))  # fmt: skip
+    _until(chunks, b"waiting")  # a fixed sleep lost the race on a loaded machine: the signal came before `wait`
     time.sleep(0.3)
     proc.signal("SIGINT")
     assert proc.wait().exit_code != 0

@@ -42,8 +42,11 @@ def _digests(record: dict[str, object], names: tuple[str, ...]) -> dict[str, str
 
 def check(ctx: BuildContext, artifact: str, scratch: Path | None = None) -> ReproResult:
     from .container import build_container
+    from .errors import BuildError
     from .kernel import build_kernel
+    from .rootfs.layer import build_layer
     from .rootfs.project import build_rootfs
+    from .rootfs.stack import load_stack
     from .standalone import build_standalone
 
     builders = {
@@ -52,6 +55,10 @@ def check(ctx: BuildContext, artifact: str, scratch: Path | None = None) -> Repr
         "container": (lambda cache: build_container(ctx, cache=cache).record, ("archive",)),
         "shim-dist": (lambda cache: build_standalone(ctx, cache=cache).record, ("archive", "npmPackage")),
     }
+    for name in load_stack(ctx.repo).layers:  # the base's and the layer's trees are built again too
+        builders[f"layer-{name}"] = (lambda cache, n=name: build_layer(ctx, n, cache=cache).record, ("image", "sbom"))
+    if artifact not in builders:
+        raise BuildError(f"unknown artifact {artifact!r}", hint=f"choose one of {', '.join(builders)}")
     build, names = builders[artifact]
     first = _digests(build(ctx.cache), names)
     root = Path(tempfile.mkdtemp(prefix=f"repro-{artifact}-", dir=scratch))

@@ -563,8 +563,90 @@ def _panel_standalone(ax: Any, s: dict[str, Any]) -> None:
     ax.set_title("standalone shim vs the Python package (s)")
 
 
+def _panel_layers(ax: Any, r: dict[str, Any]) -> None:
+    names = list(r["profiles"])
+    x = range(len(names))
+    ax.bar([i - 0.2 for i in x], [r["profiles"][n]["cold_to_ready"]["median"] for n in names], width=0.4,
+           label="cold boot to ready")  # fmt: skip
+    ax.bar([i + 0.2 for i in x], [r["profiles"][n]["restore_to_ready"]["median"] for n in names], width=0.4,
+           label="restore to ready")  # fmt: skip
+    ax.set_xticks(list(x), [f"{n}\n{r['profiles'][n]['compressed_bytes'] / 1e6:.0f} MB" for n in names])
+    ax.legend()
+    ax.set_title("profiles: seconds to ready (target: standard within 10 % of minimal)")
+
+
 PANELS = {"kernel": _panel_kernel, "guest": _panel_guest, "shim": _panel_shim, "snapshot": _panel_snapshot,
-          "container": _panel_container, "network": _panel_network, "standalone": _panel_standalone}  # fmt: skip
+          "container": _panel_container, "network": _panel_network, "standalone": _panel_standalone,
+          "layers": _panel_layers}  # fmt: skip
+
+
+def bench_layers(ctx: BuildContext, runs: int, work: Path) -> dict[str, Any]:
+    """Each layer's size; each profile's cold boot and restore to ready
+    against minimal's, interleaved in one run; and the rebuild when only the
+    top layer changes (the layers below and the trees come from the cache)."""
+    from terminai_shim.models import BootConfig, RootLayer
+    from terminai_shim.session import Session
+
+    from ..cache import StepCache
+    from ..rootfs.layer import build_layer
+    from ..rootfs.stack import load_stack
+
+    stack = load_stack(ctx.repo)
+    kern, root = build_kernel(ctx), build_rootfs(ctx)
+    built = {name: build_layer(ctx, name) for name in stack.layers}
+    os.environ["TERMINAI_CACHE"] = str(work / "layers-cache")
+    try:
+        configs = {}
+        for profile, names in stack.profiles.items():
+            layers = tuple(RootLayer(n, built[n].image) for n in names)
+            configs[profile] = BootConfig(kernel=kern.vmlinux, rootfs=root.image, layers=layers, accel="tcg")
+            with Session.boot(configs[profile]):  # the profile's own snapshot
+                pass
+
+        def ready(config: BootConfig) -> float:
+            start = time.monotonic()
+            with Session.boot(config) as s:
+                s.client.ping()
+                return time.monotonic() - start
+
+        cold: dict[str, list[float]] = {p: [] for p in configs}
+        warm: dict[str, list[float]] = {p: [] for p in configs}
+        for _ in range(runs):
+            for profile, config in configs.items():
+                cold[profile].append(ready(dataclasses.replace(config, snapshots="off")))
+                warm[profile].append(ready(config))
+    finally:
+        os.environ.pop("TERMINAI_CACHE", None)
+    base = {"cold": summary(cold["minimal"])["median"], "warm": summary(warm["minimal"])["median"]}
+    top = list(stack.layers)[-1]
+    # The top layer again (its mkosi tree and its image), in a cache holding everything below it: what
+    # changing only that layer costs (apt's downloads are cached too, as on a developer's machine).
+    scratch = StepCache(work / "rebuild-cache")
+    for step in ("rootfs-base", "mkosi-packages", *(f"rootfs-layer-{n}" for n in stack.layers if n != top)):
+        (scratch.root / step).mkdir(parents=True, exist_ok=True)
+        for entry in (ctx.cache.root / step).iterdir():
+            if not entry.name.startswith("."):
+                (scratch.root / step / entry.name).symlink_to(entry)
+    rebuild = _timed(lambda: build_layer(ctx, top, cache=scratch))
+    sizes = {n: {"compressed_bytes": a.record["outputs"]["image"]["size"], "tree_bytes": a.record["tree_bytes"],
+                 "packages": a.record["packages"], "depends": a.depends} for n, a in built.items()}  # fmt: skip
+    profiles = {}
+    for p, names in stack.profiles.items():
+        profiles[p] = {
+            "layers": list(names),
+            "compressed_bytes": root.record["outputs"]["image"]["size"]
+            + sum(sizes[n]["compressed_bytes"] for n in names),
+            "cold_to_ready": summary(cold[p]),
+            "restore_to_ready": summary(warm[p]),
+            "cold_ratio_vs_minimal": summary(cold[p])["median"] / base["cold"],
+            "restore_ratio_vs_minimal": summary(warm[p])["median"] / base["warm"],
+        }
+    return {
+        "layers": sizes,
+        "profiles": profiles,
+        "standard_target_ratio": 1.10,
+        "rebuild_top_layer_seconds": {"layer": top, "seconds": rebuild},
+    }
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
@@ -638,6 +720,9 @@ def run(ctx: BuildContext, parts: list[str], runs: int, clean: bool) -> dict[str
         if "network" in parts:
             ctx.reporter.info("bench", "network: 100 MB through the allowlist proxy vs open mode")
             results["network"] = bench_network(ctx, runs, work)
+        if "layers" in parts:
+            ctx.reporter.info("bench", "layers: sizes, each profile's boot and restore vs minimal, one-layer rebuild")
+            results["layers"] = bench_layers(ctx, runs, work)
         if "standalone" in parts:
             ctx.reporter.info(
                 "bench", "standalone: the frozen shim vs the Python package (--version, doctor, warm run)"
