@@ -374,12 +374,20 @@ def accept(c: Context, tier: str = "", profile: str = "", tasks: str = "") -> No
     def show(o: Any) -> None:
         print(f"{o.tier:9} {o.profile:8} {o.status:4} {o.task:28} {o.seconds:6.1f}s {o.reason}", flush=True)
 
+    engine = None
     try:
+        if "container" in plan.tiers:  # a real engine, started here when none answers (as for `inv test`)
+            from terminai_release.engine import ensure_engine
+
+            engine = ensure_engine(ctx.repo / "build" / "dockerd.log")
         outcomes = run_accept(ctx, plan, show)
         corpus = load_corpus(ctx.repo)
     except BuildError as exc:
         _fail(exc)
         return
+    finally:
+        if engine is not None:
+            engine.stop()
     ran_tiers = tuple(t for t in ("microvm", "container") if t in plan.tiers)
     violations = gate(corpus, outcomes, ran_tiers) if "host" in plan.tiers else []
     out = ctx.repo / "build" / "accept"

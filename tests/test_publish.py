@@ -320,3 +320,32 @@ def test_file_mirror_has_the_same_layout_and_the_shim_follows_it(ctx, release, t
     pointer.write_bytes(pointer.read_bytes().replace(b'"serial": ', b'"serial": 1'))
     bad = _shim("verify", "--store", str(mirror), "--channel", "dev", *_trust(release), cache=tmp_path / "d")
     assert bad.returncode != 0 and "channels/bundles" in bad.stderr
+
+
+def test_a_profile_fetches_and_verifies_only_its_own_layers_from_a_hostile_mirror(ctx, release, tmp_path, monkeypatch):
+    """The node layer's blob is rewritten on the mirror: a session with the
+    standard profile never fetches it and boots; one with the full profile
+    is refused before anything boots, naming the blob."""
+    from terminai_shim.errors import ShimError
+    from terminai_shim.launch import LaunchRequest, ReleaseSource, Trust, resolve
+
+    mirror = tmp_path / "mirror"
+    publish(ctx, release.directory, mirror.as_uri())
+    m = release.manifest
+    node = m.artifact("rootfs-layer", variant="node")
+    blob = mirror / blob_key(node.sha256)
+    blob.write_bytes(blob.read_bytes()[:-1] + b"\0")
+    monkeypatch.setenv("TERMINAI_CACHE", str(tmp_path / "cache"))
+    trust = Trust(trusted_root=release.directory / "dev-trusted-root.json", dev=True)
+
+    def request(profile: str) -> LaunchRequest:
+        return LaunchRequest(source=ReleaseSource(store=str(mirror), channel="dev"), trust=trust, backend="qemu",
+                             profile=profile)  # fmt: skip
+
+    launch = resolve(request("standard"))
+    assert [layer.name for layer in launch.config.layers] == ["tools"] and launch.config.profile == "standard"
+    fetched = {p.name for p in (tmp_path / "cache/blobs/sha256").iterdir()}
+    assert m.artifact("rootfs-layer", variant="tools").sha256 in fetched and node.sha256 not in fetched
+    assert launch.config.layers[0].sha256 == m.artifact("rootfs-layer", variant="tools").sha256
+    with pytest.raises(ShimError, match=node.sha256[:12]):
+        resolve(request("full"))

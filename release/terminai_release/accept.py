@@ -144,15 +144,15 @@ def _host_pty(argv: list[str], cwd: Path, env: dict[str, str], task: Task) -> Ra
         if ready:
             try:
                 seen += os.read(master, 4096)
-            except OSError:
+            except OSError:  # EIO: every holder of the terminal closed it; the process is ending
                 break
-    if proc.poll() is None:
+    os.close(master)
+    try:
+        return Ran(proc.wait(timeout=max(0.1, deadline - time.monotonic())), _last_line(seen))
+    except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
-        os.close(master)
         return Ran(124, f"timed out after {task.timeout:.0f} s")
-    os.close(master)
-    return Ran(proc.wait(), _last_line(seen))
 
 
 def guest_runner(session: Any, guest_root: str, url: str) -> Runner:

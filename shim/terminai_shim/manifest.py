@@ -242,6 +242,14 @@ class Manifest:
                 hint="fetch the channel again; a current release replaces it",
             )
 
+    def select(self, selector: str) -> list[Artifact]:
+        """Every artifact a selector names: a kind (all its platforms), or ``kind@variant``."""
+        kind, _, variant = selector.partition("@")
+        found = [a for a in self.artifacts if a.kind == kind and a.variant == variant]
+        if not found:
+            raise ManifestError(f"manifest has no artifact {selector!r}")
+        return found
+
     def artifact(self, kind: str, platform: str | None = None, variant: str | None = None) -> Artifact:
         """The one artifact of a kind (of a platform, for kinds built per
         platform; of a layer, for the layer kinds). ``kind`` may be a

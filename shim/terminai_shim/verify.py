@@ -184,14 +184,15 @@ def check_artifact(path: Path, artifact: Artifact) -> None:
 
 def check_artifacts(directory: Path, manifest: Manifest, kinds: tuple[str, ...]) -> None:
     """The artifacts of these kinds, where a release directory keeps them."""
-    for kind in kinds:
-        artifact = manifest.artifact(kind)
-        check_artifact(directory / artifact.location, artifact)
+    for selector in kinds:
+        for artifact in manifest.select(selector):
+            check_artifact(directory / artifact.location, artifact)
 
 
 def every_kind(manifest: Manifest) -> tuple[str, ...]:
-    """Every kind of artifact the manifest lists, in its order."""
-    return tuple(dict.fromkeys(a.kind for a in manifest.artifacts))
+    """Every artifact the manifest lists, in its order: by kind, or
+    ``kind@variant`` for the kinds there is one of per layer."""
+    return tuple(dict.fromkeys(a.selector for a in manifest.artifacts))
 
 
 def read_release(directory: Path) -> tuple[bytes, str]:

@@ -24,8 +24,20 @@ export interface RuntimeOptions {
   release?: { manifest?: string; store?: string; channel?: string; version?: string; allowHttp?: boolean };
   /** Who must have signed it; default: the signer pinned in the shim for the channel. */
   trust?: { dev?: boolean; trustedRoot?: string; identity?: string; issuer?: string };
-  /** A developer's own unsigned build outputs instead of a release. */
-  artifacts?: { kernel?: string; rootfs?: string; image?: string; imageSha256?: string };
+  /** A developer's own unsigned build outputs instead of a release (`layerFiles`: their own layers, bottom first). */
+  artifacts?: {
+    kernel?: string;
+    rootfs?: string;
+    image?: string;
+    imageSha256?: string;
+    layerFiles?: { name: string; path: string }[];
+  };
+  /**
+   * The release's root filesystem: a profile it lists (`minimal`, `standard`: its default, `full`), or its
+   * layers by name (each brings what it stands on; microVM only).
+   */
+  profile?: string;
+  layers?: string[];
   workspace?: string;
   workspaceMount?: string;
   network?: NetworkPolicy;
@@ -59,6 +71,13 @@ interface InitializeResult {
   pythonPath?: string | null;
   backend: string;
   notice?: string;
+  rootfs: RootfsInfo;
+}
+
+/** The root filesystem that booted: the profile named (null for a developer's own files) and its layers. */
+export interface RootfsInfo {
+  profile: string | null;
+  layers: string[];
 }
 
 interface ExecuteResult {
@@ -102,6 +121,8 @@ abstract class ShimRuntimeContext implements RuntimeContext {
   taptsVersion = '';
   /** The tier's own words when it is weaker than a microVM (show them to the user). */
   notice: string | undefined;
+  /** What booted: the profile and its layers (set by initialize). */
+  rootfs: RootfsInfo | undefined;
   protected readonly options: RuntimeOptions;
   #connection: ShimConnection | undefined;
 
@@ -137,6 +158,9 @@ abstract class ShimRuntimeContext implements RuntimeContext {
       rootfs: o.artifacts?.rootfs,
       image: o.artifacts?.image,
       imageSha256: o.artifacts?.imageSha256,
+      layerFiles: o.artifacts?.layerFiles?.length ? o.artifacts.layerFiles : undefined,
+      profile: o.profile,
+      layers: o.layers,
       workspace: o.workspace,
       workspaceMount: o.workspaceMount,
       network: o.network,
@@ -153,6 +177,7 @@ abstract class ShimRuntimeContext implements RuntimeContext {
       this.displayName = info.displayName;
       this.pythonPath = info.pythonPath ?? '';
       this.notice = info.notice;
+      this.rootfs = info.rootfs;
       o.onEvent?.({ stage: 'ready', backend: info.backend });
     } catch (error) {
       connection.kill();

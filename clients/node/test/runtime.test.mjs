@@ -54,6 +54,11 @@ test('the CLI acceptance sequence, host paths, concurrency, kill', { timeout: 30
     const echo = await context.execute('echo "Hello from MicroVM"');
     assert.equal(echo.stdout, 'Hello from MicroVM\n');
     assert.equal(echo.exitCode, 0);
+    // The release's default profile: its tools layer (git and the rest) in both tiers.
+    assert.equal(context.rootfs.profile, 'standard');
+    assert.deepEqual(context.rootfs.layers, BACKEND === 'container' ? [] : ['tools']);
+    const git = await context.execute('git --version');
+    assert.equal(git.exitCode, 0, git.stderr);
 
     const proc = await context.spawn('python3 -c "import time; print(1, flush=True); time.sleep(0.5); print(2)"');
     const chunks = [];

@@ -215,7 +215,7 @@ def _fetch(
     root = cache_root()
     blobs = BlobCache(root / "blobs" / "sha256")
     chosen = _kinds(kinds, manifest)
-    wanted = [manifest.artifact(kind) for kind in chosen]
+    wanted = [artifact for selector in chosen for artifact in manifest.select(selector)]
     with locked(root / ".gc.lock", shared=True):  # `cache gc` waits until the release is recorded
         with ThreadPoolExecutor(max_workers=4) as pool:
             futures = [pool.submit(blobs.fetch, blob_source, a.location, a.sha256, a.size, progress) for a in wanted]
