@@ -197,6 +197,33 @@ def test_the_tools_layer_adds_only_its_own_and_lists_them(tools_layer, tmp_path)
     assert {"git", "jq", "perl-base", "python3-pip"} <= names and "python3" not in names and "libc6" not in names
 
 
+@pytest.mark.build
+def test_changing_one_layer_keeps_the_keys_of_the_layers_below_it(ctx, tools_layer, tmp_path):
+    """A package added to `node` in layers.toml, committed: the base's and
+    tools' trees are the cached ones, node's key moves."""
+    from terminai_release.context import BuildContext
+    from terminai_release.progress import Reporter
+    from terminai_release.rootfs.layer import build_full_tree, plan_full_tree
+    from terminai_release.rootfs.stack import load_stack
+
+    clone = tmp_path / "repo"
+    subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
+    changed = BuildContext(repo=clone, reporter=Reporter("plain"), cache=ctx.cache)
+    before = load_stack(REPO)
+    tools = build_full_tree(ctx, ctx.cache, before, "tools")
+    build = build_full_tree(ctx, ctx.cache, before, "build")
+    layers = clone / "images/rootfs/layers.toml"
+    layers.write_text(
+        layers.read_text().replace('packages = ["nodejs", "npm"]', 'packages = ["nodejs", "npm", "yarnpkg"]')
+    )
+    subprocess.run(["git", "-C", str(clone), "commit", "-qam", "node: yarn too"], check=True)
+    after = load_stack(clone)
+    again = build_full_tree(changed, ctx.cache, after, "tools")
+    assert again.cached and again.key == tools.key
+    assert build_full_tree(changed, ctx.cache, after, "build").key == build.key
+    assert plan_full_tree(changed, after, "node", build).key != plan_full_tree(ctx, before, "node", build).key
+
+
 # -- booted ---------------------------------------------------------------------------------------------
 
 
@@ -222,10 +249,9 @@ def test_a_vm_with_the_tools_layer_runs_its_programs_and_cannot_write_it(boot_co
         status, out, _ = s.client.run(["sh", "-c", "grep ' / ' /proc/mounts"])
         assert b"lowerdir=/run/ovl/layers/0:/" in out
         # Even root in the guest cannot change the layer: the disk is read-only to QEMU itself.
-        status, out, err = s.client.run(["sh", "-c", "for d in /sys/block/vd*; do "
-                                         "[ \"$(cat $d/serial)\" = terminai-layer0 ] && dev=/dev/${d##*/}; done; "
-                                         "head -c 4096 /dev/zero > $dev"])  # fmt: skip
-        assert status.exit_code != 0
+        status, out, err = s.client.run(["sh", "-c", "dev=/dev/$(ls /sys/class/scsi_disk/*:0:0:0/device/block); "
+                                         "[ -b $dev ] && ! head -c 4096 /dev/zero > $dev"])  # fmt: skip
+        assert status.exit_code == 0, err
         status, _, _ = s.client.run(["sh", "-c", "echo planted > /usr/bin/git"])  # the overlay takes it
         assert status.exit_code == 0
     assert hashlib.sha256(Path(tools_layer.image).read_bytes()).hexdigest() == before, "the layer changed on the host"

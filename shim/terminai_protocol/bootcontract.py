@@ -57,13 +57,14 @@ GIT_TAG = "workspace-git"  # the workspace's .git, exported read-only
 NINEP_OPTIONS = "trans=virtio,version=9p2000.L,msize=512000,cache=mmap"
 
 
-# Optional root filesystem layers: read-only disks (virtio-blk) whose serial
-# number is ``LAYER_SERIAL`` with the layer's position, bottom first; the
-# ``layers`` setting names them in that order. PID 1 mounts each and makes
-# them the overlay's lower directories above the root image before anything
-# runs. Serials, not device names: the order disks enumerate in is the
-# transport's, not the command line's.
-LAYER_SERIAL = "terminai-layer{}"
+# Optional root filesystem layers: read-only disks on one virtio-scsi
+# controller (QEMU's microvm has eight virtio-mmio transports, too few for a
+# disk each), the layer at position N (bottom first) at SCSI target N, LUN 0;
+# the ``layers`` setting names them in that order. PID 1 mounts each and
+# makes them the overlay's lower directories above the root image before
+# anything runs. Addresses, not device names: disks enumerate in the order
+# they are probed, not the command line's.
+LAYER_SCSI_ID = "scsi-id"  # the scsi-hd property the position goes in
 LAYER_FSTYPE = "squashfs"
 MAX_LAYERS = 8
 

@@ -47,16 +47,28 @@ def _mount_quiet(source: str, target: str, fstype: str, flags: int = 0, data: st
             raise
 
 
-def _layer_devices() -> dict[str, str]:
-    """The guest's disks by serial number."""
-    found = {}
-    for dev in os.listdir("/sys/block"):
+def _layer_devices(count: int) -> dict[int, str]:
+    """The layer disks by SCSI target (the layer's position), waiting a
+    little for the probe: the kernel may still be attaching disks."""
+    import time
+
+    found: dict[int, str] = {}
+    deadline = time.monotonic() + 5
+    while True:
         try:
-            with open(f"/sys/block/{dev}/serial") as f:
-                found[f.read().strip()] = f"/dev/{dev}"
+            addresses = os.listdir("/sys/class/scsi_disk")
         except OSError:
-            continue
-    return found
+            addresses = []
+        for address in addresses:  # host:channel:target:lun
+            parts = address.split(":")
+            if len(parts) == 4 and parts[1] == "0" and parts[3] == "0" and parts[2].isdigit():
+                try:
+                    found[int(parts[2])] = "/dev/" + os.listdir(f"/sys/class/scsi_disk/{address}/device/block")[0]
+                except (OSError, IndexError):
+                    continue
+        if len(found) >= count or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
 
 
 def _mount_layers(layers: list[str]) -> list[str]:
@@ -65,14 +77,13 @@ def _mount_layers(layers: list[str]) -> list[str]:
     from terminai_protocol import bootcontract as boot
 
     lower = ["/"]
-    devices = _layer_devices() if layers else {}
+    devices = _layer_devices(len(layers)) if layers else {}
     for i, name in enumerate(layers):
-        serial = boot.LAYER_SERIAL.format(i)
-        if serial not in devices:
-            raise OSError(2, f"layer {name}: no disk with serial {serial}")
+        if i not in devices:
+            raise OSError(2, f"layer {name}: no disk at SCSI target {i}")
         target = f"/run/ovl/layers/{i}"
         os.makedirs(target, exist_ok=True)
-        mount(devices[serial], target, boot.LAYER_FSTYPE, MS_RDONLY | MS_NODEV)
+        mount(devices[i], target, boot.LAYER_FSTYPE, MS_RDONLY | MS_NODEV)
         lower.insert(0, target)
     return lower
 

@@ -30,7 +30,8 @@ from . import finish
 from .base import BASE_DIR, build_base, load_base_spec, render, tree_plan
 from .delta import write_delta
 from .image import LAYER_LEVEL, mkfs_argv, mkfs_env
-from .mkosi import FullTree, build_tree
+from .mkosi import FullTree, TreePlan, build_tree
+from .project import RootfsArtifacts
 from .sbom import write_sbom
 from .stack import LAYERS_FILE, Stack, load_stack
 
@@ -42,19 +43,10 @@ PROJECT_PATHS = ("/usr/lib/terminai", "/etc/hosts", "/etc/hostname", "/etc/termi
 
 
 @dataclass(frozen=True)
-class LayerArtifacts:
-    name: str
-    directory: Path
-    record: dict[str, Any]
-    cached: bool
+class LayerArtifacts(RootfsArtifacts):
+    """A layer's image and SBOM, as the root image's (``image``, ``sbom``)."""
 
-    @property
-    def image(self) -> Path:
-        return self.directory / self.record["outputs"]["image"]["file"]
-
-    @property
-    def sbom(self) -> Path:
-        return self.directory / self.record["outputs"]["sbom"]["file"]
+    name: str = ""
 
     @property
     def depends(self) -> list[str]:
@@ -71,12 +63,17 @@ def build_full_tree(ctx: BuildContext, cache: StepCache, stack: Stack, name: str
     """The full tree of ``name`` on top of the full tree below it (recursively)."""
     spec = stack.layers[name]
     lower = build_full_tree(ctx, cache, stack, spec.depends[0]) if spec.depends else build_base(ctx, cache=cache)
+    return build_tree(ctx, cache, plan_full_tree(ctx, stack, name, lower))
+
+
+def plan_full_tree(ctx: BuildContext, stack: Stack, name: str, lower: FullTree) -> TreePlan:
+    spec = stack.layers[name]
     base = load_base_spec(ctx.repo)
-    sde = source_date_epoch(ctx.repo, BASE_DIR, LAYER_DIR, LAYERS_FILE, "images/rootfs/mkosi.toml")
+    # Not layers.toml's commit time: editing one layer there must not move every layer's key.
+    sde = source_date_epoch(ctx.repo, BASE_DIR, LAYER_DIR, "images/rootfs/mkosi.toml")
     conf = render(ctx.repo / LAYER_DIR / "mkosi.conf.j2", release=base.release, packages=spec.packages,
                   seed=base.seed, source_date_epoch=sde)  # fmt: skip
-    plan = tree_plan(ctx, f"rootfs-layer-{name}", f"the {name} layer's tree", conf, sde, lower)
-    return build_tree(ctx, cache, plan)
+    return tree_plan(ctx, f"rootfs-layer-{name}", f"the {name} layer's tree", conf, sde, lower)
 
 
 def build_layer(ctx: BuildContext, name: str, *, cache: StepCache | None = None) -> LayerArtifacts:
@@ -112,7 +109,7 @@ def build_layer(ctx: BuildContext, name: str, *, cache: StepCache | None = None)
     entry, cached = cache.obtain(step, key, build)
     if cached:
         ctx.reporter.done(f"layer-{name}", f"the {name} layer from cache ({key[:12]})")
-    return LayerArtifacts(name, entry, cache.record(step, key), cached)
+    return LayerArtifacts(entry, cache.record(step, key), cached, name)
 
 
 def _finished_copy(

@@ -42,8 +42,8 @@ def backend_order(text: str | None = None) -> tuple[str, ...]:
 
 def _microvm(accel: AccelChoice, network: str = "none", layers: bool = False) -> str:
     """Firecracker only without a network (the policy's networking is built
-    on QEMU's user networking) and without root filesystem layers (its
-    disks carry no serial number for the guest to find them by)."""
+    on QEMU's user networking) and without root filesystem layers (it has no
+    SCSI controller to carry them)."""
     firecracker = FirecrackerBackend()
     plain = network == "none" and not layers
     return "firecracker" if firecracker.available() and accel.accel == "kvm" and plain else "qemu"

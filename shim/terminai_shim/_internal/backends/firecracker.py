@@ -53,7 +53,7 @@ def vm_config(config: BootConfig, runtime: RuntimeDir) -> dict[str, Any]:
         )
     if config.layers:
         raise ConfigError(
-            "Firecracker's disks carry no serial number, so the root filesystem's layers cannot be attached",
+            "Firecracker has no SCSI controller to carry the root filesystem's layers",
             hint="use the QEMU backend for a profile with layers, or the minimal profile",
         )
     return {

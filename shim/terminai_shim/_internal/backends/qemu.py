@@ -329,14 +329,17 @@ def command_line(
 
 
 def layer_args(config: BootConfig) -> list[str]:
-    """Each layer as a read-only disk the guest finds by its serial number."""
+    """The layers as read-only disks on one virtio-scsi controller, each at
+    its position's SCSI target, where the guest looks for it."""
     if len(config.layers) > boot.MAX_LAYERS:
         raise ConfigError(f"{len(config.layers)} root filesystem layers; at most {boot.MAX_LAYERS} are mounted")
-    argv = []
+    if not config.layers:
+        return []
+    argv = ["-device", "virtio-scsi-device,id=layers"]
     for i, layer in enumerate(config.layers):
         argv += [
             "-drive", f"id=layer{i},file={_opt(layer.path)},format=raw,if=none,readonly=on",
-            "-device", f"virtio-blk-device,drive=layer{i},serial={boot.LAYER_SERIAL.format(i)}",
+            "-device", f"scsi-hd,drive=layer{i},bus=layers.0,channel=0,{boot.LAYER_SCSI_ID}={i},lun=0",
         ]  # fmt: skip
     return argv
 
