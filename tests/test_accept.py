@@ -4,7 +4,9 @@ on the host (release/capability/tasks.toml, `inv accept`).
 The whole corpus under TCG takes long (a `python3 -m venv` alone installs
 pip for minutes), so CI runs a representative part: every task on the host,
 and in both tiers one or more tasks of every group with `standard`, the
-compiler and Node.js tasks with `full`. `inv accept` runs all of it.
+compiler and Node.js tasks with `full`; the two slowest under TCG (an npm
+project, 86 s; a pip install, 47 s) in the container only. `inv accept`
+runs all of it in both.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ REPRESENTATIVE = (
     "flock", "rename-over-open", "curl-download", "wget-download", "prompt-reads-a-line", "isatty", "window-size",
 )  # fmt: skip
 NEEDS_FULL = tuple(t.id for t in REPO_TASKS if {"compiler", "node"} & set(t.needs))
+SLOW_UNDER_TCG = ("npm-run-script", "pip-install-local-package")
 
 
 @pytest.mark.unit
@@ -68,11 +71,13 @@ def test_every_task_passes_on_this_host(ctx, tmp_path):
 @pytest.mark.vm
 def test_the_capability_gate_holds_in_the_microvm_and_the_container(ctx, docker_engine, tmp_path):
     plan = Plan(tiers=("host", "microvm", "container"), profiles=("standard", "full"),
-                only=REPRESENTATIVE + NEEDS_FULL,
-                profile_tasks={"standard": REPRESENTATIVE, "full": NEEDS_FULL})  # fmt: skip
+                only=REPRESENTATIVE + NEEDS_FULL, profile_tasks={"standard": REPRESENTATIVE, "full": NEEDS_FULL},
+                not_in_microvm=SLOW_UNDER_TCG)  # fmt: skip
     outcomes = run_accept(ctx, plan)
     chosen = [t for t in REPO_TASKS if t.id in plan.only]
-    violations = gate(chosen, outcomes)
+    violations = gate([t for t in chosen if t.id not in SLOW_UNDER_TCG], outcomes) + gate(
+        [t for t in chosen if t.id in SLOW_UNDER_TCG], outcomes, ("container",)
+    )
     doc = write_results(tmp_path / "results.json", chosen, outcomes, violations)
     plot(doc, tmp_path / "results.png")
     assert json.loads((tmp_path / "results.json").read_text())["gate"]["passed"] == (not violations)
