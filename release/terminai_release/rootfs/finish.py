@@ -113,8 +113,9 @@ def prune(tree: Path, removals: Removals, packages: list[Package]) -> None:
             script.unlink(missing_ok=True)
 
 
-def _interpreter(tree: Path, path: Path) -> str | None:
-    """The interpreter a script names on its ``#!`` line, if it names one."""
+def _interpreter(path: Path) -> str | None:
+    """The interpreter a script names on its ``#!`` line, if it names one
+    (through ``env``: the program, taken to be in /usr/bin)."""
     try:
         with path.open("rb") as f:
             head = f.read(256)
@@ -175,7 +176,7 @@ def _interpreters(tree: Path) -> dict[Path, str]:
             st = path.lstat()
             if not stat.S_ISREG(st.st_mode) or not st.st_mode & 0o111:
                 continue
-            interp = _interpreter(tree, path)
+            interp = _interpreter(path)
             if interp and interp.startswith("/") and _exists_in(tree, interp):
                 found[path] = interp
     return found

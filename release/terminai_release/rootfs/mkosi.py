@@ -206,16 +206,10 @@ def _build_tree_into(ctx: BuildContext, cache: StepCache, plan: TreePlan, key: s
         hint="read the log; apt errors usually mean the host mirror is unreachable",
     )  # fmt: skip
     out = work / "out"
-    manifest = json.loads((out / "tree.manifest").read_text())
-    packages = sorted(
-        (
-            {"name": p["name"], "version": p["version"], "architecture": p["architecture"]}
-            for p in manifest.get("packages", [])
-        ),
-        key=lambda p: p["name"],
-    )
     # mkosi's manifest names what this build installed: the whole system for
-    # the base, the new packages for a layer.
+    # the base, the new packages for a layer. (The SBOMs come from the dpkg
+    # database of the finished trees: ``finish``.)
+    packages = json.loads((out / "tree.manifest").read_text()).get("packages", [])
     if plan.lower is None and not any(p["name"] == "python3" for p in packages):
         raise BuildError(f"{plan.title} has no python3 package", log=str(log))
     os.rename(out / "tree", staging / "tree")
