@@ -118,7 +118,15 @@ def test_release_writes_verified_content_addressed_blobs(ctx, kernel, rootfs, tm
         "node-package",
         "shim-standalone",
         "shim-npm-package",
+        "rootfs-layer",
+        "layer-sbom",
     }
+    from terminai_release.rootfs.stack import load_stack
+
+    stack = load_stack(REPO)
+    assert m.rootfs.profiles == stack.profiles and m.rootfs.default_profile == "standard"
+    assert {a.variant for a in m.artifacts if a.kind in ("rootfs-layer", "layer-sbom")} == set(stack.layers)
+    assert m.rootfs.order(["node"]) == ("tools", "build", "node")
     from terminai_shim.layout import manifest_platform, standalone_platform
 
     here = manifest_platform(standalone_platform())
