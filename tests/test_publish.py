@@ -334,7 +334,9 @@ def test_a_profile_fetches_and_verifies_only_its_own_layers_from_a_hostile_mirro
     m = release.manifest
     node = m.artifact("rootfs-layer", variant="node")
     blob = mirror / blob_key(node.sha256)
-    blob.write_bytes(blob.read_bytes()[:-1] + b"\0")
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    blob.write_bytes(bytes(data))
     monkeypatch.setenv("TERMINAI_CACHE", str(tmp_path / "cache"))
     trust = Trust(trusted_root=release.directory / "dev-trusted-root.json", dev=True)
 
