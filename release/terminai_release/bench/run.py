@@ -572,7 +572,7 @@ def _panel_layers(ax: Any, r: dict[str, Any]) -> None:
            label="restore to ready")  # fmt: skip
     ax.set_xticks(list(x), [f"{n}\n{r['profiles'][n]['compressed_bytes'] / 1e6:.0f} MB" for n in names])
     ax.legend()
-    ax.set_title("profiles: seconds to ready (target: standard within 10 % of minimal)")
+    ax.set_title("profiles: s to ready (standard ≤ 1.1 × minimal)")
 
 
 PANELS = {"kernel": _panel_kernel, "guest": _panel_guest, "shim": _panel_shim, "snapshot": _panel_snapshot,
