@@ -313,7 +313,7 @@ def test(c: Context, markers: str = "", args: str = "") -> None:
         _fail(exc)
         return
     try:
-        c.run(f"{sys.executable} -m pytest {m} {args}", pty=False)
+        c.run(f"{sys.executable} -m pytest --durations=25 {m} {args}", pty=False)
         # The shim's own suites again, against the standalone build a CLI user installs.
         c.run(f"{sys.executable} -m pytest --standalone-shim {m} {args} {' '.join(STANDALONE_SUITE)}", pty=False)
     finally:

@@ -96,37 +96,74 @@ def test_acceptance_sequence_on_both_tiers(backend, boot_config, container_image
 
 
 def test_oci_archive_is_deterministic_and_the_engine_reports_its_id(ctx, container_image, engine, tmp_path):
-    from terminai_release.container.build import ENTRYPOINT, ENV, load_into_engine
+    """Written again from the same trees: the same bytes. An image per
+    profile over shared layer blobs, the default profile's first; a layer's
+    overlay whiteouts are OCI ``.wh.`` entries; the engine reports the ids
+    computed before loading."""
+    from terminai_release.container.build import BASE, ENTRYPOINT, ENV, image_profiles, load_into_engine
     from terminai_release.container.oci import ImageSpec, write_archive
+    from terminai_release.rootfs.layer import build_layer
     from terminai_release.rootfs.project import build_rootfs
+    from terminai_release.rootfs.stack import load_stack
 
-    rootfs = build_rootfs(ctx)
     record = container_image.record
-    tree = tmp_path / "tree"
-    subprocess.run(["unsquashfs", "-q", "-no-progress", "-d", str(tree), str(rootfs.image)], check=True)
-    os.utime(tree / "etc/hostname")  # today's time: clamped to the source date in the layer
+    stack = load_stack(ctx.repo)
+    trees = {BASE: tmp_path / "tree-base"}
+    subprocess.run(["unsquashfs", "-q", "-no-progress", "-d", str(trees[BASE]), str(build_rootfs(ctx).image)],
+                   check=True)  # fmt: skip
+    for name in stack.layers:
+        trees[name] = tmp_path / f"tree-{name}"
+        subprocess.run(["unsquashfs", "-q", "-no-progress", "-d", str(trees[name]), str(build_layer(ctx, name).image)],
+                       check=True)  # fmt: skip
+    os.utime(trees[BASE] / "etc/hostname")  # today's time: clamped to the source date in the layer
     version = record["inputs"]["version"]
     spec = ImageSpec(ENTRYPOINT, ENV, {"org.opencontainers.image.version": version,
                                        "org.terminai.rootfs.sha256": record["inputs"]["rootfs"]},
                      f"terminai/runtime:{version}")  # fmt: skip
+    profiles = image_profiles(stack)
+    assert next(iter(profiles)) == stack.default_profile
     (tmp_path / "w").mkdir()
-    again = write_archive(tree, spec, tmp_path / "again.oci.tar", tmp_path / "w", record["inputs"]["source_date_epoch"])
+    again = write_archive(trees, profiles, spec, tmp_path / "again.oci.tar", tmp_path / "w",
+                          record["inputs"]["source_date_epoch"])  # fmt: skip
     assert again.archive.read_bytes() == container_image.archive.read_bytes(), "a second build differs"
+    assert again.images == container_image.images
     with tarfile.open(again.archive) as tar:
         names = tar.getnames()
         assert {"oci-layout", "index.json", "manifest.json"} <= set(names)
         index = json.load(tar.extractfile("index.json"))
-        config = json.load(tar.extractfile(f"blobs/sha256/{again.image_id[7:]}"))
-        layer = tar.extractfile(f"blobs/sha256/{again.layer_digest}")
-        with tarfile.open(fileobj=layer) as inner:
+        docker = json.load(tar.extractfile("manifest.json"))
+        config = json.load(tar.extractfile(f"blobs/sha256/{container_image.image_id[7:]}"))
+        with tarfile.open(fileobj=tar.extractfile(f"blobs/sha256/{again.layers[BASE]}")) as inner:
             members = inner.getmembers()
-    assert index["manifests"][0]["mediaType"] == "application/vnd.oci.image.manifest.v1+json"
+    assert [m["mediaType"] for m in index["manifests"]] == ["application/vnd.oci.image.manifest.v1+json"] * len(
+        profiles
+    )
+    assert docker[0]["RepoTags"] == [f"terminai/runtime:{version}-{stack.default_profile}"]
+    assert len({layer for entry in docker for layer in entry["Layers"]}) == len(trees), "each layer blob once"
     assert config["created"].startswith("20") and config["config"]["Entrypoint"] == list(ENTRYPOINT)
+    assert config["config"]["Labels"]["org.terminai.profile"] == stack.default_profile
     assert [m.name for m in members] == sorted((m.name for m in members), key=os.fsencode)
     assert max(m.mtime for m in members) <= record["inputs"]["source_date_epoch"]
     assert any(m.name == "usr/lib/terminai/init" for m in members)
     assert load_into_engine(container_image) == container_image.image_id
-    assert engine.images.get(container_image.image_id).id == container_image.image_id
+    for image_id in container_image.images.values():
+        assert engine.images.get(image_id).id == image_id
+
+
+@pytest.mark.unit
+def test_overlay_whiteouts_become_oci_whiteouts(tmp_path):
+    from terminai_release.container.oci import write_layer
+
+    if os.geteuid() != 0:
+        pytest.skip("making an overlay whiteout (a character device) needs root (CI runs as root)")
+    tree = tmp_path / "tree"
+    (tmp_path / "tree/etc").mkdir(parents=True)
+    (tree / "etc/new").write_text("added")
+    os.mknod(tree / "etc/gone", 0o020000, os.makedev(0, 0))
+    write_layer(tree, tmp_path / "layer.tar", 1_700_000_000)
+    with tarfile.open(tmp_path / "layer.tar") as tar:
+        found = {m.name: m for m in tar.getmembers()}
+    assert set(found) == {"etc", "etc/new", "etc/.wh.gone"} and found["etc/.wh.gone"].isreg()
 
 
 def test_the_container_is_locked_down(boot_config, container_image, engine, tmp_path):

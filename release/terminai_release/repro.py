@@ -40,7 +40,11 @@ def _digests(record: dict[str, object], names: tuple[str, ...]) -> dict[str, str
     return {n: str(outputs[n]["sha256"]) for n in names}
 
 
-def check(ctx: BuildContext, artifact: str, scratch: Path | None = None) -> ReproResult:
+def check(ctx: BuildContext, artifact: str, scratch: Path | None = None, reuse: tuple[str, ...] = ()) -> ReproResult:
+    """``reuse``: cache steps whose entries the second build takes from the
+    first cache instead of building them again (the test suite's shortcut
+    for a layer: its mkosi trees, built by the same code as the base's tree,
+    whose reproducibility the root image's check proves from clean)."""
     from .container import build_container
     from .errors import BuildError
     from .kernel import build_kernel
@@ -63,7 +67,13 @@ def check(ctx: BuildContext, artifact: str, scratch: Path | None = None) -> Repr
     first = _digests(build(ctx.cache), names)
     root = Path(tempfile.mkdtemp(prefix=f"repro-{artifact}-", dir=scratch))
     try:
-        second = _digests(build(StepCache(root / "cache")), names)
+        clean = StepCache(root / "cache")
+        for step in reuse:
+            (clean.root / step).mkdir(parents=True)
+            for entry in (ctx.cache.root / step).iterdir():
+                if not entry.name.startswith("."):
+                    (clean.root / step / entry.name).symlink_to(entry)
+        second = _digests(build(clean), names)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return ReproResult(artifact, first, second)

@@ -24,7 +24,7 @@ from ..errors import BuildError
 from ..proc import run_logged, tool_version
 from ..rootfs.layer import build_layer
 from ..rootfs.project import build_rootfs
-from ..rootfs.stack import load_stack
+from ..rootfs.stack import Stack, load_stack
 from .oci import ARCHIVE_MEDIA, ImageSpec, write_archive
 
 RECIPE = 3
@@ -55,6 +55,13 @@ class ContainerArtifacts:
         return self.images[self.record["outputs"]["archive"]["defaultProfile"]]
 
 
+def image_profiles(stack: Stack) -> dict[str, tuple[str, ...]]:
+    """Each image's trees, bottom first; the default profile first: its image
+    is the archive's first, what a caller naming none gets."""
+    ordered = {stack.default_profile: stack.profiles[stack.default_profile], **stack.profiles}
+    return {profile: (BASE, *members) for profile, members in ordered.items()}
+
+
 def build_container(ctx: BuildContext, *, cache: StepCache | None = None) -> ContainerArtifacts:
     """``cache``: where this step's entry goes (``inv repro`` rebuilds it in a
     clean one); the root image always comes from the context's cache, whose
@@ -66,13 +73,12 @@ def build_container(ctx: BuildContext, *, cache: StepCache | None = None) -> Con
     version = str(root.record["inputs"]["version"])
     sde = int(root.record["inputs"]["source_date_epoch"])
     unpack = ["unsquashfs", "-version"] if image["format"] == "squashfs" else ["fsck.erofs", "--version"]
-    # The default profile first: its image is the archive's first, what a caller naming none gets.
-    profiles = {stack.default_profile: stack.profiles[stack.default_profile], **stack.profiles}
+    profiles = image_profiles(stack)
     inputs = {
         "recipe": RECIPE,
         "rootfs": image["sha256"],
         "layers": {name: art.record["outputs"]["image"]["sha256"] for name, art in layers.items()},
-        "profiles": {name: list(members) for name, members in profiles.items()},
+        "profiles": {name: list(members[1:]) for name, members in profiles.items()},
         "version": version,
         "source_date_epoch": sde,
         "entrypoint": list(ENTRYPOINT),
@@ -103,8 +109,7 @@ def build_container(ctx: BuildContext, *, cache: StepCache | None = None) -> Con
                                            "org.terminai.rootfs.sha256": image["sha256"]},
                          f"terminai/runtime:{version}")  # fmt: skip
         ctx.reporter.info("container", "writing the OCI archive (sorted, clamped, uncompressed layers)")
-        out = write_archive(trees, {p: (BASE, *members) for p, members in profiles.items()}, spec,
-                            staging / f"terminai-runtime-{version}.oci.tar", work, sde)  # fmt: skip
+        out = write_archive(trees, profiles, spec, staging / f"terminai-runtime-{version}.oci.tar", work, sde)
         record = {
             "artifact": "container",
             "key": key,
