@@ -122,6 +122,15 @@ class StepCache:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
+    def link_from(self, other: StepCache, steps: tuple[str, ...]) -> None:
+        """Take ``other``'s finished entries of these steps as this cache's
+        own (links, not copies): a clean cache that rebuilds only the rest."""
+        for step in steps:
+            (self.root / step).mkdir(parents=True, exist_ok=True)
+            for entry in (other.root / step).iterdir():
+                if not entry.name.startswith("."):  # locks and staging directories stay behind
+                    (self.root / step / entry.name).symlink_to(entry)
+
     def work_dir(self, step: str, key: str) -> Path:
         """Fresh, empty scratch space for a build (whatever an earlier attempt
         left is removed); kept after a failure so its log can be read."""

@@ -68,11 +68,7 @@ def check(ctx: BuildContext, artifact: str, scratch: Path | None = None, reuse: 
     root = Path(tempfile.mkdtemp(prefix=f"repro-{artifact}-", dir=scratch))
     try:
         clean = StepCache(root / "cache")
-        for step in reuse:
-            (clean.root / step).mkdir(parents=True)
-            for entry in (ctx.cache.root / step).iterdir():
-                if not entry.name.startswith("."):
-                    (clean.root / step / entry.name).symlink_to(entry)
+        clean.link_from(ctx.cache, reuse)
         second = _digests(build(clean), names)
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -622,11 +622,9 @@ def bench_layers(ctx: BuildContext, runs: int, work: Path) -> dict[str, Any]:
     # The top layer again (its mkosi tree and its image), in a cache holding everything below it: what
     # changing only that layer costs (apt's downloads are cached too, as on a developer's machine).
     scratch = StepCache(work / "rebuild-cache")
-    for step in ("rootfs-base", "mkosi-packages", *(f"rootfs-layer-{n}" for n in stack.layers if n != top)):
-        (scratch.root / step).mkdir(parents=True, exist_ok=True)
-        for entry in (ctx.cache.root / step).iterdir():
-            if not entry.name.startswith("."):
-                (scratch.root / step / entry.name).symlink_to(entry)
+    scratch.link_from(
+        ctx.cache, ("rootfs-base", "mkosi-packages", *(f"rootfs-layer-{n}" for n in stack.layers if n != top))
+    )
     rebuild = _timed(lambda: build_layer(ctx, top, cache=scratch))
     sizes = {n: {"compressed_bytes": a.record["outputs"]["image"]["size"], "tree_bytes": a.record["tree_bytes"],
                  "packages": a.record["packages"], "depends": a.depends} for n, a in built.items()}  # fmt: skip
