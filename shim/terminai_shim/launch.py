@@ -23,7 +23,6 @@ Every failure is a ``ShimError`` with a code; a bad request is a
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -37,7 +36,7 @@ from ._internal.fetch import Progress
 from ._internal.netpolicy import Allowlist
 from ._internal.releases import Kinds, VerifiedRelease, fetch_channel, open_release
 from .errors import ConfigError
-from .manifest import Manifest, ManifestError
+from .manifest import LAYER_NAME, Manifest, ManifestError
 from .models import DEFAULT_CPUS, DEFAULT_MEMORY_MIB, GUEST_USERS, AccelChoice, BootConfig, NetworkPolicy, RootLayer
 from .verify import DEFAULT_CHANNEL, DEV_CHANNEL, DEV_IDENTITY, DEV_ISSUER, TrustPolicy, dev_policy, every_kind
 
@@ -48,7 +47,6 @@ VM_KINDS = ("kernel", "rootfs")
 CONTAINER_KINDS = ("container-image",)
 NETWORK_MODES = ("none", "allowlist", "open")
 SNAPSHOT_MODES = ("auto", "off")
-LAYER_NAME = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,8 @@ KINDS = (
 # Kinds there is one of per root filesystem layer: the artifact's ``variant`` names the layer.
 LAYER_KINDS = ("rootfs-layer", "layer-sbom")
 MINIMAL = "minimal"  # the profile with no layers, which every release has
+# A layer's or profile's name, wherever one is written (layers.toml, the manifest, the shim's flags).
+LAYER_NAME = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _VERSION = re.compile(r"^\d+\.\d+\.\d+([.+-][0-9A-Za-z.+-]+)?$")
 
@@ -381,9 +383,6 @@ def _str(doc: dict[str, Any], key: str, pattern: re.Pattern[str] | None = None) 
     return value
 
 
-_NAME = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
-
-
 def _rootfs(doc: Any) -> RootfsLayers:
     """The layers and profiles; a release without the section has the base alone."""
     if doc is None:
@@ -394,14 +393,14 @@ def _rootfs(doc: Any) -> RootfsLayers:
     for i, layer in enumerate(_list(doc, "layers")):
         if not isinstance(layer, dict):
             raise TypeError(f"rootfs.layers[{i}] must be an object")
-        name = _str(layer, "name", _NAME)
-        below = tuple(_str({"depends": d}, "depends", _NAME) for d in _list(layer, "depends"))
+        name = _str(layer, "name", LAYER_NAME)
+        below = tuple(_str({"depends": d}, "depends", LAYER_NAME) for d in _list(layer, "depends"))
         if len(below) > 1 or any(d not in depends for d in below) or name in depends:
             raise ValueError(f"rootfs.layers[{i}] ({name}) must stand on at most one layer listed before it, once")
         depends[name] = below
-    layers = RootfsLayers(depends, {}, _str(doc, "defaultProfile", _NAME))
+    layers = RootfsLayers(depends, {}, _str(doc, "defaultProfile", LAYER_NAME))
     for name, members in _obj(doc, "profiles").items():
-        if not _NAME.match(name) or not isinstance(members, list) or not all(isinstance(m, str) for m in members):
+        if not LAYER_NAME.match(name) or not isinstance(members, list) or not all(isinstance(m, str) for m in members):
             raise ValueError(f"rootfs.profiles.{name} must be a list of layer names")
         if layers.order(members) != tuple(members):
             raise ValueError(f"rootfs.profiles.{name} must list its layers bottom first, each with what it stands on")
@@ -433,8 +432,8 @@ def _artifact(doc: Any, index: int) -> Artifact:
         media_type=_str(doc, "mediaType"),
         location=location,
         build=build,
-        variant=_str(doc, "variant", _NAME) if "variant" in doc else "",
+        variant=_str(doc, "variant", LAYER_NAME) if "variant" in doc else "",
     )
 
 
-__all__ = ["Artifact", "BootDefaults", "ChannelPointer", "Manifest", "ManifestError", "RootfsLayers"]
+__all__ = ["LAYER_NAME", "Artifact", "BootDefaults", "ChannelPointer", "Manifest", "ManifestError", "RootfsLayers"]

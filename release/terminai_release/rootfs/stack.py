@@ -12,15 +12,15 @@ was built on.
 
 from __future__ import annotations
 
-import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from terminai_shim.manifest import LAYER_NAME
+
 from ..errors import BuildError
 
 LAYERS_FILE = "images/rootfs/layers.toml"
-NAME = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
 BASE = "base"  # the name the base goes by in a stack; never a layer's name
 
 
@@ -80,7 +80,7 @@ def load_stack(repo: Path) -> Stack:
         raise BuildError(f"cannot read {LAYERS_FILE}: {exc}", hint="fix the file's TOML") from None
     layers: dict[str, LayerSpec] = {}
     for name, body in data.get("layers", {}).items():
-        if not NAME.match(name) or name == BASE:
+        if not LAYER_NAME.match(name) or name == BASE:
             raise BuildError(f"{LAYERS_FILE}: {name!r} is not a layer name", hint="lower-case letters, digits, -")
         unknown = set(body) - {"description", "depends", "packages", "restore"}
         if unknown:
@@ -98,7 +98,7 @@ def load_stack(repo: Path) -> Stack:
                                  tuple(body["packages"]), tuple(body.get("restore", [])))  # fmt: skip
     stack = Stack(layers, {}, str(data.get("default_profile", "")))
     for name, members in data.get("profiles", {}).items():
-        if not NAME.match(name):
+        if not LAYER_NAME.match(name):
             raise BuildError(f"{LAYERS_FILE}: {name!r} is not a profile name")
         ordered = stack.order(members)
         if set(ordered) != set(members):
