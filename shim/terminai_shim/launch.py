@@ -164,19 +164,19 @@ def resolve(request: LaunchRequest, progress: Progress | None = None) -> Launch:
     _check(request)
     accel = choose_accel(request.accel)
     if request.source is not None:
-        chosen: list[BackendChoice] = []
+        chosen: list[tuple[BackendChoice, tuple[str, ...]]] = []
 
         def kinds(manifest: Manifest) -> tuple[str, ...]:
             has_image = any(a.kind == "container-image" for a in manifest.artifacts)
             layers = release_layers(request, manifest)
-            chosen.append(_choose(request, accel, has_image, bool(layers)))
-            if chosen[-1].name == "container":
+            chosen.append((_choose(request, accel, has_image, bool(layers)), layers))
+            if chosen[-1][0].name == "container":
                 return CONTAINER_KINDS
             return VM_KINDS + tuple(f"rootfs-layer@{name}" for name in layers)
 
         release = _open(request.source, request.trust, kinds, progress)
-        choice = chosen[-1]
-        config = _release_config(request, release, choice.name)
+        choice, layers = chosen[-1]
+        config = _release_config(request, release, choice.name, layers)
     else:
         local = request.local or LocalArtifacts()
         choice = _choose(request, accel, local.image is not None, bool(local.layers))
@@ -314,12 +314,15 @@ def _common(request: LaunchRequest, backend: str) -> dict[str, object]:
     }
 
 
-def _release_config(request: LaunchRequest, release: VerifiedRelease, backend: str) -> BootConfig:
-    """The artifacts that were verified, with the digests the backend checks again on what it opens."""
+def _release_config(
+    request: LaunchRequest, release: VerifiedRelease, backend: str, names: tuple[str, ...]
+) -> BootConfig:
+    """The artifacts that were verified, with the digests the backend checks
+    again on what it opens; ``names``: the release's layers the request
+    boots (``release_layers``), bottom first."""
     m = release.manifest
     vm = backend != "container"
     layers: tuple[RootLayer, ...] = ()
-    names = release_layers(request, m)  # the profile or layers exist in this release
     if not vm and request.layers is not None:
         raise ConfigError("the container tier runs one of the archive's images, one per profile",
                           hint=f"name a profile (--profile): {', '.join(m.rootfs.profiles)}")  # fmt: skip

@@ -43,13 +43,14 @@ def main(argv: list[str] | None = None, marks: dict[str, float] | None = None) -
     """``marks``: boot-time stamps (CLOCK_BOOTTIME) the launcher took, reported in hello."""
     argv = sys.argv[1:] if argv is None else argv
     pid1 = os.getpid() == 1 and os.environ.get("TERMINAI_CONTAINER") != "1"
-    unsafe = None
+    unsafe, layers = None, []
     if pid1:
         from .init import mount_kernel_filesystems, setup_pid1
 
         mount_kernel_filesystems()  # /proc/cmdline is readable only after this
         settings = _cmdline()
-        unsafe = setup_pid1(boot.layer_names(settings.get("layers", "")))
+        layers = boot.layer_names(settings.get("layers", ""))
+        unsafe = setup_pid1(layers)
         from .init import set_hostname
 
         set_hostname(settings.get("hostname", "terminai"))
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None, marks: dict[str, float] | None = None) -
         untouchable()
     config.marks = dict(marks or {})
     config.marks["mounted"] = _boottime()
-    config.layers = boot.layer_names(settings.get("layers", "")) if pid1 and not unsafe else []
+    config.layers = [] if unsafe else layers
     server = Server(config)
     server.unsafe = unsafe
     spec = ChannelSpec.parse(settings.get("channel", boot.DEFAULT_CHANNEL))
