@@ -364,6 +364,64 @@ def test_root_on_request_is_root(vm):
     assert sh(vm, "grep CapEff /proc/self/status")[1].split()[1] == "0000000000000000"
 
 
+REACH_LAUNCHER = r"""
+import ctypes, os, signal
+libc = ctypes.CDLL(None, use_errno=True)
+def stat(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()
+# The root launcher: init's child that keeps every capability (it is not this command's ancestor).
+mine = {os.getpid(), os.getppid()}
+init = open("/proc/1/cmdline", "rb").read()
+launcher = next(int(p) for p in os.listdir("/proc") if p.isdigit() and int(p) not in mine and stat(p)[1] == "1"
+                and open(f"/proc/{p}/cmdline", "rb").read() == init)
+def attempt(name, fn):
+    try:
+        fn(); print(name, "SUCCEEDED")
+    except OSError as e:
+        print(name, "refused", e.errno)
+def pidfd_getfd():
+    pidfd = libc.syscall(434, launcher, 0)
+    if pidfd < 0: raise OSError(ctypes.get_errno(), "pidfd_open")
+    for target in range(3, 64):
+        if libc.syscall(438, pidfd, target, 0) >= 0: return
+    raise OSError(ctypes.get_errno(), "pidfd_getfd")
+def ptrace():
+    if libc.ptrace(16, launcher, 0, 0) != 0: raise OSError(ctypes.get_errno(), "ptrace attach")
+def proc_fd():
+    for name in os.listdir(f"/proc/{launcher}/fd"):
+        os.close(os.open(f"/proc/{launcher}/fd/{name}", os.O_RDWR))
+        return
+attempt("pidfd_getfd", pidfd_getfd)
+attempt("ptrace", ptrace)
+attempt("proc_fd", proc_fd)
+attempt("proc_mem", lambda: open(f"/proc/{launcher}/mem", "rb").read(1))
+os.kill(launcher, signal.SIGKILL)  # what a command can do: stop it
+print("killed", launcher)
+"""
+
+
+@pytest.mark.vm
+def test_commands_cannot_use_the_root_launcher_and_stopping_it_only_stops_root_commands(boot_config):
+    """The VM's init starts commands already confined; ``user: root``
+    commands come from a launcher process that keeps every capability. A
+    command cannot trace it or take its socket; it can kill it (same uid),
+    and then root commands are refused with a plain error while everything
+    else goes on."""
+    with boot(boot_config) as s:
+        assert sh(s, "grep CapEff /proc/self/status", user="root")[1].split()[1] != "0000000000000000"
+        _code, out, err = py(s, REACH_LAUNCHER)
+        results = dict(line.split(" ", 1) for line in out.splitlines())
+        assert set(results) == {"pidfd_getfd", "ptrace", "proc_fd", "proc_mem", "killed"}, (out, err)
+        assert not [k for k, v in results.items() if "SUCCEEDED" in v], out
+        from terminai_shim.errors import AgentError
+
+        with pytest.raises(AgentError, match="root launcher has ended"):
+            sh(s, "true", user="root")
+        assert sh(s, "echo still; exit 3") == (3, "still\n", "")
+        assert s.client.ping()["pong"]
+
+
 class HostileAgent:
     """A test double for a compromised guest agent: the host end of a socket
     pair whose other end this test writes, frame by frame (a VM cannot be made

@@ -41,7 +41,7 @@ EVENT = "evt"
 OPS = (
     "hello", "ping", "exec", "write_stdin", "close_stdin", "signal", "resize",
     "read", "write", "stat", "list", "remove", "mkdir", "rename",
-    "mount", "freshen", "shutdown",
+    "mount", "freshen", "prepare", "shutdown",
 )  # fmt: skip
 
 # Error codes. ``ran`` on an error says whether a command may have run.

@@ -32,15 +32,15 @@ from terminai_protocol import bootcontract as boot
 from ._internal.accel import choose_accel
 from ._internal.backends import NAMES, BackendChoice, choose_backend, make_backend
 from ._internal.backends.base import Backend
-from ._internal.fetch import Progress
 from ._internal.netpolicy import Allowlist
-from ._internal.releases import Kinds, VerifiedRelease, fetch_channel, open_release
 from .errors import ConfigError
 from .manifest import LAYER_NAME, Manifest, ManifestError
 from .models import DEFAULT_CPUS, DEFAULT_MEMORY_MIB, GUEST_USERS, AccelChoice, BootConfig, NetworkPolicy, RootLayer
 from .verify import DEFAULT_CHANNEL, DEV_CHANNEL, DEV_IDENTITY, DEV_ISSUER, TrustPolicy, dev_policy, every_kind
 
 if TYPE_CHECKING:
+    from ._internal.fetch import Progress
+    from ._internal.releases import Kinds, VerifiedRelease
     from .session import Session
 
 VM_KINDS = ("kernel", "rootfs")
@@ -285,6 +285,8 @@ def release_layers(request: LaunchRequest, manifest: Manifest) -> tuple[str, ...
 
 
 def _open(source: ReleaseSource, trust: Trust, kinds: Kinds, progress: Progress | None) -> VerifiedRelease:
+    from ._internal.releases import fetch_channel, open_release  # only a release pays for the HTTP stack
+
     policy = trust.policy()
     channel = channel_of(source, trust)
     if source.store:

@@ -23,13 +23,15 @@ import os
 import sys
 import threading
 from collections.abc import Callable
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ._internal.client import Pty
-from ._internal.fetch import Progress
 from ._internal.termsafe import PtyFilter, TerminalFilter
 from .errors import DeadlineExceeded, ShimError
 from .launch import LaunchRequest, resolve
+
+if TYPE_CHECKING:
+    from ._internal.fetch import Progress
 
 TIMEOUT_EXIT = 124
 

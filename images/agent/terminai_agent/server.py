@@ -22,6 +22,8 @@ from terminai_protocol import protocol as P
 from . import __version__
 from .procs import (
     EXIT_GRACE,
+    OUTPUT_PIPE,
+    Forker,
     Process,
     base_env,
     foreground_group,
@@ -29,6 +31,7 @@ from .procs import (
     proxy_env,
     set_window,
     spawn,
+    start_spawned,
     wake_on_sigchld,
 )
 
@@ -39,8 +42,50 @@ if TYPE_CHECKING:
 
 HIGH_WATER = 4 << 20
 READ_SIZE = 256 * 1024
+WRITE_SIZE = 256 * 1024
+OUTPUT_READ = OUTPUT_PIPE  # a command's output is read a pipe's worth at a time
 DEFAULT_OUTPUT_CAP = 256 << 20
 RECONNECT_POLL = 0.02
+
+
+class Outbox:
+    """Frames waiting for the host, written in place.
+
+    A virtio-serial port takes at most 32 KiB per write, so a megabyte of
+    output is dozens of writes: each takes a slice of the frame at the head
+    (a view, not a copy) and nothing already queued is moved. (Deleting
+    the written bytes from the front of one buffer moved the whole backlog
+    on every write, and under emulation that copying was most of the cost
+    of streaming output.)"""
+
+    __slots__ = ("frames", "offset", "pending")
+
+    def __init__(self) -> None:
+        self.frames: list[bytes] = []
+        self.offset = 0  # bytes of frames[0] already written
+        self.pending = 0
+
+    def __len__(self) -> int:
+        return self.pending
+
+    def append(self, frame: bytes) -> None:
+        self.frames.append(frame)
+        self.pending += len(frame)
+
+    def clear(self) -> None:
+        self.frames.clear()
+        self.offset = self.pending = 0
+
+    def write_to(self, fd: int) -> None:
+        """Write until done or the descriptor would block (BlockingIOError)."""
+        while self.frames:
+            head = self.frames[0]
+            n = os.write(fd, memoryview(head)[self.offset : self.offset + WRITE_SIZE])
+            self.offset += n
+            self.pending -= n
+            if self.offset >= len(head):
+                self.frames.pop(0)
+                self.offset = 0
 
 
 class Conn:
@@ -52,7 +97,7 @@ class Conn:
         self.reconnectable = reconnectable
         self.sock = sock
         self.decoder = P.Decoder(max_frame)
-        self.out = bytearray()
+        self.out = Outbox()
         self.greeted = False
         self.peer_max = P.DEFAULT_MAX_FRAME
         self.down_until = 0.0
@@ -60,7 +105,8 @@ class Conn:
 
     @property
     def chunk(self) -> int:
-        return min(P.CHUNK, self.peer_max - 1024)
+        """Output read per event: as much as a frame the host takes can hold."""
+        return min(OUTPUT_READ, self.peer_max - 1024)
 
 
 class AgentConfig:
@@ -114,6 +160,12 @@ class Server:
         self.unsafe: str | None = None  # why no command may run here (a set-up step that failed)
         self.random_fd = -1  # the VM's init keeps /dev/random open for freshen
         self.syscall_filter = None
+        # How commands start: forked (a container's syscall filter goes in
+        # the child), or, in the VM once init is confined, spawned by init
+        # (``user``) or by the root launcher (``root``).
+        self.start_user: Any = _not_confined if config.pid1 else Forker(self.syscall_filter)
+        self.start_root: Any = self.start_user
+        self.launcher: Any = None
         if config.container:  # a shared kernel and a bind-mounted workspace: no setuid files (seccomp.py)
             from .seccomp import for_commands
 
@@ -181,6 +233,10 @@ class Server:
                         self._accept(obj)
                     elif what == "sigchld":
                         self._drain_sigchld()
+                    elif what == "launcher":
+                        obj.read()
+                        if obj.gone:
+                            self._want(fd, 0, None)
                 except Exception as exc:  # the loop must survive anything
                     self._log(f"internal error handling {what}: {exc!r}")
             self._reap()
@@ -273,22 +329,20 @@ class Server:
     def _send(self, conn: Conn, frame: bytes) -> None:
         if conn.closed:
             return
-        conn.out += frame
+        conn.out.append(frame)
         if len(conn.out) < HIGH_WATER:
             self._flush(conn)
 
     def _flush(self, conn: Conn) -> None:
-        while conn.out:
-            try:
-                n = os.write(conn.fd, conn.out[:READ_SIZE])
-            except BlockingIOError:
+        try:
+            conn.out.write_to(conn.fd)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            if exc.errno in (errno.EPIPE, errno.ECONNRESET, errno.ENODEV):
+                self._disconnected(conn)
                 return
-            except OSError as exc:
-                if exc.errno in (errno.EPIPE, errno.ECONNRESET, errno.ENODEV):
-                    self._disconnected(conn)
-                    return
-                raise
-            del conn.out[:n]
+            raise
 
     # -- requests -----------------------------------------------------------------
     def _handle(self, conn: Conn, frame: P.Frame) -> None:
@@ -396,8 +450,7 @@ class Server:
             self.lo_pending = False
             self._before_first_command()
         try:
-            pid, fds = spawn(argv, cwd, env, confine=self.config.pid1 and user == "user",
-                             syscall_filter=self.syscall_filter, window=window)  # fmt: skip
+            pid, fds = spawn(argv, cwd, env, self.start_user if user == "user" else self.start_root, window)
         except OSError as exc:
             self._send(conn, P.error(rid, P.SPAWN_FAILED, f"cannot run {argv[0]!r}: {exc.strerror or exc}", ran=False))
             return
@@ -424,6 +477,7 @@ class Server:
         closed (``init.seal``)."""
         from .init import configure_network, loopback_up, seal
 
+        self._confine_commands()
         try:
             loopback_up()
             if self.config.network:
@@ -437,6 +491,23 @@ class Server:
         if self.unsafe:  # fail closed: this command and every later one
             self._log(self.unsafe)
             raise P.ProtocolError(P.SPAWN_FAILED, f"commands are refused in this VM: {self.unsafe}")
+
+    def _confine_commands(self) -> None:
+        """The root launcher first (it keeps every capability for ``user:
+        root`` commands), then init confines everything it starts from now
+        on; only then do commands start with posix_spawn. If any of it
+        fails, no command runs (``unsafe``)."""
+        from .launcher import Launcher
+        from .procs import confine_descendants
+
+        try:
+            self.launcher = Launcher()
+            self._want(self.launcher.fileno(), READ, ("launcher", self.launcher))
+            confine_descendants()
+        except OSError as exc:
+            self.unsafe = f"commands could not be confined ({exc})"
+            return
+        self.start_user, self.start_root = start_spawned, self.launcher
 
     def _target(self, conn: Conn, h: dict[str, Any]) -> Process:
         proc = self.procs.get((conn.fd, h.get("target")))  # type: ignore[arg-type]
@@ -619,9 +690,25 @@ class Server:
         self.config.session = str(h.get("session") or new_session_id())
         self._send(conn, P.result(rid, session=self.config.session))
 
+    def op_prepare(self, conn: Conn, rid: int, h: dict[str, Any], body: bytes) -> None:
+        """What would otherwise run before the first command (the network,
+        the seal), now: the host sends this just before it saves a snapshot,
+        so every VM restored from it starts with that done, and its first
+        command does not pay for it on cold code. The settings come from the
+        kernel command line, which is part of the snapshot's key."""
+        if self.lo_pending:
+            self.lo_pending = False
+            self._before_first_command()
+        self._send(conn, P.result(rid))
+
     def op_shutdown(self, conn: Conn, rid: int, h: dict[str, Any], body: bytes) -> None:
+        """Commands end, then what they wrote is flushed (a workspace file
+        written through a shared mapping is in the guest's page cache until
+        then), and only then the answer: the host may stop the VM as soon as
+        it has it, without waiting for the power-off."""
         for proc in list(self.procs.values()):
             proc.kill_group()
+        os.sync()
         self._send(conn, P.result(rid))
         self.shutdown_requested = True
 
@@ -697,6 +784,13 @@ class Server:
 
     def _reap(self) -> None:
         by_pid = {p.pid: p for p in self.procs.values()}
+        if self.launcher is not None:  # the root launcher's children: their statuses come from it
+            for pid, status in self.launcher.exited:
+                proc = by_pid.get(pid)
+                if proc is not None and proc.status is None:
+                    proc.status = status
+                    proc.exited_at = time.monotonic()
+            self.launcher.exited.clear()
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -734,6 +828,11 @@ class Server:
             os.write(2, f"terminai-agent: {message}\n".encode())
         except OSError:
             pass
+
+
+def _not_confined(*_: Any) -> int:
+    """The VM's init starts nothing until it has confined what it starts."""
+    raise PermissionError(1, "commands are not confined yet")
 
 
 def _window(spec: Any) -> tuple[int, int]:

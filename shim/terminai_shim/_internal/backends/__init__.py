@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from ...errors import ConfigError
 from ...models import AccelChoice, BootConfig
 from .base import Backend
-from .firecracker import FirecrackerBackend
 from .qemu import QemuBackend
 
 DEFAULT_ORDER = ("microvm-kvm", "container", "microvm-tcg")
@@ -44,6 +43,8 @@ def _microvm(accel: AccelChoice, network: str = "none", layers: bool = False) ->
     """Firecracker only without a network (the policy's networking is built
     on QEMU's user networking) and without root filesystem layers (it has no
     SCSI controller to carry them)."""
+    from .firecracker import FirecrackerBackend  # each backend is loaded when it is asked about
+
     firecracker = FirecrackerBackend()
     plain = network == "none" and not layers
     return "firecracker" if firecracker.available() and accel.accel == "kvm" and plain else "qemu"
@@ -102,6 +103,8 @@ def make_backend(name: str) -> Backend:
 
         return ContainerBackend()
     if name == "firecracker":
+        from .firecracker import FirecrackerBackend
+
         return FirecrackerBackend()
     return QemuBackend()
 
