@@ -402,14 +402,15 @@ def accept(c: Context, tier: str = "", profile: str = "", tasks: str = "") -> No
 
 @task(
     help={
-        "parts": "comma-separated: kernel,guest,snapshot,shim,fetch,container,network,standalone,layers (default: all)",
+        "parts": "comma-separated: kernel,guest,snapshot,shim,fetch,container,network,standalone,layers,latency "
+        "(default: all)",
         "runs": "repetitions per boot measurement (median reported)",
         "clean": "also time a clean kernel build (about 10 minutes)",
     }
 )
 def bench(
     c: Context,
-    parts: str = "kernel,guest,snapshot,shim,fetch,container,network,standalone,layers",
+    parts: str = "kernel,guest,snapshot,shim,fetch,container,network,standalone,layers,latency",
     runs: int = 5,
     clean: bool = False,
 ) -> None:

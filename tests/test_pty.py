@@ -273,20 +273,24 @@ def test_a_pty_command_imports_nothing_after_the_seal(tmp_path):
     """PID 1 must load no module once commands run (init.seal): a command could
     move the directory above a sealed one and plant its own module where the
     import looks. The terminal support is loaded by the seal itself; a PTY
-    command and a resize afterwards import nothing (an audit hook watches)."""
+    command, started either way the VM starts one, and a resize afterwards
+    import nothing (an audit hook watches)."""
     code = """
 import sys
 sys.path.extend(sys.argv[1].split(":"))
 from terminai_agent import init, procs, server  # what the agent has loaded at boot
+from terminai_agent import launcher            # ...and before the seal, with the root launcher
 init.mount = lambda *a, **k: None              # the seal's mounts are PID 1's business, not this test's
 init.SEALED = ()
 init.seal()
 imports = []
 sys.addaudithook(lambda event, args: imports.append(args[0]) if event == "import" else None)
-pid, (stdin, out, _) = procs.spawn(["true"], None, {"PATH": "/usr/bin:/bin"}, window=(80, 24))
-procs.set_window(out, 100, 30)
 import os
-os.waitpid(pid, 0)
+# init's own way (posix_spawn), then the root launcher's (fork and exec), each on a terminal
+for start in (procs.start_spawned, procs.Forker()):
+    pid, (stdin, out, _) = procs.spawn(["true"], None, {"PATH": "/usr/bin:/bin"}, start, window=(80, 24))
+    procs.set_window(out, 100, 30)
+    os.waitpid(pid, 0)
 print("imports after the seal:", imports)
 """
     agent = agent_pythonpath(Path(__file__).resolve().parents[1])

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from shimproc import ShimProc
+from shimproc import SHIM, ShimProc
 
 pytestmark = pytest.mark.vm
 
@@ -259,3 +261,66 @@ def test_later_health_checks_are_cheap_but_still_catch_a_broken_kit(shim, boot_c
     assert gone["ok"] is False and "changed" in gone["error"], gone
     again = shim.result("healthCheck")  # the next one imports again, and that fails too
     assert again["ok"] is False and "import failed" in again["error"], again
+
+
+def _pool_ready(shim: ShimProc, seconds: float = 180) -> dict:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        status = shim.result("pool.status")
+        if status["vms"] and all(vm["ready"] for vm in status["vms"]):
+            return status
+        assert not status["errors"], status
+        time.sleep(0.2)
+    raise AssertionError(f"the pool never became ready: {status}")
+
+
+def test_the_warm_pool_hands_each_vm_to_one_session_with_its_own_identity(shim, boot_config, tmp_path):
+    """pool.warm keeps a VM restored and waiting for an initialize with the
+    same parameters. Each hand-out is a different VM, with its own session
+    id, host name and random stream (every pooled VM is restored from one
+    snapshot), its workspace mounted; dispose keeps the shim serving, and
+    an initialize with other parameters never gets a pooled VM."""
+    from terminai_shim.pool import idle_record_path
+
+    params = init_params(boot_config, workspace=str(tmp_path))
+    warmed = shim.result("pool.warm", {"params": params})
+    assert warmed["size"] == 1 and len(warmed["vms"]) == 1
+    probe = {
+        "command": "sh",
+        "args": ["-c", "hostname; head -c 16 /dev/urandom | od -An -tx1; hostname > seen-$(hostname)"],
+    }
+    seen = []
+    for _ in range(2):
+        status = _pool_ready(shim)
+        assert status["vms"][0]["rssKib"] > 0
+        first = shim.result("initialize", params)
+        assert first["pooled"] is True, first
+        out = shim.result("execute", probe)
+        assert out["exitCode"] == 0, out
+        seen.append((first["session"], *out["stdout"].split("\n", 1)))
+        shim.result("dispose")
+        assert shim.proc.poll() is None  # a pool keeps the shim serving
+    assert len({s[0] for s in seen}) == 2 and len({s[1] for s in seen}) == 2 and len({s[2] for s in seen}) == 2, seen
+    assert len(list(tmp_path.glob("seen-*"))) == 2  # each hand-out had the workspace
+    other = shim.result("initialize", init_params(boot_config))
+    assert other["pooled"] is False
+    shim.result("dispose")
+    _pool_ready(shim)  # refilled; it records what a waiting VM costs once it has waited a while
+    deadline = time.monotonic() + 60
+    while not idle_record_path().exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    idle = json.loads(idle_record_path().read_text())
+    assert idle["rssKib"] > 0 and idle["cpuPercent"] >= 0, idle
+    doctor = subprocess.run([SHIM, "doctor", "--json"], capture_output=True, text=True)
+    assert json.loads(doctor.stdout)["warm_pool"]["measured"] == idle  # doctor reports what a waiting VM costs
+    shim.result("pool.warm", {"size": 0, "params": params})
+    assert shim.result("pool.status")["vms"] == []
+
+
+def test_pool_warm_refuses_what_initialize_would(shim, boot_config):
+    """Bad parameters are refused when the pool is asked for, by name, not later in the background."""
+    bad = shim.call("pool.warm", {"params": {**init_params(boot_config), "worksapce": "/tmp"}})
+    assert bad["error"]["code"] == "INVALID_PARAMS" and "worksapce" in bad["error"]["message"], bad
+    missing = shim.call("pool.warm", {"params": {**init_params(boot_config), "kernel": "/nonexistent/vmlinux"}})
+    assert missing["error"]["code"] in ("INVALID_CONFIG", "NOT_FOUND", "ARTIFACT_MISSING"), missing
+    assert shim.call("pool.warm", {"size": 9, "params": init_params(boot_config)})["error"]["code"] == "INVALID_PARAMS"

@@ -60,6 +60,18 @@ def _confinement() -> dict[str, str]:
             "capabilities only)" if os.geteuid() == 0 else "the invoking user"}  # fmt: skip
 
 
+def _pool_cost() -> dict[str, Any]:
+    """What a VM waiting in serve's pool costs, as the last pool on this host measured it (pool.py)."""
+    from .pool import idle_record_path
+
+    path = idle_record_path()
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {"measured": None, "note": "off unless the CLI asks serve for it (pool.warm); none has run here yet"}
+    return {"measured": record if isinstance(record, dict) else None, "record": str(path)}
+
+
 def report() -> dict[str, Any]:
     from ._internal.netproxy import upstream_from_env
     from .errors import ConfigError
@@ -96,6 +108,7 @@ def report() -> dict[str, Any]:
             "host_proxy": {k: bool(v) for k, v in upstream_from_env(dict(os.environ)).items()},
             "log": str(network_log()),
         },
+        "warm_pool": _pool_cost(),
         "artifacts": {
             "container_image": str(image) if image else None,
             "container_image_status": _validate(image),
@@ -132,6 +145,13 @@ def doctor(json_output: bool = False) -> int:
     upstream = ", ".join(net["host_proxy"]) or "none"
     print(f"network:       {net['default']} by default; {', '.join(net['modes'])} on request; host proxy: {upstream}; "
           f"decisions logged to {net['log']}")  # fmt: skip
+    pool = info["warm_pool"]["measured"]
+    if pool:
+        print(f"warm pool:     a waiting VM costs {pool.get('rssKib', 0) / 1024:.0f} MiB resident and "
+              f"{pool.get('cpuPercent', 0)} % of a CPU ({pool.get('backend')}, {pool.get('accel')}, measured by the "
+              "last pool here)")  # fmt: skip
+    else:
+        print(f"warm pool:     {info['warm_pool']['note']}")
     print(f"kernel:        {arts['kernel'] or 'missing: run `inv kernel`'} [{arts['kernel_status']}]")
     print(f"root image:    {arts['rootfs'] or 'missing: run `inv rootfs`'} [{arts['rootfs_status']}]")
     print(f"OCI image:     {arts['container_image'] or 'missing: run `inv container`'} "

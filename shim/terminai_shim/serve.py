@@ -33,6 +33,8 @@ from ._internal.client import Pty, RemoteProcess
 from .errors import AgentError, ConfigError, DeadlineExceeded, ShimError
 from .launch import LaunchRequest, LocalArtifacts, ReleaseSource, Trust, resolve
 from .models import GUEST_USERS, NetworkPolicy, RootLayer
+from .pool import MAX_SIZE as MAX_POOL
+from .pool import WarmPool, pool_key
 from .session import Session
 
 TYPE_CHECKING = False
@@ -41,6 +43,7 @@ if TYPE_CHECKING:
     from .windows.launch import BrainSession
 
 PROTOCOL_VERSION = 1
+POOL_WAIT = 60.0  # an initialize waits this long for a pooled VM that is still starting
 DEFAULT_EXEC_OUTPUT_CAP = 16 << 20
 
 # Every method and the parameters it takes: anything else is refused by name
@@ -69,6 +72,9 @@ PARAMS: dict[str, frozenset[str]] = {
     "fs.remove": frozenset({"path", "recursive"}),
     "fs.mkdir": frozenset({"path"}),
     "dispose": frozenset(),
+    # serve's warm pool (pool.py): VMs for an initialize with these very parameters, restored and waiting.
+    "pool.warm": frozenset({"size", "params"}),
+    "pool.status": frozenset(),
     # The Windows tier: a signed brain bundle behind the broker, whose level B
     # and C requests come to the CLI as approval.request notifications.
     "brain.launch": frozenset({"bundle", "signature", "workspace", "allowShell", "approvalTimeoutMs", "cliVersion",
@@ -79,7 +85,7 @@ PARAMS: dict[str, frozenset[str]] = {
 # Requests that steer or watch what runs: served by their own workers, so a
 # health check or a kill never waits behind the user's long commands.
 CONTROL = frozenset({"healthCheck", "process.write", "process.closeStdin", "process.resize", "process.kill", "cancel",
-                     "dispose", "brain.health", "approval.respond"})  # fmt: skip
+                     "dispose", "brain.health", "approval.respond", "pool.status"})  # fmt: skip
 
 
 class RequestError(ShimError):
@@ -118,6 +124,7 @@ class Server:
         self.request_id = threading.local()
         self.brain: BrainSession | None = None  # the Windows tier, instead of a VM (brain.launch)
         self.approvals: PendingApprovals | None = None
+        self.warm_pool: WarmPool | None = None  # pool.warm
 
     # -- output --------------------------------------------------------------
     def send(self, message: dict[str, Any]) -> None:
@@ -178,8 +185,8 @@ class Server:
             self.send({"id": rid, "result": result})
             if after is not None:
                 after()
-            if method == "dispose":
-                self.stopping.set()
+            if method == "dispose" and not (self.warm_pool and self.warm_pool.size):
+                self.stopping.set()  # with a pool, the shim waits for the next initialize (or its stdin's end)
         except ShimError as exc:
             self.send({"id": rid, "error": exc.to_dict()})
         except KeyError as exc:  # a required parameter, named (never Python's own words)
@@ -281,11 +288,17 @@ class Server:
             if self.session is not None:
                 raise RequestError("ALREADY_INITIALIZED", "this shim already runs a VM; dispose it first")
             request = launch_request(p)
-            self.notify("initialize.progress", {"stage": "verify"})
-            launch = resolve(request, self._download_progress())
-            self.notify("initialize.progress", {"stage": "boot", "backend": launch.choice.name})
-            self.session = s = launch.boot()
+            pooled = self.warm_pool.take(pool_key(p), POOL_WAIT) if self.warm_pool else None
+            if pooled is not None:
+                s, launch = pooled
+            else:
+                self.notify("initialize.progress", {"stage": "verify"})
+                launch = resolve(request, self._download_progress())
+                self.notify("initialize.progress", {"stage": "boot", "backend": launch.choice.name})
+                s = launch.boot()
+            self.session = s
             return {
+                "pooled": pooled is not None,
                 "protocolVersion": PROTOCOL_VERSION,
                 "shimVersion": __version__,
                 **s.describe(),
@@ -300,6 +313,35 @@ class Server:
                 "workspaceAlias": s.config.workspace_alias,
                 **({"release": _release_info(launch.release)} if launch.release is not None else {}),
             }
+
+    def m_pool_warm(self, p: dict[str, Any]) -> dict[str, Any]:
+        """Resolve (and verify) now; start the VMs in the background."""
+        size = _whole(p, "size")
+        size = 1 if size is None else size
+        if not 0 <= size <= MAX_POOL:
+            raise RequestError("INVALID_PARAMS", f"pool.warm: size must be 0 to {MAX_POOL}")
+        params = p.get("params")
+        if not isinstance(params, dict):
+            raise RequestError("INVALID_PARAMS", "pool.warm: params must be the initialize parameters, an object")
+        unknown = sorted(set(params) - PARAMS["initialize"])
+        if unknown:
+            raise RequestError(
+                "INVALID_PARAMS", f"pool.warm: unknown initialize parameter {', '.join(map(repr, unknown))}"
+            )
+        with self.session_lock:
+            if self.warm_pool is None:
+                self.warm_pool = WarmPool()
+            pool = self.warm_pool
+        if size == 0:
+            pool.warm("", None, 0)
+            return pool.status()
+        launch = resolve(launch_request(params), self._download_progress())
+        launch.backend.check(launch.config)  # what a boot would refuse is refused now, not in the background
+        pool.warm(pool_key(params), launch, size)
+        return pool.status()
+
+    def m_pool_status(self, p: dict[str, Any]) -> dict[str, Any]:
+        return self.warm_pool.status() if self.warm_pool else {"size": 0, "vms": [], "errors": []}
 
     def _download_progress(self) -> Callable[[str, int, int], None]:
         """Downloads as ``initialize.progress`` notifications, at most ten a second per file (and its end)."""
@@ -482,7 +524,7 @@ class Server:
         return {}
 
     def m_dispose(self, p: dict[str, Any]) -> dict[str, Any]:
-        self.close()
+        self.close(final=False)
         return {}
 
     # -- the Windows tier ------------------------------------------------------------
@@ -536,13 +578,16 @@ class Server:
                                "or never asked)")  # fmt: skip
         return {}
 
-    def close(self) -> None:
+    def close(self, final: bool = True) -> None:
+        """``final``: the shim is ending, so the pool goes too (``dispose`` ends the session alone)."""
         with self.session_lock:
             session, self.session = self.session, None
             brain, self.brain = self.brain, None
             approvals, self.approvals = self.approvals, None
         if session is not None:
             session.close()
+        if final and self.warm_pool is not None:
+            self.warm_pool.close()
         if approvals is not None:
             approvals.close()  # open questions are denied: nothing waits on a CLI that has gone
         if brain is not None:

@@ -282,7 +282,7 @@ class Session:
             try:
                 # The set-up every command would otherwise wait for, done once and saved with the VM.
                 session.client.call("prepare", timeout=max(1.0, started + config.boot_timeout - time.monotonic()))
-                _warm_up(session.client)
+                warm_up(session.client)
                 session.snapshot = store.save(session.runtime.control_socket, snap_key, description,
                                               vmm_pid=session.machine.pid)  # fmt: skip
             except Exception as exc:  # a VM that could not be saved still serves
@@ -374,6 +374,16 @@ class Session:
         if not self.backend.shares_workspace_at_start:
             for fields in _mounts(self.config):
                 self.client.call("mount", **fields)
+
+    def adopt(self) -> None:
+        """A VM that was kept waiting (``serve``'s pool) becomes a new
+        session: new randomness, clock, host name and id, exactly as a
+        restore gives them, and the network log learns the new id."""
+        session_id = os.urandom(16).hex()
+        self.client.call("freshen", os.urandom(64), timeout=10, time=time.time(),
+                         hostname=f"terminai-{session_id[:8]}", session=session_id)  # fmt: skip
+        self.client.hello_info["session"] = session_id
+        self._open_network()
 
     def describe(self) -> dict[str, Any]:
         """The CLI's descriptor fields: which isolation is in force."""
@@ -473,7 +483,7 @@ class Session:
 WARM_UP = (["true"], ["/bin/sh", "-c", "true"], ["/bin/sh", "-c", "echo warm; echo up >&2"])
 
 
-def _warm_up(client: AgentClient) -> None:
+def warm_up(client: AgentClient) -> None:
     for _ in range(2):
         for argv in WARM_UP:
             client.run(argv, timeout=30)

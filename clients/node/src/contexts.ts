@@ -72,6 +72,7 @@ interface InitializeResult {
   backend: string;
   notice?: string;
   rootfs: RootfsInfo;
+  pooled?: boolean;
 }
 
 /** The root filesystem that booted: the profile named (null for a developer's own files) and its layers. */
@@ -123,8 +124,11 @@ abstract class ShimRuntimeContext implements RuntimeContext {
   notice: string | undefined;
   /** What booted: the profile and its layers (set by initialize). */
   rootfs: RootfsInfo | undefined;
+  /** Whether initialize took a VM that `prewarm` had kept waiting. */
+  pooled = false;
   protected readonly options: RuntimeOptions;
   #connection: ShimConnection | undefined;
+  #warm: ShimConnection | undefined; // prewarm's shim, until initialize takes it
 
   constructor(options: RuntimeOptions = {}) {
     this.options = options;
@@ -138,13 +142,54 @@ abstract class ShimRuntimeContext implements RuntimeContext {
     return this.#connection;
   }
 
-  async initialize(): Promise<void> {
-    if (this.#connection) throw new ShimError('ALREADY_INITIALIZED', 'this context is already initialized');
+  /**
+   * Start the shim now and have it keep a VM restored and waiting for this context's `initialize` (the shim's
+   * warm pool): call it when the CLI starts, long before the first command needs the tier. Verification
+   * errors come back here; the VM itself starts in the background. `dispose` ends it if it was never used.
+   */
+  async prewarm(): Promise<void> {
+    if (this.#connection || this.#warm) return;
+    const connection = this.#connect();
+    this.#warm = connection;
+    try {
+      await connection.request('pool.warm', { params: this.#initializeParams() });
+    } catch (error) {
+      this.#warm = undefined;
+      connection.kill();
+      throw error;
+    }
+  }
+
+  #connect(): ShimConnection {
     const o = this.options;
     const connection = new ShimConnection(locateShim(o.shimPath, o.env ?? process.env), o.env ?? process.env);
-    this.#connection = connection;
     connection.onProgress = o.onEvent;
-    const params = defined({
+    return connection;
+  }
+
+  async initialize(): Promise<void> {
+    if (this.#connection) throw new ShimError('ALREADY_INITIALIZED', 'this context is already initialized');
+    const connection = this.#warm ?? this.#connect();
+    this.#warm = undefined;
+    this.#connection = connection;
+    try {
+      const info = await connection.request<InitializeResult>('initialize', this.#initializeParams());
+      this.displayName = info.displayName;
+      this.pythonPath = info.pythonPath ?? '';
+      this.notice = info.notice;
+      this.rootfs = info.rootfs;
+      this.pooled = info.pooled ?? false;
+      this.options.onEvent?.({ stage: 'ready', backend: info.backend });
+    } catch (error) {
+      connection.kill();
+      this.#connection = undefined;
+      throw error;
+    }
+  }
+
+  #initializeParams(): Record<string, unknown> {
+    const o = this.options;
+    return defined({
       manifest: o.release?.manifest,
       store: o.release?.store,
       channel: o.release?.channel,
@@ -172,18 +217,6 @@ abstract class ShimRuntimeContext implements RuntimeContext {
       cold: o.cold,
       ...this.tierParams(),
     });
-    try {
-      const info = await connection.request<InitializeResult>('initialize', params);
-      this.displayName = info.displayName;
-      this.pythonPath = info.pythonPath ?? '';
-      this.notice = info.notice;
-      this.rootfs = info.rootfs;
-      o.onEvent?.({ stage: 'ready', backend: info.backend });
-    } catch (error) {
-      connection.kill();
-      this.#connection = undefined;
-      throw error;
-    }
   }
 
   async healthCheck(): Promise<HealthCheckResult> {
@@ -228,14 +261,15 @@ abstract class ShimRuntimeContext implements RuntimeContext {
   }
 
   async dispose(): Promise<void> {
-    const connection = this.#connection;
+    const connection = this.#connection ?? this.#warm;
     if (!connection) return;
-    this.#connection = undefined;
+    this.#connection = this.#warm = undefined;
     try {
       await connection.request('dispose');
     } catch {
       // the shim may already be gone (the VM died, or it was killed): it is stopped below either way
     }
+    connection.child.stdin.end(); // a shim that keeps a warm pool serves until its input ends
     const timer = setTimeout(() => connection.kill(), 30_000);
     await connection.exited;
     clearTimeout(timer);

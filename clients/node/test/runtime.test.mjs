@@ -123,6 +123,23 @@ function tierProcessOf(shimPid) {
   return () => process.kill(Number(qemu), 'SIGKILL');
 }
 
+test('prewarm keeps a VM waiting, and initialize takes it', { timeout: 300_000 }, async () => {
+  const context = new Tier(options());
+  await context.prewarm();
+  await context.initialize();
+  try {
+    assert.equal(context.pooled, true);
+    const echo = await context.execute('echo "from the pool"');
+    assert.equal(echo.stdout, 'from the pool\n');
+    assert.deepEqual(await context.healthCheck(), { ok: true });
+  } finally {
+    await context.dispose();
+  }
+  const unused = new Tier(options());
+  await unused.prewarm();
+  await unused.dispose(); // a pool nobody took ends with its context
+});
+
 test('the tier dying mid-command: runtimeError, an unhealthy check, and dispose still works', { timeout: 300_000 }, async () => {
   const context = new Tier(options());
   await context.initialize();

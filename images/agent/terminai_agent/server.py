@@ -159,17 +159,17 @@ class Server:
         self.lo_pending = config.pid1
         self.unsafe: str | None = None  # why no command may run here (a set-up step that failed)
         self.random_fd = -1  # the VM's init keeps /dev/random open for freshen
-        self.syscall_filter = None
-        # How commands start: forked (a container's syscall filter goes in
-        # the child), or, in the VM once init is confined, spawned by init
-        # (``user``) or by the root launcher (``root``).
-        self.start_user: Any = _not_confined if config.pid1 else Forker(self.syscall_filter)
-        self.start_root: Any = self.start_user
-        self.launcher: Any = None
+        syscall_filter = None
         if config.container:  # a shared kernel and a bind-mounted workspace: no setuid files (seccomp.py)
             from .seccomp import for_commands
 
-            self.syscall_filter = for_commands()
+            syscall_filter = for_commands()
+        # How commands start: forked (a container's syscall filter goes in
+        # the child), or, in the VM once init is confined, spawned by init
+        # (``user``) or by the root launcher (``root``).
+        self.start_user: Any = _not_confined if config.pid1 else Forker(syscall_filter)
+        self.start_root: Any = self.start_user
+        self.launcher: Any = None
         if config.pid1:
             from .init import open_random
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +18,50 @@ from terminai_shim.models import BootConfig
 from terminai_shim.parts import QemuBackend, qemu_command_line
 from terminai_shim.probes import accelerator
 from terminai_shim.session import new_runtime_dir
+
+SHIM = str(Path(sys.executable).with_name("terminai-shim"))
+
+
+def text_stream(size: int) -> list[str]:
+    """A command printing ``size`` bytes of text: what a CLI's commands print
+    (binary zeros would measure JSON escaping, not the runtime)."""
+    return ["sh", "-c", f"yes 'terminai benchmark output line' | head -c {size}"]
+
+
+def timed(fn: Any) -> float:
+    start = time.monotonic()
+    fn()
+    return time.monotonic() - start
+
+
+class Serve:
+    """The shim's JSON-lines protocol, driven synchronously."""
+
+    def __init__(self, env: dict[str, str] | None = None) -> None:
+        self.proc = subprocess.Popen(
+            [SHIM, "serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, env=env
+        )
+        self.n = 0
+
+    def call(self, method: str, **params: Any) -> Any:
+        assert self.proc.stdin and self.proc.stdout
+        self.n += 1
+        self.proc.stdin.write(json.dumps({"id": self.n, "method": method, "params": params}) + "\n")
+        self.proc.stdin.flush()
+        while True:
+            msg = json.loads(self.proc.stdout.readline())
+            if msg.get("id") == self.n:
+                if "error" in msg:
+                    raise RuntimeError(msg["error"])
+                return msg["result"]
+
+    def close(self) -> None:
+        try:
+            self.call("dispose")
+        finally:
+            assert self.proc.stdin
+            self.proc.stdin.close()  # a shim with a warm pool serves until its input ends
+            self.proc.wait(30)
 
 
 def summary(samples: list[float]) -> dict[str, Any]:

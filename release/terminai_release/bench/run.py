@@ -20,49 +20,7 @@ from ..context import BuildContext
 from ..kernel import build_kernel
 from ..rootfs.project import agent_pythonpath, build_rootfs
 from . import stock
-from .measure import RawAgent, boot_to_marker, repeat, rss_kib, summary
-
-SHIM = str(Path(sys.executable).with_name("terminai-shim"))
-
-
-def text_stream(size: int) -> list[str]:
-    """A command printing ``size`` bytes of text: what a CLI's commands print
-    (binary zeros would measure JSON escaping, not the runtime)."""
-    return ["sh", "-c", f"yes 'terminai benchmark output line' | head -c {size}"]
-
-
-def _timed(fn: Any) -> float:
-    start = time.monotonic()
-    fn()
-    return time.monotonic() - start
-
-
-class _Serve:
-    """The shim's JSON-lines protocol, driven synchronously."""
-
-    def __init__(self) -> None:
-        self.proc = subprocess.Popen(
-            [SHIM, "serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
-        )
-        self.n = 0
-
-    def call(self, method: str, **params: Any) -> Any:
-        assert self.proc.stdin and self.proc.stdout
-        self.n += 1
-        self.proc.stdin.write(json.dumps({"id": self.n, "method": method, "params": params}) + "\n")
-        self.proc.stdin.flush()
-        while True:
-            msg = json.loads(self.proc.stdout.readline())
-            if msg.get("id") == self.n:
-                if "error" in msg:
-                    raise RuntimeError(msg["error"])
-                return msg["result"]
-
-    def close(self) -> None:
-        try:
-            self.call("dispose")
-        finally:
-            self.proc.wait(30)
+from .measure import SHIM, RawAgent, Serve, boot_to_marker, repeat, rss_kib, summary, text_stream, timed
 
 
 def bench_kernel(ctx: BuildContext, runs: int, work: Path, clean: bool) -> dict[str, Any]:
@@ -74,7 +32,7 @@ def bench_kernel(ctx: BuildContext, runs: int, work: Path, clean: bool) -> dict[
     plain = stock.marker_initramfs(work)
 
     def noop() -> float:
-        return _timed(lambda: subprocess.run([sys.executable, "-m", "invoke", "kernel"], cwd=ctx.repo,
+        return timed(lambda: subprocess.run([sys.executable, "-m", "invoke", "kernel"], cwd=ctx.repo,
                                              capture_output=True, check=True))  # fmt: skip
 
     def marker(kernel: Path) -> float:
@@ -106,7 +64,7 @@ def bench_kernel(ctx: BuildContext, runs: int, work: Path, clean: bool) -> dict[
         from ..cache import StepCache
 
         with tempfile.TemporaryDirectory(dir=work) as tmp:
-            result["clean_build_seconds"] = _timed(lambda: build_kernel(ctx, cache=StepCache(Path(tmp))))
+            result["clean_build_seconds"] = timed(lambda: build_kernel(ctx, cache=StepCache(Path(tmp))))
     return result
 
 
@@ -134,10 +92,10 @@ def bench_guest(ctx: BuildContext, runs: int, work: Path) -> dict[str, Any]:
     size = 50 << 20
     gen = text_stream(size)
     with Session.boot(ours_cfg) as s:
-        ping = summary([_timed(s.client.ping) for _ in range(200)])
-        exec_true = summary([_timed(lambda: s.client.run(["true"])) for _ in range(30)])
+        ping = summary([timed(s.client.ping) for _ in range(200)])
+        exec_true = summary([timed(lambda: s.client.run(["true"])) for _ in range(30)])
         keystroke = _keystroke_echo(s.client, 50)
-        guest_tp = size / _timed(lambda: s.client.run(gen))
+        guest_tp = size / timed(lambda: s.client.run(gen))
     # Baseline for throughput: the same agent code on the host over a Unix socket.
     host_tp = _host_agent_throughput(gen, size, work)
     return {
@@ -173,7 +131,7 @@ def _keystroke_echo(client: Any, samples: int) -> dict[str, Any]:
 
     try:
         one()  # warm: the first keystroke pays for translating the path under TCG
-        return summary([_timed(one) for _ in range(samples)])
+        return summary([timed(one) for _ in range(samples)])
     finally:
         proc.signal("SIGKILL")
         proc.wait()
@@ -194,7 +152,7 @@ def _host_agent_throughput(gen: list[str], size: int, work: Path) -> float:
         sock.connect(str(path))
         client = AgentClient(sock)
         client.hello()
-        rate = size / _timed(lambda: client.run(gen))
+        rate = size / timed(lambda: client.run(gen))
         client.close()
         return rate
     finally:
@@ -211,7 +169,7 @@ def bench_shim(ctx: BuildContext, runs: int) -> dict[str, Any]:
     cfg = BootConfig(kernel=kern.vmlinux, rootfs=root.image, rootfs_format=fmt, accel="tcg", snapshots="off")
 
     def shim_cold() -> float:
-        return _timed(lambda: subprocess.run([SHIM, "run", "--kernel", str(kern.vmlinux), "--rootfs", str(root.image),
+        return timed(lambda: subprocess.run([SHIM, "run", "--kernel", str(kern.vmlinux), "--rootfs", str(root.image),
                                               "--accel", "tcg", "--cold", "--", "true"], check=True))  # fmt: skip
 
     def raw_cold() -> float:
@@ -220,7 +178,7 @@ def bench_shim(ctx: BuildContext, runs: int) -> dict[str, Any]:
             raw.run(["true"])
             raw.close()
 
-        return _timed(go)
+        return timed(go)
 
     cold_shim, cold_raw = [], []
     for _ in range(runs):  # interleaved, so drift hits both alike
@@ -229,7 +187,7 @@ def bench_shim(ctx: BuildContext, runs: int) -> dict[str, Any]:
     # Both VMs stay up and the measurements alternate, so background drift
     # (and the other VM, idle while one is measured) hits both alike.
     size = 20 << 20
-    serve = _Serve()
+    serve = Serve()
     serve.call("initialize", kernel=str(kern.vmlinux), rootfs=str(root.image), accel="tcg", cold=True)
     raw = RawAgent(cfg)
     qemu_pid = _child_qemu(serve.proc.pid)
@@ -237,14 +195,14 @@ def bench_shim(ctx: BuildContext, runs: int) -> dict[str, Any]:
     rss = rss_kib(qemu_pid)
     serve_samples, raw_samples, serve_rates, raw_rates = [], [], [], []
     for i in range(60):
-        serve_samples.append(_timed(lambda: serve.call("execute", command="true")))
-        raw_samples.append(_timed(lambda: raw.run(["true"])))
+        serve_samples.append(timed(lambda: serve.call("execute", command="true")))
+        raw_samples.append(timed(lambda: raw.run(["true"])))
         if i % 20 == 0:
-            serve_rates.append(size / _timed(lambda: serve.call(
+            serve_rates.append(size / timed(lambda: serve.call(
                 "execute", command="sh", args=text_stream(size)[1:], outputCap=size + 1)))  # fmt: skip
-            raw_rates.append(size / _timed(lambda: raw.run(text_stream(size))))
-    first_health = _timed(lambda: serve.call("healthCheck"))
-    later_health = summary([_timed(lambda: serve.call("healthCheck")) for _ in range(20)])
+            raw_rates.append(size / timed(lambda: raw.run(text_stream(size))))
+    first_health = timed(lambda: serve.call("healthCheck"))
+    later_health = summary([timed(lambda: serve.call("healthCheck")) for _ in range(20)])
     serve.close()
     raw.close()
     serve_rtt, raw_rtt = summary(serve_samples), summary(raw_samples)
@@ -283,15 +241,15 @@ def bench_container(ctx: BuildContext, runs: int) -> dict[str, Any]:
     subprocess.run([SHIM, "run", *ct_args, "--", "true"], check=True)  # the engine loads the image once, first
     cold_vm, cold_ct = [], []
     for _ in range(runs):
-        cold_vm.append(_timed(lambda: subprocess.run([SHIM, "run", *vm_args, "--cold", "--", "true"], check=True)))
-        cold_ct.append(_timed(lambda: subprocess.run([SHIM, "run", *ct_args, "--", "true"], check=True)))
-    vm, ct = _Serve(), _Serve()
+        cold_vm.append(timed(lambda: subprocess.run([SHIM, "run", *vm_args, "--cold", "--", "true"], check=True)))
+        cold_ct.append(timed(lambda: subprocess.run([SHIM, "run", *ct_args, "--", "true"], check=True)))
+    vm, ct = Serve(), Serve()
     vm.call("initialize", backend="qemu", kernel=str(kern.vmlinux), rootfs=str(root.image), accel="tcg", cold=True)
     ct.call("initialize", backend="container", image=str(image.archive))
     vm_rtt, ct_rtt = [], []
     for _ in range(60):
-        vm_rtt.append(_timed(lambda: vm.call("execute", command="true")))
-        ct_rtt.append(_timed(lambda: ct.call("execute", command="true")))
+        vm_rtt.append(timed(lambda: vm.call("execute", command="true")))
+        ct_rtt.append(timed(lambda: ct.call("execute", command="true")))
     vm.close()
     ct.close()
     cold = {"microvm_tcg": summary(cold_vm), "container": summary(cold_ct)}
@@ -339,7 +297,7 @@ def bench_network(ctx: BuildContext, runs: int, work: Path) -> dict[str, Any]:
     port = httpd.server_address[1]
     kern, root = build_kernel(ctx), build_rootfs(ctx)
     base = {"backend": "qemu", "kernel": str(kern.vmlinux), "rootfs": str(root.image), "accel": "tcg"}
-    proxied, direct = _Serve(), _Serve()
+    proxied, direct = Serve(), Serve()
     proxied.call("initialize", **base, network={"mode": "allowlist", "allow": [f"127.0.0.1:{port}"]})
     direct.call("initialize", **base, network={"mode": "open", "allow": ["127.0.0.1"]})  # the host's loopback, listed
     rates: dict[str, list[float]] = {"proxy": [], "open": []}
@@ -421,11 +379,11 @@ def bench_fetch(ctx: BuildContext, work: Path) -> dict[str, Any]:
         for _ in range(size // (1 << 20)):
             f.write(os.urandom(1 << 20))
     digest = hashlib.sha256(blob.read_bytes()).hexdigest()
-    sha256sum = _timed(lambda: subprocess.run(["sha256sum", str(blob)], capture_output=True, check=True))
-    ours = _timed(lambda: sha256_file(blob))
+    sha256sum = timed(lambda: subprocess.run(["sha256sum", str(blob)], capture_output=True, check=True))
+    ours = timed(lambda: sha256_file(blob))
     fd = os.open(blob, os.O_RDONLY)
     try:  # what a verified file others may write costs at boot: copied into sealed memory while hashed
-        sealed = _timed(lambda: os.close(sealed_copy(fd, "bench")[0]))
+        sealed = timed(lambda: os.close(sealed_copy(fd, "bench")[0]))
     finally:
         os.close(fd)
 
@@ -443,9 +401,9 @@ def bench_fetch(ctx: BuildContext, work: Path) -> dict[str, Any]:
     try:
         source = Source(url, allow_http=True)
         for i in range(3):  # interleaved; medians
-            curls.append(_timed(lambda: subprocess.run(
+            curls.append(timed(lambda: subprocess.run(
                 ["curl", "-sf", "-o", str(work / "curl.bin"), f"{url}/artifact.bin"], check=True)))  # fmt: skip
-            shims.append(_timed(lambda i=i: BlobCache(work / f"c1-{i}").fetch(source, "artifact.bin", digest, size)))
+            shims.append(timed(lambda i=i: BlobCache(work / f"c1-{i}").fetch(source, "artifact.bin", digest, size)))
             shutil.rmtree(work / f"c1-{i}", ignore_errors=True)
     finally:
         server.kill()
@@ -575,9 +533,35 @@ def _panel_layers(ax: Any, r: dict[str, Any]) -> None:
     ax.set_title("profiles: s to ready (standard ≤ 1.1 × minimal)")
 
 
+def _panel_fetch(ax: Any, f: dict[str, Any]) -> None:
+    names = ["verify", "sha256sum", "download", "curl"]
+    values = [f["verify_mb_s"], f["sha256sum_mb_s"], f["download_mb_s"], f["curl_mb_s"]]
+    ax.bar(names, values, color=["C0", "C7", "C0", "C7"])
+    ax.set_title(f"fetch (MB/s); a resume after a cut re-sent {f['resume_overhead_bytes']} bytes")
+
+
+def _panel_latency(ax: Any, r: dict[str, Any]) -> None:
+    """Each #22 figure as a fraction of its target: at or below 1 is met (stdout: target over measured)."""
+    t = r["targets"]
+    names = ["warm run", "run / restore", "execute true", "later health", "stdout", "pool initialize"]
+    values = [
+        r["warm_run_true"]["whole_process"]["median"] / t["warm_run_seconds"],
+        r["warm_run_true"]["ratio_vs_restore"] / t["warm_run_ratio_vs_restore"],
+        r["execute_true"]["shim"]["median"] / t["execute_true_p50_seconds"],
+        r["health_check"]["later"]["median"] / t["health_check_later_seconds"],
+        t["stdout_mb_s"] / r["stdout_mb_s"]["shim"],
+        r["pool"]["initialize_pooled"]["median"] / t["pool_initialize_seconds"],
+    ]
+    ax.bar(names, values, color=["C2" if v <= 1 else "C3" for v in values])
+    ax.axhline(1, color="black", linestyle="--", label="target")
+    ax.tick_params(axis="x", labelrotation=30)
+    ax.legend()
+    ax.set_title("felt latency: measured / target (TCG)")
+
+
 PANELS = {"kernel": _panel_kernel, "guest": _panel_guest, "shim": _panel_shim, "snapshot": _panel_snapshot,
-          "container": _panel_container, "network": _panel_network, "standalone": _panel_standalone,
-          "layers": _panel_layers}  # fmt: skip
+          "fetch": _panel_fetch, "container": _panel_container, "network": _panel_network,
+          "standalone": _panel_standalone, "layers": _panel_layers, "latency": _panel_latency}  # fmt: skip
 
 
 def bench_layers(ctx: BuildContext, runs: int, work: Path) -> dict[str, Any]:
@@ -625,7 +609,7 @@ def bench_layers(ctx: BuildContext, runs: int, work: Path) -> dict[str, Any]:
     scratch.link_from(
         ctx.cache, ("rootfs-base", "mkosi-packages", *(f"rootfs-layer-{n}" for n in stack.layers if n != top))
     )
-    rebuild = _timed(lambda: build_layer(ctx, top, cache=scratch))
+    rebuild = timed(lambda: build_layer(ctx, top, cache=scratch))
     sizes = {n: {"compressed_bytes": a.record["outputs"]["image"]["size"], "tree_bytes": a.record["tree_bytes"],
                  "packages": a.record["packages"], "depends": a.depends} for n, a in built.items()}  # fmt: skip
     profiles = {}
@@ -648,7 +632,7 @@ def bench_layers(ctx: BuildContext, runs: int, work: Path) -> dict[str, Any]:
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
-    """One panel per part that ran and has a figure to draw (fetch's are in the JSON)."""
+    """One panel per part that ran; nothing for parts that did not."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -682,7 +666,7 @@ def bench_standalone(ctx: BuildContext, runs: int, work: Path) -> dict[str, Any]
             for name, shim in shims.items():
                 argv_of = [shim, *argv]
                 check = what != "doctor"  # doctor exits 1 on a host that cannot run a VM
-                samples[what][name].append(_timed(functools.partial(
+                samples[what][name].append(timed(functools.partial(
                     subprocess.run, argv_of, env=env, capture_output=True, check=check)))  # fmt: skip
     out: dict[str, Any] = {k: {name: summary(v) for name, v in by.items()} for k, by in samples.items()}
     for what in commands:
@@ -721,6 +705,11 @@ def run(ctx: BuildContext, parts: list[str], runs: int, clean: bool) -> dict[str
         if "layers" in parts:
             ctx.reporter.info("bench", "layers: sizes, each profile's boot and restore vs minimal, one-layer rebuild")
             results["layers"] = bench_layers(ctx, runs, work)
+        if "latency" in parts:
+            from .latency import bench_latency
+
+            ctx.reporter.info("bench", "latency: warm run, execute, health check, stdout, the warm pool, vs baselines")
+            results["latency"] = bench_latency(ctx, runs, work)
         if "standalone" in parts:
             ctx.reporter.info(
                 "bench", "standalone: the frozen shim vs the Python package (--version, doctor, warm run)"
