@@ -422,6 +422,10 @@ def bench(
     ctx = _ctx(False)
     results = run(ctx, [p.strip() for p in parts.split(",") if p.strip()], runs, clean)
     print(json.dumps(results, indent=2))
+    if "latency" in results:
+        from terminai_release.bench.latency import latency_table
+
+        print(latency_table(results["latency"]))  # the README's table
     print(f"written: {ctx.out / 'bench' / 'results.json'} and results.png")
 
 

@@ -151,11 +151,16 @@ class Frame:
 
 
 def encode(header: dict[str, Any], body: bytes = b"", max_frame: int = DEFAULT_MAX_FRAME) -> bytes:
+    return b"".join(encode_parts(header, body, max_frame))
+
+
+def encode_parts(header: dict[str, Any], body: bytes = b"", max_frame: int = DEFAULT_MAX_FRAME) -> tuple[bytes, bytes]:
+    """A frame as (prefix and header, body): a large body is sent as it is, not copied behind its header."""
     head = dumps_header(header).encode()
     total = len(head) + len(body)
     if total > max_frame:
         raise ProtocolError(FRAME_TOO_LARGE, f"frame of {total} bytes exceeds the limit of {max_frame}")
-    return _PREFIX.pack(MAGIC, total, len(head)) + head + body
+    return _PREFIX.pack(MAGIC, total, len(head)) + head, body
 
 
 def request(id: int, op: str, body: bytes = b"", limit: int = DEFAULT_MAX_FRAME, **fields: Any) -> bytes:
@@ -172,6 +177,10 @@ def error(id: int, code: str, message: str, ran: bool = False, **fields: Any) ->
 
 def event(id: int, name: str, body: bytes = b"", **fields: Any) -> bytes:
     return encode({"kind": EVENT, "id": id, "event": name, **fields}, body)
+
+
+def event_parts(id: int, name: str, body: bytes = b"", **fields: Any) -> tuple[bytes, bytes]:
+    return encode_parts({"kind": EVENT, "id": id, "event": name, **fields}, body)
 
 
 class Decoder:

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 HIGH_WATER = 4 << 20
 READ_SIZE = 256 * 1024
 WRITE_SIZE = 256 * 1024
+IOV_PIECES = 16
 OUTPUT_READ = OUTPUT_PIPE  # a command's output is read a pipe's worth at a time
 DEFAULT_OUTPUT_CAP = 256 << 20
 RECONNECT_POLL = 0.02
@@ -68,24 +69,34 @@ class Outbox:
     def __len__(self) -> int:
         return self.pending
 
-    def append(self, frame: bytes) -> None:
-        self.frames.append(frame)
-        self.pending += len(frame)
+    def append(self, *pieces: bytes) -> None:
+        for piece in pieces:
+            if piece:
+                self.frames.append(piece)
+                self.pending += len(piece)
 
     def clear(self) -> None:
         self.frames.clear()
         self.offset = self.pending = 0
 
     def write_to(self, fd: int) -> None:
-        """Write until done or the descriptor would block (BlockingIOError)."""
+        """Write until done or the descriptor would block (BlockingIOError):
+        several queued pieces per system call (a frame's header and its body
+        are two), never more than WRITE_SIZE."""
         while self.frames:
-            head = self.frames[0]
-            n = os.write(fd, memoryview(head)[self.offset : self.offset + WRITE_SIZE])
-            self.offset += n
+            views, size = [], 0
+            for i, piece in enumerate(self.frames[:IOV_PIECES]):
+                view = memoryview(piece)[self.offset if i == 0 else 0 :][: WRITE_SIZE - size]
+                views.append(view)
+                size += len(view)
+                if size >= WRITE_SIZE:
+                    break
+            n = os.writev(fd, views)
             self.pending -= n
-            if self.offset >= len(head):
-                self.frames.pop(0)
-                self.offset = 0
+            n += self.offset
+            while self.frames and n >= len(self.frames[0]):
+                n -= len(self.frames.pop(0))
+            self.offset = n
 
 
 class Conn:
@@ -326,10 +337,11 @@ class Server:
             else:
                 os.close(conn.fd)
 
-    def _send(self, conn: Conn, frame: bytes) -> None:
+    def _send(self, conn: Conn, frame: bytes | tuple[bytes, bytes]) -> None:
+        """``frame``: whole, or as ``P.encode_parts`` gives it (a large body is queued as it is)."""
         if conn.closed:
             return
-        conn.out.append(frame)
+        conn.out.append(*(frame if isinstance(frame, tuple) else (frame,)))
         if len(conn.out) < HIGH_WATER:
             self._flush(conn)
 
@@ -751,7 +763,7 @@ class Server:
             data = data[:room]
             proc.truncated[name] = True
         proc.sent[name] += len(data)
-        self._send(proc.conn, P.event(proc.id, name, data))
+        self._send(proc.conn, P.event_parts(proc.id, name, data))
 
     def _drain_outputs(self, proc: Process) -> None:
         """Send what is still buffered in the pipes before they are closed."""
