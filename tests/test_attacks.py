@@ -302,7 +302,8 @@ def test_qemu_runs_under_seccomp_and_without_root_powers(boot_config, tmp_path):
 
 
 # -- 5: commands cannot speak for the agent; the host checks what the agent says -------------------------------
-REACH_PID1 = r"""
+# What the attack scripts below share: each attempt prints "refused" or "SUCCEEDED".
+ATTEMPTS = r"""
 import ctypes, os, socket, struct
 libc = ctypes.CDLL(None, use_errno=True)
 def attempt(name, fn):
@@ -310,13 +311,17 @@ def attempt(name, fn):
         fn(); print(name, "SUCCEEDED")
     except OSError as e:
         print(name, "refused", e.errno)
-def pidfd_getfd():
-    pidfd = libc.syscall(434, 1, 0)  # pidfd_open(1)
+def pidfd_getfd(pid):
+    pidfd = libc.syscall(434, pid, 0)  # pidfd_open
     if pidfd < 0: raise OSError(ctypes.get_errno(), "pidfd_open")
     for target in range(3, 64):
         fd = libc.syscall(438, pidfd, target, 0)  # pidfd_getfd
         if fd >= 0: return
     raise OSError(ctypes.get_errno(), "pidfd_getfd")
+"""
+REACH_PID1 = (
+    ATTEMPTS
+    + r"""
 def reboot():
     if libc.reboot(0xCDEF0123) != 0: raise OSError(ctypes.get_errno(), "reboot")
 def mount():
@@ -325,7 +330,7 @@ def delroute():
     import fcntl
     with socket.socket() as s: fcntl.ioctl(s, 0x890C, b"\0" * 120)
 attempt("vport", lambda: os.open("/dev/vport0p1", os.O_RDWR))
-attempt("pidfd_getfd", pidfd_getfd)
+attempt("pidfd_getfd", lambda: pidfd_getfd(1))
 def proc_fd():
     for name in os.listdir("/proc/1/fd"):  # the numbers are visible; the descriptors must not be
         try:
@@ -344,6 +349,7 @@ attempt("reboot", reboot)
 attempt("mount", mount)
 attempt("route", delroute)
 """
+)
 
 
 @pytest.mark.vm
@@ -364,9 +370,10 @@ def test_root_on_request_is_root(vm):
     assert sh(vm, "grep CapEff /proc/self/status")[1].split()[1] == "0000000000000000"
 
 
-REACH_LAUNCHER = r"""
-import ctypes, os, signal
-libc = ctypes.CDLL(None, use_errno=True)
+REACH_LAUNCHER = (
+    ATTEMPTS
+    + r"""
+import signal
 def stat(pid):
     with open(f"/proc/{pid}/stat") as f:
         return f.read().rsplit(")", 1)[1].split()
@@ -375,30 +382,20 @@ mine = {os.getpid(), os.getppid()}
 init = open("/proc/1/cmdline", "rb").read()
 launcher = next(int(p) for p in os.listdir("/proc") if p.isdigit() and int(p) not in mine and stat(p)[1] == "1"
                 and open(f"/proc/{p}/cmdline", "rb").read() == init)
-def attempt(name, fn):
-    try:
-        fn(); print(name, "SUCCEEDED")
-    except OSError as e:
-        print(name, "refused", e.errno)
-def pidfd_getfd():
-    pidfd = libc.syscall(434, launcher, 0)
-    if pidfd < 0: raise OSError(ctypes.get_errno(), "pidfd_open")
-    for target in range(3, 64):
-        if libc.syscall(438, pidfd, target, 0) >= 0: return
-    raise OSError(ctypes.get_errno(), "pidfd_getfd")
 def ptrace():
     if libc.ptrace(16, launcher, 0, 0) != 0: raise OSError(ctypes.get_errno(), "ptrace attach")
 def proc_fd():
     for name in os.listdir(f"/proc/{launcher}/fd"):
         os.close(os.open(f"/proc/{launcher}/fd/{name}", os.O_RDWR))
         return
-attempt("pidfd_getfd", pidfd_getfd)
+attempt("pidfd_getfd", lambda: pidfd_getfd(launcher))
 attempt("ptrace", ptrace)
 attempt("proc_fd", proc_fd)
 attempt("proc_mem", lambda: open(f"/proc/{launcher}/mem", "rb").read(1))
 os.kill(launcher, signal.SIGKILL)  # what a command can do: stop it
 print("killed", launcher)
 """
+)
 
 
 @pytest.mark.vm

@@ -23,7 +23,7 @@ import os
 import select
 import socket
 
-from .procs import Forker, Stdio
+from .procs import Forker, Stdio, reaped
 
 try:
     import _signal as signal
@@ -161,11 +161,5 @@ def _serve(sock: socket.socket) -> None:
 
 
 def _report_exits(sock: socket.socket) -> None:
-    while True:
-        try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
+    for pid, status in reaped():
         sock.send(marshal.dumps(("exited", pid, status)))

@@ -26,6 +26,7 @@ except ImportError:  # another Python: the same calls through the public module
 
 TYPE_CHECKING = False  # not typing's: importing typing costs ~15 ms at boot
 if TYPE_CHECKING:
+    from collections.abc import Iterator
     from typing import Any
 
 DEFAULT_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD, signal.SIGINT, signal.SIGHUP, signal.SIGTERM,
@@ -327,6 +328,18 @@ class Forker:
             code = int(report) or 0
             raise OSError(code, os.strerror(code) if code else "exec failed")
         return pid
+
+
+def reaped() -> Iterator[tuple[int, int]]:
+    """(pid, status) of every child that has ended, without waiting."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        yield pid, status
 
 
 def _grow_pipe(fd: int) -> None:

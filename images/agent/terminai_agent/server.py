@@ -29,6 +29,7 @@ from .procs import (
     foreground_group,
     parse_signal,
     proxy_env,
+    reaped,
     set_window,
     spawn,
     start_spawned,
@@ -796,22 +797,12 @@ class Server:
 
     def _reap(self) -> None:
         by_pid = {p.pid: p for p in self.procs.values()}
+        launched: list[tuple[int, int]] = []
         if self.launcher is not None:  # the root launcher's children: their statuses come from it
-            for pid, status in self.launcher.exited:
-                proc = by_pid.get(pid)
-                if proc is not None and proc.status is None:
-                    proc.status = status
-                    proc.exited_at = time.monotonic()
-            self.launcher.exited.clear()
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
+            launched, self.launcher.exited = self.launcher.exited, []
+        for pid, status in [*launched, *reaped()]:
             proc = by_pid.get(pid)
-            if proc is not None:  # else an orphan re-parented to PID 1: just reaped
+            if proc is not None and proc.status is None:  # else an orphan re-parented to PID 1: just reaped
                 proc.status = status
                 proc.exited_at = time.monotonic()
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,8 +29,8 @@ from typing import Any
 
 from ..context import BuildContext
 from ..kernel import build_kernel
-from ..rootfs.project import agent_pythonpath, build_rootfs
-from .measure import SHIM, RawAgent, Serve, summary, text_stream, timed
+from ..rootfs.project import build_rootfs
+from .measure import SHIM, RawAgent, Serve, host_agent, summary, text_stream, timed
 
 TARGETS = {
     "warm_run_seconds": 0.5,
@@ -67,7 +66,7 @@ def bench_latency(ctx: BuildContext, runs: int, work: Path) -> dict[str, Any]:
     params = {"kernel": str(kern.vmlinux), "rootfs": str(root.image), "accel": "tcg", "backend": "qemu"}
     out: dict[str, Any] = {"targets": TARGETS}
     out["warm_run_true"] = _warm_run(boot, env, max(runs, 5))
-    out.update(_held_session(params, env, work, repo))
+    out.update(_held_session(params, env, work))
     out["pool"] = _pool(params, env, max(runs, 5))
     w, t = out["warm_run_true"], TARGETS
     out["met"] = {
@@ -96,9 +95,8 @@ def _warm_run(boot: list[str], env: dict[str, str], runs: int) -> dict[str, Any]
     return {"whole_process": w, "restore_to_ready_reported": r, "ratio_vs_restore": w["median"] / r["median"]}
 
 
-def _held_session(params: dict[str, Any], env: dict[str, str], work: Path, repo: Path) -> dict[str, Any]:
+def _held_session(params: dict[str, Any], env: dict[str, str], work: Path) -> dict[str, Any]:
     from terminai_shim.models import BootConfig
-    from terminai_shim.parts import AgentClient
     from terminai_shim.session import Session
 
     serve = Serve(env)
@@ -113,21 +111,9 @@ def _held_session(params: dict[str, Any], env: dict[str, str], work: Path, repo:
         else:
             os.environ["TERMINAI_CACHE"] = previous
     raw = RawAgent(BootConfig(kernel=Path(params["kernel"]), rootfs=Path(params["rootfs"]), accel="tcg"))
-    path = work / "latency-agent.sock"
-    agent_env = dict(os.environ, PYTHONPATH=agent_pythonpath(repo))
-    agent = subprocess.Popen([sys.executable, "-m", "terminai_agent", f"--channel=unix:{path}"], env=agent_env)
     try:
-        while not path.exists():
-            time.sleep(0.01)
-        sock = socket.socket(socket.AF_UNIX)
-        sock.connect(str(path))
-        host = AgentClient(sock)
-        host.hello()
-        samples: dict[str, list[float]] = {"shim": [], "bare": [], "host_agent": []}
-        for _ in range(60):  # interleaved: drift hits all three alike
-            samples["shim"].append(timed(lambda: serve.call("execute", command="true")))
-            samples["bare"].append(timed(lambda: raw.run(["true"])))
-            samples["host_agent"].append(timed(lambda: host.run(["true"])))
+        with host_agent(work) as host:
+            samples = _execute_true(serve, raw, host)
         floor = float(serve.call("execute", command="python3", args=["-c", GUEST_FLOOR])["stdout"])
         first_health = timed(lambda: serve.call("healthCheck"))
         later_health = summary([timed(lambda: serve.call("healthCheck")) for _ in range(20)])
@@ -145,10 +131,7 @@ def _held_session(params: dict[str, Any], env: dict[str, str], work: Path, repo:
             rates["bare"].append(STDOUT_BYTES / timed(lambda: raw.run(["cat", TEXT])))
             rates["guest_alone"].append(STDOUT_BYTES / timed(lambda: serve.call(  # the same pipe, no agent behind it
                 "execute", command="sh", args=["-c", f"cat {TEXT} | cat > /dev/null"])))  # fmt: skip
-        host.close()
     finally:
-        agent.kill()
-        agent.wait()
         serve.close()
         session.close()
         raw.close()
@@ -161,6 +144,15 @@ def _held_session(params: dict[str, Any], env: dict[str, str], work: Path, repo:
         "stdout_mb_s": mb,
         "stdout_ratio_vs_guest_alone": mb["shim"] / mb["guest_alone"],
     }
+
+
+def _execute_true(serve: Serve, raw: RawAgent, host: Any) -> dict[str, list[float]]:
+    samples: dict[str, list[float]] = {"shim": [], "bare": [], "host_agent": []}
+    for _ in range(60):  # interleaved: drift hits all three alike
+        samples["shim"].append(timed(lambda: serve.call("execute", command="true")))
+        samples["bare"].append(timed(lambda: raw.run(["true"])))
+        samples["host_agent"].append(timed(lambda: host.run(["true"])))
+    return samples
 
 
 def _pool(params: dict[str, Any], env: dict[str, str], runs: int) -> dict[str, Any]:

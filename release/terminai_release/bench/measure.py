@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -9,7 +10,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,8 @@ from terminai_shim.models import BootConfig
 from terminai_shim.parts import QemuBackend, qemu_command_line
 from terminai_shim.probes import accelerator
 from terminai_shim.session import new_runtime_dir
+
+from ..rootfs.project import agent_pythonpath
 
 SHIM = str(Path(sys.executable).with_name("terminai-shim"))
 
@@ -62,6 +65,32 @@ class Serve:
             assert self.proc.stdin
             self.proc.stdin.close()  # a shim with a warm pool serves until its input ends
             self.proc.wait(30)
+
+
+@contextlib.contextmanager
+def host_agent(work: Path) -> Iterator[Any]:
+    """The same agent on this host over a Unix socket (the container tier's
+    transport): a baseline with no VM at all. Yields its AgentClient."""
+    from terminai_shim.parts import AgentClient
+
+    path = work / f"host-agent-{os.getpid()}.sock"
+    repo = Path(__file__).resolve().parents[3]
+    env = dict(os.environ, PYTHONPATH=agent_pythonpath(repo))
+    agent = subprocess.Popen([sys.executable, "-m", "terminai_agent", f"--channel=unix:{path}"], env=env)
+    try:
+        while not path.exists():
+            time.sleep(0.01)
+        sock = socket.socket(socket.AF_UNIX)
+        sock.connect(str(path))
+        client = AgentClient(sock)
+        client.hello()
+        try:
+            yield client
+        finally:
+            client.close()
+    finally:
+        agent.kill()
+        agent.wait()
 
 
 def summary(samples: list[float]) -> dict[str, Any]:

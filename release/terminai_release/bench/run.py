@@ -18,9 +18,9 @@ from typing import Any
 
 from ..context import BuildContext
 from ..kernel import build_kernel
-from ..rootfs.project import agent_pythonpath, build_rootfs
+from ..rootfs.project import build_rootfs
 from . import stock
-from .measure import SHIM, RawAgent, Serve, boot_to_marker, repeat, rss_kib, summary, text_stream, timed
+from .measure import SHIM, RawAgent, Serve, boot_to_marker, host_agent, repeat, rss_kib, summary, text_stream, timed
 
 
 def bench_kernel(ctx: BuildContext, runs: int, work: Path, clean: bool) -> dict[str, Any]:
@@ -138,26 +138,8 @@ def _keystroke_echo(client: Any, samples: int) -> dict[str, Any]:
 
 
 def _host_agent_throughput(gen: list[str], size: int, work: Path) -> float:
-    import socket
-
-    from terminai_shim.parts import AgentClient
-
-    path = work / "host-agent.sock"
-    env = dict(os.environ, PYTHONPATH=agent_pythonpath(Path(__file__).resolve().parents[3]))
-    agent = subprocess.Popen([sys.executable, "-m", "terminai_agent", f"--channel=unix:{path}"], env=env)
-    try:
-        while not path.exists():
-            time.sleep(0.01)
-        sock = socket.socket(socket.AF_UNIX)
-        sock.connect(str(path))
-        client = AgentClient(sock)
-        client.hello()
-        rate = size / timed(lambda: client.run(gen))
-        client.close()
-        return rate
-    finally:
-        agent.kill()
-        agent.wait()
+    with host_agent(work) as client:
+        return size / timed(lambda: client.run(gen))
 
 
 def bench_shim(ctx: BuildContext, runs: int) -> dict[str, Any]:
