@@ -345,3 +345,15 @@ def test_restore_requests_go_out_behind_hello(host_agent, tmp_path):
     assert client.ping()["session"] == restore.session_id
     assert socketlib.gethostname() == hostname
     client.close()
+
+
+def test_prepare_changes_nothing_outside_a_vms_init_and_a_large_output_arrives_whole(host_agent):
+    """``prepare`` is init's (the network, the root launcher, the seal): an
+    agent that is not a VM's init answers and runs commands as before. A
+    megabyte-sized output crosses in frames of up to 1 MiB, header and body
+    written as separate pieces, and arrives byte for byte."""
+    c = host_agent.client()
+    c.call("prepare")
+    data = bytes(range(256)) * (3 << 12) + b"tail"  # 3 MiB and a bit, not a multiple of anything
+    status, out, _ = c.run([PY, "-c", "import sys; sys.stdout.buffer.write(sys.stdin.buffer.read())"], stdin=data)
+    assert status.exit_code == 0 and out == data

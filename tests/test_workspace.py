@@ -143,3 +143,35 @@ def test_the_vm_workspace_behaves_like_a_local_directory(vm, workspace):
     made = workspace / "probe"
     assert (made / "db.sqlite").stat().st_size > 0
     assert all((made / name).is_file() for name in ("fifo", "sock"))
+
+
+MAPPED_WRITE = r"""
+import mmap, os, sys, time
+path = sys.argv[1]
+if os.fork() == 0:  # a process that left the command's group and keeps its mapping open, pages dirty
+    os.setsid()
+    with open(path, "w+b") as f:
+        f.truncate(1 << 20)
+        m = mmap.mmap(f.fileno(), 1 << 20)
+        m[: 1 << 20] = b"m" * (1 << 20)  # no msync, no fsync, and the mapping is never closed
+        open(path + ".ready", "w").close()
+        time.sleep(600)
+while not os.path.exists(path + ".ready"):
+    time.sleep(0.05)
+"""
+
+
+@pytest.mark.vm
+def test_what_a_command_wrote_through_a_mapping_is_on_the_host_once_the_session_ends(boot_config, tmp_path):
+    """The shim stops QEMU as soon as the agent answers shutdown, without
+    waiting for the guest to power off: the agent syncs before it answers,
+    so pages still dirty in a shared mapping (here, a process that left the
+    command's group keeps one open) reach the host before QEMU is gone."""
+    import dataclasses
+
+    from terminai_shim.session import Session
+
+    with Session.boot(dataclasses.replace(boot_config, workspace=tmp_path)) as s:
+        status, _out, err = s.client.run(["python3", "-c", MAPPED_WRITE, "/workspace/mapped"])
+        assert status.exit_code == 0, err
+    assert (tmp_path / "mapped").read_bytes() == b"m" * (1 << 20)
