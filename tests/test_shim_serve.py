@@ -324,3 +324,34 @@ def test_pool_warm_refuses_what_initialize_would(shim, boot_config):
     missing = shim.call("pool.warm", {"params": {**init_params(boot_config), "kernel": "/nonexistent/vmlinux"}})
     assert missing["error"]["code"] in ("INVALID_CONFIG", "NOT_FOUND", "ARTIFACT_MISSING"), missing
     assert shim.call("pool.warm", {"size": 9, "params": init_params(boot_config)})["error"]["code"] == "INVALID_PARAMS"
+
+
+def _vms_of(shim: ShimProc) -> dict[int, bytes]:
+    vms = {}
+    for kid in children(shim.proc.pid):
+        try:
+            cmdline = Path(f"/proc/{kid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"qemu-system" in cmdline:
+            vms[kid] = cmdline
+    return vms
+
+
+def test_the_pool_leaves_no_vm_behind(shim, boot_config):
+    """A pool asked for other parameters stops the VM it kept for the old
+    ones, and closing the shim's input ends the shim and every VM it kept:
+    a waiting VM never outlives what it waited for."""
+    shim.result("pool.warm", {"params": init_params(boot_config)})
+    _pool_ready(shim)
+    (first,) = _vms_of(shim)
+    shim.result("pool.warm", {"params": init_params(boot_config, memoryMib=384)})
+    _pool_ready(shim)
+    assert gone(first, 30), "the VM kept for the old parameters still runs"
+    ((second, cmdline),) = _vms_of(shim).items()
+    argv = cmdline.split(b"\0")
+    assert argv[argv.index(b"-m") + 1] == b"384"  # the new parameters' VM
+    assert shim.proc.stdin is not None
+    shim.proc.stdin.close()
+    assert shim.proc.wait(30) == 0
+    assert gone(second, 10), "the waiting VM outlived the shim"
