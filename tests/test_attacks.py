@@ -407,12 +407,15 @@ def test_commands_cannot_use_the_root_launcher_and_stopping_it_only_stops_root_c
     else goes on."""
     with boot(boot_config) as s:
         assert sh(s, "grep CapEff /proc/self/status", user="root")[1].split()[1] != "0000000000000000"
+        from terminai_shim.errors import AgentError
+
+        with pytest.raises(AgentError, match="too large for a root command"):  # more than one message holds
+            s.client.run(["true"], user="root", env={"BIG": "x" * 400_000})
+        assert sh(s, "echo root; exit 4", user="root") == (4, "root\n", "")  # ...and the launcher still serves
         _code, out, err = py(s, REACH_LAUNCHER)
         results = dict(line.split(" ", 1) for line in out.splitlines())
         assert set(results) == {"pidfd_getfd", "ptrace", "proc_fd", "proc_mem", "killed"}, (out, err)
         assert not [k for k, v in results.items() if "SUCCEEDED" in v], out
-        from terminai_shim.errors import AgentError
-
         with pytest.raises(AgentError, match="root launcher has ended"):
             sh(s, "true", user="root")
         assert sh(s, "echo still; exit 3") == (3, "still\n", "")

@@ -420,7 +420,7 @@ class Session:
         if self._kit is None:
             self.client.ping()
             status, out, err = self.client.run(
-                ["python3", "-c", "import os, sys, terminai_apts; terminai_apts.model.ObjectTableLabels.TRANSIT; "
+                ["python3", "-c", "import sys, terminai_apts; terminai_apts.model.ObjectTableLabels.TRANSIT; "
                  "print(sys.executable); print(terminai_apts.__version__); print(terminai_apts.__file__)"],
                 timeout=60,
             )  # fmt: skip
@@ -434,10 +434,10 @@ class Session:
             now = _kit_stat(self.client.submit("stat", path=module))
             answer = ping.result(10).header
             if answer.get("session") != self.session_id:
-                raise ShimError(f"the guest agent answered for session {answer.get('session')!r}, not this one")
+                raise ShimError("the guest agent answered for another session than this one")  # its words not echoed
             if now != seen:
                 self._kit = None  # the next check imports it again
-                raise ShimError(f"the survival kit changed in the guest ({module}: {seen} -> {now})")
+                raise ShimError(f"the survival kit changed in the guest ({module})")
         return {
             "ok": True,
             "pythonPath": python,

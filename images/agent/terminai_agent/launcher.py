@@ -73,9 +73,11 @@ class Launcher:
         message = marshal.dumps((argv, cwd, env, stdio.tty is not None, layout))
         try:
             self.sock.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
-        except OSError:
+        except (BrokenPipeError, ConnectionResetError):
             self.gone = True
             raise LauncherGone(1, "the root launcher has ended (a command stopped it); start a new session") from None
+        except OSError:  # EMSGSIZE: this request is too large for one message; the launcher is fine
+            raise OSError(7, "the arguments and environment are too large for a root command") from None
         poller = select.poll()
         poller.register(self.sock.fileno(), select.POLLIN)
         while True:
