@@ -123,7 +123,10 @@ def _serve(sock: socket.socket) -> None:
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
-    start = Forker()
+    from .landlock import Domains
+
+    domains = Domains()
+    start = Forker(domains=domains if domains.available else None)
     poller = select.poll()
     poller.register(keep, select.POLLIN)
     poller.register(wake_r, select.POLLIN)

@@ -281,8 +281,9 @@ class Forker:
     can before it execs (install a syscall filter in a container; start a
     command from the root launcher, whose own state the agent's differs from)."""
 
-    def __init__(self, syscall_filter: Any = None) -> None:
+    def __init__(self, syscall_filter: Any = None, domains: Any = None) -> None:
         self.syscall_filter = syscall_filter
+        self.domains = domains  # landlock.Domains: each command in a domain of its own
 
     def __call__(self, argv: list[str], cwd: str | None, env: dict[str, str], stdio: Stdio) -> int:
         in_r, out_w, err_w = stdio.child
@@ -309,6 +310,8 @@ class Forker:
                 signal.pthread_sigmask(signal.SIG_SETMASK, [])
                 if cwd:
                     os.chdir(cwd)
+                if self.domains is not None:
+                    self.domains.enter()
                 if self.syscall_filter is not None:
                     self.syscall_filter.install()
                 os.execvpe(argv[0], argv, env)

@@ -179,7 +179,15 @@ class Server:
         # How commands start: forked (a container's syscall filter goes in
         # the child), or, in the VM once init is confined, spawned by init
         # (``user``) or by the root launcher (``root``).
-        self.start_user: Any = _not_confined if config.pid1 else Forker(syscall_filter)
+        domains = None
+        if config.container:  # in the VM, init decides with the rest of its confinement (_confine_commands)
+            from .landlock import Domains
+
+            domains = Domains()
+            if not domains.available:
+                self._log(f"commands of this container are not kept apart: {domains.why_not}")
+                domains = None
+        self.start_user: Any = _not_confined if config.pid1 else Forker(syscall_filter, domains)
         self.start_root: Any = self.start_user
         self.launcher: Any = None
         if config.pid1:
@@ -386,7 +394,7 @@ class Server:
             self._send(conn, P.error(rid, P.INTERNAL, f"{op} failed: {exc!r}"))
 
     def op_hello(self, conn: Conn, rid: int, h: dict[str, Any], body: bytes) -> None:
-        versions = [v for v in h.get("versions", [P.PROTOCOL_VERSION]) if v in P.SUPPORTED_VERSIONS]
+        versions = [v for v in h.get("versions", [P.AGENT_PROTOCOL_VERSION]) if v in P.SUPPORTED_VERSIONS]
         if not versions:
             raise P.ProtocolError(P.VERSION_MISMATCH, f"agent speaks versions {list(P.SUPPORTED_VERSIONS)}")
         if conn.greeted:  # a new host session on the same channel: forget the old one
@@ -510,9 +518,14 @@ class Server:
         root`` commands), then init confines everything it starts from now
         on; only then do commands start with posix_spawn. If any of it
         fails, no command runs (``unsafe``)."""
+        from .landlock import Domains, InOwnDomain
         from .launcher import Launcher
         from .procs import confine_descendants
 
+        domains = Domains()
+        if not domains.available:  # commands of one session could read and trace one another
+            self.unsafe = f"commands cannot be kept apart: {domains.why_not}"
+            return
         try:
             self.launcher = Launcher()
             self._want(self.launcher.fileno(), READ, ("launcher", self.launcher))
@@ -520,7 +533,7 @@ class Server:
         except OSError as exc:
             self.unsafe = f"commands could not be confined ({exc})"
             return
-        self.start_user, self.start_root = start_spawned, self.launcher
+        self.start_user, self.start_root = InOwnDomain(start_spawned, domains), self.launcher
 
     def _target(self, conn: Conn, h: dict[str, Any]) -> Process:
         proc = self.procs.get((conn.fd, h.get("target")))  # type: ignore[arg-type]
@@ -568,6 +581,10 @@ class Server:
         self._send(conn, P.result(rid))
 
     # -- files -------------------------------------------------------------------------
+    # The host names a path; the agent (PID 1, with every right in the guest) opens
+    # exactly that path and follows no symbolic link on the way or at its end: a link a
+    # command planted in the workspace must not turn a read of a project file into a
+    # read of /proc/1/environ, or a write into a write somewhere else (_beneath).
     def op_read(self, conn: Conn, rid: int, h: dict[str, Any], body: bytes) -> None:
         path = h["path"]
         offset = max(0, int(h.get("offset", 0)))
@@ -575,7 +592,8 @@ class Server:
         length = max(0, min(int(h.get("length", limit)), limit))
         # Non-blocking and regular files only: a FIFO or a device must not
         # stall the agent's single loop (it is PID 1) or exhaust memory.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with _Beneath(path) as (parent, name):
+            fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=parent)
         with os.fdopen(fd, "rb") as f:
             st = os.fstat(f.fileno())
             if not stat.S_ISREG(st.st_mode):
@@ -587,14 +605,13 @@ class Server:
 
     def op_write(self, conn: Conn, rid: int, h: dict[str, Any], body: bytes) -> None:
         path = h["path"]
-        if h.get("create_dirs"):
-            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC
+        flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
         if h.get("truncate"):
             flags |= os.O_TRUNC
         if h.get("append"):
             flags |= os.O_APPEND
-        fd = os.open(path, flags | os.O_NONBLOCK, int(h.get("mode", 0o644)))
+        with _Beneath(path, create=bool(h.get("create_dirs"))) as (parent, name):
+            fd = os.open(name, flags, int(h.get("mode", 0o644)), dir_fd=parent)
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise P.ProtocolError(P.BAD_REQUEST, f"{path} is not a regular file")
@@ -611,19 +628,25 @@ class Server:
         self._send(conn, P.result(rid, written=len(body)))
 
     def op_stat(self, conn: Conn, rid: int, h: dict[str, Any], body: bytes) -> None:
-        st = os.stat(h["path"], follow_symlinks=bool(h.get("follow", True)))
+        with _Beneath(h["path"]) as (parent, name):
+            st = os.stat(name, dir_fd=parent, follow_symlinks=False)  # a link is reported as one
         self._send(conn, P.result(rid, **_stat_fields(st)))
 
     def op_list(self, conn: Conn, rid: int, h: dict[str, Any], body: bytes) -> None:
         path = h["path"]
         entries = []
-        with os.scandir(path) as it:
-            for entry in it:
-                try:
-                    st = entry.stat(follow_symlinks=False)
-                    entries.append({"name": entry.name, **_stat_fields(st)})
-                except OSError:
-                    entries.append({"name": entry.name, "type": "unknown"})
+        with _Beneath(path) as (parent, name):
+            fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
+        try:
+            with os.scandir(fd) as it:
+                for entry in it:
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                        entries.append({"name": entry.name, **_stat_fields(st)})
+                    except OSError:
+                        entries.append({"name": entry.name, "type": "unknown"})
+        finally:
+            os.close(fd)
         entries.sort(key=lambda e: e["name"])
         frame = P.result(rid, entries=entries)
         if len(frame) > conn.peer_max:
@@ -631,36 +654,38 @@ class Server:
         self._send(conn, frame)
 
     def op_remove(self, conn: Conn, rid: int, h: dict[str, Any], body: bytes) -> None:
-        path = h["path"]
-        if stat.S_ISDIR(os.lstat(path).st_mode):
-            if h.get("recursive"):
-                # Not shutil.rmtree: the agent imports nothing once commands run (init.seal says why).
-                for root, dirs, files in os.walk(path, topdown=False):
-                    for name in files:
-                        os.unlink(os.path.join(root, name))
-                    for name in dirs:  # a link to a directory is listed here too: unlink it, never follow
-                        full = os.path.join(root, name)
-                        if os.path.islink(full):
-                            os.unlink(full)
-                        else:
-                            os.rmdir(full)
-                os.rmdir(path)
+        with _Beneath(h["path"]) as (parent, name):
+            if not stat.S_ISDIR(os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode):
+                os.unlink(name, dir_fd=parent)
             else:
-                os.rmdir(path)
-        else:
-            os.unlink(path)
+                if h.get("recursive"):
+                    # Not shutil.rmtree: the agent imports nothing once commands run (init.seal says why).
+                    # By descriptor, bottom up; a link (to a directory too) is unlinked, never followed.
+                    for _root, dirs, files, fd in os.fwalk(name, topdown=False, dir_fd=parent):
+                        for entry in files:
+                            os.unlink(entry, dir_fd=fd)
+                        for entry in dirs:
+                            try:
+                                os.rmdir(entry, dir_fd=fd)
+                            except NotADirectoryError:
+                                os.unlink(entry, dir_fd=fd)
+                os.rmdir(name, dir_fd=parent)
         self._send(conn, P.result(rid))
 
     def op_mkdir(self, conn: Conn, rid: int, h: dict[str, Any], body: bytes) -> None:
         mode = int(h.get("mode", 0o755))
-        if h.get("parents"):
-            os.makedirs(h["path"], mode, exist_ok=True)
-        else:
-            os.mkdir(h["path"], mode)
+        parents = bool(h.get("parents"))
+        with _Beneath(h["path"], create=parents) as (parent, name):
+            try:
+                os.mkdir(name, mode, dir_fd=parent)
+            except FileExistsError:
+                if not parents or not stat.S_ISDIR(os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode):
+                    raise
         self._send(conn, P.result(rid))
 
     def op_rename(self, conn: Conn, rid: int, h: dict[str, Any], body: bytes) -> None:
-        os.replace(h["src"], h["dst"])
+        with _Beneath(h["src"]) as (src_dir, src), _Beneath(h["dst"]) as (dst_dir, dst):
+            os.replace(src, dst, src_dir_fd=src_dir, dst_dir_fd=dst_dir)
         self._send(conn, P.result(rid))
 
     # -- system ------------------------------------------------------------------------
@@ -875,3 +900,47 @@ def _stat_fields(st: os.stat_result) -> dict[str, Any]:
         "uid": st.st_uid,
         "gid": st.st_gid,
     }
+
+
+class _Beneath:
+    """``with _Beneath(path) as (parent, name)``: the directory that holds
+    ``path``'s last component, opened from ``/`` one component at a time
+    with ``O_NOFOLLOW`` (a symbolic link anywhere on the way is refused, not
+    followed), and that component's name. ``create`` makes missing
+    directories on the way (``mkdir -p``, by descriptor too)."""
+
+    def __init__(self, path: str, create: bool = False) -> None:
+        if not isinstance(path, str) or not path.startswith("/"):
+            raise P.ProtocolError(P.BAD_REQUEST, f"{path!r} is not an absolute path")
+        parts = [p for p in path.split("/") if p not in ("", ".")]
+        if ".." in parts or not parts:
+            raise P.ProtocolError(P.BAD_REQUEST, f"{path!r} names no file (or goes up with ..)")
+        self.path, self.parts, self.create = path, parts, create
+        self.fd = -1
+
+    def __enter__(self) -> tuple[int, str]:
+        fd = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for part in self.parts[:-1]:
+                if self.create:
+                    try:
+                        os.mkdir(part, 0o755, dir_fd=fd)
+                    except FileExistsError:
+                        pass
+                try:
+                    nxt = os.open(part, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+                except OSError as exc:
+                    if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                        raise P.ProtocolError(P.BAD_REQUEST, f"{self.path}: {part} is a symbolic link or not a "
+                                              "directory; the agent follows no link") from None  # fmt: skip
+                    raise
+                os.close(fd)
+                fd = nxt
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd = fd
+        return fd, self.parts[-1]
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)
