@@ -17,6 +17,16 @@ import jsonschema
 # The shim under test: this environment's console script or, under
 # `pytest --standalone-shim` (conftest.py), the standalone build of `inv shim-dist`.
 SHIM = os.environ.get("TERMINAI_TEST_SHIM") or str(Path(sys.executable).with_name("terminai-shim"))
+# The settings of this test run that every shim it starts must see, even one
+# given an environment of its own (conftest.py lowers the disk floor on a host
+# already below the default one).
+RUN_SETTINGS = ("TERMINAI_DISK_FLOOR",)
+
+
+def run_settings() -> dict[str, str]:
+    return {name: os.environ[name] for name in RUN_SETTINGS if name in os.environ}
+
+
 SCHEMA = json.loads((Path(__file__).resolve().parents[1] / "docs/shim-protocol.schema.json").read_text())
 
 

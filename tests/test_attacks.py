@@ -25,10 +25,11 @@ import subprocess
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from shimproc import SHIM, ShimProc
+from shimproc import SHIM, ShimProc, run_settings
 
 pytestmark = pytest.mark.attack
 
@@ -84,18 +85,18 @@ def as_user(user: pwd.struct_passwd, argv: list[str], env: dict[str, str], **kwa
 
 
 @pytest.fixture(scope="module")
-def readable_artifacts(boot_config, tmp_path_factory):
-    """The kernel and root image where any user can read them (the build cache is root's)."""
-    d = tmp_path_factory.mktemp("artifacts")
+def readable_artifacts(boot_config):
+    """The kernel and root image where any user can read them (the build cache is root's).
+    Outside pytest's own temporary tree, which each pytest run makes private again."""
+    d = Path(tempfile.mkdtemp(prefix="attack-artifacts-"))
     d.chmod(0o755)
-    for p in (d.parent, d.parent.parent):
-        p.chmod(p.stat().st_mode | 0o005)
     kernel, rootfs = d / boot_config.kernel.name, d / boot_config.rootfs.name
     shutil.copy(boot_config.kernel, kernel)
     shutil.copy(boot_config.rootfs, rootfs)
     kernel.chmod(0o644)
     rootfs.chmod(0o644)
-    return kernel, rootfs
+    yield kernel, rootfs
+    shutil.rmtree(d, ignore_errors=True)
 
 
 # -- 1: the allowlist proxy never runs code from where the guest writes -----------------------------------
@@ -168,7 +169,7 @@ def test_as_an_unprivileged_host_user_guest_files_stay_that_users(readable_artif
     ws.mkdir()
     for p in (home, ws):
         os.chown(p, user.pw_uid, user.pw_gid)
-    env = {"PATH": os.environ["PATH"], "HOME": str(home), "TERMINAI_CACHE": str(home / "cache")}
+    env = {"PATH": os.environ["PATH"], "HOME": str(home), "TERMINAI_CACHE": str(home / "cache"), **run_settings()}
     try:
         argv = [SHIM, "run", "--kernel", str(kernel), "--rootfs", str(rootfs), "--workspace", str(ws), "--cold",
                 "--user", "root", "--", "sh", "-c", PLANT_SETUID]  # fmt: skip
@@ -904,3 +905,534 @@ def test_host_bounds_error_text_and_monitor_lines_from_a_hostile_peer(tmp_path):
     assert event == "SHUTDOWN", "an endless line is a monitor gone wrong: the VM is ended"
     assert len(events.buffer) <= MAX_LINE + 65536
     events.close()
+
+
+# -- the workspace is a boundary: host git never runs what the guest left there (issue 29) ---------------------------
+# Run as root in the guest, which first lifts every guest-side read-only cover of a `.git`
+# (a protection the guest's root can undo is none): then every shape of git metadata that
+# makes the host's next `git status`, `git commit` or `git init` run a command.
+PLANT_GIT = r"""
+M="$1"; cd /workspace
+cfg() {
+    mkdir -p "$1" 2>/dev/null
+    printf '[core]\n\trepositoryformatversion = 0\n\tbare = false\n\tfsmonitor = touch %s\n' "$M" > "$1/config" &&
+        echo "planted $1/config"
+}
+hook() {
+    mkdir -p "$1/hooks" 2>/dev/null
+    printf '#!/bin/sh\ntouch %s\n' "$M" > "$1/hooks/$2" && chmod +x "$1/hooks/$2" && echo "planted $1/hooks/$2"
+}
+gitdir() { mkdir -p "$1/objects" "$1/refs" 2>/dev/null; echo 'ref: refs/heads/main' > "$1/HEAD"; cfg "$1"; }
+python3 -c '
+import ctypes; libc = ctypes.CDLL(None)
+for line in reversed(open("/proc/mounts").read().splitlines()):
+    where = line.split()[1]
+    if where.endswith("/.git"): print("unmounted", where, libc.umount2(where.encode(), 2))'
+cfg .git; hook .git pre-commit; hook .git post-checkout
+mkdir -p deep/er/sub; gitdir deep/er/sub/.git
+gitdir .hidden-gitdir; mkdir -p wt2; echo "gitdir: ../.hidden-gitdir" > wt2/.git && echo "planted wt2/.git"
+gitdir .cache/gd; [ -f .git ] && echo "gitdir: .cache/gd" > .git && echo "planted top .git file"
+[ -d lib ] && echo "gitdir: ../.hidden-gitdir" > lib/.git && echo "planted lib/.git"
+cfg .git/modules/lib
+mkdir -p staged; gitdir staged/x; mv staged/x deep/.git && echo "renamed into deep/.git"
+mv .git .git-moved && echo "moved .git away"
+ln -s .cache/gd linked 2>/dev/null; mv linked .git && echo "linked .git"
+echo ordinary > ordinary.txt
+echo done
+"""
+
+
+def _git(cwd: Path, *args: str, user: pwd.struct_passwd | None = None, home: Path) -> subprocess.CompletedProcess:
+    who = {f"GIT_{role}_{what}": value for role in ("AUTHOR", "COMMITTER")
+           for what, value in (("NAME", "u"), ("EMAIL", "u@example.invalid"))}  # fmt: skip
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(home), "GIT_CONFIG_NOSYSTEM": "1", **who}
+    argv = ["git", "-c", "protocol.file.allow=always", *args]
+    if user is None:
+        return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
+    return as_user(user, argv, env, cwd=cwd, timeout=60)
+
+
+def _git_workspaces(base: Path, user: pwd.struct_passwd | None, home: Path) -> dict[str, Path]:
+    """The shapes a user's workspace takes: a repository with a submodule, a
+    worktree (its `.git` is a file), and a directory with no repository."""
+    for d in ("libsrc", "repo", "main", "plain"):
+        (base / d).mkdir(parents=True)
+    if user is not None:
+        subprocess.run(["chown", "-R", f"{user.pw_uid}:{user.pw_gid}", str(base)], check=True)
+
+    def git(where: str, *args: str) -> None:
+        done = _git(base / where, *args, user=user, home=home)
+        assert done.returncode == 0, done.stderr
+
+    for repo in ("libsrc", "repo", "main"):
+        git(repo, "init", "-q", "-b", "main")
+        git(repo, "commit", "-q", "--allow-empty", "-m", "first")
+    git("repo", "submodule", "-q", "add", str(base / "libsrc"), "lib")
+    git("repo", "commit", "-q", "-m", "submodule")
+    git("main", "worktree", "add", "-q", str(base / "wt"))
+    (base / "plain" / "notes.txt").write_text("mine\n")
+    if user is not None:
+        os.chown(base / "plain" / "notes.txt", user.pw_uid, user.pw_gid)
+    return {"repo": base / "repo", "worktree": base / "wt", "plain": base / "plain"}
+
+
+def _host_git_after(ws: Path, kind: str, user: pwd.struct_passwd | None, home: Path) -> None:
+    """What the user does next on the host: git in every directory the guest touched."""
+    if kind == "plain":
+        _git(ws, "init", "-q", user=user, home=home)
+    for where in (ws, ws / "deep" / "er" / "sub", ws / "deep", ws / "wt2", ws / "lib", ws / "staged"):
+        if where.is_dir():
+            _git(where, "status", user=user, home=home)
+    _git(ws, "commit", "-q", "--allow-empty", "-m", "after", user=user, home=home)
+    _git(ws, "checkout", "-q", "-b", "after-session", user=user, home=home)
+
+
+@pytest.mark.vm
+@pytest.mark.parametrize("host_user", ["root", "unprivileged"])
+def test_host_git_never_runs_what_the_guest_planted_at_any_depth(boot_config, readable_artifacts, tmp_path, host_user):
+    user = unprivileged_user() if host_user == "unprivileged" else None
+    base = Path(tempfile.mkdtemp(prefix="attack-git-"))
+    base.chmod(0o755)
+    home = base / "home"
+    home.mkdir()
+    marker = home / "PWNED"
+    kernel, rootfs = readable_artifacts if user is not None else (boot_config.kernel, boot_config.rootfs)
+    try:
+        if user is not None:
+            os.chown(home, user.pw_uid, user.pw_gid)
+        spaces = _git_workspaces(base / "spaces", user, home)
+        configs = {k: (ws / ".git").read_bytes() if (ws / ".git").is_file() else (ws / ".git" / "config").read_bytes()
+                   for k, ws in spaces.items() if (ws / ".git").exists()}  # fmt: skip
+        env = {"PATH": os.environ["PATH"], "HOME": str(home), "TERMINAI_CACHE": str(home / "cache"), **run_settings()}
+        for kind, ws in spaces.items():
+            argv = [SHIM, "run", "--kernel", str(kernel), "--rootfs", str(rootfs), "--workspace", str(ws),
+                    "--user", "root", "--", "sh", "-c", PLANT_GIT, "plant", str(marker)]  # fmt: skip
+            done = as_user(user, argv, env, timeout=300) if user else subprocess.run(
+                argv, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+            assert "done" in done.stdout, (kind, done.stdout, done.stderr)
+            _host_git_after(ws, kind, user, home)
+            assert not marker.exists(), f"host git ran the guest's command ({kind})"
+            made = [line for line in done.stdout.splitlines() if line.split(" ")[0] in ("planted", "renamed", "moved",
+                    "linked") and not line.endswith(("gitdir/config", "gd/config", "x/config"))]  # fmt: skip
+            assert not made, (kind, done.stdout)
+            for shaped in (".hidden-gitdir", ".cache/gd", "staged/x"):  # a config, never a bare repository's
+                assert not all((ws / shaped / part).exists() for part in ("HEAD", "objects", "refs")), shaped
+            assert "Read-only file system" in done.stderr, (kind, done.stderr)
+            assert (ws / "ordinary.txt").read_text() == "ordinary\n", "the rest of the workspace stays writable"
+        for kind, before in configs.items():
+            ws = spaces[kind]
+            now = (ws / ".git").read_bytes() if (ws / ".git").is_file() else (ws / ".git" / "config").read_bytes()
+            assert now == before, kind
+        assert not (spaces["plain"] / ".git" / "config").read_text().count("fsmonitor")
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _run_as(user: pwd.struct_passwd | None, argv: list[str], env: dict[str, str], timeout: float = 300):
+    if user is not None:
+        return as_user(user, argv, env, timeout=timeout)
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _attack_home(user: pwd.struct_passwd | None) -> Path:
+    home = Path(tempfile.mkdtemp(prefix="attack-home-"))
+    home.chmod(0o755)
+    if user is not None:
+        os.chown(home, user.pw_uid, user.pw_gid)
+    return home
+
+
+# Every way a command writes a file, as root in the guest, on a file hard-linked to one outside.
+WRITE_LINKED = r"""
+cd /workspace/node_modules
+echo appended >> pkg.js
+python3 -c 'f = open("other.js", "r+"); f.write("overwritten"); f.close()'
+truncate -s 0 cut.js
+cp /etc/hostname copied-over.js
+echo done
+"""
+
+
+@pytest.mark.vm
+@pytest.mark.parametrize("host_user", ["root", "unprivileged"])
+def test_a_write_never_reaches_a_hard_linked_file_outside_the_workspace(boot_config, readable_artifacts, host_user):
+    """pnpm's store, `cp -al` and local clones leave files in the workspace that
+    share an inode with a file outside it: the guest's writes must stay in the
+    workspace (the file gets its own copy first), never reach the other name."""
+    user = unprivileged_user() if host_user == "unprivileged" else None
+    home = _attack_home(user)
+    kernel, rootfs = readable_artifacts if user is not None else (boot_config.kernel, boot_config.rootfs)
+    store, ws = home / "store", home / "ws"
+    try:
+        (ws / "node_modules").mkdir(parents=True)
+        store.mkdir()
+        names = ("pkg.js", "other.js", "cut.js", "copied-over.js")
+        for name in names:
+            (store / name).write_text(f"original {name}\n")
+            (store / name).chmod(0o640)
+            os.link(store / name, ws / "node_modules" / name)
+        if user is not None:
+            subprocess.run(["chown", "-R", f"{user.pw_uid}:{user.pw_gid}", str(home)], check=True)
+        before = {n: (store / n).stat() for n in names}
+        env = {"PATH": os.environ["PATH"], "HOME": str(home), "TERMINAI_CACHE": str(home / "cache"), **run_settings()}
+        argv = [SHIM, "run", "--kernel", str(kernel), "--rootfs", str(rootfs), "--workspace", str(ws),
+                "--user", "root", "--", "sh", "-c", WRITE_LINKED]  # fmt: skip
+        done = _run_as(user, argv, env)
+        assert "done" in done.stdout, done.stderr
+        for name in names:
+            outside, inside = store / name, ws / "node_modules" / name
+            assert outside.read_text() == f"original {name}\n", name
+            assert outside.stat().st_mtime_ns == before[name].st_mtime_ns, name
+            assert inside.stat().st_ino != outside.stat().st_ino, f"{name} still shares the outside inode"
+            assert stat.S_IMODE(inside.stat().st_mode) == 0o640 and inside.stat().st_uid == before[name].st_uid
+        workspace = {n: (ws / "node_modules" / n).read_text() for n in names}
+        assert workspace["pkg.js"] == "original pkg.js\nappended\n" and workspace["other.js"].startswith("overwritten")
+        assert workspace["cut.js"] == ""
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@contextmanager
+def small_filesystem(size: str, inodes: int, owner: pwd.struct_passwd | None):
+    """A tmpfs of its own, so that filling it touches nothing else of the host."""
+    where = Path(tempfile.mkdtemp(prefix="attack-fs-"))
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},nr_inodes={inodes},mode=0755", "tmpfs", str(where)],
+                   check=True)  # fmt: skip
+    try:
+        if owner is not None:
+            os.chown(where, owner.pw_uid, owner.pw_gid)
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+        where.rmdir()
+
+
+FILL_DISK = r"""
+cd /workspace
+truncate -s 15T sparse && echo "sparse made"
+dd if=/dev/urandom of=sparse bs=1M count=1 seek=1000000 conv=notrunc 2>/dev/null && echo "wrote into it"
+dd if=/dev/zero of=big bs=1M count=4000 2>&1 | tail -1
+echo "still running"
+"""
+FILL_INODES = r"""
+cd /workspace; mkdir many; i=0
+while [ $i -lt 20000 ]; do : > many/$i 2>/dev/null || { echo "refused at $i"; break; }; i=$((i+1)); done
+echo "made $i"
+"""
+
+
+@pytest.mark.vm
+@pytest.mark.parametrize("host_user", ["root", "unprivileged", "container"])
+@pytest.mark.parametrize("fill", ["bytes", "inodes"])
+def test_the_guest_cannot_fill_the_hosts_disk(boot_config, readable_artifacts, request, host_user, fill):
+    """The workspace's file system keeps its floor: creating stops there with
+    ENOSPC (microVM), and a write that grows a file past it stops the session
+    with a named error, in both tiers (a sparse file costs only what is
+    written into it)."""
+    user = unprivileged_user() if host_user == "unprivileged" else None
+    home = _attack_home(user)
+    kernel, rootfs = readable_artifacts if user is not None else (boot_config.kernel, boot_config.rootfs)
+    tier = ["--kernel", str(kernel), "--rootfs", str(rootfs)]
+    if host_user == "container":
+        tier = ["--backend", "container", "--image", str(request.getfixturevalue("container_image").archive)]
+    try:
+        with small_filesystem("700M", 4000, user) as fs:
+            env = {"PATH": os.environ["PATH"], "HOME": str(home), "TERMINAI_CACHE": str(home / "cache"),
+                   "TERMINAI_DISK_FLOOR": "300M,10%"}  # fmt: skip
+            argv = [SHIM, "run", *tier, "--workspace", str(fs), "--user",
+                    "root", "--", "sh", "-c", FILL_DISK if fill == "bytes" else FILL_INODES]  # fmt: skip
+            done = _run_as(user, argv, env)
+            st = os.statvfs(fs)
+            if fill == "bytes":
+                assert "sparse made" in done.stdout and "wrote into it" in done.stdout, done.stderr
+                assert done.returncode == 125 and "disk floor" in done.stderr, (done.returncode, done.stderr)
+                assert "still running" not in done.stdout
+                assert st.f_bavail * st.f_frsize > 200 << 20, "the floor held (within one check's worth of writes)"
+            elif host_user != "container":  # the microVM's guard refuses each new name at the floor
+                assert "refused at" in done.stdout or "disk floor" in done.stderr, (done.stdout, done.stderr)
+                assert st.f_favail >= 300, st.f_favail
+            # (the container tier only checks every 50 ms: a fast creator gets past the floor; then no new session)
+            again = _run_as(user, [*argv[:-3], "true"], env, timeout=120)
+            if st.f_bavail * st.f_frsize < 300 << 20 or st.f_favail < 400:
+                assert again.returncode == 125 and "floor" in again.stderr, again.stderr
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+# In `open` mode the guest's reject route for the host's loopback is the guest's own: a socket
+# bound to eth0 (no capability needed) ignores it. The host must refuse on QEMU's side.
+BYPASS_ROUTE = r"""
+import socket, sys
+tcp, udp = int(sys.argv[1]), int(sys.argv[2])
+for bind in (None, b"eth0"):
+    s = socket.socket()
+    if bind: s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, bind)
+    s.settimeout(5)
+    try: s.connect(("10.0.2.2", tcp)); print("tcp", bind, "CONNECTED")
+    except OSError as e: print("tcp", bind, "refused", e.errno)
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    if bind: u.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, bind)
+    try: u.sendto(b"ping", ("10.0.2.2", udp)); print("udp", bind, "sent")
+    except OSError as e: print("udp", bind, "refused", e.errno)
+"""
+
+
+@pytest.mark.vm
+def test_open_mode_cannot_reach_host_loopback_by_binding_to_the_device(boot_config):
+    from terminai_shim.models import NetworkPolicy
+
+    tcp = socket.socket()
+    tcp.bind(("127.0.0.1", 0))
+    tcp.listen(8)
+    tcp.settimeout(0.5)
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("127.0.0.1", 0))
+    udp.settimeout(0.5)
+    try:
+        with boot(boot_config, network=NetworkPolicy("open"), snapshots="off") as s:
+            code, out, err = py_args(s, BYPASS_ROUTE, str(tcp.getsockname()[1]), str(udp.getsockname()[1]))
+            assert code == 0 and "CONNECTED" not in out, (out, err)
+            time.sleep(1)
+        with pytest.raises(TimeoutError):
+            tcp.accept()
+        with pytest.raises(TimeoutError):
+            udp.recvfrom(10)
+    finally:
+        tcp.close()
+        udp.close()
+
+
+CHURN = r"""
+import socket, time
+made = failed = 0
+end = time.monotonic() + 10
+while time.monotonic() < end:
+    try:
+        socket.create_connection(("10.0.2.100", 3128), timeout=5).close(); made += 1
+    except OSError:
+        failed += 1
+print("made", made, "failed", failed)
+"""
+
+
+@pytest.mark.vm
+def test_connection_churn_cannot_make_the_host_start_processes_without_bound(boot_config, origin):
+    """Each allowlisted guest connection makes QEMU start a connector on the
+    host: a guest opening and closing connections in a loop is held to the
+    guard's rate (the waiting ones wait; none run unbounded)."""
+    from terminai_shim._internal.vmmguard import SPAWN_BURST, SPAWN_RATE
+
+    port, _ = origin
+    with boot(boot_config, network=_allow(f"127.0.0.1:{port}"), snapshots="off") as s:
+        guard = s.machine.guard
+        seen: set[int] = set()
+        lag: list[float] = []
+        stop = threading.Event()
+
+        def watch():  # what the host sees, and how late a 10 ms sleep of its own wakes meanwhile
+            while not stop.is_set():
+                seen.update(children(s.machine.pid))
+                t = time.monotonic()
+                time.sleep(0.01)
+                lag.append(time.monotonic() - t - 0.01)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        started = time.monotonic()
+        try:
+            _code, out, err = py(s, CHURN, timeout=300)
+        finally:
+            stop.set()
+            watcher.join()
+        elapsed = time.monotonic() - started
+        made = int(out.split()[1])
+        lag.sort()
+        print(f"churn: {made} guest connections, {guard.spawned} connectors in {elapsed:.1f}s "
+              f"({len(seen)} seen); host sleep lag p50 {lag[len(lag) // 2] * 1000:.1f} ms, "
+              f"p99 {lag[int(len(lag) * 0.99)] * 1000:.1f} ms")  # fmt: skip
+        assert made > 0, (out, err)
+        assert guard.spawned <= SPAWN_RATE * elapsed + SPAWN_BURST, (guard.spawned, elapsed)
+        assert len(seen) <= guard.spawned
+        again = SMUGGLE.split("\nask(")[0] + f'\nask(b"GET http://127.0.0.1:{port}/x HTTP/1.1\\r\\n\\r\\n")'
+        assert "200" in py_args(s, again, str(port))[1], "the proxy still serves"
+
+
+# A process one command leaves behind watches for the next command's secrets, and the
+# next command tries the same on it: /proc/<pid>/environ, its memory, ptrace.
+SPY = r"""
+import os, time
+if os.fork():
+    os._exit(0)
+os.setsid()  # out of the command's process group: it outlives the command
+open("/tmp/spy.pid", "w").write(str(os.getpid()))
+me = os.getpid()
+end = time.monotonic() + 20
+while time.monotonic() < end:
+    for p in os.listdir("/proc"):
+        if p.isdigit() and int(p) != me:
+            try:
+                if b"API_TOKEN=s3cr3t" in open(f"/proc/{p}/environ", "rb").read():
+                    open("/tmp/found", "w").write(p)
+            except OSError:
+                pass
+    time.sleep(0.05)
+"""
+VICTIM = r"""
+import ctypes, os, time
+time.sleep(2)
+spy = int(open("/tmp/spy.pid").read())
+libc = ctypes.CDLL(None, use_errno=True)
+for what, attempt in (("environ", lambda: open(f"/proc/{spy}/environ", "rb").read()),
+                      ("mem", lambda: open(f"/proc/{spy}/mem", "rb")),
+                      ("fd", lambda: os.open(f"/proc/{spy}/fd/0", os.O_RDONLY))):
+    try:
+        attempt(); print(what, "OPEN")
+    except OSError as e:
+        print(what, "refused", e.errno)
+print("ptrace", "OPEN" if libc.ptrace(16, spy, 0, 0) == 0 else f"refused {ctypes.get_errno()}")
+time.sleep(1)
+print("found", open("/tmp/found").read() if os.path.exists("/tmp/found") else "nothing")
+"""
+
+
+@pytest.mark.vm
+@pytest.mark.parametrize("tier", ["microvm", "container"])
+def test_commands_of_a_session_cannot_read_or_trace_one_another(boot_config, request, tier):
+    from terminai_shim.models import BootConfig
+
+    if tier == "container":
+        image = request.getfixturevalue("container_image")
+        config = BootConfig(image=image.archive, backend="container")
+    else:
+        config = dataclasses.replace(boot_config, snapshots="off")
+    with boot(config) as s:
+        status, _out, err = s.client.run(["python3", "-c", SPY], timeout=60)
+        assert status.exit_code == 0, err
+        assert sh(s, "kill -0 $(cat /tmp/spy.pid) && echo alive")[1].strip() == "alive", "the spy outlived its command"
+        status, out, err = s.client.run(["python3", "-c", VICTIM], env={"API_TOKEN": "s3cr3t", "PATH": "/usr/bin:/bin"},
+                                        timeout=120)  # fmt: skip
+        said = out.decode()
+        assert "OPEN" not in said and "found nothing" in said, (said, err)
+        assert said.count("refused") == 4, said
+        # within one command, its own processes still see each other (a shell and its pipeline)
+        assert sh(s, "sleep 5 & cat /proc/$!/environ >/dev/null && echo own")[1].strip() == "own"
+        # and a domain takes nothing else away: moving and linking a file into another directory (which
+        # Landlock forbids by default inside a domain: pip builds wheels that way)
+        moved = "mkdir -p /tmp/a /tmp/b && touch /tmp/a/f && mv /tmp/a/f /tmp/b/f && ln /tmp/b/f /tmp/a/g && echo moved"
+        assert sh(s, moved)[1].strip() == "moved"
+
+
+@pytest.mark.unit
+def test_a_dangerous_workspace_is_refused_unless_forced(tmp_path):
+    """`--workspace /` let the guest read the host's /etc/shadow and write its /tmp:
+    /, system directories, a home directory itself and its parents are refused
+    through either door, before anything boots; forcing is explicit."""
+    from terminai_shim.errors import ConfigError
+    from terminai_shim.launch import LaunchRequest, LocalArtifacts, dangerous_workspace, resolve
+
+    home = Path(os.path.expanduser("~"))
+    for path in ("/", "/etc", "/etc/ssh", "/usr", "/tmp", "/var/tmp", str(home), str(home.parent), "/proc/self"):
+        assert dangerous_workspace(Path(path)) is not None, path
+    assert dangerous_workspace(tmp_path) is None and dangerous_workspace(home / "project") is None
+    done = subprocess.run([SHIM, "run", "--kernel", "/dev/null", "--rootfs", "/dev/null", "--workspace", "/", "--",
+                           "true"], capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 125 and "--force-workspace" in done.stderr and "Traceback" not in done.stderr
+    shim = ShimProc()
+    try:
+        refused = shim.call("initialize", {"kernel": "/dev/null", "rootfs": "/dev/null", "workspace": str(home)})
+        assert refused["error"]["code"] == "INVALID_CONFIG" and "could read and write all of it" in refused["error"][
+            "message"]  # fmt: skip
+    finally:
+        shim.close()
+    local = LocalArtifacts(kernel=tmp_path / "k", rootfs=tmp_path / "r")
+    with pytest.raises(ConfigError, match="root directory"):
+        resolve(LaunchRequest(local=local, workspace=Path("/")))
+    try:
+        resolve(LaunchRequest(local=local, workspace=Path("/"), force_workspace=True))
+    except ConfigError as exc:  # it may fail later (no such kernel), never for the workspace
+        assert "workspace" not in exc.message, exc.message
+
+
+@pytest.mark.vm
+def test_the_container_tier_keeps_existing_git_metadata_read_only_at_any_depth(container_image, tmp_path):
+    """The container tier cannot refuse a *new* `.git` (docs/security.md says
+    so), but every piece of git metadata the workspace has when the session
+    starts, at any depth, is a read-only bind the container cannot unmount:
+    the top-level repository, a submodule's `.git` file and its git dir, a
+    worktree's `.git` file. Host git at the top then runs nothing planted."""
+    from terminai_shim.models import BootConfig
+
+    home = tmp_path / "home"
+    home.mkdir()
+    marker = home / "PWNED"
+    spaces = _git_workspaces(tmp_path / "spaces", None, home)
+    attack = (r'M="$1"; cd /workspace; for f in .git/config .git lib/.git .git/modules/lib/config; do '
+              r'[ -e "$f" ] && { printf "[core]\n\tfsmonitor = touch %s\n" "$M" > "$f" && echo "wrote $f"; }; done; '
+              "umount .git 2>&1; rm -rf .git 2>&1; echo done")  # fmt: skip
+    for kind in ("repo", "worktree"):
+        ws = spaces[kind]
+        places = (ws / ".git", ws / ".git" / "config", ws / "lib" / ".git", ws / ".git" / "modules" / "lib" / "config")
+        before = {p: p.read_bytes() for p in places if p.is_file()}
+        config = BootConfig(image=container_image.archive, backend="container", workspace=ws)
+        with boot(config) as s:
+            assert s.describe()["gitReadOnly"]
+            _code, out, err = sh(s, attack.replace('"$1"', f'"{marker}"'))
+            assert "done" in out and "wrote" not in out, (kind, out, err)
+        assert {p: p.read_bytes() for p in before} == before, kind
+        _git(ws, "status", home=home)
+        assert not marker.exists(), f"host git ran the guest's command ({kind})"
+
+
+@pytest.mark.vm
+def test_what_the_container_made_is_made_harmless_when_it_ends(container_image, tmp_path):
+    """What the container tier cannot refuse while it runs, it does not leave:
+    a repository, a `.git` file and a bare shape the container made are moved
+    aside when the session ends, and host git then runs nothing of them; a
+    FIFO and a socket it made are plain files (a host tool hung on the FIFO)."""
+    from terminai_shim.models import BootConfig
+
+    home = tmp_path / "home"
+    home.mkdir()
+    marker = home / "PWNED"
+    ws = tmp_path / "plain"
+    ws.mkdir()
+    plant = (
+        f'M="{marker}"; cd /workspace; mkdir -p .git sub/.git bare/objects bare/refs gd/objects gd/refs; '
+        r'for d in .git sub/.git bare gd; do printf "[core]\n\tfsmonitor = touch %s\n" "$M" > $d/config; '
+        "echo 'ref: refs/heads/main' > $d/HEAD; done; mkdir -p wt; echo 'gitdir: ../gd' > wt/.git; echo done"
+    )
+    plant += "; mkfifo fifo && python3 -c 'import socket; socket.socket(socket.AF_UNIX).bind(\"sock\")' && echo made"
+    config = BootConfig(image=container_image.archive, backend="container", workspace=ws)
+    with pytest.warns(UserWarning, match="moved aside"), boot(config) as s:
+        out = sh(s, plant)[1]
+        assert "done" in out and "made" in out, out
+    for name in ("fifo", "sock"):  # what a host tool would hang on or connect to: a plain empty file now
+        assert (ws / name).is_file() and (ws / name).stat().st_size == 0, name
+    assert subprocess.run(["wc", "-c", str(ws / "fifo")], capture_output=True, timeout=10).returncode == 0
+    for where in (ws, ws / "sub", ws / "wt", ws / "bare"):
+        _git(where, "status", home=home)
+        _git(where, "log", home=home)
+    _git(ws, "init", "-q", home=home)
+    _git(ws, "status", home=home)
+    assert not marker.exists(), "host git ran what the container left"
+    assert any(p.name.startswith(".git.terminai-untrusted-") for p in ws.iterdir())
+    with boot(BootConfig(image=container_image.archive, backend="container", workspace=ws, writable_git=True)) as s:
+        assert "ok" in sh(s, "cd /workspace && mkdir -p kept/.git && echo ok")[1]
+    assert (ws / "kept" / ".git").is_dir(), "a writable git keeps what the guest made"
+
+
+@pytest.mark.vm
+def test_the_container_tier_refuses_a_workspace_with_hard_linked_files(container_image, tmp_path):
+    """A write in the container would reach the other name of a hard-linked
+    file (the container has no guard to copy it first): such a workspace is
+    refused with the files named, and nothing outside changes."""
+    store, ws = tmp_path / "store", tmp_path / "ws"
+    store.mkdir()
+    (ws / "node_modules").mkdir(parents=True)
+    (store / "pkg.js").write_text("original\n")
+    os.link(store / "pkg.js", ws / "node_modules" / "pkg.js")
+    done = subprocess.run([SHIM, "run", "--backend", "container", "--image", str(container_image.archive),
+                           "--workspace", str(ws), "--", "sh", "-c", "echo pwn >> node_modules/pkg.js"],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 125 and "node_modules/pkg.js" in done.stderr and "microVM" in done.stderr, done.stderr
+    assert (store / "pkg.js").read_text() == "original\n"

@@ -3,6 +3,7 @@ loopback that can misbehave: resume, retries, lies, disk full, tampering."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -216,6 +217,14 @@ def test_concurrent_fetches_share_one_download(server, tmp_path):
     assert not errors and server.body_bytes == len(DATA)
 
 
+def _open_files() -> list[str]:
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the listing's own descriptor is gone by now
+            found.append(os.readlink(f"/proc/self/fd/{fd}"))
+    return found
+
+
 def test_disk_full_is_reported_and_leaves_nothing(server, tmp_path):
     small = tmp_path / "small"
     small.mkdir()
@@ -225,8 +234,9 @@ def test_disk_full_is_reported_and_leaves_nothing(server, tmp_path):
         with pytest.raises(FetchError, match="disk full"):
             cache.fetch(server.source, "blob", DIGEST, len(DATA))
         assert _left(cache) == []
+        assert [p for p in _open_files() if p.startswith(str(small))] == [], "the failed fetch kept files open"
     finally:
-        subprocess.run(["umount", str(small)], check=True)
+        subprocess.run(["umount", "-l", str(small)], check=False)
 
 
 def test_plain_http_only_on_loopback_with_a_flag():

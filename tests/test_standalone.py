@@ -11,6 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from shimproc import run_settings
 from terminai_shim.layout import STANDALONE_PLATFORMS, manifest_platform, standalone_platform
 
 pytestmark = pytest.mark.build
@@ -32,7 +33,8 @@ def test_the_standalone_shim_of_each_platform_answers_and_verifies_its_release(c
     subprocess.run(["tar", "-xzf", str(release.directory / listed.location), "-C", str(unpacked)], check=True)
     shim = str(unpacked / "terminai-shim" / "terminai-shim")
     # No Python project on PATH; HOME is the developer's, whose dev trust root `inv release` wrote.
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(Path.home()), "TERMINAI_CACHE": str(tmp_path / "cache")}
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(Path.home()), "TERMINAI_CACHE": str(tmp_path / "cache"),
+           **run_settings()}  # fmt: skip
     version = json.loads(subprocess.run([shim, "--version", "--json"], env=env, capture_output=True, text=True,
                                         check=True).stdout)  # fmt: skip
     assert version["build"]["platform"] == platform and version["build"]["digest"] == listed.build["digest"]

@@ -19,10 +19,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from terminai_protocol import bootcontract as boot
+
 from ._internal.accel import choose_accel
-from ._internal.backends import select_backend
 from ._internal.backends.base import Backend, Machine, ProcessMachine, RuntimeDir, git_share
-from ._internal.backends.qemu import GIT_TAG, WORKSPACE_TAG, Channel, QemuBackend, device_layout
 from ._internal.client import AgentClient, Call
 from ._internal.fsutil import cache_root
 from ._internal.process import pid_alive
@@ -134,6 +134,7 @@ class Watchdog:
     def __init__(self, session: Session) -> None:
         self.session = session
         self.reason: str | None = None
+        self._failing = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="watchdog", daemon=True)
 
@@ -166,7 +167,7 @@ class Watchdog:
                 if qmp is not None:
                     event = qmp.next_event(1.0)
                     if event in self.STOP_EVENTS:
-                        self._fail(f"the guest {event.lower().replace('_', ' ')} (QEMU event {event})")
+                        self.fail(f"the guest {event.lower().replace('_', ' ')} (QEMU event {event})")
                         return
                 elif self._stop.wait(1.0):
                     return
@@ -178,14 +179,14 @@ class Watchdog:
                 if late:
                     for proc in late:
                         proc.host_timed_out = True
-                    self._fail("a command outlived its timeout and the guest did not end it")
+                    self.fail("a command outlived its timeout and the guest did not end it")
                     return
                 if not running:
                     ping = None
                 elif ping is not None and (ping.done() or client.last_heard > sent or client.delivering):
                     ping = None  # it answered, or frames flow, or our own reader is held by a slow consumer
                 elif ping is not None and now - sent > self.PING_TIMEOUT:
-                    self._fail(f"the guest agent stopped answering (nothing for {self.PING_TIMEOUT:.0f}s)")
+                    self.fail(f"the guest agent stopped answering (nothing for {self.PING_TIMEOUT:.0f}s)")
                     return
                 elif ping is None and now - client.last_heard >= self.PING_EVERY:
                     try:
@@ -196,8 +197,14 @@ class Watchdog:
             if qmp is not None:
                 qmp.close()
 
-    def _fail(self, reason: str) -> None:
-        self.reason = reason
+    def fail(self, reason: str) -> None:
+        """Stop the VM now, every waiting command failing with ``reason`` (any
+        thread). The first reason stands: stopping QEMU closes its monitor,
+        which the watchdog's own loop then reads as a shutdown."""
+        with self._failing:
+            if self.reason is not None:
+                return
+            self.reason = reason
         for proc in self.session.client.running():
             proc.failure = f"{reason}; the VM was stopped and the command's outcome is unknown"
         self.session.machine.kill()
@@ -226,6 +233,7 @@ class Session:
         self._closed = False
         self._kit: tuple[str, str, str, Any] | None = None  # (python, version, module, its stat) once imported
         self.watchdog = Watchdog(self)
+        machine.watch(self.watchdog.fail)
         client.default_user = config.user
 
     @classmethod
@@ -240,19 +248,18 @@ class Session:
         answers, before any workspace is mounted or any command runs.
         """
         accel = accel or choose_accel(config.accel)
-        backend = backend or select_backend(accel, config)
+        if backend is None:
+            from .launch import backend_for  # the tier is decided there, for every door
+
+            backend = backend_for(config, accel)
         backend.check(config)
         started = time.monotonic()
         snap_key, description, store = None, None, None
-        if (
-            config.snapshots == "auto"
-            and backend.snapshots
-            and isinstance(backend, QemuBackend)
-            and Channel.choose(config.channel).kind == ("virtio-serial")
-        ):
-            from ._internal.snapshot import SnapshotStore, describe, key_of
+        if config.snapshots == "auto" and backend.snapshots:
+            description = backend.snapshot_description(config, accel)
+        if description is not None:
+            from ._internal.snapshot import SnapshotStore, key_of
 
-            description = describe(config, accel, backend.qemu, device_layout(config, accel))
             snap_key = key_of(description)
             store = SnapshotStore()
             snap = store.find(snap_key)
@@ -395,12 +402,17 @@ class Session:
             "network": {"mode": self.config.network.mode, "allow": list(self.config.network.allow)},
             "guestUser": self.config.user,
             "rootfs": {"profile": self.config.profile, "layers": [layer.name for layer in self.config.layers]},
-            "gitReadOnly": not self.config.writable_git and git_share(self.config.workspace) is not None,
+            "gitReadOnly": self._git_read_only(),
         }
         notice = self.weaker_tier_notice()
         if notice:
             out["notice"] = notice
         return out
+
+    def _git_read_only(self) -> bool:
+        if self.config.writable_git or self.config.workspace is None:
+            return False
+        return self.backend.guards_workspace or self.machine.read_only_git
 
     def weaker_tier_notice(self) -> str | None:
         """Said once, on stderr and in ``initialize``: a tier weaker than a
@@ -507,9 +519,9 @@ def _mounts(config: BootConfig) -> list[dict[str, Any]]:
     ``/workspace`` alias of both."""
     if config.workspace is None:
         return []
-    mounts: list[dict[str, Any]] = [{"source": WORKSPACE_TAG, "target": config.workspace_mount, "fstype": "9p"}]
+    mounts: list[dict[str, Any]] = [{"source": boot.WORKSPACE_TAG, "target": config.workspace_mount, "fstype": "9p"}]
     if not config.writable_git and git_share(config.workspace) is not None:
-        mounts.append({"source": GIT_TAG, "target": f"{config.workspace_mount}/.git", "fstype": "9p",
+        mounts.append({"source": boot.GIT_TAG, "target": f"{config.workspace_mount}/.git", "fstype": "9p",
                        "readonly": True})  # fmt: skip
     if config.workspace_alias is not None:  # after .git: the alias carries it along (a recursive bind)
         mounts.append({"source": config.workspace_mount, "target": config.workspace_alias, "fstype": "bind"})
@@ -553,3 +565,11 @@ class _Restore:
             call.result(max(0.1, deadline - time.monotonic()))
         session.client.submit("freshen", time=time.time(), session=self.session_id)
         session.client.hello_info["session"] = self.session_id
+
+
+__all__ = [
+    "Session",
+    "clean_stale_runtime_dirs",
+    "network_log",
+    "new_runtime_dir",
+]

@@ -8,11 +8,13 @@ import hashlib
 import json
 import os
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
+
+from ..fileio import sha256_file as sha256_file  # defined once, for both halves
+from ..fileio import write_atomic as write_atomic
 
 if sys.platform == "win32":  # the brain's broker runs the shim on Windows
     import msvcrt
@@ -41,24 +43,6 @@ def cache_root() -> Path:
         return Path(explicit)
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "terminai-shim"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Never visible half-written: a temporary name (per process and thread), fsync, rename."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.{threading.get_ident()}")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 @contextlib.contextmanager

@@ -19,11 +19,33 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import ConfigError
 
 DEFAULT_PORTS = (80, 443)
+
+# The guest's network under QEMU's user-mode networking (no root, no bridge, nothing changed on the host).
+# The guest's side, set up by the agent from terminai_net= (no DHCP).
+GUEST_ADDRESS, GATEWAY, RESOLVER = "10.0.2.15/24", "10.0.2.2", "10.0.2.3"
+PROXY_ADDRESS, PROXY_PORT = "10.0.2.100", 3128  # allowlist: the only place the guest can connect to
+# The host's loopback as the guest sees it (QEMU's user networking maps the
+# gateway to 127.0.0.1) and link-local (cloud metadata services): refused in
+# ``open`` mode unless listed, by reject routes PID 1 installs and commands
+# (without CAP_NET_ADMIN) cannot remove.
+OPEN_MODE_BLOCKS = {"127.0.0.1": "10.0.2.2/32", "169.254.0.0/16": "169.254.0.0/16"}
+
+
+def open_mode_allows(allow: tuple[str, ...]) -> None:
+    """``open`` lifts its blocks by address only (routes know no ports)."""
+    for entry in allow:
+        if entry not in OPEN_MODE_BLOCKS:
+            raise ConfigError(f"--allow {entry!r} does not apply to network open",
+                              hint="open mode reaches everything public; it lifts only its blocks: --allow 127.0.0.1 "
+                              "(the host's loopback, as 10.0.2.2) or --allow 169.254.0.0/16 (link-local)")  # fmt: skip
+
+
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -128,3 +150,63 @@ def decide(policy: Allowlist, host: str, port: int, resolved: list[str]) -> Deci
                 else "private" if addr.is_private else "non-public")  # fmt: skip
         return Decision(False, f"{host} resolves to {kind} address {addr}, which is not listed")
     return Decision(True, "allowed", resolved[0])
+
+
+# -- network open: every public destination, none of the host's own ------------------------------------
+# What ``--allow`` may lift in open mode, and what each lifts: the host's
+# loopback (the guest reaches it as 10.0.2.2) and link-local (metadata services).
+OPEN_MODE_LIFTS: dict[str, tuple[str, ...]] = {
+    "127.0.0.1": ("127.0.0.1/32", "::1/128"),
+    "169.254.0.0/16": ("169.254.0.0/16", "fe80::/10"),
+}
+
+
+@dataclass(frozen=True)
+class OpenPolicy:
+    """Where QEMU's user networking may connect for an ``open`` guest.
+
+    Checked on the host, on QEMU's own ``connect``/``sendto`` (``vmmguard``):
+    the guest controls its routing table and can bind to any device, so a
+    rule inside it holds nothing. A destination is allowed when it is a
+    public address that is not one of this host's own (``is_local``: a
+    service bound to all addresses is reached through those too), or when
+    ``--allow`` lifted its block, or when it is a resolver of this host on
+    port 53 (QEMU forwards the guest's DNS there)."""
+
+    lifted: tuple[Network, ...] = ()
+    resolvers: tuple[Address, ...] = ()
+
+    @classmethod
+    def from_allow(cls, allow: tuple[str, ...], resolvers: tuple[str, ...] = ()) -> OpenPolicy:
+        lifted = tuple(ipaddress.ip_network(n) for a in allow for n in OPEN_MODE_LIFTS.get(a, ()))
+        found = []
+        for text in resolvers:
+            addr = _literal(text.split("%", 1)[0])
+            if addr is not None:
+                found.append(addr)
+        return cls(lifted, tuple(found))
+
+    def decide(self, addr: Address, port: int, is_local: Callable[[Address], bool]) -> Decision:
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        if any(addr in net for net in self.lifted):
+            return Decision(True, "lifted by --allow", str(addr))
+        if port == 53 and addr in self.resolvers:
+            return Decision(True, "this host's resolver", str(addr))
+        if not is_public(addr):
+            kind = ("loopback" if addr.is_loopback else "link-local" if addr.is_link_local
+                    else "private" if addr.is_private else "non-public")  # fmt: skip
+            return Decision(False, f"{kind} address {addr} is not reachable in network open")
+        if is_local(addr):
+            return Decision(False, f"{addr} is this host's own address")
+        return Decision(True, "public", str(addr))
+
+
+def host_resolvers(path: str = "/etc/resolv.conf") -> tuple[str, ...]:
+    """The name servers QEMU forwards the guest's DNS to (it reads the same file)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            lines = f.read(1 << 16).splitlines()
+    except OSError:
+        return ()
+    return tuple(parts[1] for parts in (line.split() for line in lines) if len(parts) >= 2 and parts[0] == "nameserver")

@@ -58,7 +58,7 @@ def describe(config: BootConfig, accel: AccelChoice, qemu: str, devices: list[st
         "devices": devices,
         "kernel_args": list(config.kernel_args),
         "shim": __version__,
-        "protocol": P.PROTOCOL_VERSION,
+        "protocol": P.AGENT_PROTOCOL_VERSION,
     }
 
 

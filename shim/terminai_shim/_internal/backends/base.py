@@ -7,8 +7,10 @@ import os
 import socket
 import subprocess
 import threading
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ...models import AccelChoice, BootConfig
 
@@ -108,6 +110,9 @@ class Machine(abc.ABC):
     """A started isolation tier (a VM, or a container) and the way to reach its agent."""
 
     runtime: RuntimeDir
+    # Where the backend does not guard the workspace: whether it made the git
+    # metadata the workspace had at the start read-only.
+    read_only_git: bool = False
 
     @abc.abstractmethod
     def connect_agent(self, deadline: float) -> socket.socket:
@@ -128,6 +133,11 @@ class Machine(abc.ABC):
     @abc.abstractmethod
     def wait(self, timeout: float) -> int | None:
         """The exit status, or None if still running after ``timeout``."""
+
+    def watch(self, stop: Callable[[str], None]) -> None:
+        """Let the host's own checks of this machine (the disk floor) stop the
+        session through ``stop(reason)``; machines without such checks ignore it."""
+        return None
 
     def diagnostics(self) -> str:
         """What to show when the agent never answered: the guest console's tail."""
@@ -187,6 +197,9 @@ class Backend(abc.ABC):
     isolation: str = "microvm"  # the CLI's descriptor `type`
     snapshots: bool = False  # can save a started machine and restore it later
     shares_workspace_at_start: bool = False  # the workspace is in place before the agent starts
+    # The host decides every change the guest makes to the workspace (vmmguard): git metadata
+    # at any depth is read-only. Otherwise only the top-level .git directory is covered.
+    guards_workspace: bool = False
 
     @abc.abstractmethod
     def check(self, config: BootConfig) -> None:
@@ -197,6 +210,11 @@ class Backend(abc.ABC):
         self, config: BootConfig, accel: AccelChoice, runtime: RuntimeDir, incoming: Path | None = None
     ) -> Machine:
         """Start; with ``incoming``, resume the saved state in that file instead of booting."""
+
+    def snapshot_description(self, config: BootConfig, accel: AccelChoice) -> dict[str, Any] | None:
+        """Everything a saved machine of ``config`` depends on (its key is the
+        digest of this), or None when this backend cannot save this one."""
+        return None
 
     def describe(self, accel: AccelChoice) -> str:
         return f"MicroVM (QEMU {accel.accel.upper()})"
@@ -224,6 +242,62 @@ def console_tail(path: Path, lines: int = 12) -> str:
     panic = next((line.strip() for line in all_lines if "Kernel panic" in line), None)
     head = f"the guest kernel panicked: {panic}\n" if panic else ""
     return head + ("guest console:\n  " + "\n  ".join(tail) if tail else "(no console output)")
+
+
+GIT_SCAN_LIMIT = 200_000  # directories looked into before a container starts
+
+
+@dataclass
+class WorkspaceScan:
+    """What the container tier looks for in the workspace, relative to it:
+    git metadata (each ``.git`` directory or file at any depth, each
+    directory shaped like a bare repository) and special files (FIFOs,
+    sockets, device nodes) and files hard-linked to another name. Links are not followed; ``.git`` directories
+    are not looked into. ``whole``: the tree was seen within the limit."""
+
+    git: list[Path]
+    special: list[Path]
+    whole: bool = True
+    linked: list[Path] = field(default_factory=list)  # regular files with another name (nlink > 1)
+
+
+def scan_workspace(workspace: Path, limit: int = GIT_SCAN_LIMIT) -> WorkspaceScan:
+    found = WorkspaceScan([], [])
+    pending = [workspace]
+    seen = 0
+    while pending:
+        if seen >= limit:
+            found.whole = False
+            break
+        directory = pending.pop()
+        seen += 1
+        try:
+            entries = list(os.scandir(directory))
+        except OSError:
+            continue
+        names = {e.name for e in entries}
+        if directory != workspace and {"HEAD", "objects", "refs"} <= names:
+            found.git.append(Path(directory).relative_to(workspace))
+            continue
+        for entry in entries:
+            rel = Path(entry.path).relative_to(workspace)
+            if entry.is_symlink():
+                continue
+            if entry.name.lower() == ".git":
+                found.git.append(rel)
+            elif entry.is_dir(follow_symlinks=False):
+                pending.append(Path(entry.path))
+            elif not entry.is_file(follow_symlinks=False):
+                found.special.append(rel)
+            else:
+                try:
+                    if entry.stat(follow_symlinks=False).st_nlink > 1:
+                        found.linked.append(rel)
+                except OSError:
+                    pass
+    found.git.sort()
+    found.special.sort()
+    return found
 
 
 def git_share(workspace: Path | None) -> Path | None:

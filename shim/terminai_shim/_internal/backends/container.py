@@ -22,9 +22,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import socket
 import tarfile
 import time
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -32,9 +35,10 @@ from terminai_protocol import bootcontract as boot
 
 from ...errors import BootError, ConfigError
 from ...models import AccelChoice, BootConfig
+from ..diskfloor import DIRECT_STOP_SECONDS, ENGINE_STOP_SECONDS, DiskFloor, FloorWatch, disk_floor
 from ..fsutil import cache_root, fd_digest, locked, others_can_write, sealed_copy
 from ..process import pid_alive
-from .base import Backend, Machine, RuntimeDir, git_share
+from .base import GIT_SCAN_LIMIT, Backend, Machine, RuntimeDir, WorkspaceScan, scan_workspace
 
 LABEL = "org.terminai.shim"
 OWNER_PID = "org.terminai.owner-pid"
@@ -114,6 +118,11 @@ class ContainerMachine(Machine):
         self.container = container
         self.runtime = runtime
         self._pid = int(container.attrs.get("State", {}).get("Pid") or 0)
+        self.sweep: tuple[Path, WorkspaceScan, bool] | None = None  # (workspace, as it was, writable git)
+        self.floor: tuple[str, DiskFloor] | None = None  # (workspace, its floor): watched once the session is
+        self._floor_watch: FloorWatch | None = None
+        self.moved_aside: list[Path] = []
+        self.plain_now: list[Path] = []  # FIFOs, sockets and devices it made, now plain files
 
     @property
     def agent_socket(self) -> Path:
@@ -163,10 +172,19 @@ class ContainerMachine(Machine):
                 return None
             time.sleep(0.05)
 
+    def watch(self, stop: Callable[[str], None]) -> None:
+        if self.floor is not None:
+            direct = self._pid > 0 and os.geteuid() == 0  # see _kill_pid_namespace
+            self._floor_watch = FloorWatch(self.floor[0], self.floor[1], stop,
+                                           DIRECT_STOP_SECONDS if direct else ENGINE_STOP_SECONDS)  # fmt: skip
+
     def kill(self) -> None:
         """Remove the container with everything still running in it."""
         from docker.errors import APIError, NotFound
 
+        if self._floor_watch is not None:
+            self._floor_watch.close()
+        self._kill_pid_namespace()
         try:
             self.container.remove(force=True)
         except NotFound:
@@ -174,6 +192,72 @@ class ContainerMachine(Machine):
         except APIError as exc:
             if "already in progress" not in str(exc):
                 raise
+        self._sweep()
+
+    def _kill_pid_namespace(self) -> None:
+        """Where the shim may signal it (root), the container's PID 1 gets
+        SIGKILL straight away, and the kernel ends every other process of
+        its PID namespace with it, before the engine's API round trip: a
+        guest writing at memory speed writes for as long as a stop takes.
+        The process is held by a pidfd and must still be in a cgroup named
+        for this container's id, so a reused pid is never signalled;
+        elsewhere the engine's removal below does the same, later."""
+        cid = str(getattr(self.container, "id", "") or "")
+        if self._pid <= 0 or len(cid) < 12 or os.geteuid() != 0:
+            return
+        try:
+            fd = os.pidfd_open(self._pid)
+        except OSError:
+            return
+        try:
+            groups = Path(f"/proc/{self._pid}/cgroup").read_text()
+            if any(line.partition(":")[2].partition(":")[2].endswith(cid) or f"-{cid}." in line
+                   for line in groups.splitlines()):  # fmt: skip
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+    def _sweep(self) -> None:
+        """Once the container is gone: what it made in the workspace that a
+        host program would act on is made harmless, so that nothing it
+        leaves runs code through host git or hangs a host tool. Git
+        metadata it made (a repository, a ``.git`` file, a bare shape) is
+        moved aside (unless git is writable); a FIFO, socket or device node
+        it made becomes an empty plain file, as the microVM's 9p export
+        makes them. While the session runs this tier cannot refuse either
+        (docs/security.md)."""
+        if self.sweep is None:
+            return
+        workspace, before, writable_git = self.sweep
+        self.sweep = None
+        now = scan_workspace(workspace)
+        if not writable_git:
+            for rel in sorted(set(now.git) - set(before.git), key=lambda p: len(p.parts), reverse=True):
+                path = workspace / rel
+                if path.name.lower() != ".git":  # a bare shape: break it
+                    path = path / "HEAD"
+                aside = path.with_name(f"{path.name}.terminai-untrusted-{os.urandom(3).hex()}")
+                try:
+                    os.rename(path, aside)
+                    self.moved_aside.append(aside)
+                except OSError:
+                    continue
+        for rel in set(now.special) - set(before.special):
+            path = workspace / rel
+            try:
+                tmp = path.with_name(f".{path.name}.terminai-{os.urandom(3).hex()}")
+                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644))
+                os.rename(tmp, path)
+                self.plain_now.append(path)
+            except OSError:
+                continue
+        if self.moved_aside:
+            shown = ", ".join(str(p.relative_to(workspace)) for p in self.moved_aside[:5])
+            more = f" and {len(self.moved_aside) - 5} more" if len(self.moved_aside) > 5 else ""
+            warnings.warn(f"the container made git metadata in the workspace; moved aside so that host git does "
+                          f"not run what it says: {shown}{more} (--writable-git keeps it)", stacklevel=2)  # fmt: skip
 
     def diagnostics(self) -> str:
         try:
@@ -289,11 +373,27 @@ class ContainerBackend(Backend):
         agent_dir = runtime.path / "agent"
         agent_dir.mkdir(exist_ok=True)
         mounts = [Mount(boot.CONTAINER_AGENT_DIR, str(agent_dir), type="bind")]
-        git = git_share(config.workspace) if config.workspace is not None else None
+        scan = WorkspaceScan([], [])
+        floor = None
+        if config.workspace is not None:
+            floor = disk_floor(str(config.workspace))  # refuses a session already below it
+            scan = scan_workspace(config.workspace)
+            if scan.linked:  # a write in the container would reach the other name, maybe outside the workspace
+                shown = ", ".join(str(p) for p in scan.linked[:10])
+                more = f" and {len(scan.linked) - 10} more" if len(scan.linked) > 10 else ""
+                raise ConfigError(f"the workspace has files hard-linked to other names, which a write from the "
+                                  f"container tier would change too: {shown}{more}",
+                                  hint="use the microVM tier (it copies such a file before the guest writes it), "
+                                  "or give the files their own copies (pnpm: package-import-method=copy)")  # fmt: skip
+            if not scan.whole:
+                warnings.warn(f"{config.workspace} is too large to look through for git metadata "
+                              f"(more than {GIT_SCAN_LIMIT} directories): only what was seen is read-only",
+                              stacklevel=2)  # fmt: skip
         for target in config.workspace_paths:  # the host's own path and the alias
             mounts.append(Mount(target, str(config.workspace), type="bind"))
-            if git is not None and not config.writable_git:  # hooks and config there would run on the host
-                mounts.append(Mount(f"{target}/.git", str(git), type="bind", read_only=True))
+            for rel in [] if config.writable_git else scan.git:  # hooks and config there run on the host
+                # read-only over itself: without capabilities the container cannot unmount it
+                mounts.append(Mount(f"{target}/{rel}", f"{config.workspace}/{rel}", type="bind", read_only=True))
         uid, gid = os.getuid(), os.getgid()
         try:
             container = self.client().containers.create(
@@ -319,6 +419,11 @@ class ContainerBackend(Backend):
             raise BootError(f"the engine could not create the container: {exc}",
                             hint="check `docker info` and the engine's log") from None  # fmt: skip
         machine = ContainerMachine(container, runtime)
+        machine.read_only_git = bool(scan.git) and not config.writable_git
+        if floor is not None:
+            machine.floor = (str(config.workspace), floor)
+        if config.workspace is not None:
+            machine.sweep = (config.workspace, scan, config.writable_git)
         try:
             container.start()
             container.reload()

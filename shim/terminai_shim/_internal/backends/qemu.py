@@ -29,14 +29,28 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from terminai_protocol import bootcontract as boot
 
 from ...errors import BootError, ConfigError
 from ...models import AccelChoice, BootConfig
-from ..accel import host_tsc_khz
+from ..diskfloor import DiskFloor, disk_floor
 from ..fsutil import fd_digest, others_can_write, sealed_copy
+from ..netpolicy import (
+    GATEWAY,
+    PROXY_ADDRESS,
+    PROXY_PORT,
+    RESOLVER,
+    OpenPolicy,
+    host_resolvers,
+    open_mode_allows,
+)
+from ..notifyfilter import Arch, filter_program, host_arch, installer, receive_listener
 from ..process import die_with_parent, keep_only_capabilities, no_new_privileges, peer_pid
+from ..vmmguard import VmmGuard
+from ..wspolicy import WorkspacePolicy, hooks_paths
+from . import cmdline
 from .base import Backend, ConsoleCapture, Machine, ProcessMachine, RuntimeDir, check_vm_artifacts, git_share
 
 TYPE_CHECKING = False
@@ -46,18 +60,9 @@ if TYPE_CHECKING:
 QEMU = "qemu-system-x86_64"
 WORKSPACE_TAG, GIT_TAG = boot.WORKSPACE_TAG, boot.GIT_TAG
 CONSOLE_FDSET = 1
-# The host's loopback as the guest sees it (QEMU's user networking maps the
-# gateway to 127.0.0.1) and link-local (cloud metadata services): refused in
-# ``open`` mode unless listed, by reject routes PID 1 installs and commands
-# (without CAP_NET_ADMIN) cannot remove.
-OPEN_MODE_BLOCKS = {"127.0.0.1": "10.0.2.2/32", "169.254.0.0/16": "169.254.0.0/16"}
 CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER = 1, 2, 3
 NOBODY = (65534, 65534)
 
-# User-mode networking (no root, no bridge, nothing changed on the host).
-# The guest's side, set up by the agent from terminai_net= (no DHCP).
-GUEST_ADDRESS, GATEWAY, RESOLVER = "10.0.2.15/24", "10.0.2.2", "10.0.2.3"
-PROXY_ADDRESS, PROXY_PORT = "10.0.2.100", 3128  # allowlist: the only place the guest can connect to
 # Under TCG: every feature QEMU can emulate, less those it emulates slowly.
 # ERMS/FSRM make the guest kernel and glibc copy and clear memory with
 # `rep movsb`/`rep stosb`, which TCG runs one byte per iteration; AVX/AVX2
@@ -92,50 +97,13 @@ def _opt(path: object) -> str:
     return str(path).replace(",", ",,")
 
 
+# QEMU's own part of the kernel command line: a triple fault resets (and
+# QEMU exits on reset), a panic reboots at once, the root image is vda.
+QEMU_KERNEL_ARGS = ("reboot=t", "panic=-1", "root=/dev/vda", "ro")
+
+
 def kernel_cmdline(config: BootConfig, accel: AccelChoice, channel: Channel = Channel()) -> str:
-    args = [
-        f"console={boot.CONSOLE}",
-        "reboot=t",
-        "panic=-1",
-        "quiet",
-        "root=/dev/vda",
-        "ro",
-        f"rootfstype={config.rootfs_format}",
-        f"init={boot.INIT}",
-        channel.kernel_arg,
-    ]
-    if accel.accel == "tcg":
-        khz = host_tsc_khz()
-        if khz:  # TSC calibration against the PIT fails at random under TCG
-            args.append(f"tsc_early_khz={khz}")
-        if config.cpus == 1:
-            # Calibrating the local APIC timer waits 0.2 s of real time on
-            # every boot; with one CPU the PIT drives the tick instead. And a
-            # one-CPU kernel patches every LOCK prefix out of its text, one
-            # page-table switch (a TCG TLB flush) each: 0.1 s; keep them.
-            args += ["noapictimer", "noreplace-smp"]
-    mode = config.network.mode
-    if mode != "none":
-        args.append(boot.param("net", f"{GUEST_ADDRESS},{GATEWAY},{RESOLVER if mode == 'open' else 'none'}"))
-    if mode == "open":
-        blocked = [net for name, net in OPEN_MODE_BLOCKS.items() if name not in config.network.allow]
-        if blocked:
-            args.append(boot.param("deny", ",".join(blocked)))
-    if mode == "allowlist":
-        args.append(boot.param("proxy", f"http://{PROXY_ADDRESS}:{PROXY_PORT}"))
-    if config.layers:
-        args.append(boot.param("layers", boot.layers_setting([layer.name for layer in config.layers])))
-    args.extend(config.kernel_args)
-    return " ".join(args)
-
-
-def open_mode_allows(allow: tuple[str, ...]) -> None:
-    """``open`` lifts its blocks by address only (routes know no ports)."""
-    for entry in allow:
-        if entry not in OPEN_MODE_BLOCKS:
-            raise ConfigError(f"--allow {entry!r} does not apply to network open",
-                              hint="open mode reaches everything public; it lifts only its blocks: --allow 127.0.0.1 "
-                              "(the host's loopback, as 10.0.2.2) or --allow 169.254.0.0/16 (link-local)")  # fmt: skip
+    return cmdline.kernel_cmdline(config, accel, channel.kernel_arg, QEMU_KERNEL_ARGS)
 
 
 def connector_command(workspace: Path | None, runs_as: tuple[int, int] | None = None) -> tuple[str, ...]:
@@ -360,15 +328,23 @@ class QemuMachine(ProcessMachine):
         channel: Channel = Channel(),
         console: ConsoleCapture | None = None,
         proxy: ProxyServer | None = None,
+        guard: VmmGuard | None = None,
     ) -> None:
         super().__init__(proc, runtime, console)
         self.channel = channel
         self.proxy = proxy
+        self.guard = guard
+
+    def watch(self, stop: Callable[[str], None]) -> None:
+        if self.guard is not None:
+            self.guard.on_violation(stop)
 
     def kill(self) -> None:
         super().kill()
         if self.proxy is not None:
             self.proxy.close()
+        if self.guard is not None:
+            self.guard.close()
 
     def connect_agent(self, deadline: float) -> socket.socket:
         if self.channel.kind == "vsock":
@@ -411,6 +387,7 @@ class QemuMachine(ProcessMachine):
 class QemuBackend(Backend):
     name = "qemu"
     snapshots = True
+    guards_workspace = True
 
     def check(self, config: BootConfig) -> None:
         check_vm_artifacts(config)
@@ -420,6 +397,15 @@ class QemuBackend(Backend):
 
     def available(self) -> bool:
         return shutil.which(self.qemu) is not None
+
+    def snapshot_description(self, config: BootConfig, accel: AccelChoice) -> dict[str, Any] | None:
+        """A saved VM depends on the QEMU binary and its device layout; a
+        vsock channel cannot be saved (its host end does not survive)."""
+        if Channel.choose(config.channel).kind != "virtio-serial":
+            return None
+        from ..snapshot import describe
+
+        return describe(config, accel, self.qemu, device_layout(config, accel))
 
     def start(
         self, config: BootConfig, accel: AccelChoice, runtime: RuntimeDir, incoming: Path | None = None
@@ -435,6 +421,8 @@ class QemuBackend(Backend):
         proxy = None
         console: ConsoleCapture | None = None
         log_fd = -1
+        guarded = _guard_plan(config)
+        install, guard_end = installer(guarded.arch, guarded.program) if guarded.arch else (None, None)
         try:
             proxy = _start_proxy(config, runtime, identity)  # before QEMU's user can touch anything
             if identity.switch_to:  # QEMU runs as that user from the start
@@ -455,7 +443,7 @@ class QemuBackend(Backend):
                 stdin=subprocess.DEVNULL,
                 stdout=log_fd,
                 stderr=subprocess.STDOUT,
-                preexec_fn=_vmm_preexec(identity),
+                preexec_fn=_vmm_preexec(identity, install),
                 close_fds=True,
                 pass_fds=(console.write_fd, *held),
                 cwd=runtime.path,  # what QEMU starts (the connector) starts here, never in the workspace
@@ -464,11 +452,17 @@ class QemuBackend(Backend):
                 group=identity.switch_to[1] if identity.switch_to else None,
                 extra_groups=[] if identity.switch_to else None,
             )
+            guard = guarded.start(guard_end, proc) if guard_end is not None else None
         except BaseException:
             if console is not None:
                 console.finish(0)
             if proxy is not None:
                 proxy.close()
+            if guard_end is not None:
+                guard_end.close()
+            if "proc" in locals() and proc.poll() is None:
+                proc.kill()
+                proc.wait()
             raise
         finally:
             if log_fd >= 0:
@@ -476,7 +470,55 @@ class QemuBackend(Backend):
             for fd in held:
                 os.close(fd)
         console.child_started()
-        return QemuMachine(proc, runtime, channel, console, proxy)
+        return QemuMachine(proc, runtime, channel, console, proxy, guard)
+
+
+@dataclass(frozen=True)
+class _GuardPlan:
+    """What the host checks of QEMU's own system calls (``vmmguard``): the
+    workspace's names, its disk floor and, in ``open`` mode, where QEMU's
+    user networking connects. Decided before QEMU starts, so a session the
+    guard cannot hold never starts."""
+
+    arch: Arch | None = None
+    program: list[tuple[int, int, int, int]] = dataclasses.field(default_factory=list)
+    workspace: WorkspacePolicy | None = None
+    floor: DiskFloor | None = None
+    network: OpenPolicy | None = None
+
+    def start(self, end: socket.socket, proc: subprocess.Popen[bytes]) -> VmmGuard:
+        assert self.arch is not None
+        listener = receive_listener(end)
+        try:  # the guard reads the names QEMU passes from its memory: without that it could decide nothing
+            os.close(os.open(f"/proc/{proc.pid}/mem", os.O_RDONLY | os.O_CLOEXEC))
+        except OSError as exc:
+            os.close(listener)
+            raise BootError(f"the shim cannot read QEMU's memory to check its calls on the workspace ({exc.strerror})",
+                            hint="run the shim as root, or allow tracing one's own children "
+                            "(sysctl kernel.yama.ptrace_scope=1)") from None  # fmt: skip
+        return VmmGuard(listener, proc.pid, self.arch, self.workspace, self.floor, self.network)
+
+
+def _guard_plan(config: BootConfig) -> _GuardPlan:
+    files = config.workspace is not None
+    network = config.network.mode == "open"
+    spawns = config.network.mode == "allowlist"  # QEMU starts a connector per guest connection
+    if not files and not network and not spawns:
+        return _GuardPlan()
+    arch = host_arch()
+    if arch is None:
+        raise BootError(f"the workspace and network boundary needs Linux on x86_64 or aarch64, not "
+                        f"{os.uname().sysname} {os.uname().machine}", hint="use the container tier here")  # fmt: skip
+    workspace = floor = None
+    if files:
+        assert config.workspace is not None
+        root = os.path.realpath(config.workspace)
+        protect = not config.writable_git
+        workspace = WorkspacePolicy(root, protect, hooks_paths(root) if protect else ())
+        floor = disk_floor(root)
+    net = OpenPolicy.from_allow(config.network.allow, host_resolvers()) if network else None
+    program = filter_program(arch, files=files, network=network, spawns=spawns)
+    return _GuardPlan(arch, program, workspace, floor, net)
 
 
 def _by_descriptor(config: BootConfig, held: list[int], share_workspace: bool) -> BootConfig:
@@ -540,9 +582,10 @@ def vmm_environment() -> dict[str, str]:
     return {"PATH": "/usr/local/bin:/usr/bin:/bin", "LC_ALL": "C.UTF-8"}
 
 
-def _vmm_preexec(identity: VmmIdentity) -> Callable[[], None]:
+def _vmm_preexec(identity: VmmIdentity, install_guard: Callable[[], None] | None = None) -> Callable[[], None]:
     """Runs in the child after the user switch (so the parent-death signal,
-    which a credential change clears, is set for good)."""
+    which a credential change clears, is set for good). The guard's filter
+    goes on last, under ``no_new_privs``, right before QEMU's exec."""
     die = die_with_parent()
     keep = identity.keep_caps
 
@@ -550,7 +593,9 @@ def _vmm_preexec(identity: VmmIdentity) -> Callable[[], None]:
         die()
         if keep is not None:
             keep_only_capabilities(keep)
-        elif identity.switch_to:
+        elif identity.switch_to or install_guard is not None:
             no_new_privileges()
+        if install_guard is not None:
+            install_guard()
 
     return preexec
