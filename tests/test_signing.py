@@ -176,3 +176,22 @@ def test_in_toto_statement_in_dsse(stack, signed):
     doc["dsseEnvelope"]["payload"] = base64.b64encode(b'{"tampered": true}').decode()
     with pytest.raises(VerificationError):
         verify_statement(json.dumps(doc), root, DEFAULT_IDENTITY, ISSUER)
+
+
+def test_two_checkouts_development_identities_both_stay_trusted(stack, tmp_path, monkeypatch):
+    """`inv release` in one checkout must not break `--dev` for another's
+    releases: the developer's trust root keeps both development stacks."""
+    from terminai_release.release import keep_dev_trust_root
+    from terminai_shim.verify import dev_policy
+
+    monkeypatch.setenv("TERMINAI_DEV_TRUSTED_ROOT", str(tmp_path / "dev-root.json"))
+    first = sign_bytes(DATA, stack.trust_config(), stack.identity_token())
+    keep_dev_trust_root(stack.trusted_root(), tmp_path)
+    with DevSigstore(tmp_path / "other-checkout") as other:
+        second = sign_bytes(DATA, other.trust_config(), other.identity_token())
+        keep_dev_trust_root(other.trusted_root(), tmp_path)
+    policy = dev_policy()
+    for bundle in (first, second):
+        verify_bytes(DATA, bundle, policy.trusted_root, policy.identity, policy.issuer)
+    merged = json.loads((tmp_path / "dev-root.json").read_text())
+    assert len(merged["tlogs"]) == 2 and len(merged["certificateAuthorities"]) == 2

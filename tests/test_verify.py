@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -453,3 +454,94 @@ def test_what_boots_is_what_was_verified_even_if_rewritten_in_place(stack, root,
         assert record.read_text().split() == [m.artifact("kernel").sha256], "QEMU was handed unverified bytes"
     finally:
         shutil.rmtree(shared, ignore_errors=True)
+
+
+def test_a_signature_verified_once_is_not_verified_again_and_no_record_can_stand_in(stack, root, tmp_path,
+                                                                                     monkeypatch):  # fmt: skip
+    """The second run of the same release skips sigstore (it is not even
+    imported), but a record is only ever the shim's own, for exactly these
+    bytes: a forged record, one for other bytes, one in a directory others
+    can write, each means a full verification; expiry and serial are checked
+    on every run whatever the record says."""
+    from terminai_shim import verify as V
+    from terminai_shim._internal.sigrecords import SignatureRecords
+
+    monkeypatch.setenv("TERMINAI_CACHE", str(tmp_path / "cache"))
+    calls: list[bytes] = []
+    real = V._verify_bundle
+    monkeypatch.setattr(V, "_verify_bundle", lambda data, *a: (calls.append(data), real(data, *a))[1])
+    rel = _release(stack, tmp_path / "rel", expires_in=3600)
+    state = SerialState(tmp_path / "serials.json")
+    verify_release(rel, _policy(root), state=state)
+    verify_release(rel, _policy(root), state=state)
+    assert len(calls) == 1, "verified in full once"
+    records = SignatureRecords()
+    made = [p for p in records.root.iterdir() if not p.name.startswith(".")]
+    assert len(made) == 1 and (records.root.stat().st_mode & 0o077) == 0
+
+    # A forged manifest (serial raised), with a record under the key its bytes would have: refused.
+    forged = (rel / "manifest.json").read_bytes().replace(b'"serial": 10', b'"serial": 99')
+    (rel / "manifest.json").write_bytes(forged)
+    bundle = (rel / "manifest.json.sigstore.json").read_text()
+    key = records.key(forged, bundle, root.read_bytes(), (ISSUER, DEFAULT_IDENTITY, "", "manifest.json"))
+    (records.root / key).write_bytes(made[0].read_bytes())  # a real record's text, for other bytes
+    with pytest.raises(VerificationFailed, match="does not verify"):
+        verify_release(rel, _policy(root), state=state)
+    (records.root / key).write_bytes(b"0" * 64)
+    with pytest.raises(VerificationFailed, match="does not verify"):
+        verify_release(rel, _policy(root), state=state)
+
+    # Another trust root (same signer) or a directory others can write: no record counts.
+    _release(stack, tmp_path / "rel")
+    other_root = tmp_path / "root2.json"
+    other_root.write_bytes(root.read_bytes() + b" ")
+    calls.clear()
+    verify_release(tmp_path / "rel", _policy(other_root), state=SerialState(tmp_path / "s2.json"))
+    assert len(calls) == 1
+    records.root.chmod(0o777)
+    verify_release(tmp_path / "rel", _policy(other_root), state=SerialState(tmp_path / "s3.json"))
+    assert len(calls) == 2, "a record in a directory others can write is not trusted"
+    records.root.chmod(0o700)
+
+    # Expiry and rollback are checked on every run, record or not.
+    later = time.time() + 2 * 86400
+    with pytest.raises(ManifestExpired):
+        verify_directory(tmp_path / "rel", _policy(other_root), "dev", kinds=VM_KINDS,
+                         state=SerialState(tmp_path / "s4.json"), now=later)  # fmt: skip
+    high = SerialState(tmp_path / "s5.json")
+    high._record("dev", 50)
+    with pytest.raises(RollbackRefused):
+        verify_release(tmp_path / "rel", _policy(other_root), state=high)
+
+
+def test_a_warm_run_of_a_verified_release_imports_no_sigstore(stack, root, tmp_path):
+    rel = _release(stack, tmp_path / "rel")
+    env = dict(os.environ, TERMINAI_CACHE=str(tmp_path / "cache"))
+    code = ("import sys\nfrom terminai_shim._internal.releases import SerialState, verify_directory\n"
+            "from terminai_shim.launch import VM_KINDS\nfrom terminai_shim.verify import TrustPolicy\n"
+            f"p = TrustPolicy({str(root)!r}, {DEFAULT_IDENTITY!r}, {ISSUER!r})\n"
+            f"verify_directory(__import__('pathlib').Path({str(rel)!r}), p, 'dev', kinds=VM_KINDS, "
+            f"state=SerialState(__import__('pathlib').Path({str(tmp_path / 's.json')!r})))\n"
+            "print('sigstore' in sys.modules)")  # fmt: skip
+    first = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    second = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert (first.stdout.strip(), second.stdout.strip()) == ("True", "False"), (first.stderr, second.stderr)
+
+
+def test_an_artifact_changed_in_place_after_a_verification_is_caught_on_the_next(stack, root, tmp_path, monkeypatch):
+    """Verifying a release again does not hash what is unchanged (digests are
+    remembered per file and stamp), but a byte flipped in place, its mtime
+    put back, changes the file's ctime: the next verification hashes again."""
+    monkeypatch.setenv("TERMINAI_CACHE", str(tmp_path / "cache"))
+    rel = _release(stack, tmp_path / "rel")
+    time.sleep(2.1)  # past the clock tick in which the file was written (a stamp that young is not trusted)
+    verify_release(rel, _policy(root), state=SerialState(tmp_path / "s1.json"))
+    blob = rel / Manifest.from_json((rel / "manifest.json").read_bytes()).artifact("rootfs").location
+    st = blob.stat()
+    data = bytearray(blob.read_bytes())
+    data[10] ^= 1
+    with blob.open("r+b") as f:
+        f.write(bytes(data))
+    os.utime(blob, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(VerificationFailed, match=r"has sha256 .* the manifest says"):
+        verify_release(rel, _policy(root), state=SerialState(tmp_path / "s2.json"))

@@ -8,6 +8,7 @@ source date, so two runs of the same commit write identical bytes.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -187,7 +188,7 @@ def build_release(
         expires=expires,
         git_commit=_git_commit(ctx.repo),
         min_shim_version=shim_version,
-        agent_protocol=agent_protocol.PROTOCOL_VERSION,
+        agent_protocol=agent_protocol.AGENT_PROTOCOL_VERSION,
         boot=BootDefaults(),
         artifacts=tuple(artifacts),
         rootfs=RootfsLayers(
@@ -249,13 +250,39 @@ def keep_dev_trust_root(root: dict[str, Any], beside: Path) -> Path:
     """The local development Sigstore's trust root, where `terminai-shim --dev`
     reads it (the developer's own configuration), and a copy beside what was
     signed for people who pass it with --trusted-root. The shim never takes
-    it from beside a release."""
-    text = json.dumps(root, indent=2).encode()
+    it from beside a release.
+
+    The developer's file keeps every development identity it held (another
+    checkout's development stack has its own keys): its logs and authorities
+    are merged, not replaced, so signing in one checkout never breaks
+    ``--dev`` for another's releases."""
     path = dev_trust_root()
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, text)
-    write_atomic(beside / DEV_TRUSTED_ROOT, text)
+    with open(path.with_name(f".{path.name}.lock"), "a") as lock:  # two checkouts signing at once merge both
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        write_atomic(path, json.dumps(merge_trust_roots(_read_json(path), root), indent=2).encode())
+    write_atomic(beside / DEV_TRUSTED_ROOT, json.dumps(root, indent=2).encode())
     return path
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def merge_trust_roots(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
+    """``new`` with every log and authority of ``old`` that it lacks (same media type only)."""
+    if old is None or old.get("mediaType") != new.get("mediaType"):
+        return new
+    merged = dict(new)
+    for field in ("tlogs", "certificateAuthorities", "ctlogs", "timestampAuthorities"):
+        entries = list(new.get(field, []))
+        entries += [e for e in old.get(field, []) if e not in entries]
+        merged[field] = entries
+    return merged
 
 
 def sign_release(ctx: BuildContext, rel: Release, *, keyless: bool = False, trust_config: Path | None = None) -> Path:

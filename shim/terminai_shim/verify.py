@@ -24,7 +24,6 @@ from typing import Any
 from terminai_protocol import protocol as P
 
 from . import __version__
-from ._internal.fsutil import sha256_file
 from .errors import ConfigError, ShimError
 from .layout import DEV_TRUSTED_ROOT, MANIFEST, MANIFEST_BUNDLE
 from .manifest import Artifact, Manifest
@@ -107,6 +106,29 @@ def dev_policy() -> TrustPolicy:
 
 
 def check_signature(data: bytes, bundle_json: str, policy: TrustPolicy, what: str = MANIFEST) -> None:
+    """The bundle signs ``data`` for the policy's signer under its trust root.
+    Verified in full once per exact set of bytes; a record of that (bound to
+    every byte of data, bundle, trust root and policy) saves the next run
+    from doing it again (``_internal/sigrecords.py`` says what it covers)."""
+    from ._internal.sigrecords import SignatureRecords
+
+    try:
+        trust_root = Path(policy.trusted_root).read_bytes()
+    except OSError as exc:
+        raise VerificationFailed(
+            f"the trust root {policy.trusted_root} cannot be read: {exc.strerror or exc}",
+            hint="pass --trusted-root with an existing sigstore trusted_root.json",
+        ) from None
+    records = SignatureRecords()
+    key = records.key(data, bundle_json, trust_root,
+                      (policy.issuer, policy.identity or "", policy.identity_pattern or "", what))  # fmt: skip
+    if records.known(key):
+        return
+    _verify_bundle(data, bundle_json, policy, what)
+    records.remember(key)
+
+
+def _verify_bundle(data: bytes, bundle_json: str, policy: TrustPolicy, what: str) -> None:
     try:
         from sigstore.errors import Error as SigstoreError
         from sigstore.models import Bundle, TrustedRoot
@@ -114,13 +136,6 @@ def check_signature(data: bytes, bundle_json: str, policy: TrustPolicy, what: st
         from sigstore.verify import policy as sigstore_policy
     except ImportError:
         raise VerificationFailed("the sigstore library is not installed", hint="pip install sigstore") from None
-    try:
-        Path(policy.trusted_root).read_bytes()
-    except OSError as exc:
-        raise VerificationFailed(
-            f"the trust root {policy.trusted_root} cannot be read: {exc.strerror or exc}",
-            hint="pass --trusted-root with an existing sigstore trusted_root.json",
-        ) from None
     try:
         root = TrustedRoot.from_file(str(policy.trusted_root))
         bundle = Bundle.from_json(bundle_json)
@@ -168,13 +183,23 @@ class _IdentityPattern:
 
 
 def check_artifact(path: Path, artifact: Artifact) -> None:
+    """Size and sha256 of the file at ``path``. The digest is remembered per
+    file and stamp (``fsutil.fd_digest``: a write moves the file's ctime), so
+    an unchanged release is not hashed again on every run; what boots is
+    checked once more on the descriptor QEMU or Docker is handed."""
+    from ._internal.fsutil import fd_digest
+
     try:
-        size = path.stat().st_size
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         raise VerificationFailed(f"artifact {artifact.name} ({artifact.kind}) is missing at {path}") from None
-    if size != artifact.size:
-        raise VerificationFailed(f"artifact {artifact.name} is {size} bytes; the manifest says {artifact.size}")
-    digest = sha256_file(path)
+    try:
+        size = os.fstat(fd).st_size
+        if size != artifact.size:
+            raise VerificationFailed(f"artifact {artifact.name} is {size} bytes; the manifest says {artifact.size}")
+        digest = fd_digest(fd)
+    finally:
+        os.close(fd)
     if digest != artifact.sha256:
         raise VerificationFailed(
             f"artifact {artifact.name} has sha256 {digest}; the manifest says {artifact.sha256}",
@@ -224,7 +249,7 @@ def check_manifest(
     signer, schema, compatibility with this shim, expiry, channel."""
     check_signature(data, bundle_json, policy)
     manifest = Manifest.from_json(data)
-    manifest.check_usable(__version__, P.PROTOCOL_VERSION, time.time() if now is None else now)
+    manifest.check_usable(__version__, P.AGENT_PROTOCOL_VERSION, time.time() if now is None else now)
     check_channel(manifest, channel)
     return manifest
 
@@ -236,3 +261,28 @@ def check_release(directory: Path, policy: TrustPolicy, channel: str, kinds: tup
     manifest = check_manifest(*read_release(directory), policy, channel)
     check_artifacts(directory, manifest, kinds if kinds is not None else every_kind(manifest))
     return manifest
+
+
+__all__ = [
+    "DEFAULT_CHANNEL",
+    "DEV_CHANNEL",
+    "DEV_IDENTITY",
+    "DEV_ISSUER",
+    "ChannelRefused",
+    "RollbackRefused",
+    "TrustPolicy",
+    "VerificationFailed",
+    "bundle_text",
+    "check_artifact",
+    "check_artifacts",
+    "check_channel",
+    "check_manifest",
+    "check_release",
+    "check_signature",
+    "dev_policy",
+    "dev_trust_root",
+    "every_kind",
+    "pinned_policy",
+    "policy_for",
+    "read_release",
+]

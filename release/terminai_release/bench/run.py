@@ -347,6 +347,69 @@ def bench_snapshot(ctx: BuildContext, runs: int, work: Path) -> dict[str, Any]:
         os.environ.pop("TERMINAI_CACHE", None)
 
 
+# Everyday file work: many small files, one large one, read back, renamed, removed.
+WORKSPACE_LOAD = r"""
+set -e
+d="$1"; rm -rf "$d"; mkdir -p "$d/src"; cd "$d"
+i=0; while [ $i -lt 1000 ]; do echo "line $i" > src/f$i.txt; i=$((i+1)); done
+dd if=/dev/zero of=big bs=1M count=100 2>/dev/null
+cat src/* big > /dev/null
+i=0; while [ $i -lt 300 ]; do mv src/f$i.txt src/g$i.txt; i=$((i+1)); done
+tar cf a.tar src && mkdir x && tar xf a.tar -C x
+rm -rf src x a.tar big
+"""
+
+
+def bench_workspace(ctx: BuildContext, runs: int, work: Path) -> dict[str, Any]:
+    """The cost of the host-enforced workspace boundary (``vmmguard``): the
+    same file work in the shared workspace (9p, every create, write, rename
+    and remove decided by the shim) and in the guest's own tmpfs, in one
+    session; the guard's own time spent deciding, as a share of the
+    workspace run; and a warm start with a workspace against one without."""
+    from terminai_shim.models import BootConfig
+    from terminai_shim.session import Session
+
+    kern = build_kernel(ctx)
+    root = build_rootfs(ctx)
+    fmt = root.record["outputs"]["image"]["format"]
+    ws = work / "workspace"
+    ws.mkdir()
+    cfg = BootConfig(kernel=kern.vmlinux, rootfs=root.image, rootfs_format=fmt, accel="tcg", workspace=ws)
+    shared, local, served, busy = [], [], [], []
+    with Session.boot(cfg) as s:
+        guard = s.machine.guard  # type: ignore[attr-defined]
+
+        def load(where: str) -> float:
+            start = time.monotonic()
+            status, _out, err = s.client.run(["sh", "-c", WORKSPACE_LOAD, "load", where], timeout=600)
+            assert status.exit_code == 0, err
+            return time.monotonic() - start
+
+        for _ in range(runs):
+            before = (guard.served, guard.busy)
+            shared.append(load(f"{cfg.workspace_mount}/load"))
+            served.append(guard.served - before[0])
+            busy.append(guard.busy - before[1])
+            local.append(load("/tmp/load"))
+    bare = dataclasses.replace(cfg, workspace=None)
+    with Session.boot(bare):
+        pass  # the snapshot both restore from
+    with_ws = [timed(lambda: Session.boot(cfg).close()) for _ in range(runs)]
+    without = [timed(lambda: Session.boot(bare).close()) for _ in range(runs)]
+    return {
+        "workspace_load": summary(shared),
+        "guest_tmpfs_load": summary(local),
+        "ratio_workspace_vs_tmpfs": summary(shared)["median"] / summary(local)["median"],
+        "guard_calls_per_load": statistics.median(served),
+        "guard_seconds_per_load": statistics.median(busy),
+        "guard_share_of_workspace_load": statistics.median(b / w for b, w in zip(busy, shared, strict=True)),
+        "guard_microseconds_per_call": 1e6 * sum(busy) / max(1, sum(served)),
+        "warm_start_with_workspace": summary(with_ws),
+        "warm_start_without": summary(without),
+        "ratio_warm_start_with_vs_without": summary(with_ws)["median"] / summary(without)["median"],
+    }
+
+
 def bench_fetch(ctx: BuildContext, work: Path) -> dict[str, Any]:
     """Verify and download throughput against sha256sum and curl; bytes moved on resume."""
     import hashlib
@@ -672,6 +735,14 @@ def run(ctx: BuildContext, parts: list[str], runs: int, clean: bool) -> dict[str
         if "snapshot" in parts:
             ctx.reporter.info("bench", "snapshot: restore to ready vs cold boot to ready")
             results["snapshot"] = bench_snapshot(ctx, runs, work)
+        if "release" in parts:
+            from .release import bench_release
+
+            ctx.reporter.info("bench", "release: run of a signed release (both tiers) vs docker run --rm, imports")
+            results["release"] = bench_release(ctx, runs, work)
+        if "workspace" in parts:
+            ctx.reporter.info("bench", "workspace: file work in the guarded workspace vs the guest's tmpfs")
+            results["workspace"] = bench_workspace(ctx, runs, work)
         if "fetch" in parts:
             ctx.reporter.info("bench", "fetch: verify vs sha256sum, download vs curl, resume after a cut at 50 %")
             results["fetch"] = bench_fetch(ctx, work)
