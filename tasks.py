@@ -7,6 +7,7 @@ package (release/terminai_release), where the work and its tests live.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from invoke import Context, task
 from terminai_release.context import BuildContext
 from terminai_release.errors import BuildError
 from terminai_release.progress import Reporter
+from terminai_shim.layout import CONTAINER_OUTPUT, KERNEL_OUTPUT, ROOTFS_OUTPUT, layer_output
 
 
 def _ctx(json_events: bool) -> BuildContext:
@@ -36,7 +38,7 @@ def kernel(c: Context, json: bool = False, arch: str = "x86_64") -> None:
     except BuildError as exc:
         _fail(exc)
         return
-    link = ctx.publish_link("kernel", art.directory)
+    link = ctx.publish_link(KERNEL_OUTPUT, art.directory)
     print(f"kernel: {link} -> {art.directory}")
 
 
@@ -87,7 +89,7 @@ def rootfs(c: Context, json: bool = False, format: str = "squashfs", kit: str = 
     except BuildError as exc:
         _fail(exc)
         return
-    link = ctx.publish_link("rootfs", art.directory)
+    link = ctx.publish_link(ROOTFS_OUTPUT, art.directory)
     print(f"rootfs: {link} -> {art.directory}")
 
 
@@ -110,7 +112,7 @@ def layers(c: Context, json: bool = False, name: str = "") -> None:
         _fail(exc)
         return
     for art in built:
-        link = ctx.publish_link(f"layer-{art.name}", art.directory)
+        link = ctx.publish_link(layer_output(art.name), art.directory)
         print(f"layer {art.name}: {link} -> {art.directory} ({art.record['outputs']['image']['size']} bytes)")
 
 
@@ -123,7 +125,7 @@ def container(c: Context, json: bool = False, load: bool = True) -> None:
     ctx = _ctx(json)
     try:
         art = build_container(ctx)
-        link = ctx.publish_link("container", art.directory)
+        link = ctx.publish_link(CONTAINER_OUTPUT, art.directory)
         print(f"container: {link} -> {art.archive.name} (images {art.images})")
         if load:
             from terminai_shim.probes import engine_answers
@@ -228,8 +230,8 @@ def demo(c: Context, command: str = "", json: bool = False) -> None:
     except BuildError as exc:
         _fail(exc)
         return
-    ctx.publish_link("kernel", kern.directory)
-    ctx.publish_link("rootfs", root.directory)
+    ctx.publish_link(KERNEL_OUTPUT, kern.directory)
+    ctx.publish_link(ROOTFS_OUTPUT, root.directory)
     argv = shlex.split(command) if command else [
         "python3", "-c",
         "import platform, terminai_apts; "
@@ -327,6 +329,24 @@ def lint(c: Context) -> None:
     c.run(f"{sys.executable} -m mypy", pty=False)
 
 
+@task
+def docs(c: Context) -> None:
+    """Write the tables the docs derive from the code (the launch options of docs/shim-protocol.md)."""
+    from terminai_shim.options import markdown_table
+
+    path = Path(__file__).parent / "docs" / "shim-protocol.md"
+    begin, end = "<!-- options: begin (inv docs) -->\n", "<!-- options: end -->"
+    text = path.read_text()
+    if begin not in text or end not in text:
+        raise SystemExit(f"{path}: its markers {begin.strip()} and {end} are gone; put them back where the table goes")
+    new = text[: text.index(begin) + len(begin)] + markdown_table() + text[text.index(end) :]
+    if new != text:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(new)
+        tmp.replace(path)
+        print(f"wrote the launch options into {path}")
+
+
 @task(help={"artifact": "kernel, rootfs, layer-<name>, container, shim-dist or all (default)"})
 def repro(c: Context, artifact: str = "all") -> None:
     """Prove reproducibility: a second clean build must give identical bytes."""
@@ -402,15 +422,15 @@ def accept(c: Context, tier: str = "", profile: str = "", tasks: str = "") -> No
 
 @task(
     help={
-        "parts": "comma-separated: kernel,guest,snapshot,shim,fetch,container,network,standalone,layers,latency "
-        "(default: all)",
+        "parts": "comma-separated: kernel,guest,snapshot,shim,fetch,container,network,standalone,layers,latency,"
+        "workspace,release (default: all)",
         "runs": "repetitions per boot measurement (median reported)",
         "clean": "also time a clean kernel build (about 10 minutes)",
     }
 )
 def bench(
     c: Context,
-    parts: str = "kernel,guest,snapshot,shim,fetch,container,network,standalone,layers,latency",
+    parts: str = "kernel,guest,snapshot,shim,fetch,container,network,standalone,layers,latency,workspace,release",
     runs: int = 5,
     clean: bool = False,
 ) -> None:
@@ -471,15 +491,33 @@ def _release_dir(given: str) -> Path:
     return Path(given).resolve() if given else repo_root() / "dist" / release_version(repo_root())
 
 
+# What publish and promote share: both end in a newly signed channel pointer.
+_POINTER_HELP = {
+    "store": "s3://BUCKET/PREFIX (boto3: standard AWS configuration) or file://DIR",
+    "keyless": "sign the channel pointer keylessly with CI's ambient OIDC identity",
+    "trust_config": "sigstore ClientTrustConfig JSON for --keyless (default: public-good)",
+    "valid_days": "days until the channel pointer expires",
+    "json": "emit progress as JSON events on stderr",
+}
+
+
+def _sign_pointer(step: Callable[..., Any], json: bool, keyless: bool, trust_config: str, valid_days: int) -> None:
+    """Run ``step`` (publish or promote, its own arguments bound) with the
+    pointer's signing options, and print what it did."""
+    try:
+        result = step(_ctx(json), keyless=keyless, trust_config=Path(trust_config) if trust_config else None,
+                      valid_days=valid_days)  # fmt: skip
+    except BuildError as exc:
+        _fail(exc)
+        return
+    print(result.describe())
+
+
 @task(
     help={
-        "store": "s3://BUCKET/PREFIX (boto3: standard AWS configuration) or file://DIR",
+        **_POINTER_HELP,
         "channel": "channel to point at the release (default: the channel the release was built for)",
         "release_dir": "the signed release directory (default: dist/<version>)",
-        "keyless": "sign the channel pointer keylessly with CI's ambient OIDC identity",
-        "trust_config": "sigstore ClientTrustConfig JSON for --keyless (default: public-good)",
-        "valid_days": "days until the channel pointer expires",
-        "json": "emit progress as JSON events on stderr",
     }
 )
 def publish(
@@ -493,29 +531,20 @@ def publish(
     json: bool = False,
 ) -> None:
     """Publish a signed release: blobs, then the release folder, then the channel pointer."""
-
     from terminai_release.publish import publish as run_publish
 
-    try:
-        result = run_publish(
-            _ctx(json), _release_dir(release_dir), store, channel=channel or None, keyless=keyless,
-            trust_config=Path(trust_config) if trust_config else None, valid_days=valid_days,
-        )  # fmt: skip
-    except BuildError as exc:
-        _fail(exc)
-        return
-    print(result.describe())
+    def step(ctx: BuildContext, **signing: Any) -> Any:
+        return run_publish(ctx, _release_dir(release_dir), store, channel=channel or None, **signing)
+
+    _sign_pointer(step, json, keyless, trust_config, valid_days)
 
 
 @task(
     help={
-        "store": "s3://BUCKET/PREFIX or file://DIR",
+        **_POINTER_HELP,
+        "version": "the release to promote: the one --from points at now",
         "from": "the channel whose release is promoted (e.g. beta)",
         "to": "the channel to point at it (e.g. stable)",
-        "keyless": "sign the pointer keylessly with CI's ambient OIDC identity",
-        "trust_config": "sigstore ClientTrustConfig JSON for --keyless",
-        "valid_days": "days until the channel pointer expires",
-        "json": "emit progress as JSON events on stderr",
     }
 )
 def promote(
@@ -530,18 +559,12 @@ def promote(
     json: bool = False,
 ) -> None:
     """Point one channel at the release another serves: re-signs a pointer, uploads nothing else."""
-
     from terminai_release.publish import promote as run_promote
 
-    try:
-        result = run_promote(
-            _ctx(json), store, version, source=from_, target=to, keyless=keyless,
-            trust_config=Path(trust_config) if trust_config else None, valid_days=valid_days,
-        )  # fmt: skip
-    except BuildError as exc:
-        _fail(exc)
-        return
-    print(result.describe())
+    def step(ctx: BuildContext, **signing: Any) -> Any:
+        return run_promote(ctx, store, version, source=from_, target=to, **signing)
+
+    _sign_pointer(step, json, keyless, trust_config, valid_days)
 
 
 @task(name="set-version", help={"version": "X.Y.Z, X.Y.Z-rc.N or X.Y.Z.devN"})

@@ -144,7 +144,7 @@ def test_hello_required_and_unknown_op(host_agent):
         c.ping()
     assert e.value.agent_code == P.HELLO_REQUIRED
     info = c.hello()
-    assert info["version"] == P.PROTOCOL_VERSION and len(info["session"]) == 32
+    assert info["version"] == P.AGENT_PROTOCOL_VERSION and len(info["session"]) == 32
     with pytest.raises(AgentError) as e:
         c.call("format_disk")
     assert e.value.agent_code == P.UNKNOWN_OP
@@ -338,7 +338,7 @@ def test_restore_requests_go_out_behind_hello(host_agent, tmp_path):
     client = AgentClient(host_agent.connect())
     restore = _Restore(BootConfig(workspace=tmp_path))
     restore.greet(client, time.monotonic() + 10)
-    assert client.hello_info["version"] == P.PROTOCOL_VERSION
+    assert client.hello_info["version"] == P.AGENT_PROTOCOL_VERSION
     assert [c.op for c in restore.calls] == ["freshen", "mount"]
     with pytest.raises(AgentError, match="init only"):  # refused on the host; the error reaches the caller
         restore.finish(SimpleNamespace(client=client), 10)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from terminai_shim._internal.accel import choose_accel, kvm_status
-from terminai_shim._internal.backends import backend_order, choose_backend, select_backend
+from terminai_shim._internal.backends import backend_order, choose_backend
 from terminai_shim._internal.backends.base import RuntimeDir
 from terminai_shim._internal.backends.firecracker import (
     FirecrackerBackend,
@@ -23,6 +23,7 @@ from terminai_shim._internal.backends.firecracker import (
 )
 from terminai_shim._internal.backends.qemu import TCG_CPU, Channel, command_line
 from terminai_shim.errors import BootError, ConfigError
+from terminai_shim.launch import backend_for
 from terminai_shim.models import AccelChoice, BootConfig
 
 pytestmark = pytest.mark.unit
@@ -201,7 +202,7 @@ def test_backend_selection(tmp_path, monkeypatch):
     monkeypatch.delenv("TERMINAI_FIRECRACKER")
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     assert choose_backend(KVM).name == "qemu"
-    assert select_backend(TCG, BootConfig(backend="qemu")).name == "qemu"
+    assert backend_for(BootConfig(backend="qemu"), TCG).name == "qemu"
 
 
 @pytest.mark.unit

@@ -20,7 +20,8 @@ import pytest
 from s3server import MotoServer, environment
 from terminai_release.errors import BuildError
 from terminai_release.publish import promote, publish
-from terminai_release.publish.store import Conflict, Headers, StoreError, open_store
+from terminai_release.publish.store import Conflict, Headers, StoreError
+from terminai_release.publish.stores import open_store
 from terminai_shim.layout import blob_key, channel_key, release_key
 from terminai_shim.manifest import ChannelPointer, Manifest
 

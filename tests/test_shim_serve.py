@@ -355,3 +355,63 @@ def test_the_pool_leaves_no_vm_behind(shim, boot_config):
     shim.proc.stdin.close()
     assert shim.proc.wait(30) == 0
     assert gone(second, 10), "the waiting VM outlived the shim"
+
+
+@pytest.mark.unit
+@pytest.mark.attack
+def test_every_hostile_line_gets_an_answer_and_serve_keeps_serving():
+    """What a confused or hostile client writes (200k-deep JSON, a lone
+    surrogate as an id, bytes that are not UTF-8): each line gets a named
+    error or an answer, every answer is ASCII JSON a strict parser reads, and
+    the next request is still served; closing stdin ends serve with 0."""
+    import subprocess as sp
+
+    from shimproc import SHIM
+
+    proc = sp.Popen([SHIM, "serve"], stdin=sp.PIPE, stdout=sp.PIPE, stderr=sp.PIPE)
+    lines = [b"[" * 200_000 + b"]" * 200_000, b'{"id": "\\ud800", "method": "healthCheck"}', b"\xff\xfe{}",
+             b'{"id": 7, "method": "nope"}', b'{"id": 8, "method": "healthCheck"}']  # fmt: skip
+    out, err = proc.communicate(b"\n".join(lines) + b"\n", timeout=60)
+    answers = [json.loads(line.decode("ascii")) for line in out.splitlines()]  # ASCII, or this raises
+    assert proc.returncode == 0, err
+    assert [a["error"]["code"] for a in answers[:1]] == ["PARSE_ERROR"] and "deeply" in answers[0]["error"]["message"]
+    by_id = {a.get("id"): a for a in answers}
+    assert by_id["\ud800"]["result"]["ok"] is False, "answered, under the id it was asked with"
+    assert any("not UTF-8" in a.get("error", {}).get("message", "") for a in answers)
+    assert by_id[7]["error"]["code"] == "METHOD_NOT_FOUND" and "result" in by_id[8], answers
+    assert b"Traceback" not in err
+
+
+# The guest prepares traps for the CLI's file methods: a sparse file of 512 MiB, links to PID 1's
+# environment and to the guest's /tmp, a file name that is not UTF-8, 32 MiB of control bytes.
+FS_TRAPS = r"""
+cd /workspace
+truncate -s 512M sparse
+ln -s /proc/1/environ environ
+ln -s /tmp outside
+python3 -c 'open(b"name-\xff", "w").write("x")'
+head -c 33554432 /dev/zero | tr '\0' '\1' > controls
+echo ready
+"""
+
+
+@pytest.mark.attack
+def test_serve_file_methods_hold_against_what_the_guest_left(shim, boot_config, tmp_path):
+    shim.result("initialize", init_params(boot_config, workspace=str(tmp_path)))
+    assert "ready" in shim.result("execute", {"command": "sh", "args": ["-c", FS_TRAPS]})["stdout"]
+    for name in ("sparse", "controls"):
+        got = shim.call("fs.readFile", {"path": name})
+        assert got["error"]["code"] == "FILE_TOO_LARGE", got
+    rss = int(next(line.split()[1] for line in Path(f"/proc/{shim.proc.pid}/status").read_text().splitlines()
+                   if line.startswith("VmRSS:")))  # fmt: skip
+    assert rss < 300 * 1024, f"the shim holds {rss} KiB after reading what it refused"
+    leak = shim.call("fs.readFile", {"path": "environ"})
+    assert "error" in leak and "PATH=" not in json.dumps(leak), leak
+    wrote = shim.call("fs.writeFile", {"path": "outside/planted", "content": "x"})
+    assert "error" in wrote and "symbolic link" in wrote["error"]["message"], wrote
+    assert shim.result("execute", {"command": "ls", "args": ["/tmp"]})["stdout"].count("planted") == 0
+    assert shim.call("fs.writeFile", {"path": "environ", "content": "replaced"}).get("result") is not None
+    assert (tmp_path / "environ").read_text() == "replaced", "the link itself is replaced, nothing behind it"
+    names = [e["name"] for e in shim.result("fs.list", {"path": "."})["entries"]]
+    assert "name-\udcff" in names  # the reader above parsed every line as strict UTF-8 JSON
+    assert shim.result("fs.readFile", {"path": "/etc/hostname"})["content"].strip()

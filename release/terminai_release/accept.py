@@ -156,8 +156,8 @@ def _host_pty(argv: list[str], cwd: Path, env: dict[str, str], task: Task) -> Ra
 
 
 def guest_runner(session: Any, guest_root: str, url: str) -> Runner:
-    from terminai_shim._internal.client import Pty
     from terminai_shim.errors import ShimError
+    from terminai_shim.parts import Pty
 
     def run(task: Task, text: str, where: str, on_tty: bool) -> Ran:
         cwd = f"{guest_root}/{where}"
@@ -243,6 +243,14 @@ def _selected(tasks: list[Task], plan: Plan, profile: str, tier: str = "host") -
     return [t for t in chosen if not wanted or t.id in wanted]
 
 
+def _by_git_access(tasks: list[Task]) -> list[tuple[bool, list[Task]]]:
+    """The tasks in the tier's default session, then those that commit in a
+    session with a writable git (``writable-git``), each group only if it has tasks."""
+    default = [t for t in tasks if "writable-git" not in t.needs]
+    writable = [t for t in tasks if "writable-git" in t.needs]
+    return [(w, group) for w, group in ((False, default), (True, writable)) if group]
+
+
 def run_accept(ctx: BuildContext, plan: Plan, progress: Callable[[Outcome], None] | None = None) -> list[Outcome]:
     from terminai_shim.models import BootConfig, NetworkPolicy, RootLayer
     from terminai_shim.session import Session
@@ -277,30 +285,33 @@ def run_accept(ctx: BuildContext, plan: Plan, progress: Callable[[Outcome], None
                 config = BootConfig(kernel=kern.vmlinux, rootfs=root.image, layers=layers, profile=profile,
                                     workspace=workspace, network=NetworkPolicy("allowlist", (f"127.0.0.1:{port}",)),
                                     memory_mib=1024)  # fmt: skip
-                session = Session.boot(config)
-                try:
-                    runner = guest_runner(session, config.workspace_mount, url)
-                    for task in _selected(tasks, plan, profile, "microvm"):
-                        record(run_task(task, runner, workspace, "microvm", profile))
-                finally:
-                    session.close()
+                chosen = _selected(tasks, plan, profile, "microvm")
+                for writable, group in _by_git_access(chosen):
+                    session = Session.boot(dataclasses.replace(config, writable_git=writable))
+                    try:
+                        runner = guest_runner(session, config.workspace_mount, url)
+                        for task in group:
+                            record(run_task(task, runner, workspace, "microvm", profile))
+                    finally:
+                        session.close()
         if "container" in plan.tiers:
             image = build_container(ctx)
             for profile in plan.profiles:
                 config = BootConfig(backend="container", image=image.archive,
                                     image_sha256=image.record["outputs"]["archive"]["sha256"], profile=profile,
                                     workspace=workspace, memory_mib=1024)  # fmt: skip
-                session = Session.boot(config)
-                try:
-                    runner = guest_runner(session, config.workspace_mount, url)
-                    for task in _selected(tasks, plan, profile):
-                        if "network" in task.needs:
-                            record(Outcome(task.id, "container", profile, "n/a",
-                                           "the container tier has no allowlist networking"))  # fmt: skip
-                            continue
-                        record(run_task(task, runner, workspace, "container", profile))
-                finally:
-                    session.close()
+                for writable, group in _by_git_access(_selected(tasks, plan, profile)):
+                    session = Session.boot(dataclasses.replace(config, writable_git=writable))
+                    try:
+                        runner = guest_runner(session, config.workspace_mount, url)
+                        for task in group:
+                            if "network" in task.needs:
+                                record(Outcome(task.id, "container", profile, "n/a",
+                                               "the container tier has no allowlist networking"))  # fmt: skip
+                                continue
+                            record(run_task(task, runner, workspace, "container", profile))
+                    finally:
+                        session.close()
     return outcomes
 
 

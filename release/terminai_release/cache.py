@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-RECORD = "build-record.json"
+from terminai_shim.fileio import write_atomic as write_atomic  # defined once, for both halves
+from terminai_shim.layout import BUILD_RECORD as RECORD  # the shim reads it too
 
 
 def default_cache_root() -> Path:
@@ -47,14 +48,17 @@ def fsync_tree(root: Path) -> None:
         fsync_path(dirpath)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` so ``path`` is either the old file or the complete new one."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+@dataclass(frozen=True)
+class StepOutputs:
+    """What a cached step made: its directory and build record, which names
+    each output's file. Each step's artifacts add only their own names."""
+
+    directory: Path
+    record: dict[str, Any]
+    cached: bool = False
+
+    def output(self, name: str) -> Path:
+        return self.directory / self.record["outputs"][name]["file"]
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from terminai_shim.layout import BUILD_DIR
+
 from .cache import StepCache, default_cache_root
 from .progress import Reporter
 
@@ -24,7 +26,7 @@ class BuildContext:
     @property
     def out(self) -> Path:
         """Stable names for the latest outputs (symlinks into the cache)."""
-        return self.repo / "build"
+        return self.repo / BUILD_DIR
 
     def publish_link(self, name: str, target: Path) -> Path:
         """Point ``build/<name>`` at a cache entry, replacing the link atomically."""

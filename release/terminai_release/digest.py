@@ -8,15 +8,7 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
-CHUNK = 1 << 20
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+from terminai_shim.fileio import sha256_file as sha256_file  # defined once, for both halves
 
 
 def sha256_bytes(data: bytes) -> str:

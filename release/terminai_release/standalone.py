@@ -39,7 +39,7 @@ from terminai_shim.layout import (
     standalone_platform,
 )
 
-from .cache import RECORD, StepCache
+from .cache import RECORD, StepCache, StepOutputs
 from .ci import npm_version
 from .context import BuildContext
 from .digest import digest_inputs, sha256_file, sha256_tree
@@ -58,11 +58,7 @@ EXCLUDE = ("setuptools", "pkg_resources", "_distutils_hack", "distutils", "multi
 
 
 @dataclass(frozen=True)
-class StandaloneShim:
-    directory: Path
-    record: dict[str, Any]
-    cached: bool
-
+class StandaloneShim(StepOutputs):
     @property
     def folder(self) -> Path:
         return self.directory / "terminai-shim"
@@ -73,11 +69,11 @@ class StandaloneShim:
 
     @property
     def archive(self) -> Path:
-        return self.directory / self.record["outputs"]["archive"]["file"]
+        return self.output("archive")
 
     @property
     def npm_package(self) -> Path:
-        return self.directory / self.record["outputs"]["npmPackage"]["file"]
+        return self.output("npmPackage")
 
     @property
     def platform(self) -> str:

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from typing import Any
 
 MAGIC = b"TAI1"
-PROTOCOL_VERSION = 1
+AGENT_PROTOCOL_VERSION = 1  # host and guest agent (docs/protocol.md); serve and the broker have their own
 SUPPORTED_VERSIONS = (1,)
 DEFAULT_MAX_FRAME = 1 << 20
 MIN_MAX_FRAME = 4096

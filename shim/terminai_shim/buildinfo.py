@@ -47,3 +47,9 @@ def version_report() -> dict[str, Any]:
         "sigstore": sigstore,
         "build": build,
     }
+
+
+__all__ = [
+    "standalone_build",
+    "version_report",
+]

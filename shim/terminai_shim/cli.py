@@ -15,87 +15,20 @@ from . import __version__
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from .launch import LaunchRequest, ReleaseSource, Trust
-    from .models import RootLayer
+    from .launch import LaunchRequest
 
 
 def _boot_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--kernel", type=Path, help="guest kernel (vmlinux)")
-    p.add_argument("--rootfs", type=Path, help="guest root image (.squashfs or .erofs)")
-    p.add_argument("--workspace", type=Path,
-                   help="host directory shared with the guest at its own path (and at /workspace)")  # fmt: skip
-    p.add_argument("--workspace-mount", help="where the guest sees the workspace instead of its host path")
-    p.add_argument("--manifest", help="a release directory: verify it, then boot its kernel and root image")
-    _store_args(p)
-    p.add_argument("--memory", type=int, help="guest memory in MiB (default 512, or the manifest's)")
-    p.add_argument("--cpus", type=int, help="guest vCPUs (default 1, or the manifest's)")
-    _trust_args(p)
-    p.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto", help="accelerator (default auto)")
-    p.add_argument("--backend", choices=("auto", "qemu", "firecracker", "container"), default="auto",
-                   help="isolation: auto (microVM with KVM, else a container if an engine answers, else a "
-                   "microVM under TCG; TERMINAI_BACKEND_ORDER reorders), qemu, firecracker or container")  # fmt: skip
-    p.add_argument("--image", type=Path, help="container image archive (.oci.tar) for --backend container")
-    p.add_argument("--profile", help="the release's root filesystem profile: minimal, standard (its default, "
-                   "usually), full, or another it lists")  # fmt: skip
-    p.add_argument("--layers", help="the release's root filesystem layers by name, comma-separated, instead of a "
-                   "profile (each brings what it stands on)")  # fmt: skip
-    p.add_argument("--layer", action="append", default=[], metavar="NAME=FILE",
-                   help="a root filesystem layer of your own build (inv layers) over --rootfs, bottom first "
-                   "(repeatable)")  # fmt: skip
-    p.add_argument("--network", choices=("none", "allowlist", "open"), default="none",
-                   help="none (no network device: the default), allowlist (only --allow targets, through a "
-                   "host-side proxy), open (everything the host reaches; logged)")  # fmt: skip
-    p.add_argument("--allow", action="append", default=[], metavar="ENTRY",
-                   help="allowlist entry: HOST[:PORT], *.DOMAIN[:PORT], an IP, or a CIDR range that permits "
-                   "non-public addresses (repeatable)")  # fmt: skip
-    p.add_argument("--cold", action="store_true", help="boot cold: neither restore nor save a snapshot")
-    # models.GUEST_USERS, spelled out: importing models here would slow `--version`, which builds this parser
-    p.add_argument("--user", choices=("user", "root"), default="user",
-                   help="who commands run as in the guest: user (uid 0 without capabilities: the default) or root "
-                   "(every capability)")  # fmt: skip
-    p.add_argument("--writable-git", action="store_true",
-                   help="let the guest write the workspace's .git (read-only by default: hooks and config there "
-                   "run on the host's next git command)")  # fmt: skip
-    p.add_argument(
-        "--require-microvm",
-        action="store_true",
-        help="refuse any tier weaker than a microVM (auto never falls back to a container)",
-    )
+    from .options import add_arguments
+
+    add_arguments(p, ("local", "launch", "source", "trust"))
 
 
-def _store_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--store", help="a published store (https://, s3://, file://, a directory): its channel's release")
-    p.add_argument("--channel", help="the channel the release must be signed for, and the store's channel to follow "
-                   "(default stable; dev with --dev)")  # fmt: skip
-    p.add_argument("--release", help="a version in the store instead of the channel's current one")
+def _request(args: argparse.Namespace) -> LaunchRequest:
+    """The command line as a launch request; ``launch`` checks and resolves it."""
+    from .options import from_args, launch_request
 
-
-def _trust_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--trusted-root", type=Path, help="sigstore trusted root JSON to verify against")
-    p.add_argument("--identity", help="the signer identity the certificate must carry (exact)")
-    p.add_argument("--issuer", help="the OIDC issuer that must have vouched for the signer")
-    p.add_argument("--allow-http", action="store_true", help="allow plain http (loopback addresses only)")
-    p.add_argument(
-        "--dev",
-        action="store_true",
-        help="accept the local development signing identity, against your own development trust root (written by "
-        "`inv release`; never one found beside a release); the channel defaults to dev",
-    )
-
-
-def _trust(args: argparse.Namespace) -> Trust:
-    from .launch import Trust
-
-    return Trust(args.trusted_root, args.identity, args.issuer, dev=args.dev)
-
-
-def _source(args: argparse.Namespace) -> ReleaseSource | None:
-    from .launch import ReleaseSource
-
-    if not (getattr(args, "manifest", None) or getattr(args, "store", None)):
-        return None
-    return ReleaseSource(manifest=args.manifest, store=args.store, channel=args.channel, release=args.release,
-                         allow_http=args.allow_http)  # fmt: skip
+    return launch_request(from_args(args), built_outputs=True)
 
 
 def _progress() -> Callable[[str, int, int], None] | None:
@@ -119,68 +52,26 @@ def _progress_printer() -> Callable[[str, int, int], None]:
     return show
 
 
+def _request_of_release(args: argparse.Namespace) -> LaunchRequest:
+    """The release and trust options of ``verify``, ``fetch`` and ``brain``."""
+    from .options import from_args, launch_request
+
+    return launch_request(from_args(args))
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from .errors import ConfigError
     from .launch import channel_of, verify
 
-    source = _source(args)
+    request = _request_of_release(args)
+    source = request.source
     if source is None:
         raise ConfigError("name a release: a directory or URL, or --store with --channel")
-    release = verify(source, _trust(args), _progress())
+    release = verify(source, request.trust, _progress())
     m = release.manifest
-    print(f"verified: release {m.release} (channel {channel_of(source, _trust(args))}, serial {m.serial}), signed by "
+    print(f"verified: release {m.release} (channel {channel_of(source, request.trust)}, serial {m.serial}), signed by "
           f"the expected identity; {', '.join(release.kinds)} match the manifest")  # fmt: skip
     return 0
-
-
-def _request(args: argparse.Namespace) -> LaunchRequest:
-    """The command line as a launch request; ``launch`` checks and resolves it."""
-    import dataclasses
-
-    from .launch import LaunchRequest, LocalArtifacts, local_artifacts
-    from .models import NetworkPolicy
-
-    source = _source(args)
-    layers = _own_layers(args.layer)
-    if source is None:
-        local: LocalArtifacts | None = dataclasses.replace(local_artifacts(args.kernel, args.rootfs, args.image),
-                                                           layers=layers)  # fmt: skip
-    elif args.kernel or args.rootfs or args.image or layers:  # both: refused by launch, never one silently ignored
-        local = LocalArtifacts(args.kernel, args.rootfs, image=args.image, layers=layers)
-    else:
-        local = None
-    return LaunchRequest(
-        source=source,
-        trust=_trust(args),
-        local=local,
-        backend=args.backend,
-        accel=args.accel,
-        require_microvm=args.require_microvm,
-        memory_mib=args.memory,
-        cpus=args.cpus,
-        network=NetworkPolicy(args.network, tuple(args.allow)),
-        workspace=args.workspace,
-        workspace_mount=args.workspace_mount,
-        snapshots="off" if getattr(args, "cold", False) else "auto",
-        user=args.user,
-        writable_git=args.writable_git,
-        profile=args.profile,
-        layers=tuple(n.strip() for n in args.layers.split(",") if n.strip()) if args.layers is not None else None,
-    )
-
-
-def _own_layers(given: list[str]) -> tuple[RootLayer, ...]:
-    from .errors import ConfigError
-    from .models import RootLayer
-
-    layers = []
-    for entry in given:
-        name, sep, file = entry.partition("=")
-        if not sep or not name or not file:
-            raise ConfigError(f"--layer {entry!r} is not NAME=FILE", hint="for example --layer tools=build/layer-tools/"
-                              "layer-tools-0.1.0.squashfs")  # fmt: skip
-        layers.append(RootLayer(name, Path(file).resolve()))
-    return tuple(layers)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -212,25 +103,18 @@ def cmd_brain(args: argparse.Namespace) -> int:
     """The Windows brain: verify a signed bundle, launch it behind the broker, check its health."""
     import json
 
-    from .layout import BUNDLE_SUFFIX
-    from .verify import policy_for
-    from .windows.bundle import open_bundle
+    from .windows.resolve import BrainRequest, launch_brain, open_verified, signer
 
-    zip_path = Path(args.bundle).resolve()
-    signature = Path(args.signature) if args.signature else zip_path.with_name(zip_path.name + BUNDLE_SUFFIX)
-    policy = policy_for(args.channel, _trust(args).policy())
-    bundle = open_bundle(zip_path, signature, policy)
+    request = BrainRequest(Path(args.bundle), signature=Path(args.signature) if args.signature else None,
+                           trust=_request_of_release(args).trust, channel=args.channel,
+                           workspace=Path(args.workspace) if args.workspace else None, cli_version=args.cli_version,
+                           allow_shell=args.allow_shell, policy=args.policy)  # fmt: skip
     if args.action == "verify":
-        print(f"verified: {zip_path.name} ({len(bundle.doc['files'])} files), signed by {policy.describe()}; "
-              f"unpacked in {bundle.directory}")  # fmt: skip
+        bundle = open_verified(request)
+        files, who = len(bundle.doc["files"]), signer(request).describe()
+        print(f"verified: {request.bundle.name} ({files} files), signed by {who}; unpacked in {bundle.directory}")
         return 0
-    from .windows.launch import launch
-
-    workspace = Path(args.workspace).resolve() if args.workspace else None
-    from .windows.policy import Policy
-
-    brain = launch(bundle, workspace=workspace, cli_version=args.cli_version, allow_shell=args.allow_shell,
-                   policy=Policy.load(args.policy) if args.policy else None)  # fmt: skip
+    _, brain = launch_brain(request)
     try:
         if args.action == "health":
             info = brain.health()
@@ -314,10 +198,14 @@ def main(argv: list[str] | None = None) -> int:
         return run_connector(given[1:])
     if sorted(given) == ["--json", "--version"]:
         return _version_json()
+    if given == ["--version"]:  # the CLI's probe: answered before the parser and its option table are built
+        print(f"terminai-shim {__version__}")
+        return 0
     parser = argparse.ArgumentParser(prog="terminai-shim", description="Run commands in TerminAI's isolated runtime.")
     parser.add_argument("--version", action="version", version=f"terminai-shim {__version__}",
                         help="show the version (with --json: the build, its digest, its sigstore)")  # fmt: skip
     sub = parser.add_subparsers(dest="cmd", required=True)
+    from .options import add_arguments
 
     run = sub.add_parser("run", help="boot a VM, run one command, shut down")
     _boot_args(run)
@@ -341,26 +229,24 @@ def main(argv: list[str] | None = None) -> int:
 
     ver = sub.add_parser("verify", help="verify a release: signature, identity, expiry, serial, artifact digests")
     ver.add_argument("manifest", nargs="?", help="a release directory, or its URL (https://, file://)")
-    _store_args(ver)
-    _trust_args(ver)
+    add_arguments(ver, ("source", "trust"), skip=("manifest",))
     ver.set_defaults(fn=cmd_verify)
     fetch = sub.add_parser("fetch", help="download and verify a release into the cache (resumable)")
     fetch.add_argument("manifest", nargs="?",
                        help="the release URL (https://, file://; http:// on loopback with --allow-http)")  # fmt: skip
-    _store_args(fetch)
-    _trust_args(fetch)
+    add_arguments(fetch, ("source", "trust"), skip=("manifest",))
     fetch.set_defaults(fn=cmd_verify)
     brain = sub.add_parser("brain", help="the Windows brain bundle: verify, launch behind the broker, health")
     brain.add_argument("action", choices=("verify", "launch", "health"))
     brain.add_argument("bundle", help="the brain bundle zip")
     brain.add_argument("--signature", help="its sigstore bundle (default: ZIP.sigstore.json beside it)")
-    brain.add_argument("--channel", default="stable", help="whose pinned signer to expect (default stable)")
+    brain.add_argument("--channel", help="whose pinned signer to expect (default stable; dev with --dev)")
     brain.add_argument("--workspace", help="the directory the brain's file operations are confined to")
     brain.add_argument("--allow-shell", action="store_true",
                        help="approve level C (shells and their equivalents) for the whole session")  # fmt: skip
     brain.add_argument("--policy", type=Path, help="the broker policy to use instead of the shim's own policy.json")
     brain.add_argument("--cli-version", default="", help="TERMINAI_CLI_VERSION for the brain")
-    _trust_args(brain)
+    add_arguments(brain, ("trust",))
     brain.set_defaults(fn=cmd_brain)
     cache = sub.add_parser("cache", help="the download cache")
     cache_sub = cache.add_subparsers(dest="action", required=True)
@@ -399,3 +285,7 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+__all__ = [
+    "main",
+]

@@ -6,7 +6,6 @@ readable), 1 otherwise.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -16,7 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from ._internal.backends.qemu import QemuBackend
-from .probes import backend_order, choose_backend, engine_answers, kvm_status
+from .fileio import sha256_file
+from .layout import BUILD_RECORD
+from .options import NETWORK_MODES
+from .probes import backend_order, engine_answers, kvm_status
 
 
 def _qemu_version(binary: str) -> str | None:
@@ -31,7 +33,7 @@ def _validate(path: Path | None) -> str:
     """Compare an artifact with the build record beside it (sha256 and size)."""
     if path is None:
         return "missing"
-    record = path.parent / "build-record.json"
+    record = path.parent / BUILD_RECORD
     try:
         outputs = json.loads(record.read_text())["outputs"].values()
     except (OSError, ValueError, KeyError, AttributeError):
@@ -39,11 +41,7 @@ def _validate(path: Path | None) -> str:
     expected = next((o for o in outputs if isinstance(o, dict) and o.get("file") == path.name), None)
     if expected is None:
         return "present (not listed in its build record)"
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    if h.hexdigest() != expected["sha256"] or path.stat().st_size != expected["size"]:
+    if sha256_file(path) != expected["sha256"] or path.stat().st_size != expected["size"]:
         return "INVALID: differs from its build record (rebuild it)"
     return "valid (sha256 matches its build record)"
 
@@ -75,7 +73,7 @@ def _pool_cost() -> dict[str, Any]:
 def report() -> dict[str, Any]:
     from ._internal.netproxy import upstream_from_env
     from .errors import ConfigError
-    from .launch import built_image, built_vm_artifacts
+    from .launch import LaunchRequest, built_image, built_vm_artifacts, decide_tier
     from .session import network_log
 
     qemu = QemuBackend()
@@ -87,7 +85,8 @@ def report() -> dict[str, Any]:
     vhost_vsock = os.path.exists("/dev/vhost-vsock")
     engine, engine_reason = engine_answers()
     try:
-        choice = choose_backend(kvm, "auto", has_image=image is not None)
+        # The question a launch without options asks, of this host and its build outputs.
+        choice = decide_tier(LaunchRequest(), kvm, has_image=image is not None, layers=False)
         backend, reason = choice.name, choice.reason
     except ConfigError as exc:
         backend, reason = "none", exc.message
@@ -104,7 +103,7 @@ def report() -> dict[str, Any]:
         "agent_channel": {"firecracker": "vsock", "container": "unix socket"}.get(backend, "virtio-serial"),
         "network": {
             "default": "none",
-            "modes": ["none", "allowlist", "open"] if backend != "container" else ["none", "open"],
+            "modes": list(NETWORK_MODES) if backend != "container" else ["none", "open"],
             "host_proxy": {k: bool(v) for k, v in upstream_from_env(dict(os.environ)).items()},
             "log": str(network_log()),
         },
@@ -158,3 +157,9 @@ def doctor(json_output: bool = False) -> int:
           f"[{arts['container_image_status']}]")  # fmt: skip
     print(f"can run a VM:  {'yes' if can_run else 'no'}", file=sys.stdout)
     return 0 if can_run else 1
+
+
+__all__ = [
+    "doctor",
+    "report",
+]

@@ -61,3 +61,19 @@ class DeadlineExceeded(ChannelClosed):
 
 class TimeoutExpired(ShimError):
     code = "TIMEOUT"
+
+
+class FileTooLarge(ShimError):
+    code = "FILE_TOO_LARGE"
+
+
+__all__ = [
+    "AgentError",
+    "BootError",
+    "ChannelClosed",
+    "ConfigError",
+    "DeadlineExceeded",
+    "FileTooLarge",
+    "ShimError",
+    "TimeoutExpired",
+]

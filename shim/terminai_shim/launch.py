@@ -29,13 +29,15 @@ from typing import TYPE_CHECKING
 
 from terminai_protocol import bootcontract as boot
 
+from . import layout
 from ._internal.accel import choose_accel
 from ._internal.backends import NAMES, BackendChoice, choose_backend, make_backend
 from ._internal.backends.base import Backend
-from ._internal.netpolicy import Allowlist
+from ._internal.netpolicy import Allowlist, open_mode_allows
 from .errors import ConfigError
 from .manifest import LAYER_NAME, Manifest, ManifestError
-from .models import DEFAULT_CPUS, DEFAULT_MEMORY_MIB, GUEST_USERS, AccelChoice, BootConfig, NetworkPolicy, RootLayer
+from .models import DEFAULT_CPUS, DEFAULT_MEMORY_MIB, AccelChoice, BootConfig, NetworkPolicy, RootLayer
+from .options import GUEST_USERS, NETWORK_MODES, ROOTFS_FORMATS
 from .verify import DEFAULT_CHANNEL, DEV_CHANNEL, DEV_IDENTITY, DEV_ISSUER, TrustPolicy, dev_policy, every_kind
 
 if TYPE_CHECKING:
@@ -45,7 +47,6 @@ if TYPE_CHECKING:
 
 VM_KINDS = ("kernel", "rootfs")
 CONTAINER_KINDS = ("container-image",)
-NETWORK_MODES = ("none", "allowlist", "open")
 SNAPSHOT_MODES = ("auto", "off")
 
 
@@ -128,6 +129,7 @@ class LaunchRequest:
     snapshots: str = "auto"
     user: str = "user"
     writable_git: bool = False
+    force_workspace: bool = False  # share a workspace ``dangerous_workspace`` refuses
     # The root filesystem a release boots: a profile it lists (None: its
     # default), or its layers by name (each with what it stands on).
     profile: str | None = None
@@ -169,7 +171,7 @@ def resolve(request: LaunchRequest, progress: Progress | None = None) -> Launch:
         def kinds(manifest: Manifest) -> tuple[str, ...]:
             has_image = any(a.kind == "container-image" for a in manifest.artifacts)
             layers = release_layers(request, manifest)
-            chosen.append((_choose(request, accel, has_image, bool(layers)), layers))
+            chosen.append((decide_tier(request, accel, has_image=has_image, layers=bool(layers)), layers))
             if chosen[-1][0].name == "container":
                 return CONTAINER_KINDS
             return VM_KINDS + tuple(f"rootfs-layer@{name}" for name in layers)
@@ -179,10 +181,41 @@ def resolve(request: LaunchRequest, progress: Progress | None = None) -> Launch:
         config = _release_config(request, release, choice.name, layers)
     else:
         local = request.local or LocalArtifacts()
-        choice = _choose(request, accel, local.image is not None, bool(local.layers))
+        choice = decide_tier(request, accel, has_image=local.image is not None, layers=bool(local.layers))
         release = None
         config = _local_config(request, local, choice.name)
     return Launch(config, accel, choice, make_backend(choice.name), release)  # Session.boot checks it against config
+
+
+# Directories a workspace must not be (or, for the first group, be inside):
+# the guest would read every secret there and write where the host runs programs from.
+SYSTEM_TREES = ("/proc", "/sys", "/dev", "/etc", "/boot", "/run")
+SYSTEM_DIRS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/usr", "/usr/local", "/usr/bin", "/usr/lib",
+               "/usr/local/bin", "/var", "/var/lib", "/opt", "/srv", "/tmp", "/var/tmp", "/home", "/root", "/mnt",
+               "/media", "/snap")  # fmt: skip
+
+
+def dangerous_workspace(path: Path) -> str | None:
+    """Why ``path`` is no workspace (None: it may be one): ``/``, a system
+    directory, the home directory of this user (or a parent of it), or any
+    user's home directory itself. A project inside any of these is fine."""
+    import pwd
+
+    real = os.path.realpath(path)
+    if real == "/":
+        return "the root directory"
+    if any(real == t or real.startswith(t + "/") for t in SYSTEM_TREES) or real in SYSTEM_DIRS:
+        return "a system directory"
+    homes = {os.path.realpath(os.path.expanduser("~"))}
+    try:
+        homes.update(os.path.realpath(u.pw_dir) for u in pwd.getpwall() if u.pw_dir not in ("", "/"))
+    except OSError:
+        pass
+    if real in homes:
+        return "a home directory itself"
+    if os.path.realpath(os.path.expanduser("~")).startswith(real + "/"):
+        return "a parent of your home directory"
+    return None
 
 
 def start(request: LaunchRequest, progress: Progress | None = None) -> Session:
@@ -211,6 +244,9 @@ def _check(request: LaunchRequest) -> None:
         )
     if request.local is not None:
         _check_own_layers(request.local.layers)
+        if request.local.rootfs_format not in (None, *ROOTFS_FORMATS):
+            raise ConfigError(f"unknown root image format {request.local.rootfs_format!r}",
+                              hint=f"use {', '.join(ROOTFS_FORMATS)}")  # fmt: skip
     if request.backend not in NAMES:
         raise ConfigError(f"unknown backend {request.backend!r}", hint=f"choose one of {', '.join(NAMES)}")
     if request.user not in GUEST_USERS:
@@ -223,6 +259,12 @@ def _check(request: LaunchRequest) -> None:
     _check_network(request.network)
     if request.workspace is not None and not Path(request.workspace).is_dir():
         raise ConfigError(f"workspace {request.workspace} is not a directory", hint="create it or pass an existing one")
+    if request.workspace is not None and not request.force_workspace:
+        why = dangerous_workspace(Path(request.workspace))
+        if why is not None:
+            raise ConfigError(f"workspace {request.workspace} is {why}: the guest could read and write all of it",
+                              hint="share the project's own directory; --force-workspace (forceWorkspace) if you "
+                              "really mean it")  # fmt: skip
     if request.workspace_mount is not None:
         mount = request.workspace_mount
         if request.workspace is None:
@@ -253,8 +295,6 @@ def _check_source(source: ReleaseSource) -> None:
 
 
 def _check_network(policy: NetworkPolicy) -> None:
-    from ._internal.backends.qemu import open_mode_allows
-
     if policy.mode not in NETWORK_MODES:
         raise ConfigError(f"unknown network mode {policy.mode!r}", hint=f"use {', '.join(NETWORK_MODES)}")
     if policy.allow and policy.mode == "none":
@@ -268,9 +308,21 @@ def _check_network(policy: NetworkPolicy) -> None:
 # -- the tier, once ----------------------------------------------------------------
 
 
-def _choose(request: LaunchRequest, accel: AccelChoice, has_image: bool, layers: bool) -> BackendChoice:
+def decide_tier(request: LaunchRequest, accel: AccelChoice, *, has_image: bool, layers: bool) -> BackendChoice:
+    """The one place a tier is decided: a launch asks it with what the
+    verified release (or the developer's files) offers; ``doctor`` asks it
+    the question a launch without options would; ``backend_for`` asks it for
+    a boot configuration built without ``launch`` (tests, the benchmark)."""
     return choose_backend(accel, request.backend, has_image=has_image, network=request.network.mode,
                           require_microvm=request.require_microvm, layers=layers)  # fmt: skip
+
+
+def backend_for(config: BootConfig, accel: AccelChoice) -> Backend:
+    """The backend for a boot configuration that did not come from ``resolve``."""
+    request = LaunchRequest(backend=config.backend, require_microvm=config.require_microvm, network=config.network)
+    return make_backend(
+        decide_tier(request, accel, has_image=config.image is not None, layers=bool(config.layers)).name
+    )
 
 
 def release_layers(request: LaunchRequest, manifest: Manifest) -> tuple[str, ...]:
@@ -378,16 +430,16 @@ def _local_config(request: LaunchRequest, local: LocalArtifacts, backend: str) -
 
 
 def build_dir() -> Path:
-    return Path(os.environ.get("TERMINAI_BUILD_DIR", Path.cwd() / "build"))
+    return Path(os.environ.get("TERMINAI_BUILD_DIR", Path.cwd() / layout.BUILD_DIR))
 
 
 def built_vm_artifacts() -> tuple[Path | None, Path | None]:
     """The kernel and root image ``inv kernel rootfs`` left in ``build/``, if any."""
     root = build_dir()
     try:
-        kernel = next(iter(sorted((root / "kernel").glob("vmlinux-*"))), None)
-        rootfs = next(iter(sorted((root / "rootfs").glob("rootfs-*.squashfs"))
-                           + sorted((root / "rootfs").glob("rootfs-*.erofs"))), None)  # fmt: skip
+        kernel = next(iter(sorted((root / layout.KERNEL_OUTPUT).glob(layout.KERNEL_GLOB))), None)
+        found = [p for glob in layout.ROOTFS_GLOBS for p in sorted((root / layout.ROOTFS_OUTPUT).glob(glob))]
+        rootfs = next(iter(found), None)
     except OSError:  # a build directory this user cannot read: no defaults
         return None, None
     return kernel, rootfs
@@ -398,13 +450,13 @@ def built_image() -> tuple[Path | None, str | None]:
     import json
 
     try:
-        image = next(iter(sorted((build_dir() / "container").glob("*.oci.tar"))), None)
+        image = next(iter(sorted((build_dir() / layout.CONTAINER_OUTPUT).glob(layout.CONTAINER_GLOB))), None)
     except OSError:
         return None, None
     if image is None:
         return None, None
     try:
-        record = json.loads((image.parent / "build-record.json").read_text())
+        record = json.loads((image.parent / layout.BUILD_RECORD).read_text())
         return image.resolve(), str(record["outputs"]["archive"]["sha256"])
     except (OSError, ValueError, KeyError, TypeError):
         return image.resolve(), None
@@ -421,3 +473,24 @@ def local_artifacts(
         image, image_sha256 = built_image()
     return LocalArtifacts(kernel=kernel or built_kernel, rootfs=rootfs or built_rootfs, image=image,
                           image_sha256=image_sha256)  # fmt: skip
+
+
+__all__ = [
+    "Launch",
+    "LaunchRequest",
+    "LocalArtifacts",
+    "ReleaseSource",
+    "Trust",
+    "backend_for",
+    "build_dir",
+    "built_image",
+    "built_vm_artifacts",
+    "channel_of",
+    "dangerous_workspace",
+    "decide_tier",
+    "local_artifacts",
+    "release_layers",
+    "resolve",
+    "start",
+    "verify",
+]

@@ -81,3 +81,75 @@ def manifest_platform(platform: str) -> str:
     """A standalone platform (``linux-x64``) as the manifest spells platforms (``linux/amd64``)."""
     system, cpu = platform.split("-", 1)
     return f"{'windows' if system == 'win32' else system}/{'amd64' if cpu == 'x64' else cpu}"
+
+
+# A developer's build outputs: `inv kernel rootfs layers container` point
+# `build/<output>` (in the checkout) at their cache entries, each holding its
+# files and a build record; the shim takes what it was not given from there.
+BUILD_DIR = "build"
+BUILD_RECORD = "build-record.json"
+KERNEL_OUTPUT, ROOTFS_OUTPUT, CONTAINER_OUTPUT = "kernel", "rootfs", "container"
+ROOTFS_FORMATS = ("squashfs", "erofs")
+
+
+def layer_output(name: str) -> str:
+    return f"layer-{name}"
+
+
+def kernel_file(name: str) -> str:
+    """``vmlinux-<arch>-<version>``: the kernel QEMU boots directly (PVH)."""
+    return f"vmlinux-{name}"
+
+
+def rootfs_file(version: str, fmt: str) -> str:
+    return f"rootfs-{version}.{fmt}"
+
+
+def layer_file(name: str, version: str) -> str:
+    return f"layer-{name}-{version}.squashfs"
+
+
+def container_archive(version: str) -> str:
+    return f"terminai-runtime-{version}.oci.tar"
+
+
+KERNEL_GLOB = kernel_file("*")
+ROOTFS_GLOBS = tuple(rootfs_file("*", fmt) for fmt in ROOTFS_FORMATS)
+CONTAINER_GLOB = container_archive("*")
+
+__all__ = [
+    "BUILD_DIR",
+    "BUILD_RECORD",
+    "BUNDLE_SUFFIX",
+    "CHANNEL_MEDIA_TYPE",
+    "CONTAINER_GLOB",
+    "CONTAINER_OUTPUT",
+    "DEV_TRUSTED_ROOT",
+    "KERNEL_GLOB",
+    "KERNEL_OUTPUT",
+    "MANIFEST",
+    "MANIFEST_BUNDLE",
+    "MANIFEST_MEDIA_TYPE",
+    "NOTES_MEDIA_TYPE",
+    "PROVENANCE",
+    "RELEASE_NOTES",
+    "ROOTFS_FORMATS",
+    "ROOTFS_GLOBS",
+    "ROOTFS_OUTPUT",
+    "SIGSTORE_BUNDLE_MEDIA_TYPE",
+    "STANDALONE_BUILD_INFO",
+    "STANDALONE_PLATFORMS",
+    "blob_key",
+    "channel_key",
+    "container_archive",
+    "kernel_file",
+    "layer_file",
+    "layer_output",
+    "manifest_platform",
+    "pointer_bundle_key",
+    "release_key",
+    "rootfs_file",
+    "standalone_archive_name",
+    "standalone_npm_package",
+    "standalone_platform",
+]

@@ -7,9 +7,8 @@ from pathlib import Path
 
 from terminai_protocol.bootcontract import WORKSPACE_ALIAS
 
-# Who commands run as in the guest: "user" (uid 0 without capabilities) or
-# "root" (every capability). The agent checks the same two names.
-GUEST_USERS = ("user", "root")
+from .options import GUEST_USERS as GUEST_USERS  # spelled once, with the options
+
 # A VM's size when neither the caller nor the release says: the one place
 # these numbers live (a release's manifest carries its own, the caller's win).
 DEFAULT_MEMORY_MIB = 512
@@ -124,3 +123,15 @@ class ExecResult:
     timed_out: bool = False
     truncated: list[str] = field(default_factory=list)
     signal: int | None = None
+
+
+__all__ = [
+    "DEFAULT_CPUS",
+    "DEFAULT_MEMORY_MIB",
+    "GUEST_USERS",
+    "AccelChoice",
+    "BootConfig",
+    "ExecResult",
+    "NetworkPolicy",
+    "RootLayer",
+]

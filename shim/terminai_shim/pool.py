@@ -192,3 +192,11 @@ def _usage(pid: int | None) -> dict[str, Any]:
     rss = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), 0)
     ticks = os.sysconf("SC_CLK_TCK")
     return {"rssKib": rss, "cpuSeconds": (int(stat[11]) + int(stat[12])) / ticks}
+
+
+__all__ = [
+    "MAX_SIZE",
+    "WarmPool",
+    "idle_record_path",
+    "pool_key",
+]

@@ -1,12 +1,13 @@
 """What this host can run: the probes ``launch`` decides a tier with and
 ``doctor`` reports, run once per launch. Cheap by design (no SDK imports,
 no boot): the CLI calls them to decide whether to offer isolation at all.
+The tier itself is decided in one place, ``launch.decide_tier``.
 """
 
 from __future__ import annotations
 
 from ._internal.accel import choose_accel, kvm_status
-from ._internal.backends import BackendChoice, backend_order, choose_backend
+from ._internal.backends import BackendChoice, backend_order
 from ._internal.backends.container import engine_answers
 from .models import AccelChoice
 
@@ -15,7 +16,6 @@ __all__ = [
     "BackendChoice",
     "accelerator",
     "backend_order",
-    "choose_backend",
     "engine_answers",
     "kvm_status",
 ]

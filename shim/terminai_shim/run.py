@@ -34,6 +34,10 @@ if TYPE_CHECKING:
     from ._internal.fetch import Progress
 
 TIMEOUT_EXIT = 124
+SHIM_FAILED = 125
+# `run` streams what it receives and keeps none of it: no cap cuts a stream short.
+# (serve's execute, which answers with the whole output, has a cap and says when it cut.)
+STREAM_CAP = 1 << 62
 
 
 def _isatty(stream: Any) -> bool:
@@ -139,14 +143,33 @@ def _raise_exit(signum: int, frame: object) -> None:
 
 
 def terminal_size() -> tuple[int, int]:
-    """Ours, from whichever standard stream is a terminal (80x24 otherwise)."""
+    """Ours, from whichever standard stream is a terminal (80x24 otherwise,
+    and for a side a terminal reports as 0, as terminals themselves do)."""
     for fd in (0, 1, 2):
         try:
             size = os.get_terminal_size(fd)
-            return size.columns, size.lines
         except OSError:
             continue
+        return size.columns or Pty.cols, size.lines or Pty.rows
     return Pty.cols, Pty.rows
+
+
+# What a full-screen program may leave switched on when it (or its VM) dies: mouse
+# reporting in every encoding, focus events, bracketed paste, the alternate screen, a
+# hidden cursor, application cursor keys and keypad, the kitty keyboard protocol,
+# colours and attributes. Each is switched off, as `reset` would, without clearing.
+RESTORE_MODES = (b"\x1b[?1000l\x1b[?1002l\x1b[?1003l\x1b[?1005l\x1b[?1006l\x1b[?1015l\x1b[?1004l"
+                 b"\x1b[?2004l\x1b[?1049l\x1b[?25h\x1b[?1l\x1b>\x1b[<u\x1b[0m")  # fmt: skip
+
+
+def restore_terminal_modes(stream: BinaryIO) -> None:
+    """After a PTY session, on every way out: the user's terminal as it was."""
+    try:
+        if stream.isatty():
+            stream.write(RESTORE_MODES)
+            stream.flush()
+    except (OSError, ValueError):
+        pass
 
 
 def run_command(
@@ -192,7 +215,8 @@ def run_command(
 
         forward = interactive and sys.stdin is not None and not sys.stdin.closed
         kwargs: dict[str, Any] = {"timeout": timeout, "stdin_open": forward, "on_event": on_event,
-                                  "cwd": config.workspace_mount if config.workspace else None}  # fmt: skip
+                                  "cwd": config.workspace_mount if config.workspace else None,
+                                  "output_cap": STREAM_CAP}  # fmt: skip
         if tty:
             kwargs["pty"] = Pty(*terminal_size(), os.environ.get("TERM") or Pty.term)
         try:
@@ -214,7 +238,22 @@ def run_command(
         finally:
             out.finish()
             err.finish()
+            if tty:
+                restore_terminal_modes(sys.stdout.buffer)
         if status.timed_out:
             print(f"terminai-shim: command timed out after {timeout}s and was killed", file=sys.stderr)
             return TIMEOUT_EXIT
+        if status.truncated:  # never silently: the agent says it cut a stream
+            print(f"terminai-shim: the command's {' and '.join(status.truncated)} was cut short by the guest agent "
+                  f"(it exited {status.exit_code}); what was shown is incomplete", file=sys.stderr)  # fmt: skip
+            return SHIM_FAILED
         return status.exit_code
+
+
+__all__ = [
+    "SHIM_FAILED",
+    "TIMEOUT_EXIT",
+    "restore_terminal_modes",
+    "run_command",
+    "terminal_size",
+]

@@ -20,7 +20,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,11 +28,11 @@ from typing import Any, TextIO
 
 from terminai_protocol import protocol as P
 
-from . import __version__
+from . import __version__, options
 from ._internal.client import Pty, RemoteProcess
 from .errors import AgentError, ConfigError, DeadlineExceeded, ShimError
-from .launch import LaunchRequest, LocalArtifacts, ReleaseSource, Trust, resolve
-from .models import GUEST_USERS, NetworkPolicy, RootLayer
+from .launch import LaunchRequest, resolve
+from .options import GUEST_USERS, INITIALIZE_KEYS
 from .pool import MAX_SIZE as MAX_POOL
 from .pool import WarmPool, pool_key
 from .session import Session
@@ -42,21 +42,19 @@ if TYPE_CHECKING:
     from .windows.approvals import PendingApprovals
     from .windows.launch import BrainSession
 
-PROTOCOL_VERSION = 1
+SERVE_PROTOCOL_VERSION = 1  # serve's JSON lines (docs/shim-protocol.md)
 POOL_WAIT = 60.0  # an initialize waits this long for a pooled VM that is still starting
 DEFAULT_EXEC_OUTPUT_CAP = 16 << 20
+MAX_READ_FILE = 16 << 20  # fs.readFile: a file the guest made can be any size
 
 # Every method and the parameters it takes: anything else is refused by name
 # (a typo such as ``worksapce`` must not boot a VM without a workspace).
 # docs/shim-protocol.schema.json says the same; a test keeps them equal.
+# The trust options of a launch, which brain.launch takes too (options.py).
+_TRUST_KEYS = frozenset(o.key for o in options.OPTIONS if o.group == "trust" and o.key)
 _COMMAND = frozenset({"command", "args", "shell", "cwd", "env", "timeout", "user"})
 PARAMS: dict[str, frozenset[str]] = {
-    "initialize": frozenset({
-        "manifest", "store", "channel", "release", "dev", "trustedRoot", "identity", "issuer", "allowHttp",
-        "backend", "network", "image", "imageSha256", "kernel", "rootfs", "rootfsFormat", "workspace",
-        "workspaceMount", "memoryMib", "cpus", "accel", "cold", "user", "writableGit", "requireMicrovm",
-        "profile", "layers", "layerFiles",
-    }),
+    "initialize": INITIALIZE_KEYS,  # the launch options (options.py)
     "healthCheck": frozenset(),
     "execute": _COMMAND | {"stdin", "outputCap"},
     "spawn": _COMMAND | {"binary", "pty"},
@@ -78,7 +76,7 @@ PARAMS: dict[str, frozenset[str]] = {
     # The Windows tier: a signed brain bundle behind the broker, whose level B
     # and C requests come to the CLI as approval.request notifications.
     "brain.launch": frozenset({"bundle", "signature", "workspace", "allowShell", "approvalTimeoutMs", "cliVersion",
-                               "policy", "channel", "dev", "trustedRoot", "identity", "issuer"}),
+                               "policy", "channel"}) | _TRUST_KEYS,
     "brain.health": frozenset(),
     "approval.respond": frozenset({"approvalId", "allow", "session"}),
 }  # fmt: skip
@@ -128,7 +126,10 @@ class Server:
 
     # -- output --------------------------------------------------------------
     def send(self, message: dict[str, Any]) -> None:
-        line = json.dumps(message, separators=(",", ":"), ensure_ascii=False)
+        # ASCII only: a lone surrogate (an id the client sent, a file name that is not UTF-8,
+        # decoded with surrogateescape) goes out as a \\u escape a strict parser accepts,
+        # never as bytes that are not UTF-8.
+        line = json.dumps(message, separators=(",", ":"), ensure_ascii=True)
         with self.out_lock:
             self.out.write(line + "\n")
             self.out.flush()
@@ -138,13 +139,27 @@ class Server:
 
     # -- input -----------------------------------------------------------------
     def handle_line(self, line: str) -> None:
+        """Every line gets an answer or a named error, whatever it holds; nothing here ends the server."""
+        try:
+            self._handle_line(line)
+        except Exception as exc:  # the reader keeps reading whatever a line does
+            message = f"the request could not be handled ({type(exc).__name__}); this is a bug, please report it"
+            self.send({"id": None, "error": {"code": "INTERNAL", "message": message, "ran": False}})
+
+    def parse_error(self, message: str) -> None:
+        self.send({"id": None, "error": {"code": "PARSE_ERROR", "message": message, "ran": False}})
+
+    def _handle_line(self, line: str) -> None:
         line = line.strip()
         if not line:
             return
         try:
             msg = json.loads(line)
         except ValueError as exc:
-            self.send({"id": None, "error": {"code": "PARSE_ERROR", "message": f"not JSON: {exc}", "ran": False}})
+            self.parse_error(f"not JSON: {exc}")
+            return
+        except RecursionError:
+            self.parse_error("not JSON the shim reads: nested too deeply")
             return
         if not isinstance(msg, dict) or not isinstance(msg.get("method"), str):
             rid = msg.get("id") if isinstance(msg, dict) else None
@@ -299,7 +314,7 @@ class Server:
             self.session = s
             return {
                 "pooled": pooled is not None,
-                "protocolVersion": PROTOCOL_VERSION,
+                "protocolVersion": SERVE_PROTOCOL_VERSION,
                 "shimVersion": __version__,
                 **s.describe(),
                 "pythonPath": s.client.hello_info.get("python"),
@@ -497,7 +512,7 @@ class Server:
         return {}
 
     def m_fs_readFile(self, p: dict[str, Any]) -> dict[str, Any]:
-        data = self._session().client.read_file(self._fs_path(p))
+        data = self._session().client.read_file(self._fs_path(p), limit=MAX_READ_FILE)
         if p.get("encoding") == "base64":
             return {"content": base64.b64encode(data).decode(), "encoding": "base64"}
         return {"content": data.decode("utf-8", "replace"), "encoding": "utf8"}
@@ -529,39 +544,28 @@ class Server:
 
     # -- the Windows tier ------------------------------------------------------------
     def m_brain_launch(self, p: dict[str, Any]) -> dict[str, Any]:
-        from .layout import BUNDLE_SUFFIX
-        from .verify import policy_for
         from .windows.approvals import PendingApprovals
-        from .windows.bundle import open_bundle
-        from .windows.launch import launch
-        from .windows.policy import Policy
+        from .windows.resolve import DEFAULT_APPROVAL_TIMEOUT, BrainRequest, launch_brain
 
-        bundle_path = _path(p, "bundle")
-        if bundle_path is None:
+        bundle = _path(p, "bundle")
+        if bundle is None:
             raise RequestError("INVALID_PARAMS", "brain.launch: parameter 'bundle' is required")
-        bundle_path = bundle_path.resolve()
-        signature = _path(p, "signature") or bundle_path.with_name(bundle_path.name + BUNDLE_SUFFIX)
-        trust = Trust(_path(p, "trustedRoot"), _text(p, "identity"), _text(p, "issuer"), dev=bool(p.get("dev")))
         timeout_ms = _whole(p, "approvalTimeoutMs")
-        own_policy = _path(p, "policy")
-        policy = Policy.load(own_policy) if own_policy else None
+        timeout = timeout_ms / 1000 if timeout_ms else DEFAULT_APPROVAL_TIMEOUT
+        given = {k: v for k, v in p.items() if k in _TRUST_KEYS}
+        trust = options.launch_request(options.from_params(given)).trust
+        request = BrainRequest(bundle, signature=_path(p, "signature"), trust=trust, channel=_text(p, "channel"),
+                               workspace=_path(p, "workspace"), cli_version=_text(p, "cliVersion") or "",
+                               allow_shell=p.get("allowShell") is True, policy=_path(p, "policy"),
+                               approval_timeout=timeout)  # fmt: skip
         with self.session_lock:
             if self.session is not None or self.brain is not None:
                 raise RequestError("ALREADY_INITIALIZED", "this shim already runs a tier; dispose it first")
-            bundle = open_bundle(bundle_path, signature, policy_for(_text(p, "channel") or trust.default_channel,
-                                                                    trust.policy()))  # fmt: skip
-            workspace = _path(p, "workspace")
-            if workspace is not None and not workspace.is_dir():
-                raise RequestError("INVALID_PARAMS", f"brain.launch: workspace {workspace} is not a directory")
             approvals = PendingApprovals(self.notify)
-            self.brain = brain = launch(
-                bundle, workspace=workspace.resolve() if workspace else None, cli_version=_text(p, "cliVersion") or "",
-                allow_shell=bool(p.get("allowShell")), approver=approvals,
-                approval_timeout=timeout_ms / 1000 if timeout_ms else 120.0, policy=policy,
-            )  # fmt: skip
+            bundle_doc, self.brain = launch_brain(request, approver=approvals)
             self.approvals = approvals
-            return {"session": brain.session, "isolation": brain.isolation, "pid": brain.pid,
-                    "bundleVersion": str(bundle.doc.get("version"))}  # fmt: skip
+            return {"session": self.brain.session, "isolation": self.brain.isolation, "pid": self.brain.pid,
+                    "bundleVersion": str(bundle_doc.doc.get("version"))}  # fmt: skip
 
     def m_brain_health(self, p: dict[str, Any]) -> dict[str, Any]:
         if self.brain is None:
@@ -621,7 +625,7 @@ def _text(p: dict[str, Any], key: str) -> str | None:
     if value is None or value == "":
         return None
     if not isinstance(value, str):
-        raise ConfigError(f"initialize: {key} must be a string")
+        raise ConfigError(f"{key} must be a string")
     return value
 
 
@@ -630,19 +634,8 @@ def _whole(p: dict[str, Any], key: str) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"initialize: {key} must be a whole number, not {value!r}")
+        raise ConfigError(f"{key} must be a whole number, not {value!r}")
     return value
-
-
-def _network(value: Any) -> NetworkPolicy:
-    """``"none"``/``"open"``, or ``{"mode": "allowlist", "allow": [...]}``."""
-    if value is None:
-        return NetworkPolicy()
-    if isinstance(value, str):
-        return NetworkPolicy(value)
-    if not isinstance(value, dict) or not isinstance(value.get("allow", []), list):
-        raise ConfigError("initialize: network is a mode name or {mode, allow: [entries]}")
-    return NetworkPolicy(str(value.get("mode", "none")), tuple(str(x) for x in value.get("allow", [])))
 
 
 def _path(p: dict[str, Any], key: str) -> Path | None:
@@ -653,53 +646,7 @@ def _path(p: dict[str, Any], key: str) -> Path | None:
 def launch_request(p: dict[str, Any]) -> LaunchRequest:
     """``initialize``'s params as a launch request (docs/shim-protocol.md);
     ``launch`` checks it as a whole, exactly as it checks the command line's."""
-    source = None
-    if p.get("manifest") or p.get("store"):  # the CLI's path: nothing boots that did not verify
-        source = ReleaseSource(manifest=_text(p, "manifest"), store=_text(p, "store"), channel=_text(p, "channel"),
-                               release=_text(p, "release"), allow_http=bool(p.get("allowHttp")))  # fmt: skip
-    local = None
-    own_layers = _layer_files(p.get("layerFiles"))
-    if p.get("kernel") or p.get("rootfs") or p.get("image") or own_layers:  # a developer's own artifacts
-        local = LocalArtifacts(kernel=_path(p, "kernel"), rootfs=_path(p, "rootfs"),
-                               rootfs_format=_text(p, "rootfsFormat"), image=_path(p, "image"),
-                               image_sha256=_text(p, "imageSha256"), layers=own_layers)  # fmt: skip
-    return LaunchRequest(
-        source=source,
-        trust=Trust(_path(p, "trustedRoot"), _text(p, "identity"), _text(p, "issuer"), dev=bool(p.get("dev"))),
-        local=local,
-        backend=_text(p, "backend") or "auto",
-        accel=_text(p, "accel") or "auto",
-        require_microvm=bool(p.get("requireMicrovm")),
-        memory_mib=_whole(p, "memoryMib"),
-        cpus=_whole(p, "cpus"),
-        network=_network(p.get("network")),
-        workspace=_path(p, "workspace"),
-        workspace_mount=_text(p, "workspaceMount"),
-        snapshots="off" if p.get("cold") else "auto",
-        user=_text(p, "user") or "user",
-        writable_git=bool(p.get("writableGit")),
-        profile=_text(p, "profile"),
-        layers=_names(p.get("layers")),
-    )
-
-
-def _names(value: Any) -> tuple[str, ...] | None:
-    if value is None:
-        return None
-    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-        raise ConfigError("initialize: layers is a list of layer names", hint='for example ["tools", "build"]')
-    return tuple(value)
-
-
-def _layer_files(value: Any) -> tuple[RootLayer, ...]:
-    if value is None:
-        return ()
-    if not isinstance(value, list) or not all(
-        isinstance(v, dict) and set(v) == {"name", "path"} and all(isinstance(x, str) and x for x in v.values())
-        for v in value
-    ):
-        raise ConfigError("initialize: layerFiles is a list of {name, path}, bottom first")
-    return tuple(RootLayer(v["name"], Path(v["path"]).resolve()) for v in value)
+    return options.launch_request(options.from_params(p))
 
 
 def _release_info(release: Any) -> dict[str, Any]:
@@ -707,16 +654,46 @@ def _release_info(release: Any) -> dict[str, Any]:
     return {"version": m.release, "channel": m.channel, "serial": m.serial, "verified": list(release.kinds)}
 
 
+MAX_LINE = 256 << 20  # one request (a file written through fs.writeFile is base64 in it)
+
+
+def _lines(source: Any, server: Server) -> Iterator[str]:
+    """The requests, each as text: from the byte stream under a text one, so
+    that a line that is not UTF-8, or longer than ``MAX_LINE``, is a named
+    error for that line alone."""
+    raw = getattr(source, "buffer", None)
+    if raw is None:  # already text (a test's StringIO)
+        yield from source
+        return
+    while True:
+        line = raw.readline(MAX_LINE + 1)
+        if not line:
+            return
+        if len(line) > MAX_LINE and not line.endswith(b"\n"):
+            while line and not line.endswith(b"\n"):  # skip the rest of it
+                line = raw.readline(1 << 20)
+            server.parse_error(f"a request line is longer than {MAX_LINE >> 20} MiB")
+            continue
+        try:
+            yield line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            server.parse_error(f"a request line is not UTF-8 (byte {exc.start})")
+
+
 def serve(stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
     source = stdin or sys.stdin
     server = Server(stdout or sys.stdout)
     signal.signal(signal.SIGTERM, lambda signum, frame: server.stopping.set())
+    failed: list[BaseException] = []
 
     def read_requests() -> None:
-        for line in source:
-            server.handle_line(line)
-            if server.stopping.is_set():
-                return
+        try:
+            for line in _lines(source, server):
+                server.handle_line(line)
+                if server.stopping.is_set():
+                    return
+        except BaseException as exc:  # reading itself failed: say so and exit non-zero, never "success"
+            failed.append(exc)
 
     reader = threading.Thread(target=read_requests, name="stdin", daemon=True)
     reader.start()
@@ -726,4 +703,16 @@ def serve(stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
     finally:
         server.close()  # requests still waiting on the VM now fail fast
         server.pool.shutdown(wait=True, cancel_futures=True)
+    if failed:
+        print(f"terminai-shim serve: could not read requests: {failed[0]}", file=sys.stderr)
+        return 1
     return 0
+
+
+__all__ = [
+    "PARAMS",
+    "SERVE_PROTOCOL_VERSION",
+    "Server",
+    "launch_request",
+    "serve",
+]

@@ -25,12 +25,11 @@ import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from terminai_shim.windows.bundle import BUNDLE_JSON, MEDIA_TYPE
 from terminai_shim.windows.win32 import CAPABILITIES, PROFILE
 
-from ..cache import RECORD, write_atomic
+from ..cache import RECORD, StepOutputs, write_atomic
 from ..context import BuildContext
 from ..digest import canonical_json, digest_inputs, sha256_file, sha256_tree
 from ..errors import BuildError
@@ -73,13 +72,10 @@ class BrainInputs:
 
 
 @dataclass(frozen=True)
-class BrainArtifacts:
-    directory: Path
-    record: dict[str, Any]
-
+class BrainArtifacts(StepOutputs):
     @property
     def zip(self) -> Path:
-        return self.directory / self.record["outputs"]["bundle"]["file"]
+        return self.output("bundle")
 
 
 def _layout(ctx: BuildContext, inputs: BrainInputs) -> dict[str, Path]:

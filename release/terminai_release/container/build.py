@@ -13,11 +13,11 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from terminai_protocol import bootcontract as boot
+from terminai_shim.layout import container_archive
 
-from ..cache import RECORD, StepCache, write_atomic
+from ..cache import RECORD, StepCache, StepOutputs, write_atomic
 from ..context import BuildContext
 from ..digest import canonical_json, digest_inputs, sha256_file
 from ..errors import BuildError
@@ -36,13 +36,10 @@ ENV = ("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", *boo
 
 
 @dataclass(frozen=True)
-class ContainerArtifacts:
-    directory: Path
-    record: dict[str, Any]
-
+class ContainerArtifacts(StepOutputs):
     @property
     def archive(self) -> Path:
-        return self.directory / self.record["outputs"]["archive"]["file"]
+        return self.output("archive")
 
     @property
     def images(self) -> dict[str, str]:
@@ -109,7 +106,7 @@ def build_container(ctx: BuildContext, *, cache: StepCache | None = None) -> Con
                                            "org.terminai.rootfs.sha256": image["sha256"]},
                          f"terminai/runtime:{version}")  # fmt: skip
         ctx.reporter.info("container", "writing the OCI archive (sorted, clamped, uncompressed layers)")
-        out = write_archive(trees, profiles, spec, staging / f"terminai-runtime-{version}.oci.tar", work, sde)
+        out = write_archive(trees, profiles, spec, staging / container_archive(version), work, sde)
         record = {
             "artifact": "container",
             "key": key,

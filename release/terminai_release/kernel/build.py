@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..cache import RECORD, StepCache, write_atomic
+from terminai_shim.layout import kernel_file
+
+from ..cache import RECORD, StepCache, StepOutputs, write_atomic
 from ..context import BuildContext
 from ..digest import canonical_json, digest_inputs, sha256_file
 from ..errors import BuildError
@@ -66,21 +68,14 @@ class KernelPlan:
 
 
 @dataclass(frozen=True)
-class KernelArtifacts:
-    directory: Path
-    record: dict[str, Any]
-    cached: bool
-
-    def path(self, output: str) -> Path:
-        return self.directory / self.record["outputs"][output]["file"]
-
+class KernelArtifacts(StepOutputs):
     @property
     def vmlinux(self) -> Path:
-        return self.path("vmlinux")
+        return self.output("vmlinux")
 
     @property
     def bzimage(self) -> Path:
-        return self.path("bzImage")
+        return self.output("bzImage")
 
 
 def plan_kernel(ctx: BuildContext, arch: str = "x86_64") -> KernelPlan:
@@ -167,7 +162,7 @@ def _build_into(ctx: BuildContext, cache: StepCache, plan: KernelPlan, staging: 
 
     outputs: dict[str, dict[str, Any]] = {}
     for output, rel in (("vmlinux", "vmlinux"), ("bzImage", _BZIMAGE[plan.arch]), ("config", ".config")):
-        name = f"{output}-{plan.name}"
+        name = kernel_file(plan.name) if output == "vmlinux" else f"{output}-{plan.name}"
         shutil.copyfile(src / rel, staging / name)
         outputs[output] = {"file": name, "sha256": sha256_file(staging / name), "size": (staging / name).stat().st_size}
     release = subprocess.run(

@@ -49,7 +49,8 @@ from ..context import BuildContext
 from ..digest import sha256_bytes, sha256_file
 from ..errors import BuildError
 from ..signing.session import Signer, signer
-from .store import IMMUTABLE, SHORT_LIVED, Headers, Store, StoreError, open_store
+from .store import IMMUTABLE, SHORT_LIVED, Headers, Store, StoreError
+from .stores import open_store
 
 DAY = 86400
 # A release folder's files, in upload order: manifest.json goes last, so a

@@ -66,15 +66,3 @@ class Store(ABC):
         """Write only if the object is still what we read: ``replaces`` is the
         version token read before, or None for "must not exist yet". Raises
         Conflict otherwise."""
-
-
-def open_store(url: str) -> Store:
-    if url.startswith("s3://"):
-        from .s3 import S3Store
-
-        return S3Store(url)
-    if url.startswith("file://") or "://" not in url:
-        from .filestore import FileStore
-
-        return FileStore(Path(url.removeprefix("file://")).resolve())
-    raise StoreError(f"unsupported store {url}", hint="use s3://BUCKET/PREFIX or file://DIR")

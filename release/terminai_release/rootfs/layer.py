@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from terminai_shim.layout import layer_file
+
 from ..cache import RECORD, StepCache, write_atomic
 from ..context import BuildContext
 from ..digest import canonical_json, digest_inputs, sha256_file
@@ -155,7 +157,7 @@ def _build_into(
     _compile_added_python(ctx, work / "upper", delta, sde=sde, log=log, step=step)
     finish.clamp_times(delta, sde)
 
-    image = staging / f"layer-{name}-{version}.squashfs"
+    image = staging / layer_file(name, version)
     rep.info(step, f"packing the {name} layer ({stats.copied} entries, {len(stats.whiteouts)} whiteouts)")
     run_logged(mkfs_argv("squashfs", delta, image, sde, level=LAYER_LEVEL), log=log, reporter=rep, step=step,
                env=mkfs_env("squashfs"))  # fmt: skip

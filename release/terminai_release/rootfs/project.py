@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..cache import RECORD, StepCache, write_atomic
+from terminai_shim.layout import rootfs_file
+
+from ..cache import RECORD, StepCache, StepOutputs, write_atomic
 from ..context import BuildContext
 from ..digest import canonical_json, digest_inputs, sha256_file, sha256_tree
 from ..errors import BuildError
@@ -42,18 +44,14 @@ def agent_pythonpath(repo: Path) -> str:
 
 
 @dataclass(frozen=True)
-class RootfsArtifacts:
-    directory: Path
-    record: dict[str, Any]
-    cached: bool
-
+class RootfsArtifacts(StepOutputs):
     @property
     def image(self) -> Path:
-        return self.directory / self.record["outputs"]["image"]["file"]
+        return self.output("image")
 
     @property
     def sbom(self) -> Path:
-        return self.directory / self.record["outputs"]["sbom"]["file"]
+        return self.output("sbom")
 
 
 def build_rootfs(
@@ -139,7 +137,7 @@ def _build_into(
     finish.clamp_times(tree, sde)
 
     fmt = str(inputs["format"])
-    image = staging / f"rootfs-{version}.{fmt}"
+    image = staging / rootfs_file(version, fmt)
     stored = [_interpreter(tree)] if fmt == "squashfs" else []
     rep.info("rootfs", f"packing the {fmt} image")
     run_logged(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import os
 import queue
 import socket
 import threading
@@ -19,7 +20,7 @@ from typing import Any
 
 from terminai_protocol import protocol as P
 
-from ..errors import AgentError, ChannelClosed, DeadlineExceeded, TimeoutExpired
+from ..errors import AgentError, ChannelClosed, DeadlineExceeded, FileTooLarge, TimeoutExpired
 
 STDIN_HIGH_WATER = 4 << 20
 # The guest enforces a command's timeout; the host enforces its own, this much later, whatever the guest does.
@@ -421,19 +422,23 @@ class AgentClient:
             (out if name == "stdout" else err).append(chunk)
         return proc.wait(), b"".join(out), b"".join(err)
 
-    def read_file(self, path: str) -> bytes:
+    def read_file(self, path: str, limit: int | None = None) -> bytes:
+        """The whole file, or ``FileTooLarge`` once it is past ``limit`` bytes
+        (a guest can make a sparse file of any size: the host holds no more)."""
         chunks: list[bytes] = []
         offset = 0
         while True:
             frame = self.call("read", path=path, offset=offset)
             chunks.append(frame.body)
             offset += len(frame.body)
+            if limit is not None and offset > limit:
+                raise FileTooLarge(f"{path} is larger than {limit} bytes", hint="read it in parts through a command")
             if frame.header.get("eof") or not frame.body:
                 return b"".join(chunks)
 
     def write_file(self, path: str, data: bytes, mode: int = 0o644, create_dirs: bool = False) -> None:
         """Write through a temporary name and rename: readers never see half a file."""
-        tmp = f"{path}.terminai-tmp"
+        tmp = f"{path}.terminai-{os.urandom(6).hex()}"  # a name a command cannot have planted a link at
         step = max(P.MIN_MAX_FRAME, self.peer_max - 4096)
         offset = 0
         first = True

@@ -61,3 +61,8 @@ class PendingApprovals:
         for event, answer in pending.values():
             answer.append(Approval(False))
             event.set()
+
+
+__all__ = [
+    "PendingApprovals",
+]

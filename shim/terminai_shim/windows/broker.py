@@ -38,7 +38,7 @@ from typing import Any
 from .confine import FileArea, OutsideWorkspace, open_workspace, relative_to_workspace
 from .policy import Policy
 
-PROTOCOL_VERSION = 1
+BROKER_PROTOCOL_VERSION = 1  # the brain–broker protocol (docs/brain-protocol.md)
 MIN_TOKEN = 16
 CODES = ("INVALID_REQUEST", "HANDSHAKE_REQUIRED", "HANDSHAKE_FAILED", "AMSI_BLOCKED", "POLICY_DENIED",
          "APPROVAL_DENIED", "EXECUTION_ERROR")  # fmt: skip
@@ -291,7 +291,7 @@ class Broker:
             return
         conn.authenticated.set()
         self.clients.append(conn)
-        conn.send({"id": rid, "success": True, "data": {"protocolVersion": PROTOCOL_VERSION,
+        conn.send({"id": rid, "success": True, "data": {"protocolVersion": BROKER_PROTOCOL_VERSION,
                                                          "session": self.config.metadata.get("session")}})  # fmt: skip
         self.log(event="handshake", clientVersion=params.get("clientVersion"), brainVersion=params.get("brainVersion"))
         self.handshake.set()
@@ -476,3 +476,16 @@ class Broker:
                 raise BrokerError("AMSI_BLOCKED", "the antimalware scan flagged the content")
             return {"clean": True}
         raise BrokerError("EXECUTION_ERROR", "AMSI exists only on Windows")
+
+
+__all__ = [
+    "BROKER_PROTOCOL_VERSION",
+    "Approval",
+    "ApprovalRequest",
+    "Approver",
+    "Broker",
+    "BrokerConfig",
+    "BrokerError",
+    "Decision",
+    "Log",
+]

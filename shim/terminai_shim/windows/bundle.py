@@ -228,3 +228,14 @@ def open_bundle(zip_path: Path, signature: Path, policy: Any) -> BrainBundle:
             shutil.rmtree(target, ignore_errors=True)  # an incomplete leftover, never a verified unpack
             os.replace(tmp, target)
     return BrainBundle(target, doc)
+
+
+__all__ = [
+    "BUNDLE_JSON",
+    "MEDIA_TYPE",
+    "BrainBundle",
+    "BundleError",
+    "open_bundle",
+    "read_manifest",
+    "verify_zip",
+]

@@ -312,3 +312,12 @@ def open_workspace(root: Path) -> FileArea:
     if sys.platform == "win32":
         return NtWorkspace(root)
     return Workspace(root)
+
+
+__all__ = [
+    "FileArea",
+    "OutsideWorkspace",
+    "Workspace",
+    "open_workspace",
+    "relative_to_workspace",
+]

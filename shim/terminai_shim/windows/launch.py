@@ -166,3 +166,9 @@ def launch(
             hint="check the bundle and Node.js",
         )
     return brain
+
+
+__all__ = [
+    "BrainSession",
+    "launch",
+]

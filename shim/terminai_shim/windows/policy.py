@@ -214,3 +214,11 @@ def _is_flag(arg: str, flags: list[str]) -> bool:
         if short and arg.startswith("-") and not arg.startswith("--") and flag[1] in arg[1:]:
             return True
     return False
+
+
+__all__ = [
+    "LEVELS",
+    "Policy",
+    "PolicyFileError",
+    "Verdict",
+]

@@ -438,3 +438,38 @@ if sys.platform == "win32":  # pragma: no cover - exercised by the Windows CI jo
             return result.value >= 32768  # AMSI_RESULT_DETECTED
         finally:
             amsi.AmsiUninitialize(context)
+
+
+__all__ = [
+    "CAPABILITIES",
+    "CREATE_NO_WINDOW",
+    "CREATE_SUSPENDED",
+    "CREATE_UNICODE_ENVIRONMENT",
+    "DWORD",
+    "EXTENDED_STARTUPINFO_PRESENT",
+    "FILE_FLAG_FIRST_PIPE_INSTANCE",
+    "IO_COUNTERS",
+    "JOBOBJECT_BASIC_LIMIT_INFORMATION",
+    "JOBOBJECT_EXTENDED_LIMIT_INFORMATION",
+    "JOB_OBJECT_EXTENDED_LIMIT_INFORMATION_CLASS",
+    "JOB_OBJECT_LIMIT_DIE_ON_UNHANDLED_EXCEPTION",
+    "JOB_OBJECT_LIMIT_KILL_ON_JOB_CLOSE",
+    "PIPE_ACCESS_DUPLEX",
+    "PIPE_READMODE_BYTE",
+    "PIPE_REJECT_REMOTE_CLIENTS",
+    "PIPE_TYPE_BYTE",
+    "PIPE_WAIT",
+    "PROC_THREAD_ATTRIBUTE_SECURITY_CAPABILITIES",
+    "PROFILE",
+    "SECURITY_CAPABILITIES",
+    "SE_GROUP_ENABLED",
+    "SID_AND_ATTRIBUTES",
+    "brain_environment",
+    "command_line",
+    "environment_block",
+    "final_path_inside",
+    "job_limits",
+    "pipe_name",
+    "pipe_sddl",
+    "quote_arg",
+]

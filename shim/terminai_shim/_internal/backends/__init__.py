@@ -13,13 +13,14 @@ import os
 from dataclasses import dataclass
 
 from ...errors import ConfigError
-from ...models import AccelChoice, BootConfig
+from ...models import AccelChoice
+from ...options import BACKENDS
 from .base import Backend
 from .qemu import QemuBackend
 
 DEFAULT_ORDER = ("microvm-kvm", "container", "microvm-tcg")
 TIERS = frozenset(DEFAULT_ORDER)
-NAMES = ("auto", "qemu", "firecracker", "container")
+NAMES = BACKENDS  # the --backend choices, spelled once with the options
 
 
 @dataclass(frozen=True)
@@ -107,9 +108,3 @@ def make_backend(name: str) -> Backend:
 
         return FirecrackerBackend()
     return QemuBackend()
-
-
-def select_backend(accel: AccelChoice, config: BootConfig) -> Backend:
-    choice = choose_backend(accel, config.backend, has_image=config.image is not None, network=config.network.mode,
-                            require_microvm=config.require_microvm, layers=bool(config.layers))  # fmt: skip
-    return make_backend(choice.name)

@@ -25,23 +25,20 @@ from ...errors import BootError, ConfigError
 from ...models import AccelChoice, BootConfig
 from ..process import die_with_parent
 from .base import Backend, Machine, ProcessMachine, RuntimeDir, check_vm_artifacts, console_tail
+from .cmdline import kernel_cmdline
 
 GUEST_CID = 3
 
 
+# Firecracker's own part: reboot through the keyboard controller (its only
+# reset), a panic reboots after a second, no PCI bus to probe; it names the
+# root device itself.
+FIRECRACKER_KERNEL_ARGS = ("reboot=k", "panic=1", "pci=off")
+KVM = AccelChoice("kvm", "Firecracker runs only with KVM")
+
+
 def kernel_args(config: BootConfig) -> str:
-    args = [
-        f"console={boot.CONSOLE}",
-        "reboot=k",
-        "panic=1",
-        "pci=off",
-        "quiet",
-        f"rootfstype={config.rootfs_format}",
-        f"init={boot.INIT}",
-        boot.param("channel", boot.vsock_channel()),
-        *config.kernel_args,
-    ]
-    return " ".join(args)
+    return kernel_cmdline(config, KVM, boot.param("channel", boot.vsock_channel()), FIRECRACKER_KERNEL_ARGS)
 
 
 def vm_config(config: BootConfig, runtime: RuntimeDir) -> dict[str, Any]:
