@@ -28,6 +28,8 @@ export interface RuntimeOptions {
   artifacts?: {
     kernel?: string;
     rootfs?: string;
+    /** The format of `rootfs` (default: from its name). */
+    rootfsFormat?: 'squashfs' | 'erofs';
     image?: string;
     imageSha256?: string;
     layerFiles?: { name: string; path: string }[];
@@ -46,11 +48,15 @@ export interface RuntimeOptions {
   accel?: 'auto' | 'kvm' | 'tcg';
   user?: 'user' | 'root';
   writableGit?: boolean;
+  /** Share a workspace that is /, a home directory itself or a system directory (refused otherwise). */
+  forceWorkspace?: boolean;
   cold?: boolean;
   /** Progress of the first start: verification, downloads, boot. */
   onEvent?: (event: ProgressEvent) => void;
   /** The shim's environment (default: this process's). */
   env?: NodeJS.ProcessEnv;
+  /** Names a command's `env` passes to the guest even when they equal this process's own (see ExecutionOptions). */
+  passEnv?: string[];
 }
 
 export interface Availability {
@@ -108,9 +114,34 @@ function defined(params: Record<string, unknown>): Record<string, unknown> {
   return Object.fromEntries(Object.entries(params).filter(([, value]) => Boolean(value)));
 }
 
-function cleanEnv(env: NodeJS.ProcessEnv | undefined): Record<string, string> | undefined {
+/** What describes the user's terminal rather than the user: passed on even when it repeats the host's. */
+const TERMINAL_ENV = new Set(['LANG', 'LANGUAGE', 'TZ', 'TERM', 'COLORTERM', 'COLUMNS', 'LINES', 'NO_COLOR', 'FORCE_COLOR']);
+
+/**
+ * The part of a caller's `env` the guest gets: what it adds or changes relative to `host`, the terminal's
+ * settings, and what `passEnv` names. The CLI passes `{ ...process.env }`; copying that wholesale would give
+ * a hostile guest every key and token of the user's shell, and the host's PATH and HOME over the guest's.
+ */
+export function guestEnv(
+  env: NodeJS.ProcessEnv | undefined,
+  passEnv: readonly string[] = [],
+  host: NodeJS.ProcessEnv = process.env,
+): Record<string, string> | undefined {
   if (!env) return undefined;
-  return Object.fromEntries(Object.entries(env).filter((kv): kv is [string, string] => typeof kv[1] === 'string'));
+  const named = new Set(passEnv);
+  const kept = Object.entries(env).filter(
+    (kv): kv is [string, string] =>
+      typeof kv[1] === 'string' &&
+      (host[kv[0]] !== kv[1] || TERMINAL_ENV.has(kv[0]) || kv[0].startsWith('LC_') || named.has(kv[0])),
+  );
+  return kept.length ? Object.fromEntries(kept) : undefined;
+}
+
+/** What Node's own APIs reject with when a signal aborts them. */
+function abortError(signal: AbortSignal): DOMException {
+  const error = new DOMException('The operation was aborted', 'AbortError');
+  Object.defineProperty(error, 'cause', { value: signal.reason });
+  return error;
 }
 
 abstract class ShimRuntimeContext implements RuntimeContext {
@@ -201,6 +232,7 @@ abstract class ShimRuntimeContext implements RuntimeContext {
       issuer: o.trust?.issuer,
       kernel: o.artifacts?.kernel,
       rootfs: o.artifacts?.rootfs,
+      rootfsFormat: o.artifacts?.rootfsFormat,
       image: o.artifacts?.image,
       imageSha256: o.artifacts?.imageSha256,
       layerFiles: o.artifacts?.layerFiles?.length ? o.artifacts.layerFiles : undefined,
@@ -214,6 +246,7 @@ abstract class ShimRuntimeContext implements RuntimeContext {
       accel: o.accel,
       user: o.user,
       writableGit: o.writableGit,
+      forceWorkspace: o.forceWorkspace,
       cold: o.cold,
       ...this.tierParams(),
     });
@@ -235,28 +268,62 @@ abstract class ShimRuntimeContext implements RuntimeContext {
     }
   }
 
+  /**
+   * Runs to the end. Resolves with the command's own exit status whenever the command ran; rejects, naming the
+   * cause and what to do, when the tier could not run it or stopped under it (the VM or the shim gone, a
+   * refused request), and with an AbortError when `options.signal` aborted it.
+   */
   async execute(command: string, options: ExecutionOptions = {}): Promise<ExecutionResult> {
+    const { signal } = options;
+    if (signal?.aborted) throw abortError(signal);
+    const connection = this.connection;
+    let requestId: number | undefined;
+    const onAbort = () => {
+      if (requestId !== undefined) connection.request('cancel', { id: requestId }).catch(() => undefined);
+    };
+    signal?.addEventListener('abort', onAbort, { once: true });
+    let result: ExecuteResult;
     try {
-      const result = await this.connection.request<ExecuteResult>('execute', this.#commandParams(command, options));
-      const out: ExecutionResult = { stdout: result.stdout, stderr: result.stderr, exitCode: result.exitCode };
-      if (result.runtimeError) out.runtimeError = `${result.runtimeError.code}: ${result.runtimeError.message}`;
-      return out;
+      result = await connection.request<ExecuteResult>('execute', this.#commandParams(command, options), (id) => {
+        requestId = id;
+        if (signal?.aborted) onAbort();
+      });
     } catch (error) {
-      const e = ShimError.from(error);
-      if (e.code === 'INVALID_PARAMS' || e.code === 'NOT_INITIALIZED') throw error;
-      return { stdout: '', stderr: '', exitCode: null, runtimeError: `${e.code}: ${e.message}` };
+      throw error instanceof ShimError ? error : ShimError.from(error);
+    } finally {
+      signal?.removeEventListener('abort', onAbort);
     }
+    if (signal?.aborted) throw abortError(signal);
+    if (result.runtimeError && result.exitCode === null) {
+      throw new ShimError(result.runtimeError.code, result.runtimeError.message, {
+        ran: true,
+        hint: 'the command may have run in part; check the isolation tier (healthCheck) and start a new context',
+      });
+    }
+    const stderr = result.runtimeError ? `${result.stderr}${result.runtimeError.message}\n` : result.stderr;
+    return { stdout: result.stdout, stderr, exitCode: result.exitCode };
   }
 
+  /** Streams, as a ChildProcess does; `options.signal` kills it (SIGKILL to its group) and emits an AbortError. */
   async spawn(
     command: string,
     options: ExecutionOptions & { pty?: { cols: number; rows: number; term?: string } } = {},
   ): Promise<ShimProcess> {
+    const { signal } = options;
+    if (signal?.aborted) throw abortError(signal);
     const params = this.#commandParams(command, options);
     if (options.pty) params['pty'] = options.pty;
     const result = await this.connection.request<{ processId: string; pid: number }>('spawn', params);
     const proc = new ShimProcess(this.connection, result.processId, result.pid || undefined);
     this.connection.claim(result.processId, (n) => proc.notify(n));
+    if (signal) {
+      const onAbort = () => {
+        if (proc.kill('SIGKILL')) proc.emit('error', abortError(signal));
+      };
+      if (signal.aborted) onAbort();
+      else signal.addEventListener('abort', onAbort, { once: true });
+      proc.once('exit', () => signal.removeEventListener('abort', onAbort));
+    }
     return proc;
   }
 
@@ -276,10 +343,11 @@ abstract class ShimRuntimeContext implements RuntimeContext {
   }
 
   #commandParams(command: string, options: ExecutionOptions): Record<string, unknown> {
-    const params: Record<string, unknown> = { command };
-    if (options.args) params['args'] = options.args;
+    // A line without args means what it means in the CLI's own shell tool: the guest's /bin/sh runs it
+    // (the guest is the boundary). With args it is an argv and no shell sees it.
+    const params: Record<string, unknown> = options.args ? { command, args: options.args } : { command, shell: true };
     if (options.cwd) params['cwd'] = options.cwd;
-    const env = cleanEnv(options.env);
+    const env = guestEnv(options.env, [...(this.options.passEnv ?? []), ...(options.passEnv ?? [])]);
     if (env) params['env'] = env;
     if (options.timeout) params['timeout'] = options.timeout;
     return params;
@@ -347,27 +415,42 @@ export class ContainerRuntimeContext extends ShimRuntimeContext {
   }
 }
 
+/** The Windows tier's options: the CLI's own two (RuntimeManager passes both), on top of the shared ones. */
+export interface WindowsOptions extends RuntimeOptions {
+  /** The CLI's version, passed to the broker for its audit records. */
+  cliVersion?: string;
+  /** The directory the brain's file operations are confined to (the CLI's `~/.terminai/workspace`). */
+  workspacePath?: string;
+}
+
 /**
  * The Windows AppContainer "brain" behind the host broker. Only Windows has
- * AppContainers, and the shim's `serve` does not drive the brain tier yet
- * (`terminai-shim brain` runs it on its own): this context says so instead of
- * pretending.
+ * AppContainers. The shim drives the brain (`brain.launch`, `brain.health`,
+ * `approval.respond`), but this package does not yet carry the brain's
+ * approvals to the CLI, so it reports the tier unavailable and says why
+ * instead of denying every level B and C request after a timeout.
  */
 export class WindowsAppContainerContext extends ShimRuntimeContext {
   readonly type = 'windows-appcontainer' as const;
   readonly executionEnvironment = 'appcontainer' as const;
 
+  constructor(options: WindowsOptions = {}) {
+    super(options.workspacePath && !options.workspace ? { ...options, workspace: options.workspacePath } : options);
+  }
+
   protected tierParams(): Record<string, unknown> {
     return {};
   }
 
-  static async availability(options: RuntimeOptions = {}): Promise<Availability> {
+  static async availability(options: WindowsOptions = {}): Promise<Availability> {
     if (process.platform !== 'win32') {
       return { available: false, reason: 'Windows AppContainers exist only on Windows' };
     }
     return ShimRuntimeContext.probe(options, () => ({
       available: false,
-      reason: 'terminai-shim serve does not drive the Windows brain tier yet (terminai-shim brain launch runs it alone)',
+      reason:
+        "this package does not yet carry the brain's approval requests to the CLI " +
+        '(terminai-shim brain launch runs the tier on its own, with its own prompts)',
     }));
   }
 

@@ -1,5 +1,6 @@
 export { MicroVMRuntimeContext, ContainerRuntimeContext, WindowsAppContainerContext } from './contexts.js';
-export type { Availability, NetworkPolicy, RuntimeOptions } from './contexts.js';
+export type { Availability, NetworkPolicy, RuntimeOptions, WindowsOptions } from './contexts.js';
+export { guestEnv } from './contexts.js';
 export { ShimConnection } from './connection.js';
 export type { ProgressEvent, ProcessNotification } from './connection.js';
 export { ShimError, ShimNotFound } from './errors.js';

@@ -7,18 +7,28 @@ export type RuntimeType = 'container' | 'local' | 'windows-appcontainer' | 'micr
 export type ExecutionEnvironment = 'host' | 'container' | 'microvm' | 'appcontainer';
 
 export interface ExecutionOptions {
+  /** With `args`, `command` and `args` are the argv, never a shell; without, `command` is a line for the guest's `/bin/sh -c`. */
   args?: string[];
   cwd?: string;
+  /**
+   * The caller's environment. Only what it adds or changes relative to this process's own environment reaches
+   * the guest, with locale, `TZ`, `TERM` and the terminal size; anything else only when named in `passEnv`
+   * (so `{ ...process.env }` does not hand the host's keys and tokens to the guest).
+   */
   env?: NodeJS.ProcessEnv;
-  /** milliseconds */
+  /** Names from `env` to pass even when they equal this process's own (a key the command really needs). */
+  passEnv?: string[];
+  /** milliseconds; the command's whole process group in the guest is killed when it runs out */
   timeout?: number;
+  /** Aborting kills the command's whole process group in the guest; `execute` then rejects with an AbortError. */
+  signal?: AbortSignal;
 }
 
 export interface ExecutionResult {
   stdout: string;
   stderr: string;
+  /** The command's own exit status (128 + the signal's number when a signal ended it). */
   exitCode: number | null;
-  runtimeError?: string;
 }
 
 export interface HealthCheckResult {

@@ -140,16 +140,68 @@ test('prewarm keeps a VM waiting, and initialize takes it', { timeout: 300_000 }
   await unused.dispose(); // a pool nobody took ends with its context
 });
 
-test('the tier dying mid-command: runtimeError, an unhealthy check, and dispose still works', { timeout: 300_000 }, async () => {
+test('the CLI\'s own calls: whole command lines, abort, and the host\'s environment', { timeout: 300_000 }, async () => {
+  const context = new Tier(options());
+  await context.initialize();
+  try {
+    // shellExecutionService: the model's whole line, with a cwd, through the guest's /bin/sh
+    const line = await context.execute('echo a | tr a b && echo "$(echo sub)" > out.txt; cat out.txt 2>&1', { cwd: WORKSPACE });
+    assert.deepEqual([line.stdout, line.exitCode], ['b\nsub\n', 0]);
+    assert.equal((await context.execute('exit 3')).exitCode, 3);
+    // with args it is an argv: nothing is a shell's
+    const literal = await context.execute('echo', { args: ['$(id)', '|', 'tr', '&&', '*'] });
+    assert.equal(literal.stdout, '$(id) | tr && *\n');
+
+    // abort: the command's whole group is gone from the guest within a second
+    const procs = async (pattern) => (await context.execute(
+      `for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline 2>/dev/null; echo; done | grep -c '${pattern}' || true`)).stdout.trim();
+    const controller = new AbortController();
+    const running = context.execute('sh -c "sleep 101 & sleep 102; wait"', { signal: controller.signal });
+    await new Promise((resolve) => setTimeout(resolve, 1500));
+    assert.equal(await procs('^sleep 10[12]'), '2');
+    const aborted = Date.now();
+    controller.abort();
+    await assert.rejects(running, { name: 'AbortError' });
+    assert.ok(Date.now() - aborted < 1000, `rejected ${Date.now() - aborted} ms after the abort`);
+    assert.equal(await procs('^sleep 10[12]'), '0', 'the aborted group is gone from the guest');
+    await assert.rejects(context.execute('true', { signal: AbortSignal.abort() }), { name: 'AbortError' });
+    const spawnAbort = new AbortController();
+    const spawned = await context.spawn('sleep 103', { signal: spawnAbort.signal });
+    const errored = new Promise((resolve) => spawned.on('error', resolve));
+    const exited = new Promise((resolve) => spawned.on('exit', (c, s) => resolve([c, s])));
+    spawnAbort.abort();
+    assert.equal((await errored).name, 'AbortError');
+    assert.deepEqual(await exited, [137, 'SIGKILL']);
+
+    // grep.ts and mcp-client.ts pass { ...process.env }: the host's secrets and paths stay on the host
+    process.env.OPENAI_API_KEY = 'sk-host-secret-that-must-stay-here';
+    try {
+      const seen = await context.execute('env', { env: { ...process.env, ADDED: 'by the caller', TERM: 'xterm-256color' } });
+      assert.doesNotMatch(seen.stdout, /sk-host-secret/);
+      assert.match(seen.stdout, /^ADDED=by the caller$/m);
+      assert.match(seen.stdout, /^TERM=xterm-256color$/m);
+      assert.doesNotMatch(seen.stdout, new RegExp(`^PATH=${process.env.PATH.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}$`, 'm'));
+      const named = await context.execute('env', { env: { ...process.env }, passEnv: ['OPENAI_API_KEY'] });
+      assert.match(named.stdout, /^OPENAI_API_KEY=sk-host-secret/m, 'passEnv names what the command needs');
+    } finally {
+      delete process.env.OPENAI_API_KEY;
+    }
+  } finally {
+    await context.dispose();
+  }
+});
+
+test('the tier dying mid-command: execute rejects with the cause, the check is unhealthy, dispose still works', { timeout: 300_000 }, async () => {
   const context = new Tier(options());
   await context.initialize();
   const kill = tierProcessOf(context.connection.child.pid);
   const running = context.execute('sleep', { args: ['100'] });
   await new Promise((resolve) => setTimeout(resolve, 1000));
   kill();
-  const result = await running;
-  assert.equal(result.exitCode, null);
-  assert.match(result.runtimeError, /VM_GONE|stopped|gone/i);
+  await assert.rejects(running, (error) => {
+    assert.match(`${error.code}: ${error.message}`, /VM_GONE|stopped|gone/i);
+    return true;
+  });
   const health = await context.healthCheck();
   assert.equal(health.ok, false);
   await context.dispose();
