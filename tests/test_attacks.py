@@ -282,7 +282,7 @@ def test_planted_runtime_directory_is_never_used_by_a_booting_shim(boot_config, 
 # -- 4: QEMU is confined ---------------------------------------------------------------------------------------
 @pytest.mark.vm
 def test_qemu_runs_under_seccomp_and_without_root_powers(boot_config, tmp_path):
-    from terminai_shim._internal.backends.qemu import CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER
+    from terminai_shim._internal.backends.vmmprocess import CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER
 
     if os.geteuid() != 0:
         pytest.skip("the privilege drop is what happens when the shim is started as root")

@@ -308,7 +308,7 @@ def test_the_standalone_connector_is_used_only_where_qemus_user_can_run_it():
     import shutil
     import tempfile
 
-    from terminai_shim._internal.backends.qemu import _can_run
+    from terminai_shim._internal.backends.vmmprocess import can_run as _can_run
 
     tmp_path = Path(tempfile.mkdtemp(prefix="connector-"))  # pytest's own directories are private
     try:

@@ -49,7 +49,7 @@ def _validate(path: Path | None) -> str:
 def _confinement() -> dict[str, str]:
     """How QEMU is confined here: its seccomp filter, and who it runs as (for a session without a workspace;
     with one, started as root, it runs as the workspace's owner)."""
-    from ._internal.backends.qemu import sandbox_arg, vmm_identity
+    from ._internal.backends.vmmprocess import sandbox_arg, vmm_identity
     from .models import BootConfig
 
     identity = vmm_identity(None)

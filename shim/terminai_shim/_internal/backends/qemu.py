@@ -9,8 +9,9 @@ foreign owner on the host); a second, read-only 9p share for the
 workspace's ``.git``; no network device unless asked for.
 
 QEMU itself runs confined: seccomp (``-sandbox``), and never as root with
-root's powers (``vmm_identity``). Its console goes through a pipe the shim
-caps (``ConsoleCapture``). ``acpi=off`` makes QEMU append the virtio-mmio device list
+root's powers (``vmmprocess``); it is handed the verified files as
+descriptors and runs under the host's guard (``handover``). Its console
+goes through a pipe the shim caps (``ConsoleCapture``). ``acpi=off`` makes QEMU append the virtio-mmio device list
 to the kernel command line, so every init parameter is a ``key=value``
 kernel parameter rather than something after ``--``.
 """
@@ -24,7 +25,6 @@ import shlex
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,23 +35,20 @@ from terminai_protocol import bootcontract as boot
 
 from ...errors import BootError, ConfigError
 from ...models import AccelChoice, BootConfig
-from ..diskfloor import DiskFloor, disk_floor
-from ..fsutil import fd_digest, others_can_write, sealed_copy
 from ..netpolicy import (
     GATEWAY,
     PROXY_ADDRESS,
     PROXY_PORT,
     RESOLVER,
-    OpenPolicy,
-    host_resolvers,
     open_mode_allows,
 )
-from ..notifyfilter import Arch, filter_program, host_arch, installer, receive_listener
-from ..process import die_with_parent, keep_only_capabilities, no_new_privileges, peer_pid
+from ..notifyfilter import installer
+from ..process import peer_pid
 from ..vmmguard import VmmGuard
-from ..wspolicy import WorkspacePolicy, hooks_paths
 from . import cmdline
 from .base import Backend, ConsoleCapture, Machine, ProcessMachine, RuntimeDir, check_vm_artifacts, git_share
+from .handover import by_descriptor, guard_plan, start_proxy
+from .vmmprocess import connector_command, sandbox_arg, vmm_environment, vmm_identity, vmm_preexec
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -60,8 +57,6 @@ if TYPE_CHECKING:
 QEMU = "qemu-system-x86_64"
 WORKSPACE_TAG, GIT_TAG = boot.WORKSPACE_TAG, boot.GIT_TAG
 CONSOLE_FDSET = 1
-CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER = 1, 2, 3
-NOBODY = (65534, 65534)
 
 # Under TCG: every feature QEMU can emulate, less those it emulates slowly.
 # ERMS/FSRM make the guest kernel and glibc copy and clear memory with
@@ -106,67 +101,6 @@ def kernel_cmdline(config: BootConfig, accel: AccelChoice, channel: Channel = Ch
     return cmdline.kernel_cmdline(config, accel, channel.kernel_arg, QEMU_KERNEL_ARGS)
 
 
-def connector_command(workspace: Path | None, runs_as: tuple[int, int] | None = None) -> tuple[str, ...]:
-    """What QEMU starts for each allowlisted guest connection, less the
-    socket it hands the connection to: an interpreter in isolated mode with
-    the connector inline, or the standalone shim itself (``--proxy-connector``:
-    no Python needed on the host). The standalone shim is used when QEMU's user
-    (``runs_as``; None: this one) can run it; else the system's python3.
-    Taken by its real path, and never one the guest or another user could have written."""
-    from ..netproxy import CONNECTOR, PROXY_CONNECTOR_FLAG
-
-    frozen = bool(getattr(sys, "frozen", False))
-    own = Path(os.path.realpath(sys.executable))
-
-    def runnable(path: Path) -> bool:
-        return runs_as is None or _can_run(path, *runs_as)
-
-    if frozen and runnable(own):
-        return (str(_trusted_program(own, workspace)), PROXY_CONNECTOR_FLAG)
-    # An interpreter QEMU's user can run: this one, else the system's (a python3
-    # found on PATH may be a user's shim script in a private home).
-    found = shutil.which("python3")
-    candidates = [] if frozen else [own]
-    candidates += [Path(os.path.realpath(p)) for p in (found, "/usr/bin/python3", "/usr/local/bin/python3") if p]
-    python = next((c for c in candidates if c.is_file() and runnable(c)), None)
-    if python is None:
-        who = f"uid {runs_as[0] if runs_as else os.geteuid()}"
-        raise ConfigError(f"network allowlist: QEMU runs as {who}, which can run neither the shim at {own} nor a "
-                          "python3 on this host to connect the guest's connections to the proxy",
-                          hint="install the shim where every user can read it, or install python3")  # fmt: skip
-    return (str(_trusted_program(python, workspace)), "-I", "-S", "-c", CONNECTOR.replace("\n", ";"))
-
-
-def _trusted_program(path: Path, workspace: Path | None) -> Path:
-    if workspace is not None and path.is_relative_to(workspace.resolve()):
-        raise ConfigError(f"{path} is inside the workspace, which the guest can write",
-                          hint="install the shim (and its Python) outside the workspace")  # fmt: skip
-    for part in (path, *path.parents):
-        st = part.stat()
-        if st.st_mode & 0o022 and not (part.is_dir() and st.st_mode & 0o1000):
-            raise ConfigError(f"{part} is writable by other users: it cannot serve the allowlist proxy",
-                              hint="install the shim in a directory only root or you can write")  # fmt: skip
-        if st.st_uid not in (0, os.geteuid()):
-            raise ConfigError(f"{part} belongs to uid {st.st_uid}: it cannot serve the allowlist proxy")
-    return path
-
-
-def _can_run(program: Path, uid: int, gid: int) -> bool:
-    """Whether that user may run a standalone shim: search every directory
-    above it, read and run the program, read its ``_internal`` folder."""
-
-    def allows(st: os.stat_result, bits: int) -> bool:
-        shift = 6 if st.st_uid == uid else 3 if st.st_gid == gid else 0
-        return uid == 0 or (st.st_mode >> shift) & bits == bits
-
-    try:
-        internal = program.parent / "_internal"
-        return all(allows(part.stat(), 0o1) for part in program.parents) and allows(program.stat(), 0o5) and (
-            not internal.is_dir() or allows(internal.stat(), 0o5))  # fmt: skip
-    except OSError:
-        return False
-
-
 def network_args(config: BootConfig, runtime: RuntimeDir, connector: tuple[str, ...] = ()) -> list[str]:
     """``open``: QEMU's user networking, NAT to whatever the host reaches
     (less the host's loopback and link-local, see ``OPEN_MODE_BLOCKS``).
@@ -188,46 +122,6 @@ def network_args(config: BootConfig, runtime: RuntimeDir, connector: tuple[str, 
     else:
         raise ConfigError(f"unknown network mode {mode!r}", hint="use none, allowlist or open")
     return ["-netdev", netdev, "-device", "virtio-net-device,netdev=net0,mac=52:54:00:12:34:56"]
-
-
-@dataclass(frozen=True)
-class VmmIdentity:
-    """Who QEMU runs as. Never root with root's powers: a bug in QEMU's
-    device emulation must not be root on the host.
-
-    Started by a user: that user. Started as root: the workspace's owner,
-    or nobody when there is no workspace (``switch_to``): QEMU is started
-    as that user outright, with the kernel and root image handed over as
-    descriptors the shim opened (``/proc/self/fd/N``), its sockets in the
-    one subdirectory of the runtime directory it may write (``vmm/``), and
-    ``no_new_privs``. When root owns the
-    workspace, QEMU keeps uid 0 (it must read and write root's files) but
-    only the capabilities file access needs (``keep_caps``: its bounding set),
-    and ``no_new_privs``."""
-
-    switch_to: tuple[int, int] | None
-    keep_caps: tuple[int, ...] | None
-    reason: str
-
-
-def vmm_identity(workspace: Path | None) -> VmmIdentity:
-    if os.geteuid() != 0:
-        return VmmIdentity(None, None, f"the invoking user (uid {os.geteuid()})")
-    if workspace is None:
-        return VmmIdentity(NOBODY, None, "nobody (started as root, no workspace)")
-    st = os.stat(workspace)
-    if st.st_uid != 0:
-        return VmmIdentity((st.st_uid, st.st_gid), None, f"uid {st.st_uid}, the workspace's owner (started as root)")
-    return VmmIdentity(None, (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER),
-                       "uid 0 with file-access capabilities only (the workspace belongs to root)")  # fmt: skip
-
-
-def sandbox_arg(config: BootConfig) -> str:
-    """QEMU's seccomp filter. ``spawn`` and ``elevateprivileges`` stay
-    allowed only for an allowlist: QEMU starts the connector, whose set-up
-    calls ``setsid``. QEMU holds no capability a set*id call could use."""
-    allow = "allow" if config.network.mode == "allowlist" else "deny"
-    return f"on,obsolete=deny,elevateprivileges={allow},spawn={allow},resourcecontrol=deny"
 
 
 def command_line(
@@ -421,15 +315,15 @@ class QemuBackend(Backend):
         proxy = None
         console: ConsoleCapture | None = None
         log_fd = -1
-        guarded = _guard_plan(config)
+        guarded = guard_plan(config)
         install, guard_end = installer(guarded.arch, guarded.program) if guarded.arch else (None, None)
         try:
-            proxy = _start_proxy(config, runtime, identity)  # before QEMU's user can touch anything
+            proxy = start_proxy(config, runtime, identity)  # before QEMU's user can touch anything
             if identity.switch_to:  # QEMU runs as that user from the start
                 os.chown(runtime.vmm_dir, *identity.switch_to, follow_symlinks=False)
                 os.chmod(runtime.path, 0o711)
                 os.chmod(runtime.path.parent, 0o711)
-            config = _by_descriptor(config, held, share_workspace=identity.switch_to is not None)
+            config = by_descriptor(config, held, share_workspace=identity.switch_to is not None)
             state = os.open(incoming, os.O_RDONLY | os.O_CLOEXEC) if incoming is not None else None
             if state is not None:
                 held.append(state)
@@ -443,7 +337,7 @@ class QemuBackend(Backend):
                 stdin=subprocess.DEVNULL,
                 stdout=log_fd,
                 stderr=subprocess.STDOUT,
-                preexec_fn=_vmm_preexec(identity, install),
+                preexec_fn=vmm_preexec(identity, install),
                 close_fds=True,
                 pass_fds=(console.write_fd, *held),
                 cwd=runtime.path,  # what QEMU starts (the connector) starts here, never in the workspace
@@ -471,131 +365,3 @@ class QemuBackend(Backend):
                 os.close(fd)
         console.child_started()
         return QemuMachine(proc, runtime, channel, console, proxy, guard)
-
-
-@dataclass(frozen=True)
-class _GuardPlan:
-    """What the host checks of QEMU's own system calls (``vmmguard``): the
-    workspace's names, its disk floor and, in ``open`` mode, where QEMU's
-    user networking connects. Decided before QEMU starts, so a session the
-    guard cannot hold never starts."""
-
-    arch: Arch | None = None
-    program: list[tuple[int, int, int, int]] = dataclasses.field(default_factory=list)
-    workspace: WorkspacePolicy | None = None
-    floor: DiskFloor | None = None
-    network: OpenPolicy | None = None
-
-    def start(self, end: socket.socket, proc: subprocess.Popen[bytes]) -> VmmGuard:
-        assert self.arch is not None
-        listener = receive_listener(end)
-        try:  # the guard reads the names QEMU passes from its memory: without that it could decide nothing
-            os.close(os.open(f"/proc/{proc.pid}/mem", os.O_RDONLY | os.O_CLOEXEC))
-        except OSError as exc:
-            os.close(listener)
-            raise BootError(f"the shim cannot read QEMU's memory to check its calls on the workspace ({exc.strerror})",
-                            hint="run the shim as root, or allow tracing one's own children "
-                            "(sysctl kernel.yama.ptrace_scope=1)") from None  # fmt: skip
-        return VmmGuard(listener, proc.pid, self.arch, self.workspace, self.floor, self.network)
-
-
-def _guard_plan(config: BootConfig) -> _GuardPlan:
-    files = config.workspace is not None
-    network = config.network.mode == "open"
-    spawns = config.network.mode == "allowlist"  # QEMU starts a connector per guest connection
-    if not files and not network and not spawns:
-        return _GuardPlan()
-    arch = host_arch()
-    if arch is None:
-        raise BootError(f"the workspace and network boundary needs Linux on x86_64 or aarch64, not "
-                        f"{os.uname().sysname} {os.uname().machine}", hint="use the container tier here")  # fmt: skip
-    workspace = floor = None
-    if files:
-        assert config.workspace is not None
-        root = os.path.realpath(config.workspace)
-        protect = not config.writable_git
-        workspace = WorkspacePolicy(root, protect, hooks_paths(root) if protect else ())
-        floor = disk_floor(root)
-    net = OpenPolicy.from_allow(config.network.allow, host_resolvers()) if network else None
-    program = filter_program(arch, files=files, network=network, spawns=spawns)
-    return _GuardPlan(arch, program, workspace, floor, net)
-
-
-def _by_descriptor(config: BootConfig, held: list[int], share_workspace: bool) -> BootConfig:
-    """The boot files (and, for QEMU running as another user, the workspace)
-    as ``/proc/self/fd/N`` of descriptors opened here, the same numbers in
-    QEMU, which inherits them. QEMU gets exactly the files opened here: the
-    link reopens the open file, not the path (so no later rename can swap
-    it, and no directory above needs to be reachable by QEMU's user). What
-    a verified manifest says they are is checked on these descriptors; a
-    verified file that someone else could still write in place is handed as
-    a sealed private copy, whose digest is the one checked."""
-
-    def handed(path: Path | None, expected: str | None = None, flags: int = 0) -> Path | None:
-        return None if path is None else hand(path, expected, flags)
-
-    def hand(path: Path, expected: str | None = None, flags: int = 0) -> Path:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | flags)
-        held.append(fd)
-        got = None
-        if expected is not None and others_can_write(fd):
-            fd, got = sealed_copy(fd, path.name)
-            held.append(fd)
-        elif expected is not None:
-            got = fd_digest(fd)
-        if got != expected:
-            raise BootError(
-                f"{path} is not the file that was verified (sha256 {got}, the manifest says {expected})",
-                hint="it changed after verification; fetch or verify the release again",
-            )
-        return Path(f"/proc/self/fd/{fd}")
-
-    return dataclasses.replace(
-        config,
-        kernel=handed(config.kernel, config.kernel_sha256),
-        rootfs=handed(config.rootfs, config.rootfs_sha256),
-        layers=tuple(dataclasses.replace(layer, path=hand(layer.path, layer.sha256)) for layer in config.layers),
-        initrd=handed(config.initrd),
-        workspace=handed(config.workspace, flags=os.O_DIRECTORY) if share_workspace else config.workspace,
-    )
-
-
-def _start_proxy(config: BootConfig, runtime: RuntimeDir, identity: VmmIdentity) -> ProxyServer | None:
-    """The allowlist proxy, listening before the guest can connect."""
-    if config.network.mode != "allowlist":
-        return None
-    from ..netpolicy import Allowlist
-    from ..netproxy import ProxyConfig, ProxyServer, upstream_from_env
-
-    proxy = ProxyServer(ProxyConfig("starting", Allowlist.parse(config.network.allow), None,
-                                    upstream_from_env(dict(os.environ))))  # fmt: skip
-    proxy.listen_unix(str(runtime.proxy_socket))  # in the shim's own directory: nobody else can swap it
-    os.chmod(runtime.proxy_socket, 0o600)  # QEMU's connectors, as QEMU's user, only
-    if identity.switch_to:
-        os.chown(runtime.proxy_socket, *identity.switch_to, follow_symlinks=False)
-    return proxy
-
-
-def vmm_environment() -> dict[str, str]:
-    """QEMU, and what it starts, get a fixed environment: nothing of ours
-    (PYTHONPATH, LD_PRELOAD, proxy credentials) reaches them."""
-    return {"PATH": "/usr/local/bin:/usr/bin:/bin", "LC_ALL": "C.UTF-8"}
-
-
-def _vmm_preexec(identity: VmmIdentity, install_guard: Callable[[], None] | None = None) -> Callable[[], None]:
-    """Runs in the child after the user switch (so the parent-death signal,
-    which a credential change clears, is set for good). The guard's filter
-    goes on last, under ``no_new_privs``, right before QEMU's exec."""
-    die = die_with_parent()
-    keep = identity.keep_caps
-
-    def preexec() -> None:
-        die()
-        if keep is not None:
-            keep_only_capabilities(keep)
-        elif identity.switch_to or install_guard is not None:
-            no_new_privileges()
-        if install_guard is not None:
-            install_guard()
-
-    return preexec
