@@ -230,6 +230,7 @@ def demo(c: Context, command: str = "", json: bool = False) -> None:
     except BuildError as exc:
         _fail(exc)
         return
+    _development_default(rel.directory)
     ctx.publish_link(KERNEL_OUTPUT, kern.directory)
     ctx.publish_link(ROOTFS_OUTPUT, root.directory)
     argv = shlex.split(command) if command else [
@@ -482,6 +483,21 @@ def release(
         _fail(exc)
         return
     print(f"release: {rel.manifest_path}\nbundle:  {bundle}")
+    if not keyless:
+        _development_default(rel.directory)
+
+
+def _development_default(directory: Path) -> None:
+    """A release signed by the local development identity becomes what a
+    launch naming no release boots (the CLI's zero-argument context), unless
+    the user configured a default of their own."""
+    from terminai_shim.defaults import config_path, development_default
+
+    written = development_default(directory)
+    if written is not None:
+        print(f"default release: {directory} (in {written}; a launch that names no release boots it)")
+    else:
+        print(f"default release: left as configured in {config_path()}")
 
 
 def _release_dir(given: str) -> Path:

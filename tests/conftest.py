@@ -56,6 +56,34 @@ def _fit_the_disk_floor(config: pytest.Config) -> None:
 _FLOOR_NOTE = pytest.StashKey[str]()
 
 
+_CONFIG_DIR = pytest.StashKey[Path]()
+
+
+def _own_configuration(config: pytest.Config) -> None:
+    """The run's shims read a configuration of the run's own: `inv release`
+    and `inv demo`, which the suite runs, make their release the default a
+    launch naming none boots, and a test must neither change the
+    developer's default nor boot one the developer set. The development
+    trust root stays the developer's, where the suite's signing puts it."""
+    import tempfile
+
+    from terminai_shim.verify import dev_trust_root
+
+    os.environ["TERMINAI_DEV_TRUSTED_ROOT"] = str(dev_trust_root())
+    where = Path(tempfile.mkdtemp(prefix="terminai-test-config-"))
+    where.chmod(0o755)  # the attack tests' other users read it too (and find nothing)
+    os.environ["XDG_CONFIG_HOME"] = str(where)
+    config.stash[_CONFIG_DIR] = where
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    import shutil
+
+    where = config.stash.get(_CONFIG_DIR, None)
+    if where is not None:
+        shutil.rmtree(where, ignore_errors=True)
+
+
 def pytest_report_header(config: pytest.Config) -> str | None:
     return config.stash.get(_FLOOR_NOTE, None)
 
@@ -98,6 +126,7 @@ def pytest_configure(config: pytest.Config) -> None:
     tests themselves still run in this environment; the shim and what it starts
     see a PATH without it, as on a machine with no Python project installed."""
     _fit_the_disk_floor(config)
+    _own_configuration(config)
     if not config.getoption("--standalone-shim"):
         return
     from terminai_release.standalone import build_standalone

@@ -40,7 +40,7 @@ def test_the_package_is_the_clis_runtime_context(ctx, kernel, rootfs, package, t
     done = subprocess.run([node, "--test", "test/"], cwd=package.directory, env=env, capture_output=True, text=True,
                           timeout=900)  # fmt: skip
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
-    assert "# fail 0" in done.stdout and "# pass 5" in done.stdout, done.stdout[-2000:]
+    assert "# fail 0" in done.stdout and "# pass 6" in done.stdout, done.stdout[-2000:]
 
 
 @pytest.mark.unit
@@ -130,4 +130,4 @@ def test_the_installed_package_runs_the_standalone_shim_its_optional_dependency_
     done = subprocess.run([node, "--test", str(REPO / "clients/node/test/runtime.test.mjs")], cwd=project, env=env,
                           capture_output=True, text=True, timeout=900)  # fmt: skip
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
-    assert "# fail 0" in done.stdout and "# pass 5" in done.stdout, done.stdout[-2000:]
+    assert "# fail 0" in done.stdout and "# pass 6" in done.stdout, done.stdout[-2000:]

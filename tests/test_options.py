@@ -44,10 +44,10 @@ def test_the_table_is_the_schema_of_initialize():
 
 def _initialize_literal() -> set[str]:
     """The keys the TypeScript package sends in initialize: its literal, and each tier's own."""
-    body = CONTEXTS[CONTEXTS.index("#initializeParams(): Record<string, unknown> {") :]
-    body = body[: body.index("...this.tierParams()")]
+    body = CONTEXTS[CONTEXTS.index("function initializeParams(") :]
+    body = body[: body.index("...tier,")]
     keys = set(re.findall(r"^\s+(\w+):", body, re.M))
-    for tier in re.findall(r"protected tierParams\(\): Record<string, unknown> \{\s*return \{([^}]*)\}", CONTEXTS):
+    for tier in re.findall(r"^const \w+_TIER = \{([^}]*)\};", CONTEXTS, re.M):
         keys |= set(re.findall(r"(\w+):", tier))
     return keys
 

@@ -93,6 +93,41 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return doctor(json_output=args.json)
 
 
+def cmd_ready(args: argparse.Namespace) -> int:
+    """Would a launch start here (``launch.ready``): what the CLI's
+    ``isAvailable`` asks, with ``--params`` as it would ``initialize``."""
+    import json
+
+    from .errors import ConfigError, ShimError
+    from .launch import Readiness, ready
+    from .options import INITIALIZE_KEYS, from_params, launch_request
+
+    try:
+        if args.params is None:
+            request = _request(args)
+        else:
+            try:
+                params = json.loads(args.params)
+            except ValueError:
+                raise ConfigError("--params is not JSON", hint="pass initialize's parameters as one object") from None
+            if not isinstance(params, dict):
+                raise ConfigError("--params is not a JSON object", hint="pass initialize's parameters as one object")
+            unknown = sorted(set(params) - INITIALIZE_KEYS)
+            if unknown:
+                raise ConfigError(f"unknown initialize parameters: {', '.join(unknown)}",
+                                  hint="docs/shim-protocol.md lists them")  # fmt: skip
+            request = launch_request(from_params(params))
+        answer = ready(request)
+    except ShimError as exc:
+        answer = Readiness(False, str(exc), code=exc.code)
+    if args.json:
+        print(json.dumps({"ready": answer.ready, "reason": answer.reason, "backend": answer.backend,
+                          "code": answer.code}))  # fmt: skip
+    else:
+        print(f"{'ready' if answer.ready else 'not ready'}: {answer.reason}")
+    return 0 if answer.ready else 1
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .serve import serve
 
@@ -223,6 +258,12 @@ def main(argv: list[str] | None = None) -> int:
     doc = sub.add_parser("doctor", help="what this host offers and what the shim will use")
     doc.add_argument("--json", action="store_true", help="machine-readable output")
     doc.set_defaults(fn=cmd_doctor)
+
+    rdy = sub.add_parser("ready", help="would a launch with these options start here (no boot): the CLI's isAvailable")
+    _boot_args(rdy)
+    rdy.add_argument("--params", help="initialize's parameters as JSON, instead of the options above")
+    rdy.add_argument("--json", action="store_true", help="machine-readable output")
+    rdy.set_defaults(fn=cmd_ready)
 
     srv = sub.add_parser("serve", help="JSON-lines protocol on stdin/stdout for the TerminAI CLI")
     srv.set_defaults(fn=cmd_serve)

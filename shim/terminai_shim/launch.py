@@ -187,6 +187,51 @@ def resolve(request: LaunchRequest, progress: Progress | None = None) -> Launch:
     return Launch(config, accel, choice, make_backend(choice.name), release)  # Session.boot checks it against config
 
 
+@dataclass(frozen=True)
+class Readiness:
+    """Whether a launch of this request would start here, and why not."""
+
+    ready: bool
+    reason: str
+    backend: str | None = None
+    code: str | None = None  # the ShimError code a launch would fail with
+
+
+def ready(request: LaunchRequest) -> Readiness:
+    """A launch's own steps up to the boot, without booting: the request
+    checked as a whole, the accelerator probed, the release's manifest
+    verified (signature, signer, channel, expiry, serial: a signature this
+    host verified before is remembered, so asking again is cheap), the tier
+    decided where a launch decides it, and that tier's program or engine
+    asked whether it answers. Not done: fetching and hashing the artifacts,
+    which the launch does with progress; a release whose files changed since
+    it was signed still fails there."""
+    from .errors import ShimError
+
+    try:
+        _check(request)
+        accel = choose_accel(request.accel)
+        if request.source is not None:
+            release = _open(request.source, request.trust, (), None)
+            m = release.manifest
+            has_image = any(a.kind == "container-image" for a in m.artifacts)
+            choice = decide_tier(request, accel, has_image=has_image, layers=bool(release_layers(request, m)))
+            what = f"release {m.release} ({m.channel})"
+        else:
+            local = request.local or LocalArtifacts()
+            choice = decide_tier(request, accel, has_image=local.image is not None, layers=bool(local.layers))
+            what = "your own build outputs"
+        backend = make_backend(choice.name)
+        if request.source is None:
+            backend.check(_local_config(request, local, choice.name))  # the files a boot opens are there
+        if not backend.available():
+            raise ConfigError(f"the {choice.name} backend cannot start here ({choice.reason})",
+                              hint="install it (doctor says what is missing), or choose another tier")  # fmt: skip
+    except ShimError as exc:
+        return Readiness(False, str(exc), code=exc.code)
+    return Readiness(True, f"{what} on {choice.name}: {choice.reason}", choice.name)
+
+
 # Directories a workspace must not be (or, for the first group, be inside):
 # the guest would read every secret there and write where the host runs programs from.
 SYSTEM_TREES = ("/proc", "/sys", "/dev", "/etc", "/boot", "/run")
@@ -230,8 +275,10 @@ def _check(request: LaunchRequest) -> None:
     if (request.source is None) == (request.local is None):
         raise ConfigError(
             "a launch needs a release (a manifest directory or URL, or a store and channel) or a developer's own "
-            "artifacts (kernel and rootfs, or image), not both and not neither",
-            hint="pass manifest: <release URL or directory> (--manifest), or store and channel (--store)",
+            "artifacts (kernel and rootfs, or image), not both and not neither; no default release is configured",
+            hint="pass manifest: <release URL or directory> (--manifest), or store and channel (--store); or "
+            "configure a default (TERMINAI_RELEASE, ~/.config/terminai/release.json, or `inv release` for a "
+            "development one)",
         )
     if request.source is not None:
         _check_source(request.source)
@@ -479,6 +526,7 @@ __all__ = [
     "Launch",
     "LaunchRequest",
     "LocalArtifacts",
+    "Readiness",
     "ReleaseSource",
     "Trust",
     "backend_for",
@@ -489,6 +537,7 @@ __all__ = [
     "dangerous_workspace",
     "decide_tier",
     "local_artifacts",
+    "ready",
     "release_layers",
     "resolve",
     "start",

@@ -258,7 +258,8 @@ def launch_request(values: Mapping[str, Any], *, built_outputs: bool = False) ->
     """The request both doors build, from the values by option name;
     ``launch`` checks it as a whole. ``built_outputs``: with no release
     named, take what the developer did not name from ``build/`` (the command
-    line; ``initialize`` names everything it boots)."""
+    line; ``initialize`` names everything it boots). Naming nothing at all
+    boots the default release (``defaults``), if one is configured."""
     import dataclasses
 
     from .launch import LaunchRequest, LocalArtifacts, ReleaseSource, Trust, local_artifacts
@@ -279,9 +280,17 @@ def launch_request(values: Mapping[str, Any], *, built_outputs: bool = False) ->
                                     image_sha256=v["image_sha256"] or found.image_sha256)  # fmt: skip
     elif named != LocalArtifacts():  # both a release and files: refused by launch, never one silently ignored
         local = named
+    trust = Trust(v["trusted_root"], v["identity"], v["issuer"], dev=v["dev"])
+    if source is None and (local is None or local == LocalArtifacts(rootfs_format=local.rootfs_format)):
+        from .defaults import default_release
+
+        fallback = default_release()  # nothing named and nothing built: the configured default, verified as any
+        if fallback is not None:
+            source, local = dataclasses.replace(fallback.source, allow_http=v["allow_http"]), None
+            trust = trust if trust != Trust() else fallback.trust
     return LaunchRequest(
         source=source,
-        trust=Trust(v["trusted_root"], v["identity"], v["issuer"], dev=v["dev"]),
+        trust=trust,
         local=local,
         backend=v["backend"],
         accel=v["accel"],

@@ -90,8 +90,9 @@ def dev_trust_root() -> Path:
     explicit = os.environ.get("TERMINAI_DEV_TRUSTED_ROOT")
     if explicit:
         return Path(explicit)
-    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    return Path(base) / "terminai" / DEV_TRUSTED_ROOT
+    from ._internal.fsutil import config_root
+
+    return config_root() / DEV_TRUSTED_ROOT
 
 
 def dev_policy() -> TrustPolicy:

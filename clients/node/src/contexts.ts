@@ -1,6 +1,6 @@
 // The CLI's isolation tiers as RuntimeContexts, all through one shim
 // protocol client. The tier is what differs: which backend `initialize`
-// asks for and what `isAvailable` probes.
+// asks for, and so what `isAvailable` asks the shim's `ready`.
 import { execFile } from 'node:child_process';
 import { ShimConnection, type ProgressEvent } from './connection.js';
 import { ShimError, ShimNotFound } from './errors.js';
@@ -20,7 +20,11 @@ export type NetworkPolicy = 'none' | 'open' | { mode: 'none' | 'allowlist' | 'op
 export interface RuntimeOptions {
   /** The shim to run; default: TERMINAI_SHIM, the per-platform package, then PATH. */
   shimPath?: string;
-  /** The signed release to boot: a directory or URL (`manifest`), or a published `store` and its `channel`. */
+  /**
+   * The signed release to boot: a directory or URL (`manifest`), or a published `store` and its `channel`.
+   * Default: the shim's default release (`TERMINAI_RELEASE`, `~/.config/terminai/release.json`, which `inv release`
+   * writes for a development release, or the store its build names).
+   */
   release?: { manifest?: string; store?: string; channel?: string; version?: string; allowHttp?: boolean };
   /** Who must have signed it; default: the signer pinned in the shim for the channel. */
   trust?: { dev?: boolean; trustedRoot?: string; identity?: string; issuer?: string };
@@ -40,7 +44,8 @@ export interface RuntimeOptions {
    */
   profile?: string;
   layers?: string[];
-  workspace?: string;
+  /** The host directory the guest shares, at its host path: default, this process's working directory; `null` for none. */
+  workspace?: string | null;
   workspaceMount?: string;
   network?: NetworkPolicy;
   memoryMib?: number;
@@ -63,12 +68,16 @@ export interface Availability {
   available: boolean;
   reason: string;
   shim?: string;
+  /** When not available: the error code `initialize` would reject with. */
+  code?: string;
 }
 
-interface DoctorReport {
-  qemu?: { version?: string | null };
-  accelerator?: { choice?: string; reason?: string };
-  container_engine?: { answers?: boolean; reason?: string };
+/** `terminai-shim ready --json`: whether `initialize` with these parameters would start here. */
+interface ReadyReport {
+  ready: boolean;
+  reason: string;
+  backend?: string | null;
+  code?: string | null;
 }
 
 interface InitializeResult {
@@ -94,18 +103,54 @@ interface ExecuteResult {
   runtimeError?: { code: string; message: string };
 }
 
-const DOCTOR_TIMEOUT_MS = 10_000;
+const READY_TIMEOUT_MS = 30_000; // a release verified for the first time, on a slow machine
 
-function doctor(shim: string, env: NodeJS.ProcessEnv): Promise<DoctorReport> {
+function ready(shim: string, env: NodeJS.ProcessEnv, params: Record<string, unknown>): Promise<ReadyReport> {
   return new Promise((resolve, reject) => {
-    // `doctor` exits 1 when no local VM artifacts exist; its report is still the answer.
-    execFile(shim, ['doctor', '--json'], { timeout: DOCTOR_TIMEOUT_MS, env }, (error, stdout) => {
-      try {
-        resolve(JSON.parse(stdout) as DoctorReport);
-      } catch {
-        reject(new Error(`terminai-shim doctor did not answer: ${error?.message ?? 'no report'}`));
-      }
-    });
+    // `ready` exits 1 when the answer is no; its report is still the answer.
+    execFile(shim, ['ready', '--json', '--params', JSON.stringify(params)], { timeout: READY_TIMEOUT_MS, env },
+      (error, stdout) => {
+        try {
+          resolve(JSON.parse(stdout) as ReadyReport);
+        } catch {
+          reject(new Error(`terminai-shim ready did not answer: ${error?.message ?? 'no report'}`));
+        }
+      });
+  });
+}
+
+/** `initialize`'s parameters for these options and this tier (the shim's defaults apply to what is left out). */
+function initializeParams(o: RuntimeOptions, tier: Record<string, unknown>): Record<string, unknown> {
+  return defined({
+    manifest: o.release?.manifest,
+    store: o.release?.store,
+    channel: o.release?.channel,
+    release: o.release?.version,
+    allowHttp: o.release?.allowHttp,
+    dev: o.trust?.dev,
+    trustedRoot: o.trust?.trustedRoot,
+    identity: o.trust?.identity,
+    issuer: o.trust?.issuer,
+    kernel: o.artifacts?.kernel,
+    rootfs: o.artifacts?.rootfs,
+    rootfsFormat: o.artifacts?.rootfsFormat,
+    image: o.artifacts?.image,
+    imageSha256: o.artifacts?.imageSha256,
+    layerFiles: o.artifacts?.layerFiles?.length ? o.artifacts.layerFiles : undefined,
+    profile: o.profile,
+    layers: o.layers,
+    // The CLI works on the project it was started in: that directory, at the same path in the guest.
+    workspace: o.workspace === undefined ? process.cwd() : o.workspace,
+    workspaceMount: o.workspaceMount,
+    network: o.network,
+    memoryMib: o.memoryMib,
+    cpus: o.cpus,
+    accel: o.accel,
+    user: o.user,
+    writableGit: o.writableGit,
+    forceWorkspace: o.forceWorkspace,
+    cold: o.cold,
+    ...tier,
   });
 }
 
@@ -219,37 +264,7 @@ abstract class ShimRuntimeContext implements RuntimeContext {
   }
 
   #initializeParams(): Record<string, unknown> {
-    const o = this.options;
-    return defined({
-      manifest: o.release?.manifest,
-      store: o.release?.store,
-      channel: o.release?.channel,
-      release: o.release?.version,
-      allowHttp: o.release?.allowHttp,
-      dev: o.trust?.dev,
-      trustedRoot: o.trust?.trustedRoot,
-      identity: o.trust?.identity,
-      issuer: o.trust?.issuer,
-      kernel: o.artifacts?.kernel,
-      rootfs: o.artifacts?.rootfs,
-      rootfsFormat: o.artifacts?.rootfsFormat,
-      image: o.artifacts?.image,
-      imageSha256: o.artifacts?.imageSha256,
-      layerFiles: o.artifacts?.layerFiles?.length ? o.artifacts.layerFiles : undefined,
-      profile: o.profile,
-      layers: o.layers,
-      workspace: o.workspace,
-      workspaceMount: o.workspaceMount,
-      network: o.network,
-      memoryMib: o.memoryMib,
-      cpus: o.cpus,
-      accel: o.accel,
-      user: o.user,
-      writableGit: o.writableGit,
-      forceWorkspace: o.forceWorkspace,
-      cold: o.cold,
-      ...this.tierParams(),
-    });
+    return initializeParams(this.options, this.tierParams());
   }
 
   async healthCheck(): Promise<HealthCheckResult> {
@@ -361,11 +376,12 @@ abstract class ShimRuntimeContext implements RuntimeContext {
     return (await this.availability(options)).available;
   }
 
-  /** The shim found, and `doctor` (no boot: fast) says this tier can run here. */
-  protected static async probe(
-    options: RuntimeOptions,
-    judge: (report: DoctorReport) => Availability,
-  ): Promise<Availability> {
+  /**
+   * Exactly whether `initialize` with these options would start: the shim found, then the shim's `ready` runs
+   * the launch's own checks up to the boot (the request, a release resolvable and its manifest verified, the
+   * accelerator, the tier's program or engine), without booting anything.
+   */
+  protected static async probe(options: RuntimeOptions, tier: Record<string, unknown>): Promise<Availability> {
     let shim: string;
     try {
       shim = locateShim(options.shimPath, options.env ?? process.env);
@@ -373,12 +389,16 @@ abstract class ShimRuntimeContext implements RuntimeContext {
       return { available: false, reason: (error as ShimNotFound).message };
     }
     try {
-      return { ...judge(await doctor(shim, options.env ?? process.env)), shim };
+      const report = await ready(shim, options.env ?? process.env, initializeParams(options, tier));
+      return { available: report.ready === true, reason: report.reason, shim, ...(report.code ? { code: report.code } : {}) };
     } catch (error) {
       return { available: false, reason: (error as Error).message, shim };
     }
   }
 }
+
+const MICROVM_TIER = { backend: 'auto', requireMicrovm: true };
+const CONTAINER_TIER = { backend: 'container' };
 
 /** A microVM (QEMU, or Firecracker with KVM): its own kernel; never a weaker tier. */
 export class MicroVMRuntimeContext extends ShimRuntimeContext {
@@ -386,15 +406,11 @@ export class MicroVMRuntimeContext extends ShimRuntimeContext {
   readonly executionEnvironment = 'microvm' as const;
 
   protected tierParams(): Record<string, unknown> {
-    return { backend: 'auto', requireMicrovm: true };
+    return MICROVM_TIER;
   }
 
   static availability(options: RuntimeOptions = {}): Promise<Availability> {
-    return ShimRuntimeContext.probe(options, (r) =>
-      r.qemu?.version
-        ? { available: true, reason: `${r.qemu.version}; ${r.accelerator?.choice ?? 'tcg'}: ${r.accelerator?.reason ?? ''}` }
-        : { available: false, reason: 'QEMU is not installed (apt-get install qemu-system-x86)' },
-    );
+    return ShimRuntimeContext.probe(options, MICROVM_TIER);
   }
 }
 
@@ -404,14 +420,11 @@ export class ContainerRuntimeContext extends ShimRuntimeContext {
   readonly executionEnvironment = 'container' as const;
 
   protected tierParams(): Record<string, unknown> {
-    return { backend: 'container' };
+    return CONTAINER_TIER;
   }
 
   static availability(options: RuntimeOptions = {}): Promise<Availability> {
-    return ShimRuntimeContext.probe(options, (r) => ({
-      available: r.container_engine?.answers === true,
-      reason: r.container_engine?.reason ?? 'the shim reported nothing about a container engine',
-    }));
+    return ShimRuntimeContext.probe(options, CONTAINER_TIER);
   }
 }
 
@@ -446,12 +459,17 @@ export class WindowsAppContainerContext extends ShimRuntimeContext {
     if (process.platform !== 'win32') {
       return { available: false, reason: 'Windows AppContainers exist only on Windows' };
     }
-    return ShimRuntimeContext.probe(options, () => ({
+    try {
+      locateShim(options.shimPath, options.env ?? process.env);
+    } catch (error) {
+      return { available: false, reason: (error as ShimNotFound).message };
+    }
+    return {
       available: false,
       reason:
         "this package does not yet carry the brain's approval requests to the CLI " +
         '(terminai-shim brain launch runs the tier on its own, with its own prompts)',
-    }));
+    };
   }
 
   override async initialize(): Promise<void> {

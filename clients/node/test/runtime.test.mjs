@@ -8,7 +8,8 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
-import { mkdirSync, readFileSync, readdirSync, writeFileSync } from 'node:fs';
+import { copyFileSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import { homedir, tmpdir } from 'node:os';
 import { join } from 'node:path';
 
 const { SHIM, MANIFEST, WORKSPACE, BACKEND, RUNTIME } = process.env;
@@ -29,13 +30,70 @@ test('isAvailable is a real probe that says why not', async () => {
     assert.ok(why.shim.endsWith(join('node_modules', ...platformPackage().split('/'), 'bin', bin)), why.shim);
   }
   assert.throws(() => locateShim('/no/such/shim'), ShimNotFound);
-  const found = await Tier.availability({ shimPath: SHIM });
+  const found = await Tier.availability(options());
   assert.equal(found.available, true, found.reason);
   if (SHIM) assert.equal(found.shim, SHIM);
   const windows = await WindowsAppContainerContext.availability({ shimPath: SHIM });
   assert.equal(windows.available, false);
   assert.match(windows.reason, /Windows/);
   await assert.rejects(new WindowsAppContainerContext({ shimPath: SHIM }).initialize(), /not available/);
+});
+
+test('zero arguments, as RuntimeManager builds it: the default release, the working directory, an exact isAvailable', { timeout: 300_000 }, async () => {
+  const saved = { cwd: process.cwd(), env: { ...process.env } };
+  const config = mkdtempSync(join(tmpdir(), 'terminai-config-'));
+  // The developer's trust root stays where `inv release` put it; only the default release's file moves.
+  const devRoot = process.env.TERMINAI_DEV_TRUSTED_ROOT
+    ?? join(process.env.XDG_CONFIG_HOME || join(homedir(), '.config'), 'terminai', 'dev-trusted-root.json');
+  try {
+    Object.assign(process.env, { XDG_CONFIG_HOME: config, TERMINAI_DEV_TRUSTED_ROOT: devRoot });
+    if (SHIM) process.env.TERMINAI_SHIM = SHIM;
+    delete process.env.TERMINAI_RELEASE;
+    delete process.env.TERMINAI_RELEASE_STORE;
+    process.chdir(WORKSPACE);
+    // Nothing configured: isAvailable says no, and initialize fails the same way, naming what to do.
+    const none = await Tier.availability();
+    assert.deepEqual([none.available, none.code], [false, 'INVALID_CONFIG']);
+    assert.match(none.reason, /no default release is configured.*TERMINAI_RELEASE/);
+    assert.equal(await Tier.isAvailable(), false);
+    await assert.rejects(new Tier().initialize(), /no default release is configured/);
+    // A default that does not verify (one byte of its manifest changed): no, before anything boots.
+    const forged = join(config, 'forged');
+    mkdirSync(forged);
+    const manifest = readFileSync(join(MANIFEST, 'manifest.json'), 'utf8');
+    assert.match(manifest, /"serial": \d/);
+    writeFileSync(join(forged, 'manifest.json'), manifest.replace('"serial": ', '"serial": 1'));
+    copyFileSync(join(MANIFEST, 'manifest.json.sigstore.json'), join(forged, 'manifest.json.sigstore.json'));
+    mkdirSync(join(config, 'terminai'));
+    const defaults = join(config, 'terminai', 'release.json');
+    writeFileSync(defaults, JSON.stringify({ manifest: forged, dev: true }));
+    const refused = await Tier.availability();
+    assert.equal(refused.available, false, refused.reason);
+    assert.equal(refused.code, 'VERIFICATION_FAILED', refused.reason);
+    await assert.rejects(new Tier().initialize(), { code: 'VERIFICATION_FAILED' });
+    // What `inv release` writes for a development release: the zero-argument context boots it.
+    writeFileSync(defaults, JSON.stringify({ manifest: MANIFEST, dev: true, writtenBy: 'inv release' }));
+    const yes = await Tier.availability();
+    assert.equal(yes.available, true, yes.reason);
+    assert.equal(await Tier.isAvailable(), true);
+    writeFileSync(join(WORKSPACE, 'zero-arg.txt'), 'the project\n');
+    const context = new Tier();
+    await context.initialize();
+    try {
+      assert.ok(context.displayName, 'initialize names the tier');
+      assert.equal(context.pythonPath, '/usr/bin/python3');
+      // ShellExecutionService's call: the project is there, at the path the CLI knows it by.
+      const here = await context.execute('pwd && cat zero-arg.txt', { cwd: process.cwd() });
+      assert.deepEqual([here.stdout, here.exitCode], [`${WORKSPACE}\nthe project\n`, 0]);
+    } finally {
+      await context.dispose();
+    }
+  } finally {
+    process.chdir(saved.cwd);
+    for (const key of Object.keys(process.env)) if (!(key in saved.env)) delete process.env[key];
+    Object.assign(process.env, saved.env);
+    rmSync(config, { recursive: true, force: true });
+  }
 });
 
 test('the CLI acceptance sequence, host paths, concurrency, kill', { timeout: 300_000 }, async () => {

@@ -9,7 +9,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -43,6 +43,13 @@ def cache_root() -> Path:
         return Path(explicit)
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "terminai-shim"
+
+
+def config_root(env: Mapping[str, str] | None = None) -> Path:
+    """The user's TerminAI configuration (the development trust root, the
+    default release): the user's own, never the cache or a release's folder."""
+    env = os.environ if env is None else env
+    return Path(env.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")) / "terminai"
 
 
 @contextlib.contextmanager

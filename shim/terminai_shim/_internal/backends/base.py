@@ -202,6 +202,10 @@ class Backend(abc.ABC):
     guards_workspace: bool = False
 
     @abc.abstractmethod
+    def available(self) -> bool:
+        """Whether this host has what the backend runs (its VMM's program, an engine that answers)."""
+
+    @abc.abstractmethod
     def check(self, config: BootConfig) -> None:
         """Refuse a config this backend cannot start, naming what is missing."""
 
