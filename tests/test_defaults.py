@@ -61,6 +61,9 @@ def test_a_launch_naming_nothing_gets_the_default_and_its_trust_unless_it_names_
     assert not named.trust.dev and named.trust.identity == "me@x", "a trust policy given is never replaced"
     own = launch_request(from_params({"kernel": "/k", "rootfs": "/r.erofs"}))
     assert own.source is None and own.local.kernel is not None, "files named are booted, not the default"
+    _write({"store": "s3://bucket/releases", "channel": "beta"})
+    followed = launch_request(from_params({"channel": "stable", "release": "0.1.0"})).source
+    assert (followed.store, followed.channel, followed.release) == ("s3://bucket/releases", "stable", "0.1.0")
     explicit = launch_request(from_params({"manifest": "/elsewhere"}))
     assert explicit.source.manifest == "/elsewhere"
 

@@ -286,7 +286,9 @@ def launch_request(values: Mapping[str, Any], *, built_outputs: bool = False) ->
 
         fallback = default_release()  # nothing named and nothing built: the configured default, verified as any
         if fallback is not None:
-            source, local = dataclasses.replace(fallback.source, allow_http=v["allow_http"]), None
+            source = dataclasses.replace(fallback.source, allow_http=v["allow_http"], release=v["release"],
+                                         channel=v["channel"] or fallback.source.channel)  # fmt: skip
+            local = None
             trust = trust if trust != Trust() else fallback.trust
     return LaunchRequest(
         source=source,
