@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import ShimError
 from ..layout import MANIFEST, MANIFEST_BUNDLE, channel_key, pointer_bundle_key, release_key
@@ -31,8 +32,10 @@ from ..verify import (
     policy_for,
     read_release,
 )
-from .fetch import BlobCache, Progress, Source
 from .fsutil import cache_root, locked, write_atomic
+
+if TYPE_CHECKING:
+    from .fetch import Progress, Source
 
 # Which artifacts to verify (and fetch): fixed, or chosen once the verified
 # manifest shows what the release offers (``auto`` picks a tier by it).
@@ -138,6 +141,8 @@ def fetch_release(
     artifacts are fetched in parallel into the content-addressed cache,
     each checked for size and sha256 as it streams.
     """
+    from .fetch import Source  # a local release needs no HTTP stack
+
     source = Source(url, allow_http=allow_http)
     return _fetch(source, source, policy, channel, kinds=kinds, state=state or SerialState(), now=now,
                   progress=progress)  # fmt: skip
@@ -163,6 +168,8 @@ def fetch_channel(
     named version skips the pointer, not the channel: its manifest must be
     signed by the channel's signer, for that channel, and pass its rollback
     state."""
+    from .fetch import Source
+
     if "://" not in store:
         store = Path(store).resolve().as_uri()
     source = Source(store, allow_http=allow_http)
@@ -213,6 +220,8 @@ def _fetch(
     manifest = check_manifest(data, bundle, policy_for(channel, policy), channel, now)
     state.check(manifest)
     root = cache_root()
+    from .fetch import BlobCache
+
     blobs = BlobCache(root / "blobs" / "sha256")
     chosen = _kinds(kinds, manifest)
     wanted = [artifact for selector in chosen for artifact in manifest.select(selector)]

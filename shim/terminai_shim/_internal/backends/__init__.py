@@ -16,7 +16,6 @@ from ...errors import ConfigError
 from ...models import AccelChoice
 from ...options import BACKENDS
 from .base import Backend
-from .qemu import QemuBackend
 
 DEFAULT_ORDER = ("microvm-kvm", "container", "microvm-tcg")
 TIERS = frozenset(DEFAULT_ORDER)
@@ -107,4 +106,6 @@ def make_backend(name: str) -> Backend:
         from .firecracker import FirecrackerBackend
 
         return FirecrackerBackend()
+    from .qemu import QemuBackend
+
     return QemuBackend()
