@@ -76,6 +76,19 @@ def _own_configuration(config: pytest.Config) -> None:
     config.stash[_CONFIG_DIR] = where
 
 
+@pytest.fixture(autouse=True)
+def _a_configuration_of_its_own(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test starts with no default release: one a test's `inv demo` or
+    `inv release` made the default stays with that test."""
+    import tempfile
+
+    where = Path(tempfile.mkdtemp(prefix="test-", dir=request.config.stash[_CONFIG_DIR]))
+    where.chmod(0o755)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(where))
+    for name in ("TERMINAI_RELEASE", "TERMINAI_RELEASE_STORE", "TERMINAI_RELEASE_CHANNEL"):
+        monkeypatch.delenv(name, raising=False)
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     import shutil
 
