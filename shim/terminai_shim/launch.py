@@ -169,9 +169,8 @@ def resolve(request: LaunchRequest, progress: Progress | None = None) -> Launch:
         chosen: list[tuple[BackendChoice, tuple[str, ...]]] = []
 
         def kinds(manifest: Manifest) -> tuple[str, ...]:
-            has_image = any(a.kind == "container-image" for a in manifest.artifacts)
-            layers = release_layers(request, manifest)
-            chosen.append((decide_tier(request, accel, has_image=has_image, layers=bool(layers)), layers))
+            chosen.append(_release_tier(request, accel, manifest))
+            layers = chosen[-1][1]
             if chosen[-1][0].name == "container":
                 return CONTAINER_KINDS
             return VM_KINDS + tuple(f"rootfs-layer@{name}" for name in layers)
@@ -181,7 +180,7 @@ def resolve(request: LaunchRequest, progress: Progress | None = None) -> Launch:
         config = _release_config(request, release, choice.name, layers)
     else:
         local = request.local or LocalArtifacts()
-        choice = decide_tier(request, accel, has_image=local.image is not None, layers=bool(local.layers))
+        choice = _local_tier(request, accel, local)
         release = None
         config = _local_config(request, local, choice.name)
     return Launch(config, accel, choice, make_backend(choice.name), release)  # Session.boot checks it against config
@@ -212,14 +211,12 @@ def ready(request: LaunchRequest) -> Readiness:
         _check(request)
         accel = choose_accel(request.accel)
         if request.source is not None:
-            release = _open(request.source, request.trust, (), None)
-            m = release.manifest
-            has_image = any(a.kind == "container-image" for a in m.artifacts)
-            choice = decide_tier(request, accel, has_image=has_image, layers=bool(release_layers(request, m)))
+            m = _open(request.source, request.trust, (), None).manifest
+            choice, _ = _release_tier(request, accel, m)
             what = f"release {m.release} ({m.channel})"
         else:
             local = request.local or LocalArtifacts()
-            choice = decide_tier(request, accel, has_image=local.image is not None, layers=bool(local.layers))
+            choice = _local_tier(request, accel, local)
             what = "your own build outputs"
         backend = make_backend(choice.name)
         if request.source is None:
@@ -362,6 +359,19 @@ def decide_tier(request: LaunchRequest, accel: AccelChoice, *, has_image: bool, 
     a boot configuration built without ``launch`` (tests, the benchmark)."""
     return choose_backend(accel, request.backend, has_image=has_image, network=request.network.mode,
                           require_microvm=request.require_microvm, layers=layers)  # fmt: skip
+
+
+def _release_tier(
+    request: LaunchRequest, accel: AccelChoice, manifest: Manifest
+) -> tuple[BackendChoice, tuple[str, ...]]:
+    """The tier for what a verified release offers, and the layers it boots there."""
+    layers = release_layers(request, manifest)
+    has_image = any(a.kind == "container-image" for a in manifest.artifacts)
+    return decide_tier(request, accel, has_image=has_image, layers=bool(layers)), layers
+
+
+def _local_tier(request: LaunchRequest, accel: AccelChoice, local: LocalArtifacts) -> BackendChoice:
+    return decide_tier(request, accel, has_image=local.image is not None, layers=bool(local.layers))
 
 
 def backend_for(config: BootConfig, accel: AccelChoice) -> Backend:

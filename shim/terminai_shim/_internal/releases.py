@@ -219,9 +219,9 @@ def _fetch(
     bundle = bundle_text(manifest_source.read(MANIFEST_BUNDLE))
     manifest = check_manifest(data, bundle, policy_for(channel, policy), channel, now)
     state.check(manifest)
-    root = cache_root()
     from .fetch import BlobCache
 
+    root = cache_root()
     blobs = BlobCache(root / "blobs" / "sha256")
     chosen = _kinds(kinds, manifest)
     wanted = [artifact for selector in chosen for artifact in manifest.select(selector)]
