@@ -1334,6 +1334,16 @@ def test_a_dangerous_workspace_is_refused_unless_forced(tmp_path):
     for path in ("/", "/etc", "/etc/ssh", "/usr", "/tmp", "/var/tmp", str(home), str(home.parent), "/proc/self"):
         assert dangerous_workspace(Path(path)) is not None, path
     assert dangerous_workspace(tmp_path) is None and dangerous_workspace(home / "project") is None
+    # The user's configuration: a guest sharing it could name the default release and who must sign it.
+    from terminai_shim._internal.fsutil import config_root
+
+    for path in (config_root(), config_root().parent, config_root() / "sub", config_root().parent.parent):
+        assert dangerous_workspace(path) is not None, path
+    with pytest.MonkeyPatch.context() as env:  # where the configuration is on a machine that sets nothing
+        env.delenv("XDG_CONFIG_HOME")
+        assert dangerous_workspace(home / ".config") is not None
+        assert dangerous_workspace(home / ".config" / "terminai") is not None
+        assert dangerous_workspace(home / ".config" / "nvim") is None, "other programs' folders are the user's call"
     done = subprocess.run([SHIM, "run", "--kernel", "/dev/null", "--rootfs", "/dev/null", "--workspace", "/", "--",
                            "true"], capture_output=True, text=True, timeout=60)  # fmt: skip
     assert done.returncode == 125 and "--force-workspace" in done.stderr and "Traceback" not in done.stderr

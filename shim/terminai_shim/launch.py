@@ -33,6 +33,7 @@ from . import layout
 from ._internal.accel import choose_accel
 from ._internal.backends import NAMES, BackendChoice, choose_backend, make_backend
 from ._internal.backends.base import Backend
+from ._internal.fsutil import config_root
 from ._internal.netpolicy import Allowlist, open_mode_allows
 from .errors import ConfigError
 from .manifest import LAYER_NAME, Manifest, ManifestError
@@ -239,8 +240,10 @@ SYSTEM_DIRS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/usr", "
 
 def dangerous_workspace(path: Path) -> str | None:
     """Why ``path`` is no workspace (None: it may be one): ``/``, a system
-    directory, the home directory of this user (or a parent of it), or any
-    user's home directory itself. A project inside any of these is fine."""
+    directory, the home directory of this user (or a parent of it), any
+    user's home directory itself, or the user's configuration directory
+    (``~/.config``, TerminAI's inside it, or anything holding that). A
+    project inside any of the first ones is fine."""
     import pwd
 
     real = os.path.realpath(path)
@@ -257,6 +260,12 @@ def dangerous_workspace(path: Path) -> str | None:
         return "a home directory itself"
     if os.path.realpath(os.path.expanduser("~")).startswith(real + "/"):
         return "a parent of your home directory"
+    # The user's configuration: git's there runs commands, and TerminAI's names the
+    # trust root and the default release the next launch boots.
+    config = os.path.realpath(config_root())
+    if real == os.path.dirname(config) or real == config or real.startswith(config + "/") or \
+            config.startswith(real + "/"):  # fmt: skip
+        return "your configuration directory (or holds it)"
     return None
 
 
