@@ -46,6 +46,11 @@ _OIDC_ISSUER = ObjectIdentifier("1.3.6.1.4.1.57264.1.1")  # raw bytes
 _OIDC_ISSUER_V2 = ObjectIdentifier("1.3.6.1.4.1.57264.1.8")  # DER UTF8String
 _KEYS = ("root", "intermediate", "ctlog", "rekor")
 _LEAF_LIFETIME = dt.timedelta(minutes=10)
+# The name the transparency log signs its checkpoints with. Verifiers find
+# the log a checkpoint signature belongs to by key hint *and* by this name
+# appearing in the log's URL in the trust root (sigstore-js, as npm uses it,
+# requires both), so the trust root's URL for the log carries it.
+LOG_ORIGIN = "terminai-dev-log"
 
 
 def _spki(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -177,7 +182,7 @@ class DevSigstore:
         der = serialization.Encoding.DER
         return {
             "mediaType": "application/vnd.dev.sigstore.trustedroot+json;version=0.1",
-            "tlogs": [self._log_entry("rekor", url)],
+            "tlogs": [self._log_entry("rekor", f"{url}/{LOG_ORIGIN}")],
             "certificateAuthorities": [
                 {
                     "subject": {"organization": "terminai-dev", "commonName": "terminai-dev-intermediate"},
@@ -344,9 +349,9 @@ class DevSigstore:
         set_payload = rfc8785.dumps(
             {"body": body_b64, "integratedTime": integrated, "logID": log_id.hex(), "logIndex": index}
         )
-        note = f"terminai-dev-log\n{size}\n{_b64(tree_root)}\n"
+        note = f"{LOG_ORIGIN}\n{size}\n{_b64(tree_root)}\n"
         note_sig = key.sign(note.encode(), ec.ECDSA(hashes.SHA256()))
-        checkpoint = note + "\n" + f"\u2014 terminai-dev-log {_b64(log_id[:4] + note_sig)}\n"
+        checkpoint = note + "\n" + f"\u2014 {LOG_ORIGIN} {_b64(log_id[:4] + note_sig)}\n"
         return {
             transparency.leaf_hash(body).hex(): {
                 "body": body_b64,
