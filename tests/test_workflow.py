@@ -121,3 +121,92 @@ def test_every_platforms_standalone_shim_is_built_signed_in_published_and_smoke_
     assert npm["if"] == "startsWith(github.ref, 'refs/tags/v')" and "--provenance" in npm["run"]
     smoke = "\n".join(step.get("run", "") for step in jobs["shim-smoke"]["steps"])
     assert jobs["shim-smoke"]["needs"] == "release" and "verify release" in smoke and "--dev" not in smoke
+
+
+NPM_TOOL = REPO / "release/npm"
+TRUSTED_PUBLISHING_NPM = (11, 5, 1)  # the first npm that publishes with the workflow's OIDC identity, no token
+
+
+def _steps(doc: dict) -> list[tuple[str, dict]]:
+    return [(name, step) for name, job in doc["jobs"].items() for step in job["steps"]]
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.match(r"(\d+)\.(\d+)\.(\d+)", text).groups())
+
+
+def test_the_workflow_is_clean_under_zizmor_as_an_auditor():
+    """zizmor from the hash-locked toolchain, offline, with the persona that
+    reports everything (false positives included): nothing may be found."""
+    import subprocess
+    import sys
+
+    zizmor = Path(sys.executable).with_name("zizmor")
+    done = subprocess.run([str(zizmor), "--persona", "auditor", "--offline", "--no-progress", "--format", "json",
+                           str(WORKFLOW)], capture_output=True, text=True, timeout=120)  # fmt: skip
+    findings = json.loads(done.stdout or "[]")
+    assert not findings, [(f["ident"], f["locations"][0]["symbolic"]["annotation"]) for f in findings]
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_images_are_pinned_by_digest_and_checkouts_keep_no_token():
+    doc = _workflow()
+    images = {job["container"]["image"] for job in doc["jobs"].values() if "container" in job}
+    assert len(images) == 1, f"every job builds in the same image: {images}"
+    assert re.fullmatch(r"debian:12@sha256:[0-9a-f]{64}", images.pop())
+    checkouts = [step for _, step in _steps(doc) if step.get("uses", "").startswith("actions/checkout@")]
+    assert checkouts and all(step["with"]["persist-credentials"] is False for step in checkouts)
+    for name, step in _steps(doc):
+        assert "${{" not in step.get("run", ""), f"{name}: {step.get('name')} pastes an expression into its script"
+
+
+def test_npm_publishes_with_a_pinned_npm_that_can_on_a_node_it_supports():
+    """Debian 12's npm (9.2) has neither --provenance (9.5) nor trusted
+    publishing (11.5.1): the workflow installs the npm release/npm's
+    lockfile pins, by integrity, and publishes with that one only."""
+    lock = json.loads((NPM_TOOL / "package-lock.json").read_text())
+    npm = lock["packages"]["node_modules/npm"]
+    assert _version(npm["version"]) >= TRUSTED_PUBLISHING_NPM
+    assert npm["integrity"].startswith("sha512-")
+    assert json.loads((NPM_TOOL / "package.json").read_text())["devDependencies"]["npm"] == npm["version"]
+
+    steps = _workflow()["jobs"]["release"]["steps"]
+    node = next(i for i, s in enumerate(steps) if s.get("uses", "").startswith("actions/setup-node@"))
+    install = next(i for i, s in enumerate(steps) if "npm ci --prefix release/npm" in s.get("run", ""))
+    publishes = [i for i, s in enumerate(steps) if "npm publish" in s.get("run", "")]
+    assert publishes and node < install < min(publishes)
+    for i in publishes:
+        run = steps[i]["run"]
+        assert run.count("npm publish") == run.count("release/npm/node_modules/.bin/npm publish"), run
+        assert "--provenance" in run
+    node_version = _version(steps[node]["with"]["node-version"])
+    engines = npm["engines"]["node"]
+    allowed = [re.match(r"(\^|>=)(\d+\.\d+\.\d+)$", part.strip()).groups() for part in engines.split("||")]
+    assert any(node_version >= _version(low) and (op == ">=" or node_version[0] == _version(low)[0])
+               for op, low in allowed), f"node {node_version} is outside npm's engines {engines}"  # fmt: skip
+
+
+@pytest.mark.build
+def test_the_pinned_npm_installs_from_its_lockfile_and_would_publish_the_package_with_provenance(ctx, tmp_path):
+    """The workflow's two npm steps, here: `npm ci` of release/npm, then a
+    dry run of publishing the packed @terminai/runtime with that npm (no
+    registry account is involved in a dry run)."""
+    import subprocess
+
+    from terminai_release.client import pack_client
+    from terminai_release.release import release_version
+
+    tool = tmp_path / "npm"
+    tool.mkdir()
+    for name in ("package.json", "package-lock.json"):
+        shutil.copy(NPM_TOOL / name, tool / name)
+    subprocess.run(["npm", "ci", "--prefix", str(tool), "--ignore-scripts", "--no-audit", "--no-fund"], check=True,
+                   capture_output=True, timeout=300)  # fmt: skip
+    npm = tool / "node_modules/.bin/npm"
+    pinned = json.loads((NPM_TOOL / "package.json").read_text())["devDependencies"]["npm"]
+    assert subprocess.run([str(npm), "--version"], capture_output=True, text=True).stdout.strip() == pinned
+    tarball = pack_client(ctx, release_version(ctx.repo))
+    done = subprocess.run([str(npm), "publish", str(tarball), "--dry-run", "--provenance", "--access", "public",
+                           "--tag", "next"], capture_output=True, text=True, timeout=300, cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "+ @terminai/runtime@" in done.stdout
