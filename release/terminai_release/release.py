@@ -43,6 +43,8 @@ from .context import BuildContext
 from .digest import sha256_bytes, sha256_file
 from .errors import BuildError
 from .kernel import build_kernel
+from .provenance import SLSA_PROVENANCE
+from .provenance import provenance as slsa_provenance
 from .rootfs.kit import build_kit_wheel
 from .rootfs.layer import build_layer
 from .rootfs.project import build_rootfs
@@ -207,45 +209,6 @@ def build_release(
     return Release(directory, manifest)
 
 
-SLSA_PROVENANCE = "https://slsa.dev/provenance/v1"
-
-
-def _provenance(ctx: BuildContext, rel: Release, keyless: bool) -> dict[str, Any]:
-    """A SLSA v1 provenance predicate: what was built, from which pinned inputs."""
-    import tomllib
-
-    m = rel.manifest
-    deps: list[dict[str, Any]] = [{"uri": f"git+{ctx.repo.name}@{m.git_commit}", "digest": {"gitCommit": m.git_commit}}]
-    kernel = m.artifact("kernel").build
-    source = kernel.get("source", {})
-    deps.append({"name": f"kernel-source {source.get('kind')} {source.get('version') or source.get('url')}",
-                 "digest": {"sha256": source.get("sha256")}})  # fmt: skip
-    deps += [
-        {"name": f"kernel-config/{name}", "digest": {"sha256": digest}} for name, digest in kernel.get("fragments", [])
-    ]
-    mkosi = tomllib.loads((ctx.repo / "images/rootfs/mkosi.toml").read_text())["mkosi"]
-    deps.append({"name": f"mkosi {mkosi['version']}", "digest": {"sha256": mkosi["sha256"]}})
-    rootfs = m.artifact("rootfs").build
-    deps += [
-        {"name": f"rootfs-input {k}", "digest": {"sha256": rootfs[k]}}
-        for k in ("kit", "agent", "project")
-        if k in rootfs
-    ]
-    builder = os.environ.get("GITHUB_WORKFLOW_REF", "local-development") if keyless else "local-development"
-    return {
-        "buildDefinition": {
-            "buildType": "https://terminai.invalid/release/v1",
-            "externalParameters": {"release": m.release, "channel": m.channel, "serial": m.serial},
-            "internalParameters": {"sourceDateEpoch": m.created},
-            "resolvedDependencies": deps,
-        },
-        "runDetails": {
-            "builder": {"id": builder},
-            "metadata": {"invocationId": os.environ.get("GITHUB_RUN_ID", "local")},
-        },
-    }
-
-
 def keep_dev_trust_root(root: dict[str, Any], beside: Path) -> Path:
     """The local development Sigstore's trust root, where `terminai-shim --dev`
     reads it (the developer's own configuration), and a copy beside what was
@@ -301,7 +264,7 @@ def sign_release(ctx: BuildContext, rel: Release, *, keyless: bool = False, trus
     with signer(ctx, keyless=keyless, trust_config=trust_config) as s:
         bundle = s.sign(data)
         subjects = {a.name: a.sha256 for a in rel.manifest.artifacts} | {MANIFEST: sha256_bytes(data)}
-        provenance = s.attest(subjects, SLSA_PROVENANCE, _provenance(ctx, rel, keyless))
+        provenance = s.attest(subjects, SLSA_PROVENANCE, slsa_provenance(ctx.repo, rel.manifest, keyless))
         # The brain bundle carries its own signature too: a Windows broker
         # verifies the zip it launches, not a Linux release manifest.
         brains = {a.name: s.sign((rel.directory / a.location).read_bytes())
