@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 from terminai_shim.manifest import Manifest
 
 from .digest import sha256_file
+from .rootfs.mkosi import load_pin
 
 SLSA_PROVENANCE = "https://slsa.dev/provenance/v1"
 UPSTREAM = "https://github.com/terminai/terminai-runtime"
@@ -98,16 +98,15 @@ def dependencies(repo: Path, m: Manifest, url: str, ref: str | None) -> list[dic
         uri = (
             _deb(source["package"], source["version"]) if source.get("kind") == "debian-package" else source.get("url")
         )
-        what = "the source tarball (a Debian package's, as it installs it)"
+        tarball = "the source tarball (a Debian package's, as it installs it)"
         deps.append({"name": "kernel-source", "uri": uri, "digest": {"sha256": source.get("sha256")},
-                     "annotations": {"kernelVersion": source.get("kernel_version"), "what": what}})  # fmt: skip
+                     "annotations": {"kernelVersion": source.get("kernel_version"), "what": tarball}})  # fmt: skip
     deps += [
         {"name": f"kernel-config/{name}", "uri": f"{at}#kernel-config/{name}", "digest": {"sha256": digest}}
         for name, digest in kernel.get("fragments", [])
     ]
-    mkosi = tomllib.loads((repo / "images/rootfs/mkosi.toml").read_text())["mkosi"]
-    deps.append({"name": "mkosi", "uri": _deb(mkosi["package"], mkosi["version"]),
-                 "digest": {"sha256": mkosi["sha256"]}})  # fmt: skip
+    mkosi = load_pin(repo / "images/rootfs/mkosi.toml")
+    deps.append({"name": "mkosi", "uri": _deb(mkosi.package, mkosi.version), "digest": {"sha256": mkosi.sha256}})
     rootfs = m.artifact("rootfs").build
     what = {"base": "the Debian base tree's cache key", "kit": "the survival kit wheel",
             "agent": "the guest agent's packages", "project": "images/rootfs/project"}  # fmt: skip
